@@ -1,0 +1,119 @@
+"""Engine and server options.
+
+`EngineArgs` is the one place every option lives. Each field has the same name as the
+server's command-line flag with dashes turned into underscores (`--max-running-requests`
+-> `max_running_requests`), so `Engine(**options)` and `launch_server --flags` accept the
+same things. Keyword arguments become an `EngineArgs` once, at the boundary; nothing
+passes `**kwargs` further down.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from sglang_reattn.errors import InvalidArgument
+
+_DTYPES = ("auto", "float32", "float16", "bfloat16")
+_DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class EngineArgs:
+    # --- model (SGLang names) ---
+    model_path: str | None = None  # None -> the embedded SmolLM2-135M-Instruct
+    tokenizer_path: str | None = None
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    device: str = "auto"  # auto: cuda when available, else cpu
+    context_length: int | None = None  # None: unbounded with ReAttention, else trained length
+    served_model_name: str | None = None
+    random_seed: int = 0
+    trust_remote_code: bool = False
+    # --- scheduling / memory (SGLang names) ---
+    max_running_requests: int = 64
+    chunked_prefill_size: int = 2048
+    max_total_tokens: int | None = None  # KV pool capacity in tokens; None: from mem fraction
+    mem_fraction_static: float = 0.6
+    disable_radix_cache: bool = False
+    disable_cuda_graph: bool = False
+    cuda_graph_max_bs: int = 32
+    # --- server (SGLang names) ---
+    host: str = "127.0.0.1"
+    port: int = 30000
+    api_key: str | None = None
+    log_level: str = "info"
+    # --- ReAttention (--reattn-*); 0 / None means "derive from the model" ---
+    reattn_chunk_size: int = 64
+    reattn_topk: int | None = None
+    reattn_sink: int | None = None
+    reattn_local: int | None = None
+    disable_reattn: bool = False
+    # --- disk tier (--kv-store-*) ---
+    kv_store_path: str | None = None
+    kv_store_capacity: str = "64GiB"
+    kv_store_codec: str = "zstd-planes"
+    disable_kv_store: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise InvalidArgument(f"--dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.device not in _DEVICES:
+            raise InvalidArgument(f"--device must be one of {_DEVICES}, got {self.device!r}")
+        _positive("max_running_requests", self.max_running_requests)
+        _positive("chunked_prefill_size", self.chunked_prefill_size)
+        _positive("cuda_graph_max_bs", self.cuda_graph_max_bs)
+        _positive("reattn_chunk_size", self.reattn_chunk_size)
+        if self.context_length is not None:
+            _positive("context_length", self.context_length)
+        if self.max_total_tokens is not None:
+            _positive("max_total_tokens", self.max_total_tokens)
+        if not 0.0 < self.mem_fraction_static < 1.0:
+            raise InvalidArgument(
+                f"--mem-fraction-static must be in (0, 1), got {self.mem_fraction_static}"
+            )
+        if self.chunked_prefill_size % self.reattn_chunk_size != 0:
+            raise InvalidArgument(
+                f"--chunked-prefill-size ({self.chunked_prefill_size}) must be a multiple of "
+                f"--reattn-chunk-size ({self.reattn_chunk_size}) so prefill chunks stay aligned"
+            )
+        if not 0 <= self.port < 65536:
+            raise InvalidArgument(f"--port must be in [0, 65535], got {self.port}")
+
+    @classmethod
+    def from_kwargs(cls, model_path: str | None = None, **options: Any) -> "EngineArgs":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise InvalidArgument(
+                f"unknown engine option(s): {', '.join(unknown)}; "
+                f"valid options: {', '.join(sorted(names))}"
+            )
+        return cls(model_path=model_path, **options)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or value <= 0:
+        flag = "--" + name.replace("_", "-")
+        raise InvalidArgument(f"{flag} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ReAttnConfig:
+    """Resolved ReAttention scope: sink + topk chunks + local window, in tokens."""
+
+    enabled: bool
+    chunk_size: int
+    sink: int
+    topk: int
+    local: int
+
+    @property
+    def scope_tokens(self) -> int:
+        return self.sink + self.topk * self.chunk_size + self.local
+
+
+__all__ = ["EngineArgs", "ReAttnConfig", "field"]

@@ -1,0 +1,301 @@
+"""Paged decode attention over a ReAttention scope, RoPE applied on the fly.
+
+A sequence's scope is ``page_table[b, :cdiv(scope_lens[b], page_size)]``: token j of the
+scope (page ``j // page_size``, offset ``j % page_size``) has *virtual* position j, and the
+query (whose own K/V is already stored as the last scope token) has position
+``scope_len - 1``. Keys in the cache are un-rotated; both q and each key are rotated in
+registers, so nothing is gathered or copied.
+
+Kernels: ``_decode_attention_kernel`` (grid ``(B, Hkv, num_splits)``; one program = one KV
+head x all its GQA query heads x one slice of the scope, flash-decoding style) and
+``_decode_reduce_kernel`` (grid ``(B, Hq)``; merges the splits by their log-sum-exp). The
+grid depends only on shapes and every loop bound is read from ``scope_lens`` on the device,
+so the op is CUDA-graph capturable.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._triton_compat import check, device_sms, dot_dtype, next_pow2, tl, triton
+from .rope import apply_rope_ref
+
+_LOG2E = 1.4426950408889634
+_MAX_SPLITS = 64
+
+
+@triton.jit
+def _decode_attention_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, page_table_ptr, scope_lens_ptr, cos_ptr, sin_ptr,
+    out_ptr, lse_ptr,
+    qk_scale,
+    stride_qb, stride_qh,
+    stride_kp, stride_kt, stride_kh,
+    stride_vp, stride_vt, stride_vh,
+    stride_ptb, stride_rope,
+    stride_ob, stride_oh, stride_os,
+    stride_lb, stride_lh,
+    PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr, HALF_D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DH: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    pid_kvh = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    scope_len = tl.load(scope_lens_ptr + pid_b)
+    kv_dtype = k_cache_ptr.dtype.element_ty  # operands are rounded to the cache dtype...
+    # ...and fed to tl.dot as DOT_DTYPE: the cache dtype on GPUs, fp32 under the interpreter
+    # (whose bf16 tl.dot returns garbage in triton 3.9); the rounding is identical either way.
+
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_DH)
+    h_mask = offs_h < GROUP
+    d_mask = offs_d < HALF_D
+    hd_mask = h_mask[:, None] & d_mask[None, :]
+    q_heads = pid_kvh * GROUP + offs_h
+
+    # q halves, rotated to the query's virtual position scope_len - 1
+    q_off = pid_b.to(tl.int64) * stride_qb + q_heads[:, None] * stride_qh + offs_d[None, :]
+    q1 = tl.load(q_ptr + q_off, mask=hd_mask, other=0.0).to(tl.float32)
+    q2 = tl.load(q_ptr + q_off + HALF_D, mask=hd_mask, other=0.0).to(tl.float32)
+    q_pos = tl.maximum(scope_len - 1, 0)
+    cq = tl.load(cos_ptr + q_pos * stride_rope + offs_d, mask=d_mask, other=0.0)
+    sq = tl.load(sin_ptr + q_pos * stride_rope + offs_d, mask=d_mask, other=0.0)
+    q1r = (q1 * cq[None, :] - q2 * sq[None, :]).to(kv_dtype).to(DOT_DTYPE)
+    q2r = (q2 * cq[None, :] + q1 * sq[None, :]).to(kv_dtype).to(DOT_DTYPE)
+
+    # this program's slice of the scope, a whole number of BLOCK_N tiles
+    per_split = tl.cdiv(tl.cdiv(scope_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = pid_s * per_split
+    end = tl.minimum(start + per_split, scope_len)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc1 = tl.zeros([BLOCK_H, BLOCK_DH], tl.float32)  # output, first half of head_dim
+    acc2 = tl.zeros([BLOCK_H, BLOCK_DH], tl.float32)  # output, second half
+    pt_row = page_table_ptr + pid_b.to(tl.int64) * stride_ptb
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < end
+        nd_mask = n_mask[:, None] & d_mask[None, :]
+        page = tl.load(pt_row + offs_n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
+        slot_in_page = offs_n % PAGE_SIZE
+        k_row = page * stride_kp + slot_in_page * stride_kt + pid_kvh * stride_kh
+        v_row = page * stride_vp + slot_in_page * stride_vt + pid_kvh * stride_vh
+
+        k1 = tl.load(k_cache_ptr + k_row[:, None] + offs_d[None, :], mask=nd_mask, other=0.0)
+        k2 = tl.load(k_cache_ptr + k_row[:, None] + HALF_D + offs_d[None, :], mask=nd_mask,
+                     other=0.0)
+        rope_off = offs_n[:, None] * stride_rope + offs_d[None, :]
+        ck = tl.load(cos_ptr + rope_off, mask=nd_mask, other=0.0)
+        sk = tl.load(sin_ptr + rope_off, mask=nd_mask, other=0.0)
+        k1 = k1.to(tl.float32)
+        k2 = k2.to(tl.float32)
+        k1r = (k1 * ck - k2 * sk).to(kv_dtype).to(DOT_DTYPE)
+        k2r = (k2 * ck + k1 * sk).to(kv_dtype).to(DOT_DTYPE)
+
+        qk = tl.dot(q1r, tl.trans(k1r), input_precision=DOT_PRECISION)
+        qk += tl.dot(q2r, tl.trans(k2r), input_precision=DOT_PRECISION)
+        qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))  # log2 domain
+
+        m_new = tl.maximum(m_i, tl.max(qk, 1))  # finite: every tile has a valid column
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v1 = tl.load(v_cache_ptr + v_row[:, None] + offs_d[None, :], mask=nd_mask, other=0.0)
+        v2 = tl.load(v_cache_ptr + v_row[:, None] + HALF_D + offs_d[None, :], mask=nd_mask,
+                     other=0.0)
+        pv = p.to(kv_dtype).to(DOT_DTYPE)
+        acc1 = acc1 * alpha[:, None] + tl.dot(pv, v1.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+        acc2 = acc2 * alpha[:, None] + tl.dot(pv, v2.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    l_safe = tl.where(l_i > 0, l_i, 1.0)  # empty slice / empty scope -> zeros, never NaN
+    o1 = acc1 / l_safe[:, None]
+    o2 = acc2 / l_safe[:, None]
+    o_off = pid_b.to(tl.int64) * stride_ob + q_heads[:, None] * stride_oh + offs_d[None, :]
+    if NUM_SPLITS == 1:
+        out_dtype = out_ptr.dtype.element_ty
+        tl.store(out_ptr + o_off, o1.to(out_dtype), mask=hd_mask)
+        tl.store(out_ptr + o_off + HALF_D, o2.to(out_dtype), mask=hd_mask)
+    else:
+        o_off += pid_s * stride_os
+        tl.store(out_ptr + o_off, o1, mask=hd_mask)
+        tl.store(out_ptr + o_off + HALF_D, o2, mask=hd_mask)
+        lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+        tl.store(lse_ptr + pid_b * stride_lb + q_heads * stride_lh + pid_s, lse, mask=h_mask)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    part_o_ptr, part_lse_ptr, out_ptr,
+    stride_pob, stride_poh, stride_pos,
+    stride_plb, stride_plh,
+    stride_ob, stride_oh,
+    HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < NUM_SPLITS
+    d_mask = offs_d < HEAD_DIM
+
+    lse = tl.load(part_lse_ptr + pid_b * stride_plb + pid_h * stride_plh + offs_s,
+                  mask=s_mask, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m)  # empty splits have lse = -inf -> weight 0
+    denom = tl.sum(w, 0)
+    po = tl.load(part_o_ptr + pid_b.to(tl.int64) * stride_pob + pid_h * stride_poh
+                 + offs_s[:, None] * stride_pos + offs_d[None, :],
+                 mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+    o = tl.sum(po * w[:, None], 0) / tl.where(denom > 0, denom, 1.0)
+    tl.store(out_ptr + pid_b.to(tl.int64) * stride_ob + pid_h * stride_oh + offs_d,
+             o.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+def default_num_splits(batch: int, num_kv_heads: int, max_scope: int, num_sms: int,
+                       block_n: int = 64) -> int:
+    """Splits so that ~2 waves of programs cover the GPU, each split >= 4 tiles of keys.
+
+    Depends only on shapes (``max_scope = page_table.shape[1] * page_size``), never on
+    ``scope_lens``, so a CUDA graph captured for a batch shape stays valid.
+    """
+    by_occupancy = triton.cdiv(2 * num_sms, batch * num_kv_heads)
+    by_length = triton.cdiv(max_scope, 4 * block_n)
+    return max(1, min(by_occupancy, by_length, _MAX_SPLITS))
+
+
+def _check_paged_inputs(q, k_cache, v_cache, page_table, scope_lens, cos, sin) -> None:
+    check(q.dtype in (torch.float16, torch.bfloat16, torch.float32),
+          f"q must be fp16/bf16/fp32, got {q.dtype}")
+    check(k_cache.dtype == q.dtype and v_cache.dtype == q.dtype,
+          f"k_cache/v_cache dtype ({k_cache.dtype}/{v_cache.dtype}) must equal q dtype {q.dtype}")
+    check(k_cache.dim() == 4 and k_cache.shape == v_cache.shape,
+          "k_cache and v_cache must both be [num_pages, page_size, num_kv_heads, head_dim], "
+          f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    d = q.shape[-1]
+    check(k_cache.shape[3] == d, f"head_dim mismatch: q {d}, cache {k_cache.shape[3]}")
+    check(d % 2 == 0, f"head_dim must be even for RoPE, got {d}")
+    check(q.shape[-2] % k_cache.shape[2] == 0,
+          f"num_q_heads {q.shape[-2]} must be a multiple of num_kv_heads {k_cache.shape[2]}")
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        check(t.stride(-1) == 1, f"{name} must be contiguous in head_dim")
+    check(page_table.dtype == torch.int32 and page_table.dim() == 2,
+          f"page_table must be int32 [B, max_pages], got {page_table.dtype} {tuple(page_table.shape)}")
+    check(page_table.stride(1) == 1, "page_table rows must be contiguous")
+    check(scope_lens.dtype == torch.int32 and scope_lens.dim() == 1 and scope_lens.is_contiguous(),
+          f"scope_lens must be a contiguous int32 [B], got {scope_lens.dtype} {tuple(scope_lens.shape)}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        check(t.dtype == torch.float32 and t.dim() == 2 and t.shape[1] == d // 2,
+              f"{name} must be float32 [max_pos, {d // 2}], got {t.dtype} {tuple(t.shape)}")
+        check(t.stride(1) == 1 and t.stride(0) == cos.stride(0),
+              f"{name} must be row-contiguous with the same row stride as cos")
+    devs = {t.device for t in (q, k_cache, v_cache, page_table, scope_lens, cos, sin)}
+    check(len(devs) == 1, f"all tensors must be on one device, got {devs}")
+
+
+def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            page_table: torch.Tensor, scope_lens: torch.Tensor,
+                            cos: torch.Tensor, sin: torch.Tensor, sm_scale: float,
+                            num_splits: int | None = None) -> torch.Tensor:
+    """Triton decode attention; see ``decode_attention_ref`` for the exact semantics."""
+    _check_paged_inputs(q, k_cache, v_cache, page_table, scope_lens, cos, sin)
+    check(q.dim() == 3, f"q must be [B, Hq, D], got {tuple(q.shape)}")
+    batch, num_q_heads, head_dim = q.shape
+    _, page_size, num_kv_heads, _ = k_cache.shape
+    check(page_table.shape[0] == batch and scope_lens.shape[0] == batch,
+          "page_table / scope_lens batch size must match q")
+    group = num_q_heads // num_kv_heads
+    block_n = 64
+    if num_splits is None:
+        num_splits = default_num_splits(batch, num_kv_heads, page_table.shape[1] * page_size,
+                                        device_sms(q), block_n)
+    check(1 <= num_splits <= 256, f"num_splits must be in [1, 256], got {num_splits}")
+    out = torch.empty_like(q)
+    if batch == 0:
+        return out
+    half = head_dim // 2
+    dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    if num_splits == 1:
+        part_o, part_lse = out, out  # lse is unused on this path
+        so = (out.stride(0), out.stride(1), 0)
+        sl = (0, 0)
+    else:
+        part_o = torch.empty(batch, num_q_heads, num_splits, head_dim, dtype=torch.float32,
+                             device=q.device)
+        part_lse = torch.empty(batch, num_q_heads, num_splits, dtype=torch.float32,
+                               device=q.device)
+        so = (part_o.stride(0), part_o.stride(1), part_o.stride(2))
+        sl = (part_lse.stride(0), part_lse.stride(1))
+    _decode_attention_kernel[(batch, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, page_table, scope_lens, cos, sin,
+        part_o, part_lse,
+        sm_scale * _LOG2E,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        page_table.stride(0), cos.stride(0),
+        *so, *sl,
+        PAGE_SIZE=page_size, GROUP=group, HALF_D=half, NUM_SPLITS=num_splits,
+        BLOCK_H=max(16, next_pow2(group)), BLOCK_N=block_n, BLOCK_DH=max(16, next_pow2(half)),
+        DOT_PRECISION=dot_precision, DOT_DTYPE=dot_dtype(q.dtype), num_warps=4, num_stages=2,
+    )
+    if num_splits > 1:
+        _decode_reduce_kernel[(batch, num_q_heads)](
+            part_o, part_lse, out,
+            part_o.stride(0), part_o.stride(1), part_o.stride(2),
+            part_lse.stride(0), part_lse.stride(1),
+            out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, NUM_SPLITS=num_splits,
+            BLOCK_S=max(2, next_pow2(num_splits)), BLOCK_D=next_pow2(head_dim), num_warps=4,
+        )
+    return out
+
+
+def gather_scope_ref(cache: torch.Tensor, page_row: torch.Tensor, scope_len: int) -> torch.Tensor:
+    """The first ``scope_len`` tokens of a paged scope: ``[scope_len, H, D]`` (a copy)."""
+    page_size = cache.shape[1]
+    num_pages = -(-scope_len // page_size)
+    pages = page_row[:num_pages].long()
+    return cache[pages].reshape(num_pages * page_size, *cache.shape[2:])[:scope_len]
+
+
+def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         page_table: torch.Tensor, scope_lens: torch.Tensor,
+                         cos: torch.Tensor, sin: torch.Tensor, sm_scale: float,
+                         num_splits: int | None = None) -> torch.Tensor:
+    """Decode attention of one query per sequence over its paged scope (torch, fp32 math).
+
+    Args:
+        q: ``[B, Hq, D]`` un-rotated queries; query b has virtual position
+            ``scope_lens[b] - 1`` (its own K/V is already the last scope token).
+        k_cache, v_cache: ``[num_pages, page_size, Hkv, D]``, keys un-rotated.
+        page_table: int32 ``[B, max_pages]``; row b lists the scope's pages in order.
+        scope_lens: int32 ``[B]`` tokens in each scope (0 gives a zero output row).
+        cos, sin: float32 ``[max_pos, D // 2]`` RoPE tables.
+        sm_scale: softmax scale, usually ``D ** -0.5``.
+        num_splits: ignored (kept for signature parity with the Triton op).
+    Returns:
+        ``[B, Hq, D]`` in q's dtype.
+    """
+    del num_splits
+    batch, num_q_heads, head_dim = q.shape
+    group = num_q_heads // k_cache.shape[2]
+    out = torch.zeros(batch, num_q_heads, head_dim, dtype=torch.float32, device=q.device)
+    for b, n in enumerate(scope_lens.tolist()):
+        if n == 0:
+            continue
+        pos = torch.arange(n, device=q.device)
+        k = apply_rope_ref(gather_scope_ref(k_cache, page_table[b], n), pos, cos, sin)
+        v = gather_scope_ref(v_cache, page_table[b], n).float()
+        qr = apply_rope_ref(q[b][None], pos[-1:], cos, sin)[0]  # [Hq, D]
+        k = k.repeat_interleave(group, dim=1)  # [n, Hq, D]
+        v = v.repeat_interleave(group, dim=1)
+        scores = torch.einsum("hd,nhd->hn", qr, k) * sm_scale
+        out[b] = torch.einsum("hn,nhd->hd", scores.softmax(-1), v)
+    return out.to(q.dtype)

@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from ._paged_tile import _paged_rope_tile
 from ._triton_compat import check, device_sms, dot_dtype, next_pow2, tl, triton
 from .rope import apply_rope_ref
 
@@ -77,40 +78,12 @@ def _decode_attention_kernel(
     acc2 = tl.zeros([BLOCK_H, BLOCK_DH], tl.float32)  # output, second half
     pt_row = page_table_ptr + pid_b.to(tl.int64) * stride_ptb
     for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < end
-        nd_mask = n_mask[:, None] & d_mask[None, :]
-        page = tl.load(pt_row + offs_n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
-        slot_in_page = offs_n % PAGE_SIZE
-        k_row = page * stride_kp + slot_in_page * stride_kt + pid_kvh * stride_kh
-        v_row = page * stride_vp + slot_in_page * stride_vt + pid_kvh * stride_vh
-
-        k1 = tl.load(k_cache_ptr + k_row[:, None] + offs_d[None, :], mask=nd_mask, other=0.0)
-        k2 = tl.load(k_cache_ptr + k_row[:, None] + HALF_D + offs_d[None, :], mask=nd_mask,
-                     other=0.0)
-        rope_off = offs_n[:, None] * stride_rope + offs_d[None, :]
-        ck = tl.load(cos_ptr + rope_off, mask=nd_mask, other=0.0)
-        sk = tl.load(sin_ptr + rope_off, mask=nd_mask, other=0.0)
-        k1 = k1.to(tl.float32)
-        k2 = k2.to(tl.float32)
-        k1r = (k1 * ck - k2 * sk).to(kv_dtype).to(DOT_DTYPE)
-        k2r = (k2 * ck + k1 * sk).to(kv_dtype).to(DOT_DTYPE)
-
-        qk = tl.dot(q1r, tl.trans(k1r), input_precision=DOT_PRECISION)
-        qk += tl.dot(q2r, tl.trans(k2r), input_precision=DOT_PRECISION)
-        qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))  # log2 domain
-
-        m_new = tl.maximum(m_i, tl.max(qk, 1))  # finite: every tile has a valid column
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v1 = tl.load(v_cache_ptr + v_row[:, None] + offs_d[None, :], mask=nd_mask, other=0.0)
-        v2 = tl.load(v_cache_ptr + v_row[:, None] + HALF_D + offs_d[None, :], mask=nd_mask,
-                     other=0.0)
-        pv = p.to(kv_dtype).to(DOT_DTYPE)
-        acc1 = acc1 * alpha[:, None] + tl.dot(pv, v1.to(DOT_DTYPE), input_precision=DOT_PRECISION)
-        acc2 = acc2 * alpha[:, None] + tl.dot(pv, v2.to(DOT_DTYPE), input_precision=DOT_PRECISION)
-        m_i = m_new
+        acc1, acc2, m_i, l_i = _paged_rope_tile(
+            acc1, acc2, m_i, l_i, q1r, q2r, offs_h, n0, end,
+            pt_row, k_cache_ptr, v_cache_ptr, cos_ptr, sin_ptr, pid_kvh, qk_scale,
+            stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, stride_rope,
+            PAGE_SIZE, HALF_D, BLOCK_N, BLOCK_DH, False, True, DOT_PRECISION, DOT_DTYPE,
+        )
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)  # empty slice / empty scope -> zeros, never NaN
     o1 = acc1 / l_safe[:, None]

@@ -1,0 +1,75 @@
+"""The inner step shared by decode and prefill attention: one tile of paged, un-rotated keys.
+
+For ``BLOCK_N`` consecutive scope tokens starting at ``n0`` it gathers K and V through the
+page table (token j lives at page ``page_row[j // PAGE_SIZE]``, offset ``j % PAGE_SIZE``),
+rotates the keys to their virtual positions j in registers, and folds the tile into the
+online-softmax state ``(acc1, acc2, m_i, l_i)`` of ``BLOCK_M`` query rows. Head dims are
+processed as two halves (``x1 = x[:D/2]``, ``x2 = x[D/2:]``), which is what the neox RoPE
+rotation pairs, so ``q.k = q1r.k1r + q2r.k2r`` and the output is kept as two halves too.
+Scores are in the log2 domain (``qk_scale = sm_scale * log2(e)``).
+"""
+
+from __future__ import annotations
+
+from ._triton_compat import tl, triton
+
+
+@triton.jit
+def _paged_rope_tile(
+    acc1, acc2, m_i, l_i,  # [BLOCK_M, BLOCK_DH] x2 fp32, [BLOCK_M] x2 fp32
+    q1r, q2r,  # [BLOCK_M, BLOCK_DH] rotated query halves, DOT_DTYPE
+    q_pos,  # [BLOCK_M] int32: row r sees keys j <= q_pos[r] (used when CAUSAL)
+    n0, n_end,  # tile start; tokens >= n_end are masked (used when BOUNDS)
+    pt_row, k_cache_ptr, v_cache_ptr, cos_ptr, sin_ptr, kv_head,
+    qk_scale,
+    stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, stride_rope,
+    PAGE_SIZE: tl.constexpr, HALF_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DH: tl.constexpr, CAUSAL: tl.constexpr, BOUNDS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    kv_dtype = k_cache_ptr.dtype.element_ty
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_DH)
+    d_mask = offs_d < HALF_D
+    if BOUNDS:
+        n_mask = offs_n < n_end
+    else:
+        n_mask = offs_n >= 0  # all true; lets the compiler drop the masks
+    nd_mask = n_mask[:, None] & d_mask[None, :]
+
+    page = tl.load(pt_row + offs_n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
+    slot_in_page = offs_n % PAGE_SIZE
+    k_row = page * stride_kp + slot_in_page * stride_kt + kv_head * stride_kh
+    v_row = page * stride_vp + slot_in_page * stride_vt + kv_head * stride_vh
+
+    k_ptrs = k_cache_ptr + k_row[:, None] + offs_d[None, :]
+    k1 = tl.load(k_ptrs, mask=nd_mask, other=0.0).to(tl.float32)
+    k2 = tl.load(k_ptrs + HALF_D, mask=nd_mask, other=0.0).to(tl.float32)
+    rope_off = offs_n[:, None] * stride_rope + offs_d[None, :]
+    ck = tl.load(cos_ptr + rope_off, mask=nd_mask, other=0.0)
+    sk = tl.load(sin_ptr + rope_off, mask=nd_mask, other=0.0)
+    k1r = (k1 * ck - k2 * sk).to(kv_dtype).to(DOT_DTYPE)
+    k2r = (k2 * ck + k1 * sk).to(kv_dtype).to(DOT_DTYPE)
+
+    qk = tl.dot(q1r, tl.trans(k1r), input_precision=DOT_PRECISION)
+    qk += tl.dot(q2r, tl.trans(k2r), input_precision=DOT_PRECISION)
+    qk = qk * qk_scale
+    if CAUSAL:
+        keep = n_mask[None, :] & (offs_n[None, :] <= q_pos[:, None])
+        qk = tl.where(keep, qk, float("-inf"))
+    elif BOUNDS:
+        qk = tl.where(n_mask[None, :], qk, float("-inf"))
+
+    # callers guarantee every row has a visible key in its first tile, so m_new is finite
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+
+    v_ptrs = v_cache_ptr + v_row[:, None] + offs_d[None, :]
+    v1 = tl.load(v_ptrs, mask=nd_mask, other=0.0).to(DOT_DTYPE)
+    v2 = tl.load(v_ptrs + HALF_D, mask=nd_mask, other=0.0).to(DOT_DTYPE)
+    pv = p.to(kv_dtype).to(DOT_DTYPE)
+    acc1 = acc1 * alpha[:, None] + tl.dot(pv, v1, input_precision=DOT_PRECISION)
+    acc2 = acc2 * alpha[:, None] + tl.dot(pv, v2, input_precision=DOT_PRECISION)
+    return acc1, acc2, m_new, l_i

@@ -1,0 +1,182 @@
+"""Paged varlen prefill (extend) attention over a ReAttention scope, RoPE on the fly.
+
+Sequence b's new queries are the last ``q_len_b = cu_q_lens[b+1] - cu_q_lens[b]`` tokens of
+its scope (their K/V already stored there): query i has virtual position
+``scope_len_b - q_len_b + i`` and sees every scope key with a virtual position <= its own
+(full attention over the earlier scope, causal inside the new block).
+
+Kernel ``_prefill_attention_kernel``, grid ``(cdiv(max_q_len, Q_PER_BLOCK), B, Hkv)``: one
+program takes ``Q_PER_BLOCK`` consecutive queries of one sequence times the ``GROUP`` query
+heads of one KV head, packed as ``BLOCK_M`` rows (row r = query r // GROUP, head r % GROUP),
+so each key tile is loaded and rotated once for the whole GQA group. Key tiles strictly
+below the block's first query are visible to every row and skip the causal mask.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._paged_tile import _paged_rope_tile
+from ._triton_compat import check, dot_dtype, next_pow2, tl, triton
+from .decode_attention import _check_paged_inputs, gather_scope_ref
+from .rope import apply_rope_ref
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _prefill_attention_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, page_table_ptr, scope_lens_ptr, cu_q_lens_ptr,
+    cos_ptr, sin_ptr, out_ptr,
+    qk_scale,
+    stride_qt, stride_qh,
+    stride_kp, stride_kt, stride_kh,
+    stride_vp, stride_vt, stride_vh,
+    stride_ptb, stride_rope,
+    stride_ot, stride_oh,
+    PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr, HALF_D: tl.constexpr,
+    Q_PER_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DH: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    pid_kvh = tl.program_id(2)
+    kv_dtype = k_cache_ptr.dtype.element_ty
+    scope_len = tl.load(scope_lens_ptr + pid_b)
+    tok0 = tl.load(cu_q_lens_ptr + pid_b)
+    q_len = tl.load(cu_q_lens_ptr + pid_b + 1) - tok0
+    ctx_len = scope_len - q_len  # scope tokens before the new block
+    block_q0 = pid_m * Q_PER_BLOCK
+    n_q = tl.minimum(Q_PER_BLOCK, q_len - block_q0)  # <= 0: nothing to do here
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_DH)
+    d_mask = offs_d < HALF_D
+    row_q = offs_m // GROUP  # query index inside the block
+    row_valid = (row_q < n_q) & (row_q < Q_PER_BLOCK)
+    rd_mask = row_valid[:, None] & d_mask[None, :]
+    q_heads = pid_kvh * GROUP + offs_m % GROUP
+    q_tok = (tok0 + block_q0 + row_q).to(tl.int64)
+    q_pos = tl.where(row_valid, ctx_len + block_q0 + row_q, 0)
+
+    q_off = q_tok[:, None] * stride_qt + q_heads[:, None] * stride_qh + offs_d[None, :]
+    q1 = tl.load(q_ptr + q_off, mask=rd_mask, other=0.0).to(tl.float32)
+    q2 = tl.load(q_ptr + q_off + HALF_D, mask=rd_mask, other=0.0).to(tl.float32)
+    rope_off = q_pos[:, None] * stride_rope + offs_d[None, :]
+    cq = tl.load(cos_ptr + rope_off, mask=rd_mask, other=0.0)
+    sq = tl.load(sin_ptr + rope_off, mask=rd_mask, other=0.0)
+    q1r = (q1 * cq - q2 * sq).to(kv_dtype).to(DOT_DTYPE)
+    q2r = (q2 * cq + q1 * sq).to(kv_dtype).to(DOT_DTYPE)
+    # padding rows see every key in range, so no row is ever fully masked (no NaN)
+    q_lim = tl.where(row_valid, q_pos, 2147483647)
+
+    kv_end = tl.where(n_q > 0, ctx_len + block_q0 + n_q, 0)  # last query's position + 1
+    full_end = tl.where(n_q > 0, ((ctx_len + block_q0 + 1) // BLOCK_N) * BLOCK_N, 0)
+    full_end = tl.minimum(full_end, kv_end)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc1 = tl.zeros([BLOCK_M, BLOCK_DH], tl.float32)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_DH], tl.float32)
+    pt_row = page_table_ptr + pid_b.to(tl.int64) * stride_ptb
+    for n0 in range(0, full_end, BLOCK_N):  # keys every row of the block sees
+        acc1, acc2, m_i, l_i = _paged_rope_tile(
+            acc1, acc2, m_i, l_i, q1r, q2r, q_lim, n0, kv_end,
+            pt_row, k_cache_ptr, v_cache_ptr, cos_ptr, sin_ptr, pid_kvh, qk_scale,
+            stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, stride_rope,
+            PAGE_SIZE, HALF_D, BLOCK_N, BLOCK_DH, False, False, DOT_PRECISION, DOT_DTYPE,
+        )
+    for n0 in range(full_end, kv_end, BLOCK_N):  # the diagonal: causal mask per row
+        acc1, acc2, m_i, l_i = _paged_rope_tile(
+            acc1, acc2, m_i, l_i, q1r, q2r, q_lim, n0, kv_end,
+            pt_row, k_cache_ptr, v_cache_ptr, cos_ptr, sin_ptr, pid_kvh, qk_scale,
+            stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, stride_rope,
+            PAGE_SIZE, HALF_D, BLOCK_N, BLOCK_DH, True, True, DOT_PRECISION, DOT_DTYPE,
+        )
+
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    out_dtype = out_ptr.dtype.element_ty
+    o_off = q_tok[:, None] * stride_ot + q_heads[:, None] * stride_oh + offs_d[None, :]
+    tl.store(out_ptr + o_off, (acc1 / l_safe[:, None]).to(out_dtype), mask=rd_mask)
+    tl.store(out_ptr + o_off + HALF_D, (acc2 / l_safe[:, None]).to(out_dtype), mask=rd_mask)
+
+
+def prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                             page_table: torch.Tensor, scope_lens: torch.Tensor,
+                             cu_q_lens: torch.Tensor, max_q_len: int, cos: torch.Tensor,
+                             sin: torch.Tensor, sm_scale: float) -> torch.Tensor:
+    """Triton prefill attention; see ``prefill_attention_ref`` for the exact semantics."""
+    _check_paged_inputs(q, k_cache, v_cache, page_table, scope_lens, cos, sin)
+    check(q.dim() == 3, f"q must be [T, Hq, D], got {tuple(q.shape)}")
+    batch = scope_lens.shape[0]
+    check(page_table.shape[0] == batch, "page_table and scope_lens batch sizes differ")
+    check(cu_q_lens.dtype == torch.int32 and cu_q_lens.shape == (batch + 1,)
+          and cu_q_lens.is_contiguous(), f"cu_q_lens must be contiguous int32 [{batch + 1}]")
+    check(cu_q_lens.device == q.device, "cu_q_lens must be on q's device")
+    num_tokens, num_q_heads, head_dim = q.shape
+    _, page_size, num_kv_heads, _ = k_cache.shape
+    group = num_q_heads // num_kv_heads
+    out = torch.empty_like(q)
+    if num_tokens == 0 or batch == 0 or max_q_len <= 0:
+        return out
+    half = head_dim // 2
+    # 128 rows x 64 keys per tile, 8 warps: the usual Hopper flash-attention shape; the
+    # RoPE of the key tile costs ~6 FMA/element against 2 * 128 MMA flops/element.
+    block_m = max(128, next_pow2(group))
+    q_per_block = block_m // group
+    grid = (triton.cdiv(max_q_len, q_per_block), batch, num_kv_heads)
+    _prefill_attention_kernel[grid](
+        q, k_cache, v_cache, page_table, scope_lens, cu_q_lens, cos, sin, out,
+        sm_scale * _LOG2E,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        page_table.stride(0), cos.stride(0),
+        out.stride(0), out.stride(1),
+        PAGE_SIZE=page_size, GROUP=group, HALF_D=half, Q_PER_BLOCK=q_per_block,
+        BLOCK_M=block_m, BLOCK_N=64, BLOCK_DH=max(16, next_pow2(half)),
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_DTYPE=dot_dtype(q.dtype), num_warps=8, num_stages=2,
+    )
+    return out
+
+
+def prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          page_table: torch.Tensor, scope_lens: torch.Tensor,
+                          cu_q_lens: torch.Tensor, max_q_len: int, cos: torch.Tensor,
+                          sin: torch.Tensor, sm_scale: float) -> torch.Tensor:
+    """Prefill attention of packed new tokens over their paged scopes (torch, fp32 math).
+
+    Args:
+        q: ``[T, Hq, D]`` un-rotated queries of all sequences, packed.
+        k_cache, v_cache: ``[num_pages, page_size, Hkv, D]``, keys un-rotated; the new
+            tokens' K/V are already stored as the last ``q_len_b`` tokens of each scope.
+        page_table: int32 ``[B, max_pages]``; scope_lens: int32 ``[B]`` with
+            ``scope_lens[b] >= q_len_b``.
+        cu_q_lens: int32 ``[B + 1]`` prefix sums of the q lengths; max_q_len: their max.
+        cos, sin: float32 ``[max_pos, D // 2]``; sm_scale: softmax scale.
+    Returns:
+        ``[T, Hq, D]`` in q's dtype; query i of sequence b (virtual position
+        ``scope_lens[b] - q_len_b + i``) attends causally over its scope.
+    """
+    del max_q_len
+    num_q_heads = q.shape[1]
+    group = num_q_heads // k_cache.shape[2]
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    cu = cu_q_lens.tolist()
+    for b, n in enumerate(scope_lens.tolist()):
+        t0, t1 = cu[b], cu[b + 1]
+        if t1 == t0:
+            continue
+        q_len = t1 - t0
+        pos = torch.arange(n, device=q.device)
+        k = apply_rope_ref(gather_scope_ref(k_cache, page_table[b], n), pos, cos, sin)
+        v = gather_scope_ref(v_cache, page_table[b], n).float()
+        qr = apply_rope_ref(q[t0:t1], pos[n - q_len:], cos, sin)  # [q_len, Hq, D]
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+        scores = torch.einsum("qhd,nhd->hqn", qr, k) * sm_scale
+        visible = pos[None, :] <= pos[n - q_len:, None]  # [q_len, n]
+        scores = scores.masked_fill(~visible, float("-inf"))
+        out[t0:t1] = torch.einsum("hqn,nhd->qhd", scores.softmax(-1), v)
+    return out.to(q.dtype)

@@ -1,0 +1,582 @@
+"""ChunkStore: the LMDB chunk store that holds the whole past KV of long contexts.
+
+One LMDB environment per directory (layout in ``_index.py``). One writer process (an
+exclusive ``flock`` on ``writer.lock`` enforces it) and any number of reader processes
+(``readonly=True``); LMDB's MVCC gives readers a consistent snapshot, so a chunk is
+visible only once its header, every layer block and its summary are committed by one
+write transaction. Readers use one short read transaction per call and copy every buffer
+before it ends. Open the store *after* forking: a store used in a forked child raises.
+
+Methods that write (writer only): put_chunks, touch, pin, unpin, delete, evict_to,
+put_context, delete_context, pin_context. All others only read.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import lmdb
+import numpy as np
+
+from . import _index as ix
+from . import codecs
+from . import fingerprint as fpmod
+from .errors import ChunkNotFound, CorruptBlock, StoreError, StoreFull
+from .hashing import chunk_id as derive_chunk_id
+from .records import (
+    ChunkHeader,
+    ChunkRecord,
+    ContextInfo,
+    decode_context,
+    encode_context,
+    numpy_dtype,
+    split_summary,
+)
+from .writes import PreparedChunk, prepare_chunk
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+_DB_NAMES = ("meta", "headers", "kv", "summaries", "lru", "children", "contexts")
+_MIN_MAP = 16 << 20
+_HEADROOM = 64 << 20  # map ceiling = 2 * capacity + this (LMDB page and B-tree overhead)
+
+
+class ChunkStore:
+    """Disk store of KV chunks, their summaries, headers and named contexts.
+
+    Shapes: C = chunk_size, H = num_kv_heads, D = head_dim, L = num_layers (all from the
+    fingerprint). A KV block is K and V of one layer, each [C, H, D], keys before RoPE.
+    Arrays come back in ``records.numpy_dtype(dtype)``: bf16 as np.uint16 bit patterns.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        fingerprint: dict[str, Any] | None,
+        capacity_bytes: int | None = None,
+        codec: str | None = None,
+        level: int | None = None,
+        readonly: bool = False,
+        initial_map_size: int = 64 << 20,
+    ) -> None:
+        """Open (or, for a writer, create) the store at ``path``.
+
+        fingerprint: the engine's model fingerprint; a mismatch raises ModelMismatch. None
+        accepts the store's own (inspection tools). capacity_bytes: bound on the bytes
+        charged to chunks (required when creating). codec/level: settings for new blocks,
+        recorded in meta; None keeps the store's (defaults "zstd-planes", level 3).
+        """
+        self.path = os.fspath(path)
+        self.readonly = readonly
+        self._pid = os.getpid()
+        self._lock_fd: int | None = None
+        self._env: lmdb.Environment | None = None
+        try:
+            self._open(fingerprint, capacity_bytes, codec, level, initial_map_size)
+        except BaseException:
+            self.close()
+            raise
+
+    # ----- opening -------------------------------------------------------------------
+
+    def _open(self, fingerprint, capacity_bytes, codec, level, initial_map_size) -> None:
+        data_file = os.path.join(self.path, "data.mdb")
+        exists = os.path.exists(data_file)
+        if self.readonly and not exists:
+            raise StoreError(f"no chunk store at {self.path}")
+        if not self.readonly:
+            os.makedirs(self.path, exist_ok=True)
+            self._take_writer_lock()
+        size = max(initial_map_size, _MIN_MAP, os.path.getsize(data_file) if exists else 0)
+        self._env = lmdb.open(
+            self.path, map_size=size, max_dbs=len(_DB_NAMES), readonly=self.readonly,
+            lock=True, readahead=False, max_readers=512, subdir=True,
+        )
+        create = not self.readonly
+        self.dbs = ix.Dbs(*(self._env.open_db(n.encode(), create=create) for n in _DB_NAMES))
+        meta = self._load_meta()
+        if meta is None:
+            self._create(fingerprint, capacity_bytes, codec, level)
+            meta = self._load_meta()
+        self._apply_meta(meta, fingerprint, capacity_bytes, codec, level)
+
+    def _take_writer_lock(self) -> None:
+        fd = os.open(os.path.join(self.path, "writer.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreError(
+                f"another process holds the writer lock of {self.path}; "
+                "open with readonly=True to read"
+            ) from None
+        self._lock_fd = fd
+
+    def _load_meta(self) -> dict[str, bytes] | None:
+        with self._env.begin(db=self.dbs.meta) as txn:
+            meta = {bytes(k): bytes(v) for k, v in txn.cursor()}
+        return meta if b"fingerprint" in meta else None
+
+    def _create(self, fingerprint, capacity_bytes, codec, level) -> None:
+        if self.readonly:
+            raise StoreError(f"chunk store at {self.path} is not initialized")
+        if fingerprint is None or capacity_bytes is None:
+            raise StoreError("creating a store needs a fingerprint and capacity_bytes")
+        fp = fpmod.normalize(fingerprint)
+        with self._env.begin(write=True, db=self.dbs.meta) as txn:
+            txn.put(b"format_version", str(FORMAT_VERSION).encode())
+            txn.put(b"fingerprint", fpmod.encode(fp))
+            txn.put(b"codec", (codec or "zstd-planes").encode())
+            txn.put(b"level", str(codecs.DEFAULT_LEVEL if level is None else level).encode())
+            txn.put(b"capacity", str(int(capacity_bytes)).encode())
+
+    def _apply_meta(self, meta, fingerprint, capacity_bytes, codec, level) -> None:
+        version = int(meta[b"format_version"])
+        if version != FORMAT_VERSION:
+            raise StoreError(f"store format {version} at {self.path}; this code reads {FORMAT_VERSION}")
+        stored = fpmod.decode(meta[b"fingerprint"])
+        if fingerprint is not None:
+            fpmod.check(self.path, stored, fpmod.normalize(fingerprint))
+        self.fingerprint = stored
+        self.num_layers = stored["num_layers"]
+        self.chunk_size = stored["chunk_size"]
+        self.kv_shape = (stored["chunk_size"], stored["num_kv_heads"], stored["head_dim"])
+        self.np_dtype = numpy_dtype(stored["dtype"])
+        self.codec = codec or meta[b"codec"].decode()
+        self.level = int(meta[b"level"]) if level is None else int(level)
+        if self.codec not in codecs.CODEC_IDS:
+            raise ValueError(f"unknown codec {self.codec!r}; expected one of {sorted(codecs.CODEC_IDS)}")
+        self.capacity = int(capacity_bytes if capacity_bytes is not None else meta[b"capacity"])
+        self.max_map_size = 2 * self.capacity + _HEADROOM
+        if not self.readonly:
+            changed = {b"codec": self.codec.encode(), b"level": str(self.level).encode(),
+                       b"capacity": str(self.capacity).encode()}
+            if any(meta.get(k) != v for k, v in changed.items()):
+                self._write(lambda txn: [txn.put(k, v, db=self.dbs.meta) for k, v in changed.items()])
+            if self._counter(b"bytes_used") > self.capacity:
+                self.evict_to(self.capacity)
+
+    # ----- transactions --------------------------------------------------------------
+
+    def _check(self, write: bool) -> None:
+        if self._env is None:
+            raise StoreError("chunk store is closed")
+        if os.getpid() != self._pid:
+            raise StoreError("ChunkStore used in a forked child; open the store after fork")
+        if write and self.readonly:
+            raise StoreError("chunk store opened readonly")
+
+    def _write(self, fn: Callable[[Any], Any]) -> Any:
+        """Run fn(txn) in one write transaction; grow the map and retry on MapFullError."""
+        self._check(write=True)
+        while True:
+            try:
+                with self._env.begin(write=True) as txn:
+                    return fn(txn)
+            except lmdb.MapFullError:
+                self._grow_map()
+
+    def _grow_map(self) -> None:
+        cur = self._env.info()["map_size"]
+        if cur >= self.max_map_size:
+            raise StoreFull(
+                f"LMDB map of {self.path} is at its ceiling ({cur} bytes = 2 x capacity "
+                f"{self.capacity} + headroom); raise capacity_bytes or evict"
+            )
+        new = min(self.max_map_size, cur * 2)
+        logger.info("growing LMDB map of %s from %d to %d bytes", self.path, cur, new)
+        self._env.set_mapsize(new)
+
+    def _read(self, fn: Callable[[Any], Any]) -> Any:
+        """Run fn(txn) in one short read transaction (buffers must not escape it)."""
+        self._check(write=False)
+        for _ in range(8):
+            try:
+                with self._env.begin(buffers=True) as txn:
+                    return fn(txn)
+            except lmdb.MapResizedError:
+                self._env.set_mapsize(0)  # the writer grew the map: adopt its size
+        raise StoreError(f"map of {self.path} keeps changing size under the reader")
+
+    def _counter(self, name: bytes) -> int:
+        return self._read(lambda txn: ix.get_counter(txn, self.dbs, name))
+
+    # ----- writing chunks --------------------------------------------------------------
+
+    def put_chunks(self, records: Sequence[ChunkRecord], verify_ids: bool = True) -> list[str]:
+        """Publish many chunks in one write transaction (writes). Returns the new ids.
+
+        Each chunk becomes visible with its header, all L layer blocks and its summary at
+        once, or not at all. Chunks already present are only touched. A parent must be in
+        the store or earlier in ``records``. Over capacity, least recently used unpinned
+        chunks are evicted in the same transaction; StoreFull if that is not enough (then
+        nothing of the batch is written). verify_ids re-derives every id from its parent,
+        tokens and namespace (ValueError on a mismatch).
+        """
+        prepared = [
+            prepare_chunk(r, self.num_layers, self.kv_shape, self.np_dtype, self.codec, self.level)
+            for r in records
+        ]
+        if verify_ids:
+            for r, p in zip(records, prepared):
+                want = derive_chunk_id(p.token_ids, r.parent_id, r.namespace)
+                if want != r.chunk_id:
+                    raise ValueError(f"chunk id {r.chunk_id} does not match its tokens/parent/namespace ({want})")
+        return self._write(lambda txn: self._put_txn(txn, prepared))
+
+    def _put_txn(self, txn, prepared: list[PreparedChunk]) -> list[str]:
+        dbs, now, now_ns = self.dbs, time.time(), time.time_ns()
+        batch: dict[bytes, PreparedChunk] = {}
+        existing: list[bytes] = []
+        for p in prepared:
+            if p.cid in batch or txn.get(p.cid, db=dbs.headers) is not None:
+                existing.append(p.cid)
+                continue
+            self._check_parent(txn, p, batch)
+            batch[p.cid] = p
+        need = sum(p.stored_bytes for p in batch.values())
+        over = ix.get_counter(txn, dbs, b"bytes_used") + need - self.capacity
+        if over > 0:
+            protected = {p.parent for p in batch.values() if p.parent} | set(existing)
+            freed = ix.evict(txn, dbs, over, protected, self.num_layers, self.chunk_size)
+            if freed < over:
+                raise StoreFull(self._full_message(txn, need, freed))
+        for i, cid in enumerate(existing):
+            h = ix.read_header(txn, dbs, cid)
+            if h is not None:
+                ix.set_touch(txn, dbs, h, now_ns - i, now)
+        for i, p in enumerate(batch.values()):
+            key = ix.lru_key(now_ns - len(existing) - i, p.cid)
+            ix.write_header(txn, dbs, p.header(now, key))
+            for layer, block in enumerate(p.blocks):
+                txn.put(ix.kv_key(p.cid, layer), block, db=dbs.kv)
+            txn.put(p.cid, p.summary, db=dbs.summaries)
+            txn.put(key, b"", db=dbs.lru)
+            if p.parent:
+                txn.put(p.parent + p.cid, b"", db=dbs.children)
+        ix.add_counter(txn, dbs, b"bytes_used", need)
+        ix.add_counter(txn, dbs, b"chunk_count", len(batch))
+        return [cid.hex() for cid in batch]
+
+    def _check_parent(self, txn, p: PreparedChunk, batch: dict[bytes, PreparedChunk]) -> None:
+        if p.parent is None:
+            return
+        if p.parent in batch:
+            parent_ns = batch[p.parent].namespace
+        else:
+            h = ix.read_header(txn, self.dbs, p.parent)
+            if h is None:
+                raise ChunkNotFound(p.parent.hex(), "parent chunk")
+            parent_ns = h.namespace
+        if parent_ns != p.namespace:
+            raise ValueError(f"chunk {p.cid.hex()} in namespace {p.namespace!r} has a parent in {parent_ns!r}")
+
+    def _full_message(self, txn, need: int, freed: int) -> str:
+        used = ix.get_counter(txn, self.dbs, b"bytes_used")
+        evictable = txn.stat(self.dbs.lru)["entries"]
+        return (
+            f"chunk store {self.path} is full: {need} bytes to write, {used} used of "
+            f"capacity {self.capacity}, only {freed} freed by eviction; {evictable} unpinned "
+            "chunks are left and the rest are pinned (by pin() or pinned contexts) or are "
+            "ancestors of this batch. Unpin contexts, delete chunks or raise capacity_bytes."
+        )
+
+    # ----- reading ---------------------------------------------------------------------
+
+    def has(self, chunk_id: str) -> bool:
+        """True if the chunk is published (reads)."""
+        cid = bytes.fromhex(chunk_id)
+        return self._read(lambda txn: txn.get(cid, db=self.dbs.headers) is not None)
+
+    def has_many(self, chunk_ids: Sequence[str]) -> list[bool]:
+        """has() for many ids in one read transaction."""
+        keys = [bytes.fromhex(c) for c in chunk_ids]
+        return self._read(lambda txn: [txn.get(k, db=self.dbs.headers) is not None for k in keys])
+
+    def get_header(self, chunk_id: str) -> ChunkHeader:
+        """The chunk's header (reads); ChunkNotFound / CorruptBlock(layer=None, part="header")."""
+        return self._read(lambda txn: ix.require_header(txn, self.dbs, bytes.fromhex(chunk_id)))
+
+    def get_kv(self, chunk_id: str, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """K and V of one layer of one chunk, each [C, H, D] (reads; CRC verified)."""
+        k, v = self.get_kv_many([chunk_id], layer)
+        return k[0], v[0]
+
+    def get_kv_many(self, chunk_ids: Sequence[str], layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """K and V of one layer of many chunks, each [n, C, H, D], in one read transaction."""
+        if not 0 <= layer < self.num_layers:
+            raise IndexError(f"layer {layer} out of range [0, {self.num_layers})")
+        n = len(chunk_ids)
+        out = np.empty((n, 2) + self.kv_shape, dtype=self.np_dtype)
+        flat = out.reshape(n, -1).view(np.uint8)
+
+        def read(txn):
+            for i, chunk_id in enumerate(chunk_ids):
+                cid = bytes.fromhex(chunk_id)
+                block = txn.get(ix.kv_key(cid, layer), db=self.dbs.kv)
+                if block is None:
+                    if txn.get(cid, db=self.dbs.headers) is None:
+                        raise ChunkNotFound(chunk_id)
+                    raise CorruptBlock(chunk_id, layer, "kv", "block missing")
+                raw = codecs.decode_block(block, chunk_id, layer, "kv")
+                if len(raw) != flat.shape[1]:
+                    raise CorruptBlock(chunk_id, layer, "kv", f"{len(raw)} bytes, expected {flat.shape[1]}")
+                flat[i] = np.frombuffer(raw, dtype=np.uint8)
+
+        self._read(read)
+        return out[:, 0], out[:, 1]
+
+    def get_summaries(self, chunk_ids: Sequence[str], dequantize: bool = True):
+        """Summaries of many chunks (reads).
+
+        dequantize=True: float32 [n, L, n_desc, H, D]. False: (int8 [n, L, n_desc, H, D],
+        float32 per-row scales [n, L, n_desc, H]) for dequantizing on the GPU. All chunks
+        must share one summary shape.
+        """
+        def read(txn):
+            parts = []
+            for chunk_id in chunk_ids:
+                block = txn.get(bytes.fromhex(chunk_id), db=self.dbs.summaries)
+                if block is None:
+                    raise ChunkNotFound(chunk_id)
+                parts.append(split_summary(codecs.decode_block(block, chunk_id, None, "summary")))
+            return parts
+
+        parts = self._read(read)
+        if not parts:
+            return np.empty((0,), np.float32) if dequantize else (np.empty((0,), np.int8), np.empty((0,), np.float32))
+        q = np.stack([p[0] for p in parts])
+        s = np.stack([p[1] for p in parts])
+        return q.astype(np.float32) * s[..., None] if dequantize else (q, s)
+
+    def iter_headers(
+        self, batch: int = 4096, on_corrupt: Callable[[CorruptBlock], None] | None = None
+    ) -> Iterator[ChunkHeader]:
+        """Every chunk header, in id order, for rebuilding the radix tree (reads).
+
+        Reads ``batch`` headers per short read transaction, so the writer can go on
+        meanwhile (chunks added or removed during the walk may or may not appear). A
+        corrupt header raises CorruptBlock, or is passed to ``on_corrupt`` and skipped.
+        """
+        start = b""
+        while True:
+            def read(txn, start=start):
+                cur = txn.cursor(db=self.dbs.headers)
+                rows = []
+                if cur.set_range(start):
+                    for k, v in cur.iternext():
+                        k = bytes(k)
+                        if k == start:
+                            continue
+                        rows.append((k, bytes(v)))
+                        if len(rows) >= batch:
+                            break
+                return rows
+
+            rows = self._read(read)
+            for k, v in rows:
+                try:
+                    yield ix.decode_header(k.hex(), v)
+                except CorruptBlock as exc:
+                    if on_corrupt is None:
+                        raise
+                    on_corrupt(exc)
+            if len(rows) < batch:
+                return
+            start = rows[-1][0]
+
+    # ----- LRU, pins, deletion -----------------------------------------------------------
+
+    def touch(self, chunk_ids: Sequence[str]) -> int:
+        """Mark chunks as just used (writes). Give a chain root first: later ids get
+        slightly older stamps, so eviction takes deeper chunks first. Missing ids are
+        skipped; returns how many were touched."""
+        now, now_ns = time.time(), time.time_ns()
+
+        def txn_fn(txn):
+            n = 0
+            for i, chunk_id in enumerate(chunk_ids):
+                h = ix.read_header(txn, self.dbs, bytes.fromhex(chunk_id))
+                if h is not None:
+                    ix.set_touch(txn, self.dbs, h, now_ns - i, now)
+                    n += 1
+            return n
+
+        return self._write(txn_fn)
+
+    def pin(self, chunk_id: str) -> None:
+        """Pin a chunk and its whole chain against eviction (writes; pins are counted)."""
+        self._write(lambda txn: ix.add_pins(txn, self.dbs, bytes.fromhex(chunk_id), +1))
+
+    def unpin(self, chunk_id: str) -> None:
+        """Undo one pin() of this chunk (writes)."""
+        self._write(lambda txn: ix.add_pins(txn, self.dbs, bytes.fromhex(chunk_id), -1))
+
+    def delete(self, chunk_id: str, reason: str = "") -> list[str]:
+        """Drop a chunk and all its descendants (writes), e.g. after CorruptBlock.
+
+        Works on a chunk whose header is corrupt too. Contexts whose chain lost chunks
+        are cut back to the nearest surviving ancestor (token_count reduced). Returns the
+        removed ids ([] if the chunk was not there).
+        """
+        cid = bytes.fromhex(chunk_id)
+
+        def txn_fn(txn):
+            if txn.get(cid, db=self.dbs.headers) is None:
+                return [], []
+            try:
+                h = ix.read_header(txn, self.dbs, cid)
+            except CorruptBlock:
+                h = None
+            tree = ix.subtree(txn, self.dbs, cid)
+            pinned_ctx = self._pinned_contexts_in(txn, set(tree))
+            removed = ix.remove_chunks(txn, self.dbs, tree, self.num_layers)
+            ctx_names = ix.truncate_contexts(txn, self.dbs, removed, self.chunk_size)
+            if h is not None and h.parent_id and h.pin_count - pinned_ctx:
+                # pins taken below the removed root no longer have a chunk to hold
+                ix.add_pins(txn, self.dbs, bytes.fromhex(h.parent_id), -(h.pin_count - pinned_ctx))
+            return [c.hex() for c in tree], ctx_names
+
+        ids, ctx_names = self._write(txn_fn)
+        if ids:
+            logger.warning("dropped chunk %s and %d descendants%s; contexts cut back: %s",
+                           chunk_id, len(ids) - 1, f" ({reason})" if reason else "", ctx_names)
+        return ids
+
+    def _pinned_contexts_in(self, txn, ids: set[bytes]) -> int:
+        cur = txn.cursor(db=self.dbs.contexts)
+        n = 0
+        for _, val in cur.iternext():
+            c = decode_context(val)
+            if c.pinned and c.last_chunk_id and bytes.fromhex(c.last_chunk_id) in ids:
+                n += 1
+        return n
+
+    def evict_to(self, target_bytes: int) -> int:
+        """Evict LRU unpinned chunks until at most ``target_bytes`` are used (writes).
+        Returns the bytes freed; stops early when only pinned chunks are left."""
+        def txn_fn(txn):
+            over = ix.get_counter(txn, self.dbs, b"bytes_used") - target_bytes
+            if over <= 0:
+                return 0
+            return ix.evict(txn, self.dbs, over, set(), self.num_layers, self.chunk_size)
+
+        return self._write(txn_fn)
+
+    # ----- contexts ----------------------------------------------------------------------
+
+    def put_context(
+        self, name: str, last_chunk_id: str | None, token_count: int,
+        namespace: str | None = None, pinned: bool = False,
+    ) -> ContextInfo:
+        """Create or replace a named context ending at ``last_chunk_id`` (writes).
+
+        The namespace defaults to the last chunk's. pinned=True pins the chain (and a
+        replaced pinned context's old chain is unpinned), all in one transaction.
+        """
+        def txn_fn(txn):
+            now = time.time()
+            ns = namespace
+            if last_chunk_id is not None:
+                h = ix.require_header(txn, self.dbs, bytes.fromhex(last_chunk_id))
+                if ns is not None and ns != h.namespace:
+                    raise ValueError(f"context namespace {ns!r} != chunk namespace {h.namespace!r}")
+                ns = h.namespace
+            old = self._get_context_txn(txn, name)
+            if old is not None and old.pinned and old.last_chunk_id:
+                ix.add_pins(txn, self.dbs, bytes.fromhex(old.last_chunk_id), -1)
+            if pinned and last_chunk_id:
+                ix.add_pins(txn, self.dbs, bytes.fromhex(last_chunk_id), +1)
+            ctx = ContextInfo(name, ns or "", last_chunk_id, int(token_count), bool(pinned),
+                              old.created if old else now, now)
+            txn.put(name.encode(), encode_context(ctx), db=self.dbs.contexts)
+            return ctx
+
+        return self._write(txn_fn)
+
+    def _get_context_txn(self, txn, name: str) -> ContextInfo | None:
+        v = txn.get(name.encode(), db=self.dbs.contexts)
+        return None if v is None else decode_context(v)
+
+    def get_context(self, name: str) -> ContextInfo:
+        """The named context (reads); ChunkNotFound if there is none."""
+        ctx = self._read(lambda txn: self._get_context_txn(txn, name))
+        if ctx is None:
+            raise ChunkNotFound(name, "context")
+        return ctx
+
+    def list_contexts(self) -> list[ContextInfo]:
+        """All named contexts, by name (reads)."""
+        return self._read(lambda txn: [decode_context(v) for _, v in txn.cursor(db=self.dbs.contexts)])
+
+    def delete_context(self, name: str) -> None:
+        """Forget a named context and release its pin (writes); its chunks stay, evictable."""
+        def txn_fn(txn):
+            old = self._get_context_txn(txn, name)
+            if old is None:
+                raise ChunkNotFound(name, "context")
+            if old.pinned and old.last_chunk_id:
+                ix.add_pins(txn, self.dbs, bytes.fromhex(old.last_chunk_id), -1)
+            txn.delete(name.encode(), db=self.dbs.contexts)
+
+        self._write(txn_fn)
+
+    def pin_context(self, name: str, pinned: bool = True) -> ContextInfo:
+        """Pin (or unpin) a named context's whole chain (writes); idempotent."""
+        def txn_fn(txn):
+            old = self._get_context_txn(txn, name)
+            if old is None:
+                raise ChunkNotFound(name, "context")
+            if old.pinned != pinned and old.last_chunk_id:
+                ix.add_pins(txn, self.dbs, bytes.fromhex(old.last_chunk_id), +1 if pinned else -1)
+            ctx = old._replace(pinned=pinned)
+            txn.put(name.encode(), encode_context(ctx), db=self.dbs.contexts)
+            return ctx
+
+        return self._write(txn_fn)
+
+    # ----- stats and lifetime ------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Chunks, charged bytes, capacity, map and file sizes, per-db entries/bytes (reads)."""
+        def read(txn):
+            dbs = {}
+            for name, db in zip(_DB_NAMES, self.dbs):
+                s = txn.stat(db)
+                pages = s["branch_pages"] + s["leaf_pages"] + s["overflow_pages"]
+                dbs[name] = {"entries": s["entries"], "bytes": pages * s["psize"]}
+            return {
+                "chunks": ix.get_counter(txn, self.dbs, b"chunk_count"),
+                "bytes": ix.get_counter(txn, self.dbs, b"bytes_used"),
+                "dbs": dbs,
+            }
+
+        out = self._read(read)
+        info = self._env.info()
+        out.update(
+            capacity=self.capacity, codec=self.codec, level=self.level,
+            map_size=info["map_size"], max_map_size=self.max_map_size,
+            file_bytes=os.path.getsize(os.path.join(self.path, "data.mdb")),
+        )
+        return out
+
+    def close(self) -> None:
+        """Close the environment and release the writer lock (idempotent)."""
+        if self._env is not None and os.getpid() == self._pid:
+            self._env.close()
+        self._env = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> ChunkStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

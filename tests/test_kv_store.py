@@ -1,0 +1,219 @@
+"""ChunkStore API: round trips for every codec and dtype, headers, contexts, pins, errors."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from sglang_reattn.kv_store import (
+    CODECS,
+    ChunkNotFound,
+    ChunkRecord,
+    ChunkStore,
+    ModelMismatch,
+    StoreError,
+    chunk_hashes,
+)
+from sglang_reattn.kv_store import codecs
+from sglang_reattn.kv_store.synthetic import gaussian_kv, kv_for, make_chain, summary_for, tiny_fingerprint
+
+DTYPES = ["float16", "bfloat16", "float32", "float8_e4m3fn"]
+GB = 1 << 30
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("codec", CODECS)
+def test_codec_roundtrip(codec, dtype):
+    a = gaussian_kv(np.random.default_rng(0), (2, 64, 4, 128), dtype)
+    raw = a.tobytes()
+    block = codecs.encode_block(raw, codec, 3, a.itemsize)
+    assert codecs.decode_block(block, "x", 0, "kv") == raw
+    if codec != "raw" and dtype in ("float16", "bfloat16"):
+        assert len(block) < len(raw)  # Gaussian 2-byte data does compress
+
+
+def test_planes_split_high_byte_first():
+    a = np.array([0x1234, 0xABCD], dtype="<u2")
+    assert codecs.split_planes(a.tobytes(), 2) == bytes([0x12, 0xAB, 0x34, 0xCD])
+    b = np.arange(10, dtype="<u4")
+    assert codecs.join_planes(codecs.split_planes(b.tobytes(), 4), 4) == b.tobytes()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("codec", CODECS)
+def test_store_roundtrip(tmp_path, codec, dtype):
+    fp = tiny_fingerprint(num_layers=3, num_kv_heads=2, head_dim=16, chunk_size=8, dtype=dtype)
+    recs = make_chain(fp, 6, seed=1)
+    with ChunkStore(tmp_path / "s", fp, GB, codec=codec) as s:
+        assert s.put_chunks(recs) == [r.chunk_id for r in recs]
+        assert s.put_chunks(recs[:2]) == []  # already there: only touched
+    with ChunkStore(tmp_path / "s", fp, readonly=True) as s:  # reopen, reader
+        assert s.codec == codec and s.stats()["chunks"] == 6
+        for r in recs:
+            for layer in range(3):
+                k, v = s.get_kv(r.chunk_id, layer)
+                assert k.shape == (8, 2, 16) and k.dtype == s.np_dtype
+                assert k.tobytes() == np.asarray(r.k[layer]).tobytes()
+                assert v.tobytes() == np.asarray(r.v[layer]).tobytes()
+        ids = [r.chunk_id for r in recs]
+        K, V = s.get_kv_many(ids[::-1], 2)
+        assert K.shape == (6, 8, 2, 16)
+        assert all(K[i].tobytes() == recs[5 - i].k[2].tobytes() for i in range(6))
+        summ = s.get_summaries(ids)
+        want = np.stack([r.summary for r in recs])
+        assert summ.shape == want.shape == (6, 3, 2, 2, 16)
+        # int8 with per-row scale: error at most half a step of each row
+        step = np.abs(want).max(axis=-1, keepdims=True) / 127
+        assert np.all(np.abs(summ - want) <= step / 2 + 1e-6)
+        q, scales = s.get_summaries(ids[:2], dequantize=False)
+        assert q.dtype == np.int8 and scales.shape == (2, 3, 2, 2)
+
+
+def test_bf16_is_uint16_bits(tmp_path):
+    fp = tiny_fingerprint(dtype="torch.bfloat16")
+    rec = make_chain(fp, 1)[0]
+    with ChunkStore(tmp_path, fp, GB) as s:
+        s.put_chunks([rec._replace(k=rec.k.view(np.int16), v=rec.v.view(np.float16))])
+        k, v = s.get_kv(rec.chunk_id, 0)
+        assert k.dtype == np.uint16 and np.array_equal(k, rec.k[0]) and np.array_equal(v, rec.v[0])
+
+
+def test_headers_and_iteration(tmp_path):
+    fp = tiny_fingerprint()
+    a = make_chain(fp, 5, seed=1)
+    b = make_chain(fp, 3, seed=2, namespace="tenant")
+    with ChunkStore(tmp_path, fp, GB) as s:
+        s.put_chunks(a + b)
+        h = s.get_header(a[3].chunk_id)
+        assert h.parent_id == a[2].chunk_id and h.namespace == "" and h.pin_count == 0
+        assert list(h.token_ids) == list(a[3].token_ids) and len(h.kv_crcs) == 2
+        assert s.get_header(b[0].chunk_id).parent_id is None
+        assert s.get_header(b[0].chunk_id).namespace == "tenant"
+        got = {h.chunk_id: h for h in s.iter_headers(batch=3)}
+        assert set(got) == {r.chunk_id for r in a + b}
+        assert s.has(a[0].chunk_id) and not s.has("00" * 32)
+        assert s.has_many([a[0].chunk_id, "11" * 32]) == [True, False]
+        with pytest.raises(ChunkNotFound):
+            s.get_header("22" * 32)
+        with pytest.raises(ChunkNotFound):
+            s.get_kv("22" * 32, 0)
+        before = s.get_header(a[0].chunk_id).last_used
+        assert s.touch([a[0].chunk_id, "33" * 32]) == 1
+        assert s.get_header(a[0].chunk_id).last_used >= before
+
+
+def test_put_validation(tmp_path):
+    fp = tiny_fingerprint()
+    recs = make_chain(fp, 3)
+    with ChunkStore(tmp_path, fp, GB) as s:
+        with pytest.raises(ChunkNotFound, match="parent"):
+            s.put_chunks(recs[1:])  # parent not in the store nor the batch
+        with pytest.raises(ValueError, match="does not match"):
+            s.put_chunks([recs[0]._replace(chunk_id="44" * 32)])
+        with pytest.raises(ValueError, match="shape"):
+            s.put_chunks([recs[0]._replace(k=[x[:10] for x in recs[0].k])])
+        with pytest.raises(ValueError, match="dtype"):
+            s.put_chunks([recs[0]._replace(k=recs[0].k.astype(np.float32))])
+        with pytest.raises(ValueError, match="layers"):
+            s.put_chunks([recs[0]._replace(v=recs[0].v[:1])])
+        other_ns = ChunkRecord(chunk_hashes(recs[1].token_ids, 64, prior_hash=recs[0].chunk_id)[0],
+                               recs[0].chunk_id, "other", *recs[1][3:])
+        s.put_chunks(recs[:1])
+        with pytest.raises(ValueError, match="namespace"):
+            s.put_chunks([other_ns])
+        assert s.stats()["chunks"] == 1  # failed batches left nothing behind
+
+
+def test_model_mismatch_names_fields(tmp_path):
+    fp = tiny_fingerprint()
+    ChunkStore(tmp_path, fp, GB).close()
+    other = dict(fp, num_layers=32, dtype="bfloat16", rope={"type": "llama3", "theta": 5e5})
+    with pytest.raises(ModelMismatch) as e:
+        ChunkStore(tmp_path, other, GB)
+    msg = str(e.value)
+    assert "num_layers: store has 2, engine has 32" in msg
+    assert "dtype: store has 'float16', engine has 'bfloat16'" in msg
+    assert "rope" in msg and "llama3" in msg and "chunk_size" not in msg
+    assert set(e.value.fields) == {"num_layers", "dtype", "rope"}
+    with pytest.raises(ModelMismatch, match="extra: store has '<missing>', engine has 1"):
+        ChunkStore(tmp_path, dict(fp, extra=1), GB)
+    with pytest.raises(ValueError, match="missing required"):
+        ChunkStore(tmp_path / "new", {"architecture": "x"}, GB)
+    ChunkStore(tmp_path, fp, GB).close()  # the right model still opens
+
+
+def test_contexts_and_pins(tmp_path):
+    fp = tiny_fingerprint()
+    a = make_chain(fp, 4)
+    with ChunkStore(tmp_path, fp, GB) as s:
+        s.put_chunks(a)
+        ctx = s.put_context("doc", a[-1].chunk_id, 4 * 64 + 10, pinned=True)
+        assert ctx.namespace == "" and ctx.pinned
+        assert [s.get_header(r.chunk_id).pin_count for r in a] == [1, 1, 1, 1]
+        s.put_context("doc", a[1].chunk_id, 128, pinned=True)  # replace: pins move
+        assert [s.get_header(r.chunk_id).pin_count for r in a] == [1, 1, 0, 0]
+        s.pin(a[3].chunk_id)
+        assert [s.get_header(r.chunk_id).pin_count for r in a] == [2, 2, 1, 1]
+        s.unpin(a[3].chunk_id)
+        s.pin_context("doc", False)
+        s.pin_context("doc", False)  # idempotent
+        assert [s.get_header(r.chunk_id).pin_count for r in a] == [0, 0, 0, 0]
+        with pytest.raises(ValueError, match="not pinned"):
+            s.unpin(a[0].chunk_id)
+        s.put_context("empty", None, 0, namespace="t")
+        assert [c.name for c in s.list_contexts()] == ["doc", "empty"]
+        assert s.get_context("doc").token_count == 128
+        s.pin_context("doc")
+        s.delete_context("doc")
+        assert s.get_header(a[0].chunk_id).pin_count == 0
+        with pytest.raises(ChunkNotFound, match="context"):
+            s.get_context("doc")
+        with pytest.raises(ChunkNotFound):
+            s.put_context("bad", "55" * 32, 64)
+
+
+def test_delete_drops_descendants_and_cuts_contexts(tmp_path):
+    fp = tiny_fingerprint()
+    a = make_chain(fp, 6)
+    branch = make_chain(fp, 2, seed=9, parent_id=a[2].chunk_id)
+    with ChunkStore(tmp_path, fp, GB) as s:
+        s.put_chunks(a + branch)
+        s.put_context("doc", a[-1].chunk_id, 6 * 64, pinned=True)
+        s.pin(branch[-1].chunk_id)
+        used = s.stats()["bytes"]
+        gone = s.delete(a[2].chunk_id, reason="test")
+        assert set(gone) == {r.chunk_id for r in a[2:] + branch}
+        assert not any(s.has_many(gone)) and s.has(a[1].chunk_id)
+        assert s.stats()["chunks"] == 2 and s.stats()["bytes"] < used
+        ctx = s.get_context("doc")
+        assert ctx.last_chunk_id == a[1].chunk_id and ctx.token_count == 2 * 64
+        # the context still pins its (shorter) chain; the branch's own pin was released
+        assert [s.get_header(r.chunk_id).pin_count for r in a[:2]] == [1, 1]
+        assert s.delete(a[2].chunk_id) == []
+
+
+def test_single_writer_and_fork_guard(tmp_path):
+    fp = tiny_fingerprint()
+    with ChunkStore(tmp_path, fp, GB) as s:
+        with pytest.raises(StoreError, match="writer lock"):
+            ChunkStore(tmp_path, fp, GB)
+        pid = os.fork()
+        if pid == 0:  # child: using the parent's store must fail, not corrupt it
+            try:
+                s.has("00" * 32)
+                os._exit(1)
+            except StoreError:
+                os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        assert os.WEXITSTATUS(status) == 0
+        rec = make_chain(fp, 1)[0]
+        s.put_chunks([rec])
+    with ChunkStore(tmp_path, fp, readonly=True) as r:
+        with pytest.raises(StoreError, match="readonly"):
+            r.put_chunks([rec])
+        assert np.array_equal(r.get_kv(rec.chunk_id, 1)[1], kv_for(rec.chunk_id, fp)[1][1])
+        assert np.allclose(r.get_summaries([rec.chunk_id])[0], summary_for(rec.chunk_id, fp), atol=0.05)
+    with pytest.raises(StoreError, match="no chunk store"):
+        ChunkStore(tmp_path / "missing", fp, readonly=True)

@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 _DB_NAMES = ("meta", "headers", "kv", "summaries", "lru", "children", "contexts")
-_MIN_MAP = 16 << 20
+_MIN_MAP = 1 << 20
 _HEADROOM = 64 << 20  # map ceiling = 2 * capacity + this (LMDB page and B-tree overhead)
 
 

@@ -1,0 +1,229 @@
+"""Score candidate chunks (pages) against the decode query and pick one top-k per sequence.
+
+ReAttention's selection is position-agnostic: the *un-rotated* query is compared with the
+page summaries of *un-rotated* keys (``store_kv`` maintains them), per KV head:
+
+- ``"minmax"``: Quest's upper bound of ``q.k`` over the page,
+  ``sum_d max(q_d * kmin_d, q_d * kmax_d)`` (needs ``kmin`` and ``kmax``);
+- ``"mean"``: ``q . kmean``.
+
+Every query head is scored against its GQA group's KV head, and the heads are combined into
+ONE selection per sequence (decision 3 of the design), so a fetched chunk serves all heads:
+
+- ``combine="sum"``: sum of the per-head scores (fused in the kernel: one ``[B, N]`` write);
+- ``combine="max"``: each head's scores divided by that head's max ``|score|`` over the
+  valid candidates, then summed, so that no single head with a large query norm dominates.
+
+Kernel ``_score_chunks_kernel``, grid ``(B, cdiv(max_cands, BLOCK_N))``: one pass over the
+candidates' summaries (memory-bound), one program per block of candidates looping over the
+KV heads. The top-k is ``torch.topk`` on the small score matrix; everything is shape-static,
+so the whole op is CUDA-graph capturable.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._triton_compat import check, next_pow2, tl, triton
+
+COMBINE_MODES = ("sum", "max")
+
+
+@triton.jit
+def _score_chunks_kernel(
+    q_ptr, kmin_ptr, kmax_ptr, kmean_ptr, cand_ptr, num_cands_ptr, out_ptr,
+    stride_qb, stride_qh,
+    stride_sp, stride_sh,  # summaries [num_pages, Hkv, D]
+    stride_cb,  # candidates [B, max_cands]
+    stride_ob, stride_oh,  # scores [B, N] (PER_HEAD=False) or [B, Hq, N]
+    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    USE_MINMAX: tl.constexpr, PER_HEAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    n_cands = tl.load(num_cands_ptr + pid_b)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_mask = offs_n < n_cands
+    d_mask = offs_d < HEAD_DIM
+    nd_mask = n_mask[:, None] & d_mask[None, :]
+    page = tl.load(cand_ptr + pid_b.to(tl.int64) * stride_cb + offs_n, mask=n_mask,
+                   other=0).to(tl.int64)
+    row = page[:, None] * stride_sp + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
+
+    total = tl.zeros([BLOCK_N], tl.float32)
+    for h in range(NUM_KV_HEADS):
+        if USE_MINMAX:
+            mn = tl.load(kmin_ptr + row + h * stride_sh, mask=nd_mask, other=0.0).to(tl.float32)
+            mx = tl.load(kmax_ptr + row + h * stride_sh, mask=nd_mask, other=0.0).to(tl.float32)
+        else:
+            mean = tl.load(kmean_ptr + row + h * stride_sh, mask=nd_mask,
+                           other=0.0).to(tl.float32)
+        for g in tl.static_range(GROUP):
+            qh = h * GROUP + g
+            qv = tl.load(q_ptr + pid_b.to(tl.int64) * stride_qb + qh * stride_qh + offs_d,
+                         mask=d_mask, other=0.0).to(tl.float32)
+            if USE_MINMAX:
+                # max(q*min, q*max) per channel = q * (max if q >= 0 else min)
+                bound = tl.where(qv[None, :] >= 0, mx, mn)
+                s = tl.sum(bound * qv[None, :], 1)
+            else:
+                s = tl.sum(mean * qv[None, :], 1)
+            if PER_HEAD:
+                tl.store(out_ptr + pid_b.to(tl.int64) * stride_ob + qh * stride_oh + offs_n,
+                         tl.where(n_mask, s, float("-inf")), mask=offs_n < stride_oh)
+            else:
+                total += s
+    if not PER_HEAD:
+        tl.store(out_ptr + pid_b.to(tl.int64) * stride_ob + offs_n,
+                 tl.where(n_mask, total, float("-inf")), mask=offs_n < stride_ob)
+
+
+def _check_score_inputs(q, cand_pages, num_cands, topk, kmin, kmax, kmean, combine) -> bool:
+    """Validates arguments; returns True for the min/max bound, False for the mean."""
+    check(combine in COMBINE_MODES, f"combine must be one of {COMBINE_MODES}, got {combine!r}")
+    check(topk >= 0, f"topk must be >= 0, got {topk}")
+    use_minmax = kmin is not None or kmax is not None
+    check(use_minmax != (kmean is not None),
+          "pass either kmin and kmax (Quest bound) or kmean (mean key), not both or neither")
+    summaries = (kmin, kmax) if use_minmax else (kmean,)
+    check(all(s is not None for s in summaries), "kmin and kmax must be given together")
+    check(q.dim() == 3, f"q must be [B, Hq, D], got {tuple(q.shape)}")
+    for s in summaries:
+        check(s.dim() == 3 and s.shape[2] == q.shape[2] and s.shape == summaries[0].shape,
+              f"summaries must be [num_pages, Hkv, D={q.shape[2]}], got {tuple(s.shape)}")
+        check(s.is_contiguous(), "summaries must be contiguous")
+        check(s.device == q.device, "summaries must be on q's device")
+    check(q.shape[1] % summaries[0].shape[1] == 0,
+          f"num_q_heads {q.shape[1]} is not a multiple of num_kv_heads {summaries[0].shape[1]}")
+    check(q.stride(-1) == 1, "q must be contiguous in head_dim")
+    check(cand_pages.dtype == torch.int32 and cand_pages.dim() == 2
+          and cand_pages.shape[0] == q.shape[0] and cand_pages.stride(1) == 1,
+          f"cand_pages must be int32 [B, max_cands] with contiguous rows, got "
+          f"{cand_pages.dtype} {tuple(cand_pages.shape)}")
+    check(num_cands.dtype == torch.int32 and num_cands.shape == (q.shape[0],)
+          and num_cands.is_contiguous(), "num_cands must be contiguous int32 [B]")
+    check(cand_pages.device == q.device and num_cands.device == q.device,
+          "cand_pages / num_cands must be on q's device")
+    return use_minmax
+
+
+def chunk_scores_triton(q: torch.Tensor, cand_pages: torch.Tensor, num_cands: torch.Tensor,
+                        kmin: torch.Tensor | None = None, kmax: torch.Tensor | None = None,
+                        kmean: torch.Tensor | None = None, per_head: bool = False,
+                        ) -> torch.Tensor:
+    """Raw scores: float32 ``[B, max_cands]`` (summed over heads) or ``[B, Hq, max_cands]``
+    (``per_head``); candidates at index >= ``num_cands[b]`` get ``-inf``."""
+    use_minmax = _check_score_inputs(q, cand_pages, num_cands, 0, kmin, kmax, kmean, "sum")
+    batch, num_q_heads, head_dim = q.shape
+    summ = kmin if use_minmax else kmean
+    num_kv_heads = summ.shape[1]
+    max_cands = cand_pages.shape[1]
+    shape = (batch, num_q_heads, max_cands) if per_head else (batch, max_cands)
+    out = torch.empty(shape, dtype=torch.float32, device=q.device)
+    if batch == 0 or max_cands == 0:
+        return out
+    block_n = 64
+    _score_chunks_kernel[(batch, triton.cdiv(max_cands, block_n))](
+        q, summ, kmax if use_minmax else summ, summ, cand_pages, num_cands, out,
+        q.stride(0), q.stride(1), summ.stride(0), summ.stride(1), cand_pages.stride(0),
+        out.stride(0), out.stride(1) if per_head else max_cands,
+        NUM_KV_HEADS=num_kv_heads, GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim,
+        USE_MINMAX=use_minmax, PER_HEAD=per_head,
+        BLOCK_N=block_n, BLOCK_D=next_pow2(head_dim), num_warps=4,
+    )
+    return out
+
+
+def chunk_scores_ref(q: torch.Tensor, cand_pages: torch.Tensor, num_cands: torch.Tensor,
+                     kmin: torch.Tensor | None = None, kmax: torch.Tensor | None = None,
+                     kmean: torch.Tensor | None = None, per_head: bool = False,
+                     ) -> torch.Tensor:
+    """Torch reference of ``chunk_scores_triton`` (same arguments and result)."""
+    use_minmax = _check_score_inputs(q, cand_pages, num_cands, 0, kmin, kmax, kmean, "sum")
+    batch, num_q_heads, _ = q.shape
+    pages = cand_pages.long()  # [B, N]
+    qf = q.float().reshape(batch, -1, num_q_heads // (kmin if use_minmax else kmean).shape[1],
+                           q.shape[2])  # [B, Hkv, G, D]
+    if use_minmax:
+        mn, mx = kmin[pages].float(), kmax[pages].float()  # [B, N, Hkv, D]
+        s = torch.maximum(qf[:, None] * mn[:, :, :, None], qf[:, None] * mx[:, :, :, None])
+        scores = s.sum(-1)  # [B, N, Hkv, G]
+    else:
+        scores = torch.einsum("bhgd,bnhd->bnhg", qf, kmean[pages].float())
+    scores = scores.flatten(2).transpose(1, 2)  # [B, Hq, N]
+    invalid = (torch.arange(cand_pages.shape[1], device=q.device)[None, :]
+               >= num_cands[:, None])  # [B, N]
+    if not per_head:
+        scores = scores.sum(1)
+        return scores.masked_fill(invalid, float("-inf"))
+    return scores.masked_fill(invalid[:, None, :], float("-inf"))
+
+
+def combine_head_scores(scores: torch.Tensor, combine: str) -> torch.Tensor:
+    """``[B, Hq, N]`` per-head scores (``-inf`` = invalid) -> ``[B, N]`` by ``combine``."""
+    check(combine in COMBINE_MODES, f"combine must be one of {COMBINE_MODES}, got {combine!r}")
+    if combine == "max":
+        finite = torch.isfinite(scores)
+        scale = scores.abs().masked_fill(~finite, 0.0).amax(-1, keepdim=True)  # [B, Hq, 1]
+        scores = scores / scale.clamp_min(1e-30)
+    return scores.sum(1)
+
+
+def select_topk(scores: torch.Tensor, num_cands: torch.Tensor, topk: int,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``topk`` candidates of ``scores [B, N]``, as ascending indices.
+
+    Returns ``(selected int32 [B, topk], num_selected int32 [B])``: row b holds
+    ``num_selected[b] = min(topk, num_cands[b])`` candidate indices in ascending order (=
+    original order), then ``-1`` padding. Shape-static (no host sync).
+    """
+    batch, n = scores.shape
+    k_eff = min(topk, n)
+    selected = torch.full((batch, topk), -1, dtype=torch.int32, device=scores.device)
+    if k_eff == 0:
+        return selected, torch.zeros(batch, dtype=torch.int32, device=scores.device)
+    idx = scores.topk(k_eff, dim=1).indices  # [B, k_eff]
+    valid = idx < num_cands[:, None].long()
+    idx = torch.where(valid, idx, n).sort(dim=1).values
+    selected[:, :k_eff] = torch.where(idx < n, idx, -1).to(torch.int32)
+    return selected, valid.sum(1, dtype=torch.int32)
+
+
+def score_chunks_triton(q: torch.Tensor, cand_pages: torch.Tensor, num_cands: torch.Tensor,
+                        topk: int, kmin: torch.Tensor | None = None,
+                        kmax: torch.Tensor | None = None, kmean: torch.Tensor | None = None,
+                        combine: str = "sum") -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton scorer + torch top-k; see ``score_chunks_ref`` for the semantics."""
+    _check_score_inputs(q, cand_pages, num_cands, topk, kmin, kmax, kmean, combine)
+    scores = chunk_scores_triton(q, cand_pages, num_cands, kmin, kmax, kmean,
+                                 per_head=combine != "sum")
+    if combine != "sum":
+        scores = combine_head_scores(scores, combine)
+    return select_topk(scores, num_cands, topk)
+
+
+def score_chunks_ref(q: torch.Tensor, cand_pages: torch.Tensor, num_cands: torch.Tensor,
+                     topk: int, kmin: torch.Tensor | None = None,
+                     kmax: torch.Tensor | None = None, kmean: torch.Tensor | None = None,
+                     combine: str = "sum") -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick the ``topk`` best candidate chunks of each sequence, one selection for all heads.
+
+    Args:
+        q: ``[B, Hq, D]`` un-rotated decode queries.
+        cand_pages: int32 ``[B, max_cands]`` page ids of each sequence's candidate chunks
+            (the past between sink and local window), in original order; entries at
+            index >= ``num_cands[b]`` are ignored.
+        num_cands: int32 ``[B]``.
+        topk: chunks to select per sequence (may exceed ``max_cands``).
+        kmin, kmax: ``[num_pages, Hkv, D]`` per-page channel min/max (Quest bound), or
+        kmean: ``[num_pages, Hkv, D]`` per-page mean key; exactly one kind.
+        combine: ``"sum"`` of per-head scores, or ``"max"`` (per-head max-normalized sum).
+    Returns:
+        ``(selected int32 [B, topk], num_selected int32 [B])``: ascending indices into
+        ``cand_pages[b]``, ``-1``-padded after ``num_selected[b] = min(topk, num_cands[b])``.
+    """
+    _check_score_inputs(q, cand_pages, num_cands, topk, kmin, kmax, kmean, combine)
+    scores = chunk_scores_ref(q, cand_pages, num_cands, kmin, kmax, kmean, per_head=True)
+    return select_topk(combine_head_scores(scores, combine), num_cands, topk)

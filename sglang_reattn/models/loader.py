@@ -178,7 +178,8 @@ def _gguf_to_hf_name(name: str) -> str:
 
 def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     rows = w.shape[0]
-    return (w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:])
+    # Inverse of llama.cpp's permute (which views rows as [n_head, 2, half] and swaps).
+    return (w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:])
             .transpose(1, 2).reshape(w.shape).contiguous())
 
 

@@ -1,0 +1,392 @@
+"""The offline `Engine`, shaped like `sglang.Engine`.
+
+Callers (user code, the HTTP server) validate and tokenize in their own thread and hand
+`Request`s to one engine thread that owns the scheduler, the KV pool and the model.
+Results come back through per-request callbacks: a `queue.Queue` for blocking callers,
+an `asyncio.Queue` (via `call_soon_threadsafe`) for async ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+import uuid
+from typing import Any, AsyncIterator, Iterator
+
+import torch
+
+from sglang_reattn import __version__
+from sglang_reattn.config import EngineArgs
+from sglang_reattn.engine.grammar import GrammarBackend
+from sglang_reattn.engine.model_runner import ModelRunner
+from sglang_reattn.engine.request import LogprobOptions, Request
+from sglang_reattn.engine.sampling_params import SamplingParams
+from sglang_reattn.engine.scheduler import Scheduler
+from sglang_reattn.errors import ContextTooLong, EngineDead, InvalidRequest
+from sglang_reattn.layers.attention import KVPool, PagedAttention
+from sglang_reattn.models import loader
+from sglang_reattn.models.rope import RopeTable
+
+logger = logging.getLogger("sglang_reattn")
+
+_CPU_KV_BUDGET = 2 << 30
+
+
+class Engine:
+    def __init__(self, model_path: str | None = None, **options: Any) -> None:
+        self.args = args = EngineArgs.from_kwargs(model_path, **options)
+        logging.basicConfig(level=args.log_level.upper(),
+                            format="[%(asctime)s %(name)s] %(message)s")
+        torch.manual_seed(args.random_seed)
+        self.device = _resolve_device(args.device)
+        self.dtype = _resolve_dtype(args.dtype, self.device)
+        t0 = time.perf_counter()
+        self.model_path = loader.resolve_model_path(args.model_path)
+        self.model, self.model_config = loader.load_model(self.model_path, self.dtype, self.device)
+        self.tokenizer = loader.load_tokenizer(args.tokenizer_path or self.model_path)
+        cfg = self.model_config
+        self.served_model_name = args.served_model_name or (
+            args.model_path or f"HuggingFaceTB/{loader.DEFAULT_MODEL_NAME}")
+        self.context_length = args.context_length or cfg.max_position_embeddings
+        self.eos_ids = frozenset(
+            set(cfg.eos_token_ids)
+            | ({self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
+        )
+        c = args.reattn_chunk_size
+        self.pool = KVPool(cfg.num_layers, self._num_pages(), c, cfg.num_kv_heads, cfg.head_dim,
+                           self.dtype, self.device)
+        self.rope = RopeTable(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, self.device,
+                              initial=self.context_length + c)
+        use_triton = self.device.type == "cuda" and cfg.sliding_window is None
+        self.attn = PagedAttention(self.pool, self.rope, cfg.num_heads, cfg.head_dim,
+                                   cfg.sliding_window, use_triton=use_triton)
+        self.runner = ModelRunner(
+            self.model, self.pool, self.attn, self.device,
+            max_pages_per_seq=(self.context_length + c - 1) // c + 1,
+            use_cuda_graph=use_triton and not args.disable_cuda_graph,
+            cuda_graph_max_bs=min(args.cuda_graph_max_bs, args.max_running_requests),
+        )
+        self.scheduler = Scheduler(self.runner, self.pool, self.tokenizer, c,
+                                   args.max_running_requests, args.chunked_prefill_size,
+                                   use_radix=not args.disable_radix_cache)
+        self._grammar: GrammarBackend | None = None
+        self._grammar_lock = threading.Lock()
+        self._sample_gen = torch.Generator(device=self.device).manual_seed(args.random_seed)
+        self._inbox: queue.Queue = queue.Queue()
+        self._stopped = False
+        self._dead: str | None = None
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+        logger.info("engine ready: %s on %s/%s, %d KV pages of %d tokens, in %.1fs",
+                    cfg.architecture, self.device, self.dtype, self.pool.num_pages, c,
+                    time.perf_counter() - t0)
+
+    def _num_pages(self) -> int:
+        cfg, c = self.model_config, self.args.reattn_chunk_size
+        if self.args.max_total_tokens is not None:
+            tokens = self.args.max_total_tokens
+        else:
+            bpt = KVPool.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.dtype)
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                budget = int(free * self.args.mem_fraction_static)
+            else:
+                budget = _CPU_KV_BUDGET
+            tokens = max(budget // bpt, 2 * self.context_length)
+        return max(tokens // c, (self.context_length + c - 1) // c + 2) + 1
+
+    # ------------------------------------------------------------------ engine thread
+
+    def _loop(self) -> None:
+        sched = self.scheduler
+        while not self._stopped:
+            try:
+                item = self._inbox.get(block=not sched.has_work(), timeout=None)
+                self._handle(item)
+                while True:
+                    self._handle(self._inbox.get_nowait())
+            except queue.Empty:
+                pass
+            if self._stopped:
+                break
+            try:
+                sched.step()
+            except Exception as e:  # noqa: BLE001 - keep serving; fail only what was running
+                logger.exception("engine step failed; aborting in-flight requests")
+                sched.abort_all(f"internal error: {type(e).__name__}: {e}")
+        sched.abort_all("engine shut down")
+
+    def _handle(self, item: tuple) -> None:
+        kind = item[0]
+        if kind == "add":
+            self.scheduler.add(item[1])
+        elif kind == "abort":
+            self.scheduler.abort(item[1])
+        elif kind == "call":
+            fn, box, done = item[1], item[2], item[3]
+            try:
+                box.append(fn())
+            except Exception as e:  # noqa: BLE001 - handed back to the caller
+                box.append(e)
+            done.set()
+        elif kind == "stop":
+            self._stopped = True
+
+    def _call(self, fn):
+        """Run `fn` on the engine thread (between steps) and return its result."""
+        if self._stopped:
+            raise EngineDead("engine is shut down")
+        box: list[Any] = []
+        done = threading.Event()
+        self._inbox.put(("call", fn, box, done))
+        done.wait()
+        if isinstance(box[0], Exception):
+            raise box[0]
+        return box[0]
+
+    # ------------------------------------------------------------------ request building
+
+    def _grammar_backend(self) -> GrammarBackend:
+        with self._grammar_lock:
+            if self._grammar is None:
+                self._grammar = GrammarBackend(self.tokenizer, self.model_config.vocab_size)
+            return self._grammar
+
+    def _build(self, prompt, sampling_params, input_ids, return_logprob, logprob_start_len,
+               top_logprobs_num, return_text_in_logprobs, stream, rid, extra_key
+               ) -> tuple[list[tuple[str, list[int], SamplingParams, LogprobOptions]], bool]:
+        """Validate and tokenize; returns ([(rid, ids, params, logprob opts)], is_batch)."""
+        if (prompt is None) == (input_ids is None):
+            raise InvalidRequest("exactly one of prompt (text) and input_ids must be given")
+        if prompt is not None:
+            is_batch = isinstance(prompt, list)
+            prompts = prompt if is_batch else [prompt]
+            if not all(isinstance(p, str) for p in prompts):
+                raise InvalidRequest("prompt must be a string or a list of strings")
+            ids_list = [self.tokenizer.encode(p) if p else [] for p in prompts]
+        else:
+            is_batch = bool(input_ids) and isinstance(input_ids[0], list)
+            ids_list = input_ids if is_batch else [input_ids]
+            for ids in ids_list:
+                if not isinstance(ids, list) or not all(
+                        isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                    raise InvalidRequest("input_ids must be a list of ints or a list of lists")
+        if not ids_list:
+            raise InvalidRequest("empty batch")
+        n_prompts = len(ids_list)
+        sp_list = sampling_params if isinstance(sampling_params, list) else [sampling_params] * n_prompts
+        if len(sp_list) != n_prompts:
+            raise InvalidRequest(f"{len(sp_list)} sampling_params for {n_prompts} prompts")
+        rids = rid if isinstance(rid, list) else [rid] * n_prompts
+        if len(rids) != n_prompts:
+            raise InvalidRequest(f"{len(rids)} rids for {n_prompts} prompts")
+        lp = _logprob_options(return_logprob, logprob_start_len, top_logprobs_num,
+                              return_text_in_logprobs)
+        out = []
+        vocab = self.model_config.vocab_size
+        for i, (ids, sp, r) in enumerate(zip(ids_list, sp_list, rids)):
+            if not ids:
+                raise InvalidRequest("prompt is empty")
+            if min(ids) < 0 or max(ids) >= vocab:
+                raise InvalidRequest(f"input_ids must be in [0, {vocab})")
+            params = SamplingParams.from_dict(sp)
+            total = len(ids) + params.max_new_tokens
+            if len(ids) >= self.context_length or total > self.context_length:
+                raise ContextTooLong(
+                    f"requested {total} tokens ({len(ids)} prompt + {params.max_new_tokens} "
+                    f"max_new_tokens), over the context length of {self.context_length}"
+                )
+            if params.regex or params.json_schema or params.ebnf:
+                self._grammar_backend().compile(params)
+            base = r if r is not None else uuid.uuid4().hex
+            if params.n == 1:
+                out.append((base, ids, params, lp))
+            else:
+                for j in range(params.n):
+                    p = SamplingParams.from_dict(sp)
+                    if p.effective_seed is not None:
+                        p.seed, p.sampling_seed = p.effective_seed + j, None
+                    out.append((f"{base}/{j}", ids, p, lp))
+        return out, is_batch or len(out) > 1
+
+    def _make_request(self, rid, ids, params, lp, emit, stream, extra_key) -> Request:
+        grammar = None
+        if params.regex or params.json_schema or params.ebnf:
+            gb = self._grammar_backend()
+            grammar = gb.matcher(gb.compile(params))
+        gen = self._sample_gen
+        if params.effective_seed is not None:
+            gen = torch.Generator(device=self.device).manual_seed(params.effective_seed)
+        return Request(rid=rid, prompt_ids=list(ids), params=params, logprob=lp,
+                       namespace=extra_key or "", emit=emit, stream=stream, grammar=grammar,
+                       generator=gen, eos_ids=self.eos_ids)
+
+    def _submit(self, items, emit_for, stream: bool, extra_key) -> None:
+        if self._dead or self._stopped:
+            raise EngineDead("engine is shut down")
+        reqs = [self._make_request(rid, ids, p, lp, emit_for(i), stream, extra_key)
+                for i, (rid, ids, p, lp) in enumerate(items)]
+        for r in reqs:
+            self._inbox.put(("add", r))
+
+    # ------------------------------------------------------------------ public API
+
+    def generate(self, prompt=None, sampling_params=None, input_ids=None,
+                 return_logprob: bool = False, logprob_start_len: int | None = None,
+                 top_logprobs_num: int | None = None, return_text_in_logprobs: bool = False,
+                 stream: bool = False, rid=None, extra_key: str | None = None):
+        items, is_batch = self._build(prompt, sampling_params, input_ids, return_logprob,
+                                      logprob_start_len, top_logprobs_num,
+                                      return_text_in_logprobs, stream, rid, extra_key)
+        q: queue.Queue = queue.Queue()
+
+        def emit_for(i: int):
+            return lambda out, finished: q.put((i, out, finished))
+
+        self._submit(items, emit_for, stream, extra_key)
+        if stream:
+            return self._stream_sync(q, len(items))
+        results: list[Any] = [None] * len(items)
+        pending = len(items)
+        while pending:
+            i, out, finished = q.get()
+            if finished:
+                results[i] = out
+                pending -= 1
+        return results if is_batch else results[0]
+
+    def _stream_sync(self, q: queue.Queue, n: int) -> Iterator[dict[str, Any]]:
+        pending = n
+        while pending:
+            i, out, finished = q.get()
+            pending -= finished
+            yield dict(out, index=i) if n > 1 else out
+
+    async def async_generate(self, prompt=None, sampling_params=None, input_ids=None,
+                             return_logprob: bool = False, logprob_start_len: int | None = None,
+                             top_logprobs_num: int | None = None,
+                             return_text_in_logprobs: bool = False, stream: bool = False,
+                             rid=None, extra_key: str | None = None):
+        items, is_batch = self._build(prompt, sampling_params, input_ids, return_logprob,
+                                      logprob_start_len, top_logprobs_num,
+                                      return_text_in_logprobs, stream, rid, extra_key)
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+
+        def emit_for(i: int):
+            return lambda out, finished: loop.call_soon_threadsafe(q.put_nowait,
+                                                                    (i, out, finished))
+
+        self._submit(items, emit_for, stream, extra_key)
+        if stream:
+            return self._stream_async(q, len(items))
+        results: list[Any] = [None] * len(items)
+        pending = len(items)
+        while pending:
+            i, out, finished = await q.get()
+            if finished:
+                results[i] = out
+                pending -= 1
+        return results if is_batch else results[0]
+
+    async def _stream_async(self, q: asyncio.Queue, n: int) -> AsyncIterator[dict[str, Any]]:
+        pending = n
+        while pending:
+            i, out, finished = await q.get()
+            pending -= finished
+            yield dict(out, index=i) if n > 1 else out
+
+    def abort(self, rid: str) -> None:
+        self._inbox.put(("abort", rid))
+
+    def flush_cache(self) -> bool:
+        return self._call(self.scheduler.flush_cache)
+
+    def stats(self) -> dict[str, Any]:
+        s = self.scheduler
+        return {
+            "num_running_reqs": len(s.running),
+            "num_waiting_reqs": len(s.waiting),
+            "kv_pages_free": self.pool.num_free,
+            "kv_pages_total": self.pool.num_pages - 1,
+            "radix_cache_pages": s.cache.num_pages if s.cache is not None else 0,
+            **s.counters,
+        }
+
+    def get_model_info(self) -> dict[str, Any]:
+        cfg = self.model_config
+        return {
+            "model_path": self.served_model_name,
+            "tokenizer_path": self.args.tokenizer_path or self.served_model_name,
+            "is_generation": True,
+            "preferred_sampling_params": None,
+            "weight_version": "default",
+            "has_image_understanding": False,
+            "has_audio_understanding": False,
+            "model_type": cfg.raw.get("model_type"),
+            "architectures": [cfg.architecture],
+            "max_position_embeddings": cfg.max_position_embeddings,
+            "context_length": self.context_length,
+        }
+
+    def get_server_info(self) -> dict[str, Any]:
+        info = self.args.to_dict()
+        info.update({
+            "version": __version__,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "context_length": self.context_length,
+            "max_total_num_tokens": (self.pool.num_pages - 1) * self.pool.page_size,
+            "internal_states": [self.stats()],
+        })
+        return info
+
+    def shutdown(self) -> None:
+        if self._stopped:
+            return
+        self._inbox.put(("stop",))
+        self._thread.join(timeout=60)
+        self._stopped = True
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def __del__(self) -> None:
+        try:
+            self.shutdown()
+        except Exception:  # noqa: BLE001 - interpreter teardown
+            pass
+
+
+def _logprob_options(return_logprob, start, top_n, with_text) -> LogprobOptions:
+    if not isinstance(return_logprob, bool):
+        raise InvalidRequest("return_logprob must be a boolean")
+    start = -1 if start is None else start
+    top_n = 0 if top_n is None else top_n
+    if not isinstance(start, int) or start < -1:
+        raise InvalidRequest(f"logprob_start_len must be an integer >= -1, got {start!r}")
+    if not isinstance(top_n, int) or top_n < 0:
+        raise InvalidRequest(f"top_logprobs_num must be a non-negative integer, got {top_n!r}")
+    return LogprobOptions(return_logprob, start, top_n, bool(with_text))
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InvalidRequest("--device cuda was given but no CUDA device is available")
+    return torch.device(name)
+
+
+def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+

@@ -1,0 +1,150 @@
+"""Runs the model for one scheduled step: packs tokens, builds the attention metadata,
+and returns logits for the rows the scheduler asked for. Decode steps on CUDA replay
+captured CUDA graphs (one per padded batch size)."""
+
+from __future__ import annotations
+
+import bisect
+import logging
+
+import torch
+
+from sglang_reattn.engine.request import Request
+from sglang_reattn.layers.attention import ForwardBatch, KVPool, PagedAttention
+from sglang_reattn.models.llama import CausalLM
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, pool: KVPool, attn: PagedAttention,
+                 device: torch.device, max_pages_per_seq: int, use_cuda_graph: bool,
+                 cuda_graph_max_bs: int) -> None:
+        self.model = model
+        self.pool = pool
+        self.attn = attn
+        self.device = device
+        self.page_size = pool.page_size
+        self.max_pages = max_pages_per_seq
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graph_bs: list[int] = []
+        if use_cuda_graph:
+            self._capture(cuda_graph_max_bs)
+
+    # ------------------------------------------------------------------ batch building
+
+    def _slots(self, r: Request, start: int, n: int) -> list[int]:
+        c = self.page_size
+        return [r.pages[p // c] * c + p % c for p in range(start, start + n)]
+
+    def build_batch(self, reqs: list[Request], q_lens: list[int], is_decode: bool
+                    ) -> tuple[torch.Tensor, ForwardBatch]:
+        ids: list[int] = []
+        slots: list[int] = []
+        scope: list[int] = []
+        pages: list[list[int]] = []
+        cu = [0]
+        for r, n in zip(reqs, q_lens):
+            start = r.num_computed
+            ids.extend(r.all_ids[start:start + n])
+            slots.extend(self._slots(r, start, n))
+            total = start + n
+            scope.append(total)
+            pages.append(r.pages[: (total + self.page_size - 1) // self.page_size])
+            cu.append(cu[-1] + n)
+        width = max(len(p) for p in pages)
+        table = torch.zeros(len(reqs), width, dtype=torch.int32)
+        for i, p in enumerate(pages):
+            table[i, : len(p)] = torch.tensor(p, dtype=torch.int32)
+        dev = self.device
+        batch = ForwardBatch(
+            is_decode=is_decode,
+            slot_mapping=torch.tensor(slots, dtype=torch.int64).to(dev, non_blocking=True),
+            page_table=table.to(dev, non_blocking=True),
+            scope_lens=torch.tensor(scope, dtype=torch.int32).to(dev, non_blocking=True),
+            cu_q_lens=torch.tensor(cu, dtype=torch.int32).to(dev, non_blocking=True),
+            max_q_len=max(q_lens),
+            pages_host=pages,
+            scope_lens_host=scope,
+            q_lens_host=list(q_lens),
+        )
+        return torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True), batch
+
+    # ------------------------------------------------------------------ execution
+
+    @torch.inference_mode()
+    def forward(self, reqs: list[Request], q_lens: list[int], is_decode: bool,
+                logit_rows: list[int]) -> torch.Tensor:
+        """Run one step. `logit_rows` index the packed new tokens whose logits are
+        returned ([len(logit_rows), vocab] float32)."""
+        bs = len(reqs)
+        if is_decode and self.graphs and bs <= self.graph_bs[-1]:
+            return self._replay(reqs)[torch.tensor(logit_rows, device=self.device)]
+        input_ids, batch = self.build_batch(reqs, q_lens, is_decode)
+        hidden = self.model(input_ids, self.attn, batch)
+        rows = torch.tensor(logit_rows, dtype=torch.long, device=self.device)
+        return self.model.compute_logits(hidden[rows])
+
+    # ------------------------------------------------------------------ CUDA graphs
+
+    def _capture(self, max_bs: int) -> None:
+        sizes = [b for b in (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
+                 if b <= max_bs]
+        dev = self.device
+        n = sizes[-1]
+        self._ids = torch.zeros(n, dtype=torch.long, device=dev)
+        self._batch = ForwardBatch(
+            is_decode=True,
+            slot_mapping=torch.zeros(n, dtype=torch.int64, device=dev),
+            page_table=torch.zeros(n, self.max_pages, dtype=torch.int32, device=dev),
+            scope_lens=torch.ones(n, dtype=torch.int32, device=dev),
+            cu_q_lens=torch.arange(n + 1, dtype=torch.int32, device=dev),
+            max_q_len=1,
+        )
+        self._logits: dict[int, torch.Tensor] = {}
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream()
+        with torch.inference_mode():
+            for bs in reversed(sizes):
+                b = self._view(bs)
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    for _ in range(2):  # warm up (Triton autotune / compile) outside capture
+                        self.model.compute_logits(self.model(self._ids[:bs], self.attn, b))
+                torch.cuda.current_stream().wait_stream(stream)
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=pool):
+                    out = self.model.compute_logits(self.model(self._ids[:bs], self.attn, b))
+                self.graphs[bs] = g
+                self._logits[bs] = out
+        torch.cuda.synchronize()
+        self.graph_bs = sizes
+        logger.info("captured CUDA graphs for decode batch sizes %s", sizes)
+
+    def _view(self, bs: int) -> ForwardBatch:
+        b = self._batch
+        return ForwardBatch(True, b.slot_mapping[:bs], b.page_table[:bs], b.scope_lens[:bs],
+                            b.cu_q_lens[: bs + 1], 1)
+
+    def _replay(self, reqs: list[Request]) -> torch.Tensor:
+        bs = len(reqs)
+        gbs = self.graph_bs[bisect.bisect_left(self.graph_bs, bs)]
+        c = self.page_size
+        ids = torch.zeros(gbs, dtype=torch.long)
+        slots = torch.zeros(gbs, dtype=torch.int64)  # padded rows write into reserved page 0
+        scope = torch.ones(gbs, dtype=torch.int32)
+        table = torch.zeros(gbs, self.max_pages, dtype=torch.int32)
+        for i, r in enumerate(reqs):
+            pos = r.num_computed
+            ids[i] = r.all_ids[pos]
+            slots[i] = r.pages[pos // c] * c + pos % c
+            scope[i] = pos + 1
+            np_ = (pos + c) // c
+            table[i, :np_] = torch.tensor(r.pages[:np_], dtype=torch.int32)
+        b = self._batch
+        self._ids[:gbs].copy_(ids, non_blocking=True)
+        b.slot_mapping[:gbs].copy_(slots, non_blocking=True)
+        b.scope_lens[:gbs].copy_(scope, non_blocking=True)
+        b.page_table[:gbs].copy_(table, non_blocking=True)
+        self.graphs[gbs].replay()
+        return self._logits[gbs][:bs]

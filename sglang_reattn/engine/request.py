@@ -1,0 +1,76 @@
+"""A request as the scheduler sees it: tokens, KV pages, sampling state, results."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from sglang_reattn.engine.sampling_params import SamplingParams
+
+
+class State(enum.Enum):
+    WAITING = 0
+    RUNNING = 1
+    FINISHED = 2
+
+
+@dataclass
+class LogprobOptions:
+    return_logprob: bool = False
+    logprob_start_len: int = -1  # -1: output logprobs only (SGLang's default)
+    top_logprobs_num: int = 0
+    return_text_in_logprobs: bool = False
+
+
+@dataclass
+class Request:
+    rid: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    logprob: LogprobOptions
+    namespace: str
+    emit: Callable[[dict[str, Any], bool], None]  # (output dict, finished)
+    stream: bool = False
+    grammar: Any = None  # a Matcher, or None
+    generator: torch.Generator | None = None
+    eos_ids: frozenset[int] = frozenset()
+    # --- progress ---
+    state: State = State.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens of all_ids whose K/V are in the pool
+    pages: list[int] = field(default_factory=list)  # page table, in token order
+    tree_node: Any = None  # deepest locked radix node
+    num_tree_pages: int = 0  # leading pages owned by the radix tree
+    cached_tokens: int = 0
+    finish_reason: dict[str, Any] | None = None
+    aborted: bool = False
+    text: str = ""
+    # --- logprobs ---
+    input_logprobs: list[Any] = field(default_factory=list)
+    input_top: list[Any] = field(default_factory=list)
+    output_logprobs: list[Any] = field(default_factory=list)
+    output_top: list[Any] = field(default_factory=list)
+    # --- timing ---
+    created: float = field(default_factory=time.perf_counter)
+    first_token_time: float | None = None
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def in_prefill(self) -> bool:
+        # Decode feeds exactly the last sampled token; anything more is (re)prefill.
+        return self.num_tokens - self.num_computed > 1 or not self.output_ids
+
+    @property
+    def wants_input_logprobs(self) -> bool:
+        return self.logprob.return_logprob and 0 <= self.logprob.logprob_start_len

@@ -1,0 +1,343 @@
+"""The scheduler: admits requests, plans each step (a chunked-prefill batch or a decode
+batch), manages KV pages with the radix cache, and turns sampled tokens into results.
+
+Everything here runs on the engine thread; nothing is shared with other threads except
+through `Engine`'s queues.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from typing import Any
+
+from sglang_reattn.engine.detokenize import output_dict, update_text
+from sglang_reattn.engine.model_runner import ModelRunner
+from sglang_reattn.engine.radix_cache import RadixCache
+from sglang_reattn.engine.request import Request, State
+from sglang_reattn.engine.sampler import sample, top_logprobs
+from sglang_reattn.layers.attention import KVPool
+
+logger = logging.getLogger(__name__)
+
+
+class Scheduler:
+    def __init__(self, runner: ModelRunner, pool: KVPool, tokenizer, page_size: int,
+                 max_running: int, chunked_prefill_size: int, use_radix: bool) -> None:
+        self.runner = runner
+        self.pool = pool
+        self.tokenizer = tokenizer
+        self.c = page_size
+        self.max_running = max_running
+        self.prefill_budget = chunked_prefill_size
+        self.cache = RadixCache(page_size) if use_radix else None
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "cached_tokens": 0,
+                         "requests_finished": 0, "requests_aborted": 0, "preemptions": 0}
+
+    # ------------------------------------------------------------------ queue side
+
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def abort(self, rid: str) -> None:
+        for r in list(self.waiting) + self.running:
+            if r.rid == rid or r.rid.startswith(rid + "/"):
+                r.aborted = True
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def flush_cache(self) -> bool:
+        if self.running or self.waiting or self.cache is None:
+            return self.cache is None and not self.running and not self.waiting
+        self.pool.free(self.cache.reset())
+        return True
+
+    # ------------------------------------------------------------------ memory
+
+    def _ensure_free(self, n: int) -> bool:
+        if self.pool.can_allocate(n):
+            return True
+        if self.cache is not None:
+            self.pool.free(self.cache.evict(n - self.pool.num_free))
+        return self.pool.can_allocate(n)
+
+    def _grow_pages(self, r: Request, upto_tokens: int) -> bool:
+        need = (upto_tokens + self.c - 1) // self.c - len(r.pages)
+        if need <= 0:
+            return True
+        if not self._ensure_free(need):
+            return False
+        r.pages.extend(self.pool.allocate(need))
+        return True
+
+    def _release(self, r: Request, keep_in_tree: bool) -> None:
+        """Give a request's pages back: full computed chunks go to the radix tree (when
+        `keep_in_tree`), the rest to the pool."""
+        if self.cache is not None and keep_in_tree:
+            self._insert_into_tree(r, r.num_computed)
+        if r.tree_node is not None:
+            self.cache.dec_lock(r.tree_node)
+            r.tree_node = None
+        self.pool.free(r.pages[r.num_tree_pages:])
+        r.pages = []
+        r.num_tree_pages = 0
+
+    def _insert_into_tree(self, r: Request, upto_tokens: int) -> None:
+        n_full = upto_tokens // self.c
+        if n_full <= r.num_tree_pages:
+            return
+        res = self.cache.insert(r.all_ids[: n_full * self.c], r.pages[:n_full], r.namespace)
+        # Pages that another request cached first: switch to the tree's copy, free ours.
+        self.pool.free(res.duplicates)
+        r.pages[:n_full] = res.pages
+        if r.tree_node is not None:
+            self.cache.dec_lock(r.tree_node)
+        self.cache.inc_lock(res.node)
+        r.tree_node = res.node
+        r.num_tree_pages = n_full
+
+    # ------------------------------------------------------------------ admission
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.running) < self.max_running:
+            r = self.waiting[0]
+            if r.aborted:
+                self.waiting.popleft()
+                self._finish(r, {"type": "abort"})
+                continue
+            if not self._try_admit(r):
+                break
+            self.waiting.popleft()
+            self.running.append(r)
+
+    def _try_admit(self, r: Request) -> bool:
+        ids = r.all_ids
+        matched: list[int] = []
+        if self.cache is not None:
+            limit = len(ids) - 1  # always compute at least the last token
+            if r.wants_input_logprobs and not r.output_ids:
+                limit = min(limit, max(r.logprob.logprob_start_len - 1, 0))
+            m = self.cache.match_prefix(ids, r.namespace, limit)
+            matched = m.pages
+            self.cache.inc_lock(m.node)
+            r.tree_node = m.node
+        # Room for the whole prompt plus one decode page, so admitted prefills finish.
+        need = (len(ids) + self.c) // self.c - len(matched)
+        if not self._ensure_free(need):
+            if r.tree_node is not None:
+                self.cache.dec_lock(r.tree_node)
+                r.tree_node = None
+            if not self.running:
+                self._finish(r, {"type": "abort", "message": "KV cache too small for prompt"})
+                self.waiting.popleft()
+                return False
+            return False
+        r.pages = list(matched)
+        r.num_tree_pages = len(matched)
+        r.num_computed = len(matched) * self.c
+        if not r.output_ids:
+            r.cached_tokens = r.num_computed
+            self.counters["cached_tokens"] += r.cached_tokens
+        r.state = State.RUNNING
+        return True
+
+    # ------------------------------------------------------------------ one step
+
+    def step(self) -> bool:
+        """Plan and run one step. Returns False when there was nothing to do."""
+        self._drop_aborted()
+        self._admit()
+        prefill = [r for r in self.running if r.in_prefill]
+        if prefill:
+            self._run_prefill(prefill)
+            return True
+        decode = [r for r in self.running if not r.in_prefill]
+        if decode:
+            self._run_decode(decode)
+            return True
+        return False
+
+    def _drop_aborted(self) -> None:
+        for r in [r for r in self.running if r.aborted]:
+            self.running.remove(r)
+            self._release(r, keep_in_tree=True)
+            self._finish(r, {"type": "abort"})
+
+    def _run_prefill(self, candidates: list[Request]) -> None:
+        budget = self.prefill_budget
+        reqs: list[Request] = []
+        q_lens: list[int] = []
+        for r in candidates:
+            if budget <= 0:
+                break
+            remaining = r.num_tokens - r.num_computed
+            n = min(remaining, budget)
+            if n < remaining:
+                # Split on chunk boundaries so every prefill piece is chunk aligned.
+                n = (r.num_computed + n) // self.c * self.c - r.num_computed
+                if n <= 0:
+                    break
+            if not self._grow_pages(r, r.num_computed + n):
+                break  # admitted requests reserved their prompt pages; only decode can fail
+            reqs.append(r)
+            q_lens.append(n)
+            budget -= n
+        if not reqs:
+            return
+        rows, plan = self._logit_plan(reqs, q_lens)
+        logits = self.runner.forward(reqs, q_lens, False, rows)
+        self._postprocess_prefill(reqs, q_lens, plan, logits)
+
+    def _logit_plan(self, reqs: list[Request], q_lens: list[int]):
+        """Which packed rows need logits: input-logprob rows and the last row of a
+        request whose prefill completes in this step."""
+        rows: list[int] = []
+        plan: list[tuple[list[int], int | None]] = []  # (input-lp row slots, sample slot)
+        base = 0
+        for r, n in zip(reqs, q_lens):
+            lp_slots: list[int] = []
+            if r.wants_input_logprobs and not r.output_ids:
+                # Row at position p predicts token p + 1 (prompt tokens only).
+                lo = max(r.logprob.logprob_start_len - 1, r.num_computed)
+                hi = min(r.num_computed + n, len(r.prompt_ids) - 1)
+                for p in range(lo, hi):
+                    lp_slots.append(len(rows))
+                    rows.append(base + p - r.num_computed)
+            sample_slot = None
+            if r.num_computed + n == r.num_tokens:
+                sample_slot = len(rows)
+                rows.append(base + n - 1)
+            plan.append((lp_slots, sample_slot))
+            base += n
+        return rows, plan
+
+    def _postprocess_prefill(self, reqs, q_lens, plan, logits) -> None:
+        done: list[Request] = []
+        done_rows: list[int] = []
+        for r, n, (lp_slots, sample_slot) in zip(reqs, q_lens, plan):
+            if lp_slots:
+                self._record_input_logprobs(r, logits, lp_slots, r.num_computed)
+            r.num_computed += n
+            self.counters["prompt_tokens"] += n
+            if sample_slot is not None:
+                done.append(r)
+                done_rows.append(sample_slot)
+                if self.cache is not None:
+                    self._insert_into_tree(r, r.num_computed)
+        if done:
+            self._sample_and_emit(done, logits[done_rows])
+
+    def _record_input_logprobs(self, r: Request, logits, slots: list[int], start: int) -> None:
+        import torch
+
+        lo = max(r.logprob.logprob_start_len - 1, start)
+        lp = torch.log_softmax(logits[slots], dim=-1)
+        targets = r.prompt_ids[lo + 1: lo + 1 + len(slots)]
+        chosen = lp[torch.arange(len(slots)), torch.tensor(targets)].tolist()
+        if not r.input_logprobs:
+            # Token 0 (or the first requested one) has no predecessor in this request.
+            if r.logprob.logprob_start_len == 0:
+                r.input_logprobs.append((None, r.prompt_ids[0]))
+                r.input_top.append(None)
+        for i, (t, v) in enumerate(zip(targets, chosen)):
+            r.input_logprobs.append((v, t))
+            r.input_top.append(top_logprobs(lp[i], r.logprob.top_logprobs_num)
+                               if r.logprob.top_logprobs_num else None)
+
+    def _run_decode(self, reqs: list[Request]) -> None:
+        ready: list[Request] = []
+        for r in reqs:
+            while not self._grow_pages(r, r.num_computed + 1):
+                if not self._preempt(exclude=r):
+                    break
+            if len(r.pages) * self.c >= r.num_computed + 1:
+                ready.append(r)
+        ready = [r for r in ready if r.state == State.RUNNING]
+        if not ready:
+            return
+        logits = self.runner.forward(ready, [1] * len(ready), True, list(range(len(ready))))
+        for r in ready:
+            r.num_computed += 1
+        self._sample_and_emit(ready, logits)
+
+    def _preempt(self, exclude: Request) -> bool:
+        """Out of pages: send the newest running request back to the queue (it will be
+        recomputed from its tokens, mostly from the radix cache)."""
+        victims = [r for r in self.running if r is not exclude]
+        if not victims:
+            return False
+        v = victims[-1]
+        self.running.remove(v)
+        self._release(v, keep_in_tree=True)
+        v.num_computed = 0
+        v.state = State.WAITING
+        self.waiting.appendleft(v)
+        self.counters["preemptions"] += 1
+        logger.warning("KV pool full: preempted request %s", v.rid)
+        return True
+
+    # ------------------------------------------------------------------ results
+
+    def _sample_and_emit(self, reqs: list[Request], logits) -> None:
+        res = sample(logits, reqs)
+        now = time.perf_counter()
+        for i, r in enumerate(reqs):
+            tok = res.tokens[i]
+            r.output_ids.append(tok)
+            self.counters["generation_tokens"] += 1
+            if r.first_token_time is None:
+                r.first_token_time = now
+            if r.logprob.return_logprob and res.logprobs is not None:
+                r.output_logprobs.append((res.logprobs[i], tok))
+                r.output_top.append(res.top[i] if r.logprob.top_logprobs_num else None)
+            if r.grammar is not None:
+                r.grammar.accept(tok)
+            reason = self._check_finish(r, tok)
+            if reason is not None:
+                self.running.remove(r)
+                self._release(r, keep_in_tree=True)
+                self._finish(r, reason)
+            elif r.stream:
+                r.emit(output_dict(r, self.tokenizer), False)
+
+    def _check_finish(self, r: Request, tok: int) -> dict[str, Any] | None:
+        p = r.params
+        n_out = len(r.output_ids)
+        if n_out >= p.min_new_tokens:
+            if p.stop_token_ids and tok in p.stop_token_ids:
+                return {"type": "stop", "matched": tok}
+            if not p.ignore_eos and tok in r.eos_ids:
+                return {"type": "stop", "matched": tok}
+        matched = update_text(r, self.tokenizer)
+        if matched is not None and n_out >= p.min_new_tokens:
+            return {"type": "stop", "matched": matched}
+        if r.grammar is not None and r.grammar.terminated:
+            return {"type": "stop", "matched": tok}
+        if n_out >= p.max_new_tokens:
+            return {"type": "length", "length": p.max_new_tokens}
+        return None
+
+    def _finish(self, r: Request, reason: dict[str, Any]) -> None:
+        r.state = State.FINISHED
+        r.finish_reason = reason
+        if reason["type"] == "abort":
+            self.counters["requests_aborted"] += 1
+        else:
+            self.counters["requests_finished"] += 1
+        update_text(r, self.tokenizer, final=True)
+        r.emit(output_dict(r, self.tokenizer), True)
+
+    def abort_all(self, message: str) -> None:
+        for r in list(self.running):
+            self.running.remove(r)
+            try:
+                self._release(r, keep_in_tree=False)
+            except Exception:  # noqa: BLE001 - state may be inconsistent after a crash
+                pass
+            self._finish(r, {"type": "abort", "message": message})
+        while self.waiting:
+            self._finish(self.waiting.popleft(), {"type": "abort", "message": message})

@@ -1,0 +1,147 @@
+"""Paged attention over un-rotated keys.
+
+Memory map: one KV pool per engine, `k[layer]` / `v[layer]` of shape
+[num_pages, page_size, num_kv_heads, head_dim]. A page holds one chunk (C tokens) of one
+sequence; keys are stored *before* RoPE. A sequence's scope is an ordered list of pages
+(`page_table` row) and a token count (`scope_lens`): every page is full except possibly
+the last. Token j of the scope is rotated at virtual position j, and queries sit at the
+end of the scope. For full attention the scope is the whole sequence, so virtual
+positions equal real ones.
+
+Two implementations of the same contract: the torch path (CPU, and the reference) and the
+Triton kernels of `sglang_reattn.kernels` (CUDA; decode is CUDA-graph capturable).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from sglang_reattn.models.rope import RopeTable, apply_rope
+
+
+class KVPool:
+    """Pre-RoPE K and V pages for all layers, plus the free-page list."""
+
+    def __init__(self, num_layers: int, num_pages: int, page_size: int, num_kv_heads: int,
+                 head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        shape = (num_layers, num_pages, page_size, num_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.page_size = page_size
+        self.num_pages = num_pages
+        # Page 0 is never handed out: padded page-table entries point at it, so a stray
+        # read in a padded CUDA-graph row stays inside the pool.
+        self._free: list[int] = list(range(num_pages - 1, 0, -1))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def can_allocate(self, n: int) -> bool:
+        return n <= len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        assert n <= len(self._free), f"KV pool exhausted: need {n}, have {len(self._free)}"
+        out = self._free[-n:] if n else []
+        del self._free[len(self._free) - n:]
+        return out[::-1]
+
+    def free(self, pages: list[int]) -> None:
+        self._free.extend(pages)
+
+    @staticmethod
+    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int,
+                        dtype: torch.dtype) -> int:
+        return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass
+class ForwardBatch:
+    """Per-step metadata shared by every layer.
+
+    q tokens are packed sequence by sequence: `cu_q_lens` [B+1]. `scope_lens` [B] counts
+    scope tokens *including* this step's new ones, which are the last `q_lens[b]` of them.
+    """
+
+    is_decode: bool
+    slot_mapping: torch.Tensor  # [T] int64: page * page_size + offset of each new token
+    page_table: torch.Tensor  # [B, max_pages] int32
+    scope_lens: torch.Tensor  # [B] int32
+    cu_q_lens: torch.Tensor  # [B+1] int32
+    max_q_len: int
+    # Host copies for the torch path (avoid device syncs); None inside CUDA graphs.
+    pages_host: list[list[int]] | None = None
+    scope_lens_host: list[int] | None = None
+    q_lens_host: list[int] | None = None
+
+
+class PagedAttention:
+    """Full attention over the pool (the ReAttention backend narrows the scope per layer)."""
+
+    def __init__(self, pool: KVPool, rope: RopeTable, num_heads: int, head_dim: int,
+                 sliding_window: int | None = None, use_triton: bool = False) -> None:
+        self.pool = pool
+        self.rope = rope
+        self.num_heads = num_heads
+        self.scale = head_dim ** -0.5
+        self.sliding_window = sliding_window
+        self.use_triton = use_triton
+        if use_triton:
+            from sglang_reattn import kernels
+
+            self._kernels = kernels
+
+    def forward(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                batch: ForwardBatch) -> torch.Tensor:
+        k_cache, v_cache = self.pool.k[layer_id], self.pool.v[layer_id]
+        if self.use_triton:
+            kn = self._kernels
+            kn.store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+            if batch.is_decode:
+                return kn.decode_attention(q, k_cache, v_cache, batch.page_table,
+                                           batch.scope_lens, self.rope.cos, self.rope.sin,
+                                           self.scale)
+            return kn.prefill_attention(q, k_cache, v_cache, batch.page_table, batch.scope_lens,
+                                        batch.cu_q_lens, batch.max_q_len, self.rope.cos,
+                                        self.rope.sin, self.scale)
+        flat_k = k_cache.view(-1, *k_cache.shape[2:])
+        flat_v = v_cache.view(-1, *v_cache.shape[2:])
+        flat_k[batch.slot_mapping] = k
+        flat_v[batch.slot_mapping] = v
+        return self._torch_attention(q, k_cache, v_cache, batch)
+
+    def _torch_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         batch: ForwardBatch) -> torch.Tensor:
+        assert batch.pages_host is not None and batch.scope_lens_host is not None
+        assert batch.q_lens_host is not None
+        out = torch.empty_like(q)
+        start = 0
+        for pages, n_kv, n_q in zip(batch.pages_host, batch.scope_lens_host, batch.q_lens_host):
+            idx = torch.tensor(pages, device=q.device, dtype=torch.long)
+            keys = k_cache[idx].flatten(0, 1)[:n_kv]  # [n_kv, Hkv, D], un-rotated
+            vals = v_cache[idx].flatten(0, 1)[:n_kv]
+            out[start:start + n_q] = self.attend(q[start:start + n_q], keys, vals)
+            start += n_q
+        return out
+
+    def attend(self, q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
+        """q [n_q, Hq, D] (the last n_q scope tokens), keys/vals [n_kv, Hkv, D] un-rotated,
+        in scope order -> [n_q, Hq, D]. The reference every kernel is checked against."""
+        n_q, n_kv = q.shape[0], keys.shape[0]
+        self.rope.ensure(n_kv)
+        qr = apply_rope(q, self.rope.cos[n_kv - n_q:n_kv], self.rope.sin[n_kv - n_q:n_kv])
+        kr = apply_rope(keys, self.rope.cos[:n_kv], self.rope.sin[:n_kv])
+        rep = q.shape[1] // keys.shape[1]
+        kr = kr.repeat_interleave(rep, dim=1).transpose(0, 1)  # [Hq, n_kv, D]
+        vr = vals.repeat_interleave(rep, dim=1).transpose(0, 1)
+        qr = qr.transpose(0, 1)  # [Hq, n_q, D]
+        q_pos = torch.arange(n_kv - n_q, n_kv, device=q.device)[:, None]
+        k_pos = torch.arange(n_kv, device=q.device)[None, :]
+        mask = k_pos <= q_pos
+        if self.sliding_window is not None:
+            mask = mask & (q_pos - k_pos < self.sliding_window)
+        o = F.scaled_dot_product_attention(qr, kr, vr, attn_mask=mask, scale=self.scale)
+        return o.transpose(0, 1)

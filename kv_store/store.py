@@ -93,7 +93,9 @@ class ChunkStore:
         if not self.readonly:
             os.makedirs(self.path, exist_ok=True)
             self._take_writer_lock()
-        size = max(initial_map_size, _MIN_MAP, os.path.getsize(data_file) if exists else 0)
+        file_size = os.path.getsize(data_file) if exists else 0
+        # a reader maps what exists and follows the writer's growth (MapResizedError)
+        size = max(_MIN_MAP, file_size if self.readonly else max(initial_map_size, file_size))
         self._env = lmdb.open(
             self.path, map_size=size, max_dbs=len(_DB_NAMES), readonly=self.readonly,
             lock=True, readahead=False, max_readers=512, subdir=True,

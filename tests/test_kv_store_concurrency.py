@@ -1,0 +1,64 @@
+"""Two reader processes read while one writer writes (and grows the map)."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import random
+import traceback
+
+import numpy as np
+
+from sglang_reattn.kv_store import ChunkNotFound, ChunkStore
+from sglang_reattn.kv_store.synthetic import kv_for, make_chain, summary_for, tiny_fingerprint
+
+FP = tiny_fingerprint(num_layers=2, num_kv_heads=4, head_dim=64, chunk_size=64)
+
+
+def reader(path: str, seed: int, stop, out) -> None:
+    """Read random visible chunks until told to stop; report counts, or the error."""
+    try:
+        rng = random.Random(seed)
+        verified = missing = 0
+        with ChunkStore(path, FP, readonly=True) as s:
+            map_before = s.stats()["map_size"]
+            while not stop.is_set() or verified == 0:
+                ids = [h.chunk_id for h in s.iter_headers(batch=64)]
+                for cid in rng.sample(ids, min(len(ids), 20)):
+                    layer = rng.randrange(FP["num_layers"])
+                    try:
+                        k, v = s.get_kv(cid, layer)
+                        summ = s.get_summaries([cid])[0]
+                    except ChunkNotFound:  # evicted by the writer since iter_headers
+                        missing += 1
+                        continue
+                    wk, wv = kv_for(cid, FP)
+                    assert np.array_equal(k, wk[layer]) and np.array_equal(v, wv[layer])
+                    assert np.allclose(summ, summary_for(cid, FP), atol=0.05)
+                    verified += 1
+            out.put(("ok", verified, missing, map_before, s.stats()["map_size"]))
+    except BaseException:
+        out.put(("error", traceback.format_exc()))
+
+
+def test_readers_during_writes(tmp_path):
+    path = str(tmp_path / "store")
+    ctx = mp.get_context("spawn")
+    stop, out = ctx.Event(), ctx.Queue()
+    with ChunkStore(path, FP, 24 << 20, initial_map_size=1 << 20) as w:
+        w.put_chunks(make_chain(FP, 2, seed=999))
+        readers = [ctx.Process(target=reader, args=(path, i, stop, out)) for i in range(2)]
+        for p in readers:
+            p.start()
+        for n in range(30):  # ~ 32 MiB raw in total: the map grows, and eviction runs
+            w.put_chunks(make_chain(FP, 8, seed=n))
+        final_map = w.stats()["map_size"]
+        stop.set()
+        results = [out.get(timeout=60) for _ in readers]
+        for p in readers:
+            p.join(timeout=30)
+    errors = [r[1] for r in results if r[0] != "ok"]
+    assert not errors, errors[0]
+    for _, verified, _missing, map_before, map_after in results:
+        assert verified > 0
+        assert map_before < final_map  # the map grew while the reader was open ...
+        assert map_after > map_before  # ... and the reader followed it

@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import ORJSONResponse, PlainTextResponse, Response
+from fastapi.responses import PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -25,6 +25,7 @@ from sglang_reattn.server.args import ServerOptions
 from sglang_reattn.server.http_errors import (
     APIKeyMiddleware,
     HTTPError,
+    JSONResponse,
     error_response,
     parse_json,
     status_of,
@@ -128,7 +129,7 @@ def _add_native_routes(app: FastAPI, state: ServerState) -> None:
             return ClosingStreamingResponse(_sse(stream), stream.close)
         outputs = await state.runner.generate(request, items, "generate")
         single = not req.is_batch and len(outputs) == 1
-        return ORJSONResponse(outputs[0] if single else outputs)
+        return JSONResponse(outputs[0] if single else outputs)
 
     @app.get("/health")
     async def health() -> Response:

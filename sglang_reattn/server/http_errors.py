@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import orjson
 from fastapi import Request
-from fastapi.responses import ORJSONResponse
+from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 
 from sglang_reattn.errors import ReAttnError
@@ -22,6 +22,15 @@ M = TypeVar("M", bound=BaseModel)
 _TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
           413: "RequestTooLargeError", 500: "InternalServerError",
           503: "ServiceUnavailableError"}
+
+
+class JSONResponse(Response):
+    """JSON through orjson (numpy scalars included, which engine outputs may carry)."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 class HTTPError(Exception):
@@ -38,8 +47,8 @@ def error_body(status: int, message: str, param: str | None = None) -> dict[str,
     return {"object": "error", **inner, "error": inner}
 
 
-def error_response(status: int, message: str, param: str | None = None) -> ORJSONResponse:
-    return ORJSONResponse(error_body(status, message, param), status_code=status)
+def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param), status_code=status)
 
 
 def status_of(exc: BaseException) -> int:

@@ -12,9 +12,9 @@ import time
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import ORJSONResponse, Response
+from fastapi.responses import Response
 
-from sglang_reattn.server.http_errors import HTTPError, status_of
+from sglang_reattn.server.http_errors import HTTPError, JSONResponse, status_of
 from sglang_reattn.server.openai_protocol import ChatCompletionRequest, CompletionRequest
 from sglang_reattn.server.protocol import GenerateItem
 from sglang_reattn.server.runner import new_rid
@@ -28,7 +28,7 @@ def add_routes(app: FastAPI, state: Any) -> None:
                 "owned_by": "sglang_reattn",
                 "root": state.engine_args.model_path or state.model_name,
                 "max_model_len": getattr(state.engine, "context_length", None)}
-        return ORJSONResponse({"object": "list", "data": [card]})
+        return JSONResponse({"object": "list", "data": [card]})
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -98,7 +98,7 @@ async def _respond(state: Any, request: Request, req: Any, items: list[GenerateI
         return ClosingStreamingResponse(body, stream.close)
     outputs = await state.runner.generate(request, items, route)
     choices = [shaper.choice(k, out) for k, out in enumerate(outputs)]
-    return ORJSONResponse(shaper.response(choices, _usage(outputs, req.n)))
+    return JSONResponse(shaper.response(choices, _usage(outputs, req.n)))
 
 
 async def _stream_body(stream: Any, shaper: Any, n: int, include_usage: bool

@@ -48,20 +48,26 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return dctx
 
 
-def split_planes(raw: bytes | memoryview, itemsize: int) -> bytes:
+def split_planes(raw: bytes | memoryview, itemsize: int) -> bytes | memoryview:
     """[n * itemsize] bytes -> itemsize planes of n bytes, most significant byte first."""
     if itemsize == 1:
-        return bytes(raw)
+        return raw
     a = np.frombuffer(raw, dtype=np.uint8).reshape(-1, itemsize)
-    return np.ascontiguousarray(a[:, ::-1].T).tobytes()
+    out = np.empty((itemsize, a.shape[0]), dtype=np.uint8)
+    for i in range(itemsize):  # one strided copy per plane: much faster than a.T copy
+        out[i] = a[:, itemsize - 1 - i]
+    return memoryview(out.reshape(-1))
 
 
-def join_planes(planes: bytes | memoryview, itemsize: int) -> bytes:
-    """Inverse of :func:`split_planes`."""
+def join_planes(planes: bytes | memoryview, itemsize: int) -> bytes | memoryview:
+    """Inverse of :func:`split_planes` (a fresh buffer)."""
     if itemsize == 1:
-        return bytes(planes)
+        return planes
     a = np.frombuffer(planes, dtype=np.uint8).reshape(itemsize, -1)
-    return np.ascontiguousarray(a[::-1].T).tobytes()
+    out = np.empty((a.shape[1], itemsize), dtype=np.uint8)
+    for i in range(itemsize):
+        out[:, itemsize - 1 - i] = a[i]
+    return memoryview(out.reshape(-1))
 
 
 def compress(raw: bytes | memoryview, codec: str, level: int, itemsize: int) -> bytes:
@@ -75,8 +81,10 @@ def compress(raw: bytes | memoryview, codec: str, level: int, itemsize: int) -> 
     raise ValueError(f"unknown codec {codec!r}; expected one of {sorted(CODEC_IDS)}")
 
 
-def decompress(payload: bytes | memoryview, codec: str, raw_len: int, itemsize: int) -> bytes:
-    """Inverse of :func:`compress`; always returns a fresh ``bytes`` (safe after the txn)."""
+def decompress(
+    payload: bytes | memoryview, codec: str, raw_len: int, itemsize: int
+) -> bytes | memoryview:
+    """Inverse of :func:`compress`; always a fresh buffer (safe after the txn ends)."""
     if codec == "raw":
         return bytes(payload)
     out = _decompressor().decompress(payload, max_output_size=raw_len)
@@ -92,7 +100,9 @@ def encode_block(raw: bytes | memoryview, codec: str, level: int, itemsize: int)
     return struct.pack("<I", zlib.crc32(body)) + body
 
 
-def decode_block(block: bytes | memoryview, chunk_id: str, layer: int | None, part: str) -> bytes:
+def decode_block(
+    block: bytes | memoryview, chunk_id: str, layer: int | None, part: str
+) -> bytes | memoryview:
     """Verify the CRC and decode a framed block; raises :class:`CorruptBlock`."""
     mv = memoryview(block)
     if len(mv) < FRAME_SIZE:

@@ -1,0 +1,143 @@
+"""Chunk store codecs and I/O: ratio and GB/s per codec, store write/read vs a plain file.
+
+    python benchmarks/bench_store.py [--mb 64] [--level 3] [--dir /tmp]
+
+Data is synthetic Gaussian KV (bf16 and fp16); real KV compresses differently, so real
+numbers come from real model KV (to be added). GB/s are of raw (uncompressed) KV bytes on
+one core. Store and file reads are warm (page cache) in both columns; the file write
+and the store's commit both fsync.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import tempfile
+import time
+
+import lmdb
+import numpy as np
+import zstandard
+
+from sglang_reattn.kv_store import CODECS, ChunkStore, ChunkRecord, chunk_hashes
+from sglang_reattn.kv_store import codecs
+from sglang_reattn.kv_store.synthetic import gaussian_kv
+
+
+def best_of(fn, repeat: int = 3) -> float:
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def bench_codecs(mb: int, level: int) -> None:
+    print(f"\n## Codecs ({mb} MiB of Gaussian KV per dtype, zstd level {level}, one core)\n")
+    print("| dtype | codec | ratio | compress GB/s | decompress GB/s |")
+    print("| --- | --- | --- | --- | --- |")
+    for dtype in ("bfloat16", "float16"):
+        a = gaussian_kv(np.random.default_rng(0), (mb << 20) // 2, dtype)
+        raw = a.tobytes()
+        for codec in CODECS:
+            payload = codecs.compress(raw, codec, level, 2)
+            tc = best_of(lambda: codecs.compress(raw, codec, level, 2))
+            td = best_of(lambda: codecs.decompress(payload, codec, len(raw), 2))
+            assert bytes(codecs.decompress(payload, codec, len(raw), 2)) == raw
+            if codec == "raw":  # no transform: nothing to time
+                print(f"| {dtype} | raw | 1.000 | - | - |")
+                continue
+            print(f"| {dtype} | {codec} | {len(raw) / len(payload):.3f} | "
+                  f"{len(raw) / tc / 1e9:.2f} | {len(raw) / td / 1e9:.2f} |")
+
+
+def make_records(fp: dict, n_chunks: int) -> list[ChunkRecord]:
+    rng = np.random.default_rng(1)
+    c, layers = fp["chunk_size"], fp["num_layers"]
+    tokens = rng.integers(0, 50_000, n_chunks * c, dtype=np.uint32)
+    ids = chunk_hashes(tokens, c)
+    shape = (layers, c, fp["num_kv_heads"], fp["head_dim"])
+    recs, parent = [], None
+    for i, cid in enumerate(ids):
+        kv = gaussian_kv(rng, (2,) + shape, fp["dtype"])
+        summary = rng.standard_normal((layers, 2, fp["num_kv_heads"], fp["head_dim"]), dtype=np.float32)
+        recs.append(ChunkRecord(cid, parent, "", tokens[i * c : (i + 1) * c], kv[0], kv[1], summary))
+        parent = cid
+    return recs
+
+
+def bench_store(mb: int, level: int, root: str) -> None:
+    fp = {
+        "architecture": "LlamaForCausalLM", "num_layers": 4, "num_kv_heads": 8, "head_dim": 128,
+        "dtype": "bfloat16", "chunk_size": 64, "summary_kind": "minmax",
+        "rope": {"theta": 500000.0}, "tokenizer_hash": "bench",
+    }
+    per_chunk = 2 * fp["num_layers"] * fp["chunk_size"] * fp["num_kv_heads"] * fp["head_dim"] * 2
+    n_chunks = max(8, (mb << 20) // per_chunk)
+    recs = make_records(fp, n_chunks)
+    total = n_chunks * per_chunk
+    blob = b"".join(np.ascontiguousarray(x).tobytes() for r in recs for x in (r.k, r.v))
+    print(f"\n## Store vs plain file ({total >> 20} MiB bf16 KV, {n_chunks} chunks of "
+          f"{fp['num_layers']} layers x [{fp['chunk_size']}, {fp['num_kv_heads']}, "
+          f"{fp['head_dim']}] K and V, {per_chunk >> 10} KiB per chunk, batches of 8)\n")
+    print("| what | write GB/s | read GB/s | bytes on disk / raw |")
+    print("| --- | --- | --- | --- |")
+
+    path = os.path.join(root, "plain.bin")
+    t = time.perf_counter()
+    with open(path, "wb") as f:
+        for i in range(0, len(blob), 1 << 20):
+            f.write(blob[i : i + (1 << 20)])
+        f.flush()
+        os.fsync(f.fileno())
+    tw = time.perf_counter() - t
+    t = time.perf_counter()
+    with open(path, "rb") as f:
+        while f.read(1 << 20):
+            pass
+    tr = time.perf_counter() - t
+    print(f"| plain file, sequential | {total / tw / 1e9:.2f} | {total / tr / 1e9:.2f} | 1.000 |")
+    os.remove(path)
+
+    for codec in CODECS:
+        sdir = os.path.join(root, f"store-{codec}")
+        with ChunkStore(sdir, fp, 4 * total + (64 << 20), codec=codec, level=level) as s:
+            t = time.perf_counter()
+            for i in range(0, n_chunks, 8):
+                s.put_chunks(recs[i : i + 8])
+            tw = time.perf_counter() - t
+            ids = [r.chunk_id for r in recs]
+            t = time.perf_counter()
+            for layer in range(fp["num_layers"]):
+                for i in range(0, n_chunks, 16):
+                    s.get_kv_many(ids[i : i + 16], layer)
+            tr = time.perf_counter() - t
+            on_disk = s.stats()["file_bytes"]
+        print(f"| ChunkStore {codec} | {total / tw / 1e9:.2f} | {total / tr / 1e9:.2f} | "
+              f"{on_disk / total:.3f} |")
+        shutil.rmtree(sdir)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mb", type=int, default=64, help="MiB of KV per measurement")
+    ap.add_argument("--level", type=int, default=codecs.DEFAULT_LEVEL, help="zstd level")
+    ap.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
+    args = ap.parse_args()
+    print(f"# bench_store: {platform.platform()}, {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs, Python {platform.python_version()}, lmdb {lmdb.__version__}, "
+          f"zstandard {zstandard.__version__}")
+    print(f"command: python benchmarks/bench_store.py --mb {args.mb} --level {args.level}")
+    bench_codecs(args.mb, args.level)
+    root = tempfile.mkdtemp(prefix="bench_store-", dir=args.dir)
+    try:
+        bench_store(args.mb, args.level, root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

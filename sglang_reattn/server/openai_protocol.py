@@ -76,14 +76,15 @@ class _Common(BaseModel):
 
     @model_validator(mode="after")
     def _check_common(self) -> "_Common":
-        for name in ("logit_bias", "ebnf", "lora_path", "session_params"):
+        for name in ("logit_bias", "lora_path", "session_params"):
             if getattr(self, name):
                 raise ValueError(f"field {name!r} is not supported by this server")
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
-        grammars = [g for g in (self.regex, self.json_schema, self._format_schema()) if g]
+        grammars = [g for g in (self.regex, self.json_schema, self.ebnf,
+                                self._format_schema()) if g]
         if len(grammars) > 1:
-            raise ValueError("give only one of regex, json_schema and response_format")
+            raise ValueError("give only one of regex, json_schema, ebnf and response_format")
         return self
 
     def _format_schema(self) -> str | None:
@@ -113,6 +114,7 @@ class _Common(BaseModel):
             n=self.n if self.n != 1 else None,
             seed=self.seed,
             regex=self.regex,
+            ebnf=self.ebnf,
             json_schema=self.json_schema or self._format_schema(),
             skip_special_tokens=self.skip_special_tokens,
             no_stop_trim=self.no_stop_trim,

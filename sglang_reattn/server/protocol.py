@@ -17,7 +17,7 @@ from sglang_reattn.errors import InvalidRequest
 
 STRICT = ConfigDict(extra="forbid", strict=True)
 
-_SP_UNSUPPORTED = ("stop_regex", "ebnf", "structural_tag", "custom_params", "logit_bias")
+_SP_UNSUPPORTED = ("stop_regex", "structural_tag", "custom_params", "logit_bias")
 _SP_NO_EFFECT = ("spaces_between_special_tokens", "stream_interval", "sampling_seed")
 _REQ_UNSUPPORTED = ("image_data", "video_data", "audio_data", "input_embeds", "lora_path",
                     "lora_id", "session_id", "session_params", "custom_logit_processor",

@@ -92,13 +92,15 @@ class Runner:
         """All outputs of `items`, flattened prompt-major. Aborts them if the client leaves."""
         self.check_accepting()
         started = time.perf_counter()
-        rids = [item.rid or new_rid() for item in items]
-        calls = [self._generate_one(item, rid) for item, rid in zip(items, rids)]
+        subs = _expand(items, stream=False)
+        rids = [s.rid for s in subs]
         self._inflight.update(rids)
         self.metrics.request_opened()
         try:
+            # A bad item fails the whole request; its siblings are aborted below.
+            coros = [self._start(s.kwargs) for s in subs]
             results = await until_disconnect(
-                request, asyncio.gather(*calls, return_exceptions=True),
+                request, asyncio.gather(*coros, return_exceptions=True),
                 lambda: [self.abort(r) for r in rids])
             errors = [r for r in results if isinstance(r, BaseException)]
             if errors:
@@ -108,17 +110,9 @@ class Runner:
         finally:
             self._inflight.difference_update(rids)
             self.metrics.request_closed()
-        outputs: list[dict[str, Any]] = []
-        for res in results:
-            samples = res if isinstance(res, list) else [res]
-            for j, out in enumerate(samples):
-                self.metrics.finished(route, out.get("meta_info", {}), started,
-                                      count_prompt=j == 0)
-            outputs.extend(samples)
-        return outputs
-
-    async def _generate_one(self, item: GenerateItem, rid: str) -> Any:
-        return await self._start(item.engine_kwargs(rid, stream=False))
+        for sub, out in zip(subs, results):
+            self.metrics.finished(route, out.get("meta_info", {}), started, sub.count_prompt)
+        return list(results)
 
     # --- streaming ---------------------------------------------------------------------
     async def open_stream(self, request: Request, items: list[GenerateItem], route: str,
@@ -126,7 +120,7 @@ class Runner:
         """Start every output's stream and wait for its first chunk, so that bad input is
         reported as an HTTP error before the 200 and the SSE headers go out."""
         self.check_accepting()
-        subs = _expand(items)
+        subs = _expand(items, stream=True)
         stream = OutputStream(self, subs, route, tag_index)
         self._inflight.update(s.rid for s in subs)
         self.metrics.request_opened()
@@ -138,13 +132,16 @@ class Runner:
         return stream
 
 
-def _expand(items: list[GenerateItem]) -> list[_SubStream]:
+def _expand(items: list[GenerateItem], stream: bool) -> list[_SubStream]:
+    """One engine call per output. n > 1 is expanded here rather than in the engine so
+    that every output has a rid this server knows (to abort it) and its own stream;
+    sample j gets rid `<rid>/j` and seed + j, as the engine would give it."""
     subs = []
     for i, item in enumerate(items):
         n = item.n
         base = item.rid or new_rid()
         for j in range(n):
-            kwargs = item.engine_kwargs(base if n == 1 else f"{base}-{j}", stream=True)
+            kwargs = item.engine_kwargs(base if n == 1 else f"{base}/{j}", stream=stream)
             params = kwargs["sampling_params"]
             params.pop("n", None)
             if n > 1 and params.get("seed") is not None:

@@ -20,9 +20,7 @@ import time
 import lmdb
 import numpy as np
 import zstandard
-
-from sglang_reattn.kv_store import CODECS, ChunkStore, ChunkRecord, chunk_hashes
-from sglang_reattn.kv_store import codecs
+from sglang_reattn.kv_store import CODECS, ChunkRecord, ChunkStore, chunk_hashes, codecs
 from sglang_reattn.kv_store.synthetic import gaussian_kv
 
 
@@ -44,8 +42,9 @@ def bench_codecs(mb: int, level: int) -> None:
         raw = a.tobytes()
         for codec in CODECS:
             payload = codecs.compress(raw, codec, level, 2)
-            tc = best_of(lambda: codecs.compress(raw, codec, level, 2))
-            td = best_of(lambda: codecs.decompress(payload, codec, len(raw), 2))
+            tc = best_of(lambda raw=raw, codec=codec: codecs.compress(raw, codec, level, 2))
+            n = len(raw)
+            td = best_of(lambda p=payload, c=codec, n=n: codecs.decompress(p, c, n, 2))
             assert bytes(codecs.decompress(payload, codec, len(raw), 2)) == raw
             if codec == "raw":  # no transform: nothing to time
                 print(f"| {dtype} | raw | 1.000 | - | - |")
@@ -89,8 +88,7 @@ def bench_store(mb: int, level: int, root: str) -> None:
     path = os.path.join(root, "plain.bin")
     t = time.perf_counter()
     with open(path, "wb") as f:
-        for i in range(0, len(blob), 1 << 20):
-            f.write(blob[i : i + (1 << 20)])
+        f.writelines(blob[i : i + (1 << 20)] for i in range(0, len(blob), 1 << 20))
         f.flush()
         os.fsync(f.fileno())
     tw = time.perf_counter() - t

@@ -101,9 +101,13 @@ def encode_block(raw: bytes | memoryview, codec: str, level: int, itemsize: int)
 
 
 def decode_block(
-    block: bytes | memoryview, chunk_id: str, layer: int | None, part: str
+    block: bytes | memoryview, chunk_id: str, layer: int | None, part: str, copy: bool = True
 ) -> bytes | memoryview:
-    """Verify the CRC and decode a framed block; raises :class:`CorruptBlock`."""
+    """Verify the CRC and decode a framed block; raises :class:`CorruptBlock`.
+
+    copy=False lets a ``raw`` block come back as a view of ``block`` (only for callers
+    that copy it before the read transaction ends); other codecs always return fresh bytes.
+    """
     mv = memoryview(block)
     if len(mv) < FRAME_SIZE:
         raise CorruptBlock(chunk_id, layer, part, f"block of {len(mv)} bytes is shorter than its frame")
@@ -113,6 +117,11 @@ def decode_block(
     codec = CODEC_NAMES.get(codec_id)
     if codec is None or itemsize not in (1, 2, 4, 8):
         raise CorruptBlock(chunk_id, layer, part, f"bad frame (codec {codec_id}, itemsize {itemsize})")
+    if codec == "raw" and not copy:
+        out = mv[FRAME_SIZE:]
+        if len(out) != raw_len:
+            raise CorruptBlock(chunk_id, layer, part, f"{len(out)} bytes, expected {raw_len}")
+        return out
     try:
         out = decompress(mv[FRAME_SIZE:], codec, raw_len, itemsize)
     except zstandard.ZstdError as exc:

@@ -13,37 +13,27 @@ put_context, delete_context, pin_context. All others only read.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import lmdb
 import numpy as np
 
+from . import _contexts as cx
 from . import _index as ix
 from . import codecs
 from . import fingerprint as fpmod
+from ._env import DB_NAMES, Env
 from .errors import ChunkNotFound, CorruptBlock, StoreError, StoreFull
 from .hashing import chunk_id as derive_chunk_id
-from .records import (
-    ChunkHeader,
-    ChunkRecord,
-    ContextInfo,
-    decode_context,
-    encode_context,
-    numpy_dtype,
-    split_summary,
-)
+from .records import ChunkHeader, ChunkRecord, ContextInfo, numpy_dtype, split_summary
 from .writes import PreparedChunk, prepare_chunk
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-_DB_NAMES = ("meta", "headers", "kv", "summaries", "lru", "children", "contexts")
-_MIN_MAP = 1 << 20
 _HEADROOM = 64 << 20  # map ceiling = 2 * capacity + this (LMDB page and B-tree overhead)
 
 
@@ -74,55 +64,20 @@ class ChunkStore:
         """
         self.path = os.fspath(path)
         self.readonly = readonly
-        self._pid = os.getpid()
-        self._lock_fd: int | None = None
-        self._env: lmdb.Environment | None = None
+        self._env = Env(self.path, readonly, initial_map_size)
         try:
-            self._open(fingerprint, capacity_bytes, codec, level, initial_map_size)
+            self.dbs = ix.Dbs(*self._env.dbs)
+            meta = self._load_meta()
+            if meta is None:
+                self._create(fingerprint, capacity_bytes, codec, level)
+                meta = self._load_meta()
+            self._apply_meta(meta, fingerprint, capacity_bytes, codec, level)
         except BaseException:
             self.close()
             raise
 
-    # ----- opening -------------------------------------------------------------------
-
-    def _open(self, fingerprint, capacity_bytes, codec, level, initial_map_size) -> None:
-        data_file = os.path.join(self.path, "data.mdb")
-        exists = os.path.exists(data_file)
-        if self.readonly and not exists:
-            raise StoreError(f"no chunk store at {self.path}")
-        if not self.readonly:
-            os.makedirs(self.path, exist_ok=True)
-            self._take_writer_lock()
-        file_size = os.path.getsize(data_file) if exists else 0
-        # a reader maps what exists and follows the writer's growth (MapResizedError)
-        size = max(_MIN_MAP, file_size if self.readonly else max(initial_map_size, file_size))
-        self._env = lmdb.open(
-            self.path, map_size=size, max_dbs=len(_DB_NAMES), readonly=self.readonly,
-            lock=True, readahead=False, max_readers=512, subdir=True,
-        )
-        create = not self.readonly
-        self.dbs = ix.Dbs(*(self._env.open_db(n.encode(), create=create) for n in _DB_NAMES))
-        meta = self._load_meta()
-        if meta is None:
-            self._create(fingerprint, capacity_bytes, codec, level)
-            meta = self._load_meta()
-        self._apply_meta(meta, fingerprint, capacity_bytes, codec, level)
-
-    def _take_writer_lock(self) -> None:
-        fd = os.open(os.path.join(self.path, "writer.lock"), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise StoreError(
-                f"another process holds the writer lock of {self.path}; "
-                "open with readonly=True to read"
-            ) from None
-        self._lock_fd = fd
-
     def _load_meta(self) -> dict[str, bytes] | None:
-        with self._env.begin(db=self.dbs.meta) as txn:
-            meta = {bytes(k): bytes(v) for k, v in txn.cursor()}
+        meta = self._env.read(lambda txn: {bytes(k): bytes(v) for k, v in txn.cursor(db=self.dbs.meta)})
         return meta if b"fingerprint" in meta else None
 
     def _create(self, fingerprint, capacity_bytes, codec, level) -> None:
@@ -130,13 +85,15 @@ class ChunkStore:
             raise StoreError(f"chunk store at {self.path} is not initialized")
         if fingerprint is None or capacity_bytes is None:
             raise StoreError("creating a store needs a fingerprint and capacity_bytes")
-        fp = fpmod.normalize(fingerprint)
-        with self._env.begin(write=True, db=self.dbs.meta) as txn:
-            txn.put(b"format_version", str(FORMAT_VERSION).encode())
-            txn.put(b"fingerprint", fpmod.encode(fp))
-            txn.put(b"codec", (codec or "zstd-planes").encode())
-            txn.put(b"level", str(codecs.DEFAULT_LEVEL if level is None else level).encode())
-            txn.put(b"capacity", str(int(capacity_bytes)).encode())
+        meta = {
+            b"format_version": str(FORMAT_VERSION).encode(),
+            b"fingerprint": fpmod.encode(fpmod.normalize(fingerprint)),
+            b"codec": (codec or "zstd-planes").encode(),
+            b"level": str(codecs.DEFAULT_LEVEL if level is None else level).encode(),
+            b"capacity": str(int(capacity_bytes)).encode(),
+        }
+        self._env.max_map_size = 2 * int(capacity_bytes) + _HEADROOM
+        self._env.write(lambda txn: [txn.put(k, v, db=self.dbs.meta) for k, v in meta.items()])
 
     def _apply_meta(self, meta, fingerprint, capacity_bytes, codec, level) -> None:
         version = int(meta[b"format_version"])
@@ -155,7 +112,7 @@ class ChunkStore:
         if self.codec not in codecs.CODEC_IDS:
             raise ValueError(f"unknown codec {self.codec!r}; expected one of {sorted(codecs.CODEC_IDS)}")
         self.capacity = int(capacity_bytes if capacity_bytes is not None else meta[b"capacity"])
-        self.max_map_size = 2 * self.capacity + _HEADROOM
+        self._env.max_map_size = self.max_map_size = 2 * self.capacity + _HEADROOM
         if not self.readonly:
             changed = {b"codec": self.codec.encode(), b"level": str(self.level).encode(),
                        b"capacity": str(self.capacity).encode()}
@@ -166,45 +123,13 @@ class ChunkStore:
 
     # ----- transactions --------------------------------------------------------------
 
-    def _check(self, write: bool) -> None:
-        if self._env is None:
-            raise StoreError("chunk store is closed")
-        if os.getpid() != self._pid:
-            raise StoreError("ChunkStore used in a forked child; open the store after fork")
-        if write and self.readonly:
-            raise StoreError("chunk store opened readonly")
-
     def _write(self, fn: Callable[[Any], Any]) -> Any:
-        """Run fn(txn) in one write transaction; grow the map and retry on MapFullError."""
-        self._check(write=True)
-        while True:
-            try:
-                with self._env.begin(write=True) as txn:
-                    return fn(txn)
-            except lmdb.MapFullError:
-                self._grow_map()
-
-    def _grow_map(self) -> None:
-        cur = self._env.info()["map_size"]
-        if cur >= self.max_map_size:
-            raise StoreFull(
-                f"LMDB map of {self.path} is at its ceiling ({cur} bytes = 2 x capacity "
-                f"{self.capacity} + headroom); raise capacity_bytes or evict"
-            )
-        new = min(self.max_map_size, cur * 2)
-        logger.info("growing LMDB map of %s from %d to %d bytes", self.path, cur, new)
-        self._env.set_mapsize(new)
+        """fn(txn) in one write transaction, retried after growing the map (see _env)."""
+        return self._env.write(fn)
 
     def _read(self, fn: Callable[[Any], Any]) -> Any:
-        """Run fn(txn) in one short read transaction (buffers must not escape it)."""
-        self._check(write=False)
-        for _ in range(8):
-            try:
-                with self._env.begin(buffers=True) as txn:
-                    return fn(txn)
-            except lmdb.MapResizedError:
-                self._env.set_mapsize(0)  # the writer grew the map: adopt its size
-        raise StoreError(f"map of {self.path} keeps changing size under the reader")
+        """fn(txn) in one short read transaction; buffers must not escape fn."""
+        return self._env.read(fn)
 
     def _counter(self, name: bytes) -> int:
         return self._read(lambda txn: ix.get_counter(txn, self.dbs, name))
@@ -334,7 +259,7 @@ class ChunkStore:
                     if txn.get(cid, db=self.dbs.headers) is None:
                         raise ChunkNotFound(chunk_id)
                     raise CorruptBlock(chunk_id, layer, "kv", "block missing")
-                raw = codecs.decode_block(block, chunk_id, layer, "kv")
+                raw = codecs.decode_block(block, chunk_id, layer, "kv", copy=False)
                 if len(raw) != flat.shape[1]:
                     raise CorruptBlock(chunk_id, layer, "kv", f"{len(raw)} bytes, expected {flat.shape[1]}")
                 flat[i] = np.frombuffer(raw, dtype=np.uint8)
@@ -445,7 +370,7 @@ class ChunkStore:
             except CorruptBlock:
                 h = None
             tree = ix.subtree(txn, self.dbs, cid)
-            pinned_ctx = self._pinned_contexts_in(txn, set(tree))
+            pinned_ctx = cx.pinned_in(txn, self.dbs, set(tree))
             removed = ix.remove_chunks(txn, self.dbs, tree, self.num_layers)
             ctx_names = ix.truncate_contexts(txn, self.dbs, removed, self.chunk_size)
             if h is not None and h.parent_id and h.pin_count - pinned_ctx:
@@ -458,15 +383,6 @@ class ChunkStore:
             logger.warning("dropped chunk %s and %d descendants%s; contexts cut back: %s",
                            chunk_id, len(ids) - 1, f" ({reason})" if reason else "", ctx_names)
         return ids
-
-    def _pinned_contexts_in(self, txn, ids: set[bytes]) -> int:
-        cur = txn.cursor(db=self.dbs.contexts)
-        n = 0
-        for _, val in cur.iternext():
-            c = decode_context(val)
-            if c.pinned and c.last_chunk_id and bytes.fromhex(c.last_chunk_id) in ids:
-                n += 1
-        return n
 
     def evict_to(self, target_bytes: int) -> int:
         """Evict LRU unpinned chunks until at most ``target_bytes`` are used (writes).
@@ -490,66 +406,25 @@ class ChunkStore:
         The namespace defaults to the last chunk's. pinned=True pins the chain (and a
         replaced pinned context's old chain is unpinned), all in one transaction.
         """
-        def txn_fn(txn):
-            now = time.time()
-            ns = namespace
-            if last_chunk_id is not None:
-                h = ix.require_header(txn, self.dbs, bytes.fromhex(last_chunk_id))
-                if ns is not None and ns != h.namespace:
-                    raise ValueError(f"context namespace {ns!r} != chunk namespace {h.namespace!r}")
-                ns = h.namespace
-            old = self._get_context_txn(txn, name)
-            if old is not None and old.pinned and old.last_chunk_id:
-                ix.add_pins(txn, self.dbs, bytes.fromhex(old.last_chunk_id), -1)
-            if pinned and last_chunk_id:
-                ix.add_pins(txn, self.dbs, bytes.fromhex(last_chunk_id), +1)
-            ctx = ContextInfo(name, ns or "", last_chunk_id, int(token_count), bool(pinned),
-                              old.created if old else now, now)
-            txn.put(name.encode(), encode_context(ctx), db=self.dbs.contexts)
-            return ctx
-
-        return self._write(txn_fn)
-
-    def _get_context_txn(self, txn, name: str) -> ContextInfo | None:
-        v = txn.get(name.encode(), db=self.dbs.contexts)
-        return None if v is None else decode_context(v)
+        return self._write(
+            lambda txn: cx.put(txn, self.dbs, name, last_chunk_id, token_count, namespace, pinned)
+        )
 
     def get_context(self, name: str) -> ContextInfo:
         """The named context (reads); ChunkNotFound if there is none."""
-        ctx = self._read(lambda txn: self._get_context_txn(txn, name))
-        if ctx is None:
-            raise ChunkNotFound(name, "context")
-        return ctx
+        return self._read(lambda txn: cx.require(txn, self.dbs, name))
 
     def list_contexts(self) -> list[ContextInfo]:
         """All named contexts, by name (reads)."""
-        return self._read(lambda txn: [decode_context(v) for _, v in txn.cursor(db=self.dbs.contexts)])
+        return self._read(lambda txn: cx.list_all(txn, self.dbs))
 
     def delete_context(self, name: str) -> None:
         """Forget a named context and release its pin (writes); its chunks stay, evictable."""
-        def txn_fn(txn):
-            old = self._get_context_txn(txn, name)
-            if old is None:
-                raise ChunkNotFound(name, "context")
-            if old.pinned and old.last_chunk_id:
-                ix.add_pins(txn, self.dbs, bytes.fromhex(old.last_chunk_id), -1)
-            txn.delete(name.encode(), db=self.dbs.contexts)
-
-        self._write(txn_fn)
+        self._write(lambda txn: cx.delete(txn, self.dbs, name))
 
     def pin_context(self, name: str, pinned: bool = True) -> ContextInfo:
         """Pin (or unpin) a named context's whole chain (writes); idempotent."""
-        def txn_fn(txn):
-            old = self._get_context_txn(txn, name)
-            if old is None:
-                raise ChunkNotFound(name, "context")
-            if old.pinned != pinned and old.last_chunk_id:
-                ix.add_pins(txn, self.dbs, bytes.fromhex(old.last_chunk_id), +1 if pinned else -1)
-            ctx = old._replace(pinned=pinned)
-            txn.put(name.encode(), encode_context(ctx), db=self.dbs.contexts)
-            return ctx
-
-        return self._write(txn_fn)
+        return self._write(lambda txn: cx.pin(txn, self.dbs, name, pinned))
 
     # ----- stats and lifetime ------------------------------------------------------------
 
@@ -557,7 +432,7 @@ class ChunkStore:
         """Chunks, charged bytes, capacity, map and file sizes, per-db entries/bytes (reads)."""
         def read(txn):
             dbs = {}
-            for name, db in zip(_DB_NAMES, self.dbs):
+            for name, db in zip(DB_NAMES, self.dbs):
                 s = txn.stat(db)
                 pages = s["branch_pages"] + s["leaf_pages"] + s["overflow_pages"]
                 dbs[name] = {"entries": s["entries"], "bytes": pages * s["psize"]}
@@ -568,22 +443,18 @@ class ChunkStore:
             }
 
         out = self._read(read)
-        info = self._env.info()
         out.update(
             capacity=self.capacity, codec=self.codec, level=self.level,
-            map_size=info["map_size"], max_map_size=self.max_map_size,
+            map_size=self._env.map_size(), max_map_size=self.max_map_size,
             file_bytes=os.path.getsize(os.path.join(self.path, "data.mdb")),
         )
         return out
 
     def close(self) -> None:
         """Close the environment and release the writer lock (idempotent)."""
-        if self._env is not None and os.getpid() == self._pid:
-            self._env.close()
-        self._env = None
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        env = getattr(self, "_env", None)
+        if env is not None:
+            env.close()
 
     def __enter__(self) -> ChunkStore:
         return self

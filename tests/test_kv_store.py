@@ -6,7 +6,6 @@ import os
 
 import numpy as np
 import pytest
-
 from sglang_reattn.kv_store import (
     CODECS,
     ChunkNotFound,
@@ -15,9 +14,15 @@ from sglang_reattn.kv_store import (
     ModelMismatch,
     StoreError,
     chunk_hashes,
+    codecs,
 )
-from sglang_reattn.kv_store import codecs
-from sglang_reattn.kv_store.synthetic import gaussian_kv, kv_for, make_chain, summary_for, tiny_fingerprint
+from sglang_reattn.kv_store.synthetic import (
+    gaussian_kv,
+    kv_for,
+    make_chain,
+    summary_for,
+    tiny_fingerprint,
+)
 
 DTYPES = ["float16", "bfloat16", "float32", "float8_e4m3fn"]
 GB = 1 << 30
@@ -58,7 +63,7 @@ def test_store_roundtrip(tmp_path, codec, dtype):
                 assert k.tobytes() == np.asarray(r.k[layer]).tobytes()
                 assert v.tobytes() == np.asarray(r.v[layer]).tobytes()
         ids = [r.chunk_id for r in recs]
-        K, V = s.get_kv_many(ids[::-1], 2)
+        K, _ = s.get_kv_many(ids[::-1], 2)
         assert K.shape == (6, 8, 2, 16)
         assert all(K[i].tobytes() == recs[5 - i].k[2].tobytes() for i in range(6))
         summ = s.get_summaries(ids)

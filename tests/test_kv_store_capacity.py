@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from sglang_reattn.kv_store import ChunkStore, StoreFull
 from sglang_reattn.kv_store.synthetic import make_chain, tiny_fingerprint
 

@@ -7,7 +7,6 @@ import random
 import traceback
 
 import numpy as np
-
 from sglang_reattn.kv_store import ChunkNotFound, ChunkStore
 from sglang_reattn.kv_store.synthetic import kv_for, make_chain, summary_for, tiny_fingerprint
 
@@ -36,7 +35,7 @@ def reader(path: str, seed: int, stop, out) -> None:
                     assert np.allclose(summ, summary_for(cid, FP), atol=0.05)
                     verified += 1
             out.put(("ok", verified, missing, map_before, s.stats()["map_size"]))
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - any failure goes back to the test process
         out.put(("error", traceback.format_exc()))
 
 

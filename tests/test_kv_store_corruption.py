@@ -5,7 +5,6 @@ from __future__ import annotations
 import lmdb
 import numpy as np
 import pytest
-
 from sglang_reattn.kv_store import ChunkStore, CorruptBlock
 from sglang_reattn.kv_store.synthetic import make_chain, tiny_fingerprint
 

@@ -6,7 +6,6 @@ import hashlib
 
 import numpy as np
 import pytest
-
 from sglang_reattn.kv_store import chunk_hashes, chunk_id, namespace_seed
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 import numpy as np
-
 from sglang_reattn.kv_store import ChunkStore
 from sglang_reattn.kv_store.synthetic import kv_for, make_chain, tiny_fingerprint
 

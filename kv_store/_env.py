@@ -1,0 +1,149 @@
+"""The LMDB environment of one store: opening, the writer lock, transactions, map growth.
+
+Transactions run through :meth:`Env.write` / :meth:`Env.read`, which count the ones in
+flight: LMDB allows changing the map size only while no transaction of this process is
+open, so growing the map (writer) or adopting the writer's bigger map (reader) waits for
+in-flight transactions of other threads and holds new ones back meanwhile. That makes a
+ChunkStore safe to share between threads of one process (e.g. a prefetch thread reading
+while the scheduler writes).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import lmdb
+
+from .errors import StoreError, StoreFull
+
+logger = logging.getLogger(__name__)
+
+DB_NAMES = ("meta", "headers", "kv", "summaries", "lru", "children", "contexts")
+_MIN_MAP = 1 << 20
+
+
+class Env:
+    def __init__(self, path: str, readonly: bool, initial_map_size: int) -> None:
+        self.path = path
+        self.readonly = readonly
+        self.max_map_size = 0  # set by the store once the capacity is known
+        self._pid = os.getpid()
+        self._lock_fd: int | None = None
+        self._cv = threading.Condition()
+        self._active = 0  # transactions in flight in this process
+        self._resizing = False
+        data_file = os.path.join(path, "data.mdb")
+        exists = os.path.exists(data_file)
+        if readonly and not exists:
+            raise StoreError(f"no chunk store at {path}")
+        if not readonly:
+            os.makedirs(path, exist_ok=True)
+            self._take_writer_lock()
+        file_size = os.path.getsize(data_file) if exists else 0
+        # a reader maps what exists and follows the writer's growth (MapResizedError)
+        size = max(_MIN_MAP, file_size if readonly else max(initial_map_size, file_size))
+        try:
+            self.env = lmdb.open(
+                path, map_size=size, max_dbs=len(DB_NAMES), readonly=readonly, lock=True,
+                readahead=False, max_readers=512, subdir=True,
+            )
+            self.dbs = [self.env.open_db(n.encode(), create=not readonly) for n in DB_NAMES]
+        except BaseException:
+            self.close()
+            raise
+
+    def _take_writer_lock(self) -> None:
+        fd = os.open(os.path.join(self.path, "writer.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreError(
+                f"another process holds the writer lock of {self.path}; "
+                "open with readonly=True to read"
+            ) from None
+        self._lock_fd = fd
+
+    def check(self, write: bool) -> None:
+        if getattr(self, "env", None) is None:
+            raise StoreError("chunk store is closed")
+        if os.getpid() != self._pid:
+            raise StoreError("ChunkStore used in a forked child; open the store after fork")
+        if write and self.readonly:
+            raise StoreError("chunk store opened readonly")
+
+    def _run(self, fn: Callable[[Any], Any], write: bool) -> Any:
+        with self._cv:
+            while self._resizing:
+                self._cv.wait()
+            self._active += 1
+        try:
+            with self.env.begin(write=write, buffers=not write) as txn:
+                return fn(txn)
+        finally:
+            with self._cv:
+                self._active -= 1
+                self._cv.notify_all()
+
+    def _set_mapsize(self, size: int) -> None:
+        with self._cv:
+            if self._resizing:  # another thread is at it already: wait for it, done
+                while self._resizing:
+                    self._cv.wait()
+                return
+            self._resizing = True
+            try:
+                while self._active:
+                    self._cv.wait()
+                self.env.set_mapsize(size)
+            finally:
+                self._resizing = False
+                self._cv.notify_all()
+
+    def write(self, fn: Callable[[Any], Any]) -> Any:
+        """Run fn(txn) in one write transaction (committed unless fn raises); on
+        MapFullError the transaction is aborted, the map doubled and fn run again."""
+        self.check(write=True)
+        while True:
+            try:
+                return self._run(fn, write=True)
+            except lmdb.MapFullError:
+                self._grow()
+
+    def read(self, fn: Callable[[Any], Any]) -> Any:
+        """Run fn(txn) in one short read transaction; buffers must not escape fn."""
+        self.check(write=False)
+        for _ in range(8):
+            try:
+                return self._run(fn, write=False)
+            except lmdb.MapResizedError:
+                self._set_mapsize(0)  # the writer grew the map: adopt its size
+        raise StoreError(f"map of {self.path} keeps changing size under the reader")
+
+    def _grow(self) -> None:
+        cur = self.env.info()["map_size"]
+        if cur >= self.max_map_size:
+            raise StoreFull(
+                f"LMDB map of {self.path} is at its ceiling ({cur} bytes = 2 x capacity + "
+                "headroom); raise capacity_bytes or evict"
+            )
+        new = min(self.max_map_size, cur * 2)
+        logger.info("growing LMDB map of %s from %d to %d bytes", self.path, cur, new)
+        self._set_mapsize(new)
+
+    def map_size(self) -> int:
+        return self.env.info()["map_size"]
+
+    def close(self) -> None:
+        env = getattr(self, "env", None)
+        if env is not None and os.getpid() == self._pid:
+            env.close()
+        self.env = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None

@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
-
 import pytest
 import torch
 import torch.nn.functional as F
+from sglang_reattn.kernels import HAS_TRITON, apply_rope_ref, rope_tables
+from sglang_reattn.kernels.testing import load_interpreted_kernels
 
-from sglang_reattn.kernels import (
-    decode_attention,
-    decode_attention_ref,
-    decode_attention_triton,
-    prefill_attention_ref,
-    prefill_attention_triton,
-    rope_tables,
-)
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 
-pytestmark = pytest.mark.skipif(
-    not __import__("sglang_reattn.kernels").kernels.HAS_TRITON, reason="triton not installed")
+# An interpreted copy of the package: TRITON_INTERPRET=1 is set only while these tests run
+# (fixture below), so other test modules keep the normal dispatch (see kernels/testing.py).
+K = load_interpreted_kernels() if HAS_TRITON else None
+
+
+@pytest.fixture(autouse=True)
+def _interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=4e-2, rtol=4e-2),
        torch.float16: dict(atol=5e-3, rtol=5e-3)}
@@ -100,10 +97,10 @@ def test_decode_triton_matches_ref(num_kv_heads, group, head_dim, dtype, tables)
     q = torch.randn(len(seq_lens), num_kv_heads * group, head_dim, generator=gen).to(dtype)
     cos, sin = tables[head_dim]
     scale = head_dim ** -0.5
-    ref = decode_attention_ref(q, kc, vc, pt, sl, cos, sin, scale)
+    ref = K.decode_attention_ref(q, kc, vc, pt, sl, cos, sin, scale)
     assert torch.isfinite(ref).all()
     for num_splits in (1, 3):
-        out = decode_attention_triton(q, kc, vc, pt, sl, cos, sin, scale, num_splits=num_splits)
+        out = K.decode_attention_triton(q, kc, vc, pt, sl, cos, sin, scale, num_splits=num_splits)
         assert out.dtype == dtype and out.shape == q.shape
         torch.testing.assert_close(out, ref, **TOL[dtype])
         assert (out[0] == 0).all(), "an empty scope must give a zero row"
@@ -116,9 +113,9 @@ def test_decode_page_sizes_and_default_splits(page_size, tables):
     kc, vc, pt, sl, _, _ = _make_paged(seq_lens, page_size, 2, 64, torch.float16, gen)
     q = torch.randn(4, 8, 64, generator=gen).half()
     cos, sin = tables[64]
-    ref = decode_attention_ref(q, kc, vc, pt, sl, cos, sin, 0.125)
+    ref = K.decode_attention_ref(q, kc, vc, pt, sl, cos, sin, 0.125)
     for num_splits in (None, 7):  # 7 splits > tiles of most rows: empty splits
-        out = decode_attention_triton(q, kc, vc, pt, sl, cos, sin, 0.125, num_splits=num_splits)
+        out = K.decode_attention_triton(q, kc, vc, pt, sl, cos, sin, 0.125, num_splits=num_splits)
         torch.testing.assert_close(out, ref, **TOL[torch.float16])
 
 
@@ -130,8 +127,8 @@ def test_decode_ref_equals_full_attention(group, tables):
     kc, vc, pt, sl, ks, vs = _make_paged(seq_lens, 16, 2, 64, torch.float32, gen)
     q = torch.randn(3, 2 * group, 64, generator=gen)
     cos, sin = tables[64]
-    out = decode_attention_ref(q, kc, vc, pt, sl, cos, sin, 0.125)
-    out_triton = decode_attention(q, kc, vc, pt, sl, cos, sin, 0.125)  # dispatcher -> Triton
+    out = K.decode_attention_ref(q, kc, vc, pt, sl, cos, sin, 0.125)
+    out_triton = K.decode_attention(q, kc, vc, pt, sl, cos, sin, 0.125)  # dispatcher -> Triton
     for b, n in enumerate(seq_lens):
         full = _full_attention(q[b:b + 1], ks[b], vs[b], torch.tensor([n - 1]), cos, sin, 0.125)
         torch.testing.assert_close(out[b], full[0], atol=1e-5, rtol=1e-5)
@@ -140,8 +137,6 @@ def test_decode_ref_equals_full_attention(group, tables):
 
 def test_rope_relative_property(tables):
     """rot(q, p+s).rot(k, s) depends only on p: RoPE tables/rotation are self-consistent."""
-    from sglang_reattn.kernels import apply_rope_ref
-
     cos, sin = tables[64]
     gen = torch.Generator().manual_seed(3)
     q, k = torch.randn(1, 1, 64, generator=gen), torch.randn(1, 1, 64, generator=gen)
@@ -158,11 +153,11 @@ def test_decode_rejects_bad_inputs(tables):
     kc = torch.zeros(4, 8, 2, 64)
     pt, sl = torch.zeros(1, 2, dtype=torch.int32), torch.ones(1, dtype=torch.int32)
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
-        decode_attention_triton(torch.zeros(1, 3, 64), kc, kc, pt, sl, cos, sin, 1.0)
+        K.decode_attention_triton(torch.zeros(1, 3, 64), kc, kc, pt, sl, cos, sin, 1.0)
     with pytest.raises(ValueError, match="page_table must be int32"):
-        decode_attention_triton(torch.zeros(1, 4, 64), kc, kc, pt.long(), sl, cos, sin, 1.0)
+        K.decode_attention_triton(torch.zeros(1, 4, 64), kc, kc, pt.long(), sl, cos, sin, 1.0)
     with pytest.raises(ValueError, match="dtype"):
-        decode_attention_triton(torch.zeros(1, 4, 64).bfloat16(), kc, kc, pt, sl, cos, sin, 1.0)
+        K.decode_attention_triton(torch.zeros(1, 4, 64).bfloat16(), kc, kc, pt, sl, cos, sin, 1.0)
 
 
 # ----------------------------------------------------------------------------- prefill
@@ -188,8 +183,8 @@ def test_prefill_triton_matches_ref(num_kv_heads, group, head_dim, dtype, tables
                                                   head_dim, dtype, gen)
     cos, sin = tables[head_dim]
     scale = head_dim ** -0.5
-    out = prefill_attention_triton(q, kc, vc, pt, sl, cu, max(q_lens), cos, sin, scale)
-    ref = prefill_attention_ref(q, kc, vc, pt, sl, cu, max(q_lens), cos, sin, scale)
+    out = K.prefill_attention_triton(q, kc, vc, pt, sl, cu, max(q_lens), cos, sin, scale)
+    ref = K.prefill_attention_ref(q, kc, vc, pt, sl, cu, max(q_lens), cos, sin, scale)
     assert out.dtype == dtype and out.shape == q.shape and torch.isfinite(ref).all()
     torch.testing.assert_close(out, ref, **TOL[dtype])
 
@@ -201,7 +196,7 @@ def test_prefill_ref_equals_full_attention(group, tables):
     q, kc, vc, pt, sl, cu, ks, vs = _prefill_inputs(q_lens, scope_lens, 16, 2, group, 64,
                                                     torch.float32, gen)
     cos, sin = tables[64]
-    out = prefill_attention_ref(q, kc, vc, pt, sl, cu, 40, cos, sin, 0.125)
+    out = K.prefill_attention_ref(q, kc, vc, pt, sl, cu, 40, cos, sin, 0.125)
     for b, (m, n) in enumerate(zip(q_lens, scope_lens)):
         t0 = int(cu[b])
         full = _full_attention(q[t0:t0 + m], ks[b], vs[b], torch.arange(n - m, n), cos, sin,
@@ -216,6 +211,6 @@ def test_prefill_last_token_equals_decode(tables):
     q, kc, vc, pt, sl, cu, _, _ = _prefill_inputs([1, 1, 1], scope_lens, 8, 2, 4, 64,
                                                   torch.float32, gen)
     cos, sin = tables[64]
-    pre = prefill_attention_triton(q, kc, vc, pt, sl, cu, 1, cos, sin, 0.125)
-    dec = decode_attention_triton(q, kc, vc, pt, sl, cos, sin, 0.125, num_splits=2)
+    pre = K.prefill_attention_triton(q, kc, vc, pt, sl, cu, 1, cos, sin, 0.125)
+    dec = K.decode_attention_triton(q, kc, vc, pt, sl, cos, sin, 0.125, num_splits=2)
     torch.testing.assert_close(pre, dec, atol=1e-5, rtol=1e-5)

@@ -61,3 +61,38 @@ def test_readers_during_writes(tmp_path):
         assert verified > 0
         assert map_before < final_map  # the map grew while the reader was open ...
         assert map_after > map_before  # ... and the reader followed it
+
+
+def test_threads_share_one_store_while_the_map_grows(tmp_path):
+    """Reader threads keep reading from the writer's own store while it grows its map."""
+    import threading
+
+    errors, verified = [], [0, 0]
+    with ChunkStore(tmp_path, FP, 1 << 30, codec="raw", initial_map_size=1 << 20) as s:
+        first = make_chain(FP, 4, seed=500)
+        s.put_chunks(first)
+        done = threading.Event()
+
+        def read_loop(slot: int) -> None:
+            try:
+                while not done.is_set():
+                    ids = [h.chunk_id for h in s.iter_headers(batch=32)]
+                    for cid in ids[-8:] + [r.chunk_id for r in first]:
+                        k, _ = s.get_kv(cid, 1)
+                        assert np.array_equal(k, kv_for(cid, FP)[0][1])
+                        verified[slot] += 1
+            except BaseException as exc:  # noqa: BLE001 - reported to the test thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=read_loop, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        map_before = s.stats()["map_size"]
+        for n in range(20):
+            s.put_chunks(make_chain(FP, 8, seed=n))
+        done.set()
+        for t in threads:
+            t.join(timeout=60)
+        assert s.stats()["map_size"] >= 16 * map_before  # it grew several times
+    assert not errors, repr(errors[0])
+    assert min(verified) > 0

@@ -6,6 +6,7 @@ exclusive ``flock`` on ``writer.lock`` enforces it) and any number of reader pro
 visible only once its header, every layer block and its summary are committed by one
 write transaction. Readers use one short read transaction per call and copy every buffer
 before it ends. Open the store *after* forking: a store used in a forked child raises.
+One ChunkStore may be shared by threads of a process (see ``_env.py`` for map growth).
 
 Methods that write (writer only): put_chunks, touch, pin, unpin, delete, evict_to,
 put_context, delete_context, pin_context. All others only read.

@@ -11,7 +11,7 @@ Scores are in the log2 domain (``qk_scale = sm_scale * log2(e)``).
 
 from __future__ import annotations
 
-from ._triton_compat import tl, triton
+from ._triton_compat import tl, tl_max, tl_sum, triton
 
 
 @triton.jit
@@ -61,10 +61,10 @@ def _paged_rope_tile(
         qk = tl.where(n_mask[None, :], qk, float("-inf"))
 
     # callers guarantee every row has a visible key in its first tile, so m_new is finite
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_new = tl.maximum(m_i, tl_max(qk, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(qk - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
+    l_i = l_i * alpha + tl_sum(p, 1)
 
     v_ptrs = v_cache_ptr + v_row[:, None] + offs_d[None, :]
     v1 = tl.load(v_ptrs, mask=nd_mask, other=0.0).to(DOT_DTYPE)

@@ -47,9 +47,21 @@ def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# Whether the kernels of this import were decorated for the interpreter (see testing.py).
+INTERPRETED = HAS_TRITON and interpret_mode()
+
+
 def use_triton(x: torch.Tensor) -> bool:
-    """True when the Triton kernels should run for tensors living where ``x`` lives."""
-    return HAS_TRITON and (x.is_cuda or interpret_mode())
+    """True when the Triton kernels should run for tensors living where ``x`` lives.
+
+    CUDA tensors always use Triton; CPU tensors only when these kernels were decorated for
+    the interpreter and ``TRITON_INTERPRET`` is still set.
+    """
+    if not HAS_TRITON:
+        return False
+    if INTERPRETED:
+        return interpret_mode()
+    return x.is_cuda
 
 
 def next_pow2(n: int) -> int:
@@ -64,7 +76,8 @@ def num_sms(device_index: int) -> int:
 
 def device_sms(x: torch.Tensor) -> int:
     if x.is_cuda:
-        return num_sms(x.device.index if x.device.index is not None else torch.cuda.current_device())
+        index = x.device.index
+        return num_sms(index if index is not None else torch.cuda.current_device())
     return 8  # interpreter: small grids keep the tests fast while still exercising split-K
 
 
@@ -75,7 +88,7 @@ def dot_dtype(dtype: torch.dtype):
     operands to bf16 and multiply them in fp32 (same products, exact in fp32).
     """
     if dtype == torch.bfloat16:
-        return tl.float32 if interpret_mode() else tl.bfloat16
+        return tl.float32 if INTERPRETED else tl.bfloat16
     return {torch.float16: tl.float16, torch.float32: tl.float32}[dtype]
 
 
@@ -83,3 +96,44 @@ def check(cond: bool, msg: str) -> None:
     """Host-side argument check that survives ``python -O`` (unlike ``assert``)."""
     if not cond:
         raise ValueError(msg)
+
+
+# Reductions used by the kernels. On GPUs these are exactly tl.max / tl.min / tl.sum. For the
+# interpreter they call tl.reduce with the combine functions that the interpreter evaluates
+# in numpy, because tl.max & co. are @jit functions of triton.language.standard: when triton
+# was imported before TRITON_INTERPRET was set (another test module imported it first) they
+# are compiled-mode functions that the interpreter cannot call. (tl.zeros and tl.cdiv have the
+# same problem, so kernels use tl.full and integer arithmetic instead.)
+@triton.jit
+def _max_std(x, axis: tl.constexpr):
+    return tl.max(x, axis)
+
+
+@triton.jit
+def _min_std(x, axis: tl.constexpr):
+    return tl.min(x, axis)
+
+
+@triton.jit
+def _sum_std(x, axis: tl.constexpr):
+    return tl.sum(x, axis)
+
+
+@triton.jit
+def _max_interp(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, tl.standard._elementwise_max)
+
+
+@triton.jit
+def _min_interp(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, tl.standard._elementwise_min)
+
+
+@triton.jit
+def _sum_interp(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, tl.standard._sum_combine)
+
+
+tl_max = _max_interp if INTERPRETED else _max_std
+tl_min = _min_interp if INTERPRETED else _min_std
+tl_sum = _sum_interp if INTERPRETED else _sum_std

@@ -15,12 +15,19 @@ so the op is CUDA-graph capturable.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ._paged_tile import _paged_rope_tile
-from ._triton_compat import check, device_sms, dot_dtype, next_pow2, tl, triton
+from ._triton_compat import (
+    check,
+    device_sms,
+    dot_dtype,
+    next_pow2,
+    tl,
+    tl_max,
+    tl_sum,
+    triton,
+)
 from .rope import apply_rope_ref
 
 _LOG2E = 1.4426950408889634
@@ -68,14 +75,17 @@ def _decode_attention_kernel(
     q2r = (q2 * cq[None, :] + q1 * sq[None, :]).to(kv_dtype).to(DOT_DTYPE)
 
     # this program's slice of the scope, a whole number of BLOCK_N tiles
-    per_split = tl.cdiv(tl.cdiv(scope_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    # (plain integer math, not tl.cdiv: keeps the kernel runnable by the interpreter even
+    # when triton itself was imported without TRITON_INTERPRET, see testing.py)
+    per_split = (scope_len + NUM_SPLITS - 1) // NUM_SPLITS
+    per_split = (per_split + BLOCK_N - 1) // BLOCK_N * BLOCK_N
     start = pid_s * per_split
     end = tl.minimum(start + per_split, scope_len)
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_H], tl.float32)
-    acc1 = tl.zeros([BLOCK_H, BLOCK_DH], tl.float32)  # output, first half of head_dim
-    acc2 = tl.zeros([BLOCK_H, BLOCK_DH], tl.float32)  # output, second half
+    l_i = tl.full([BLOCK_H], 0.0, tl.float32)
+    acc1 = tl.full([BLOCK_H, BLOCK_DH], 0.0, tl.float32)  # output, first half of head_dim
+    acc2 = tl.full([BLOCK_H, BLOCK_DH], 0.0, tl.float32)  # output, second half
     pt_row = page_table_ptr + pid_b.to(tl.int64) * stride_ptb
     for n0 in range(start, end, BLOCK_N):
         acc1, acc2, m_i, l_i = _paged_rope_tile(
@@ -119,14 +129,14 @@ def _decode_reduce_kernel(
 
     lse = tl.load(part_lse_ptr + pid_b * stride_plb + pid_h * stride_plh + offs_s,
                   mask=s_mask, other=float("-inf"))
-    m = tl.max(lse, 0)
+    m = tl_max(lse, 0)
     m = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp2(lse - m)  # empty splits have lse = -inf -> weight 0
-    denom = tl.sum(w, 0)
+    denom = tl_sum(w, 0)
     po = tl.load(part_o_ptr + pid_b.to(tl.int64) * stride_pob + pid_h * stride_poh
                  + offs_s[:, None] * stride_pos + offs_d[None, :],
                  mask=s_mask[:, None] & d_mask[None, :], other=0.0)
-    o = tl.sum(po * w[:, None], 0) / tl.where(denom > 0, denom, 1.0)
+    o = tl_sum(po * w[:, None], 0) / tl.where(denom > 0, denom, 1.0)
     tl.store(out_ptr + pid_b.to(tl.int64) * stride_ob + pid_h * stride_oh + offs_d,
              o.to(out_ptr.dtype.element_ty), mask=d_mask)
 
@@ -159,10 +169,12 @@ def _check_paged_inputs(q, k_cache, v_cache, page_table, scope_lens, cos, sin) -
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         check(t.stride(-1) == 1, f"{name} must be contiguous in head_dim")
     check(page_table.dtype == torch.int32 and page_table.dim() == 2,
-          f"page_table must be int32 [B, max_pages], got {page_table.dtype} {tuple(page_table.shape)}")
+          f"page_table must be int32 [B, max_pages], got {page_table.dtype} "
+          f"{tuple(page_table.shape)}")
     check(page_table.stride(1) == 1, "page_table rows must be contiguous")
     check(scope_lens.dtype == torch.int32 and scope_lens.dim() == 1 and scope_lens.is_contiguous(),
-          f"scope_lens must be a contiguous int32 [B], got {scope_lens.dtype} {tuple(scope_lens.shape)}")
+          f"scope_lens must be a contiguous int32 [B], got {scope_lens.dtype} "
+          f"{tuple(scope_lens.shape)}")
     for name, t in (("cos", cos), ("sin", sin)):
         check(t.dtype == torch.float32 and t.dim() == 2 and t.shape[1] == d // 2,
               f"{name} must be float32 [max_pos, {d // 2}], got {t.dtype} {tuple(t.shape)}")

@@ -75,9 +75,9 @@ def _prefill_attention_kernel(
     full_end = tl.minimum(full_end, kv_end)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc1 = tl.zeros([BLOCK_M, BLOCK_DH], tl.float32)
-    acc2 = tl.zeros([BLOCK_M, BLOCK_DH], tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, tl.float32)
+    acc1 = tl.full([BLOCK_M, BLOCK_DH], 0.0, tl.float32)
+    acc2 = tl.full([BLOCK_M, BLOCK_DH], 0.0, tl.float32)
     pt_row = page_table_ptr + pid_b.to(tl.int64) * stride_ptb
     for n0 in range(0, full_end, BLOCK_N):  # keys every row of the block sees
         acc1, acc2, m_i, l_i = _paged_rope_tile(

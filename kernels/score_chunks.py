@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton_compat import check, next_pow2, tl, triton
+from ._triton_compat import check, next_pow2, tl, tl_sum, triton
 
 COMBINE_MODES = ("sum", "max")
 
@@ -52,7 +52,7 @@ def _score_chunks_kernel(
                    other=0).to(tl.int64)
     row = page[:, None] * stride_sp + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
 
-    total = tl.zeros([BLOCK_N], tl.float32)
+    total = tl.full([BLOCK_N], 0.0, tl.float32)
     for h in range(NUM_KV_HEADS):
         if USE_MINMAX:
             mn = tl.load(kmin_ptr + row + h * stride_sh, mask=nd_mask, other=0.0).to(tl.float32)
@@ -67,9 +67,9 @@ def _score_chunks_kernel(
             if USE_MINMAX:
                 # max(q*min, q*max) per channel = q * (max if q >= 0 else min)
                 bound = tl.where(qv[None, :] >= 0, mx, mn)
-                s = tl.sum(bound * qv[None, :], 1)
+                s = tl_sum(bound * qv[None, :], 1)
             else:
-                s = tl.sum(mean * qv[None, :], 1)
+                s = tl_sum(mean * qv[None, :], 1)
             if PER_HEAD:
                 tl.store(out_ptr + pid_b.to(tl.int64) * stride_ob + qh * stride_oh + offs_n,
                          tl.where(n_mask, s, float("-inf")), mask=offs_n < stride_oh)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton_compat import check, next_pow2, tl, triton
+from ._triton_compat import check, next_pow2, tl, tl_max, tl_min, tl_sum, triton
 
 
 @triton.jit
@@ -59,20 +59,20 @@ def _store_kv_kernel(
             offs_c = tl.arange(0, BLOCK_C)
             nxt = tl.load(slot_ptr + t + offs_c, mask=(t + offs_c) < num_tokens, other=-2)
             cont = (nxt == slot + offs_c) & (offs_c < PAGE_SIZE - off)
-            run_len = tl.min(tl.where(cont, BLOCK_C, offs_c), 0)
+            run_len = tl_min(tl.where(cont, BLOCK_C, offs_c), 0)
 
             mn = tl.full([BLOCK_D], float("inf"), tl.float32)
             mx = tl.full([BLOCK_D], float("-inf"), tl.float32)
-            total = tl.zeros([BLOCK_D], tl.float32)
+            total = tl.full([BLOCK_D], 0.0, tl.float32)
             for i0 in range(0, run_len, SUB_T):
                 rows = i0 + tl.arange(0, SUB_T)
                 rmask = rows < run_len
                 x = tl.load(k_ptr + (t + rows).to(tl.int64)[:, None] * stride_kt + h * stride_kh
                             + offs_d[None, :], mask=rmask[:, None] & d_mask[None, :],
                             other=0.0).to(tl.float32)
-                mn = tl.minimum(mn, tl.min(tl.where(rmask[:, None], x, float("inf")), 0))
-                mx = tl.maximum(mx, tl.max(tl.where(rmask[:, None], x, float("-inf")), 0))
-                total += tl.sum(x, 0)
+                mn = tl.minimum(mn, tl_min(tl.where(rmask[:, None], x, float("inf")), 0))
+                mx = tl.maximum(mx, tl_max(tl.where(rmask[:, None], x, float("-inf")), 0))
+                total += tl_sum(x, 0)
 
             s_off = page * stride_sp + h * stride_sh + offs_d
             if HAS_MINMAX:

@@ -278,9 +278,12 @@ class ChunkStore:
         def read(txn):
             parts = []
             for chunk_id in chunk_ids:
-                block = txn.get(bytes.fromhex(chunk_id), db=self.dbs.summaries)
+                cid = bytes.fromhex(chunk_id)
+                block = txn.get(cid, db=self.dbs.summaries)
                 if block is None:
-                    raise ChunkNotFound(chunk_id)
+                    if txn.get(cid, db=self.dbs.headers) is None:
+                        raise ChunkNotFound(chunk_id)
+                    raise CorruptBlock(chunk_id, None, "summary", "block missing")
                 parts.append(split_summary(codecs.decode_block(block, chunk_id, None, "summary")))
             return parts
 

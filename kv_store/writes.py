@@ -84,6 +84,11 @@ def prepare_chunk(
         raw = np.ascontiguousarray(k).tobytes() + np.ascontiguousarray(v).tobytes()
         blocks.append(codecs.encode_block(raw, codec, level, dtype.itemsize))
     summary = np.asarray(r.summary)
+    if summary.ndim != 4 or summary.shape[0] != num_layers or summary.shape[2:] != kv_shape[1:]:
+        raise ValueError(
+            f"chunk {r.chunk_id}: summary shape {summary.shape}, expected "
+            f"[L, n_desc, H, D] = [{num_layers}, n_desc, {kv_shape[1]}, {kv_shape[2]}]"
+        )
     summary_codec = "raw" if codec == "raw" else "zstd"
     sblock = codecs.encode_block(quantize_summary(summary), summary_codec, level, 1)
     p = PreparedChunk(

@@ -123,6 +123,8 @@ def test_put_validation(tmp_path):
             s.put_chunks([recs[0]._replace(k=recs[0].k.astype(np.float32))])
         with pytest.raises(ValueError, match="layers"):
             s.put_chunks([recs[0]._replace(v=recs[0].v[:1])])
+        with pytest.raises(ValueError, match="summary shape"):
+            s.put_chunks([recs[0]._replace(summary=recs[0].summary[:, :, :, :4])])
         other_ns = ChunkRecord(chunk_hashes(recs[1].token_ids, 64, prior_hash=recs[0].chunk_id)[0],
                                recs[0].chunk_id, "other", *recs[1][3:])
         s.put_chunks(recs[:1])

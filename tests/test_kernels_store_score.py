@@ -1,0 +1,255 @@
+"""store_kv (+ chunk summaries) and the chunk scorer: Triton (interpreter) vs torch references,
+references vs brute force, and the package's import without Triton."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sglang_reattn.kernels import HAS_TRITON
+from sglang_reattn.kernels.testing import load_interpreted_kernels
+
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+
+# An interpreted copy of the package: TRITON_INTERPRET=1 is set only while these tests run
+# (fixture below), so other test modules keep the normal dispatch (see kernels/testing.py).
+K = load_interpreted_kernels() if HAS_TRITON else None
+
+
+@pytest.fixture(autouse=True)
+def _interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+# ----------------------------------------------------------------------------- store_kv
+
+
+def _store_schedule(page_size, gen):
+    """Slot batches of a realistic run: a packed prefill of three sequences (one with a
+    padding slot), then decode steps that cross page boundaries. Pages are handed out in
+    a shuffled order so that page ids and token order disagree."""
+    pool = torch.randperm(40, generator=gen).tolist()
+    seq_pages = [[], [], []]
+    lens = [0, 0, 0]
+
+    def slot(s):
+        off = lens[s] % page_size
+        if off == 0:
+            seq_pages[s].append(pool.pop())
+        lens[s] += 1
+        return seq_pages[s][-1] * page_size + off
+
+    batches = []
+    prefill = []
+    for s, n in enumerate([2 * page_size + 3, 1, page_size]):
+        prefill += [slot(s) for _ in range(n)]
+        if s == 0:
+            prefill.append(-1)  # padding token
+    batches.append(prefill)
+    for _ in range(page_size + 2):  # decode: one token per sequence, padded batch
+        batches.append([slot(0), -1, slot(1), slot(2)])
+    return batches, 40
+
+
+@pytest.mark.parametrize("page_size", [1, 5, 16])
+@pytest.mark.parametrize("num_kv_heads,head_dim", [(1, 64), (3, 128)])
+@pytest.mark.parametrize("dtype,summary_dtype", [(torch.bfloat16, torch.float32),
+                                                 (torch.float32, torch.float32),
+                                                 (torch.bfloat16, torch.bfloat16)])
+def test_store_kv_triton_matches_ref(page_size, num_kv_heads, head_dim, dtype, summary_dtype):
+    gen = torch.Generator().manual_seed(page_size * 100 + head_dim)
+    batches, num_pages = _store_schedule(page_size, gen)
+    shape = (num_pages, page_size, num_kv_heads, head_dim)
+    states = []
+    for store in (K.store_kv_triton, K.store_kv_ref):
+        g = torch.Generator().manual_seed(1)
+        kc, vc = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+        # stale summaries from a previous owner of the pages must not leak in
+        summ = [torch.full((num_pages, num_kv_heads, head_dim), 1e4, dtype=summary_dtype)
+                for _ in range(3)]
+        for slots in batches:
+            k = torch.randn(len(slots), num_kv_heads, head_dim, generator=g).to(dtype)
+            v = torch.randn(len(slots), num_kv_heads, head_dim, generator=g).to(dtype)
+            store(k, v, kc, vc, torch.tensor(slots, dtype=torch.int64), *summ)
+        states.append((kc, vc, *summ))
+    (kc, vc, kmin, kmax, kmean), (rkc, rvc, rkmin, rkmax, rkmean) = states
+    assert torch.equal(kc, rkc) and torch.equal(vc, rvc)
+    touched = sorted({s // page_size for b in batches for s in b if s >= 0})
+    assert (rkmin[touched] < 1e4).all(), "reference did not refresh every touched page"
+    torch.testing.assert_close(kmin, rkmin, atol=0, rtol=0)
+    torch.testing.assert_close(kmax, rkmax, atol=0, rtol=0)
+    tol = 1e-5 if summary_dtype == torch.float32 else 2e-2  # the running mean is rounded
+    torch.testing.assert_close(kmean, rkmean, atol=tol, rtol=tol)
+
+
+def test_store_kv_optional_summaries():
+    gen = torch.Generator().manual_seed(0)
+    kc = torch.zeros(4, 8, 2, 64)
+    vc = torch.zeros_like(kc)
+    k, v = torch.randn(10, 2, 64, generator=gen), torch.randn(10, 2, 64, generator=gen)
+    slots = torch.arange(10, dtype=torch.int64) + 8  # pages 1 and 2
+    kmean = torch.zeros(4, 2, 64)
+    K.store_kv_triton(k, v, kc, vc, slots, kmean=kmean)  # mean only
+    torch.testing.assert_close(kmean[1], k[:8].mean(0))
+    torch.testing.assert_close(kmean[2], k[8:].mean(0))
+    assert (kmean[0] == 0).all() and (kmean[3] == 0).all()
+    kc2, vc2 = torch.zeros_like(kc), torch.zeros_like(kc)
+    K.store_kv_triton(k, v, kc2, vc2, slots)  # no summaries
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+    torch.testing.assert_close(kc.reshape(32, 2, 64)[8:18], k, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="together"):
+        K.store_kv_triton(k, v, kc, vc, slots, kmin=kmean)
+
+
+def test_chunk_summaries_ref_brute_force():
+    gen = torch.Generator().manual_seed(2)
+    kc = torch.randn(6, 5, 2, 16, generator=gen)
+    pages, valid = torch.tensor([4, 0, 2]), torch.tensor([5, 1, 3])
+    kmin, kmax, kmean = K.chunk_summaries_ref(kc, pages, valid)
+    for i, (p, n) in enumerate(zip(pages.tolist(), valid.tolist())):
+        for h in range(2):
+            for d in range(16):
+                col = [float(kc[p, t, h, d]) for t in range(n)]
+                assert kmin[i, h, d] == min(col) and kmax[i, h, d] == max(col)
+                assert abs(float(kmean[i, h, d]) - sum(col) / n) < 1e-6
+
+
+# ----------------------------------------------------------------------------- scorer
+
+
+def _scorer_inputs(batch, num_kv_heads, group, head_dim, q_dtype, summary_dtype, gen,
+                   num_cands=(0, 5, 70), max_cands=70):
+    num_pages = max_cands + 20
+    kmin = torch.randn(num_pages, num_kv_heads, head_dim, generator=gen) - 1
+    kmax = kmin + 2 * torch.rand(num_pages, num_kv_heads, head_dim, generator=gen)
+    kmean = (kmin + kmax) / 2 + 0.1 * torch.randn(kmin.shape, generator=gen)
+    q = torch.randn(batch, num_kv_heads * group, head_dim, generator=gen).to(q_dtype)
+    # distinct pages per row (real candidates are), garbage beyond num_cands
+    cand = torch.stack([torch.randperm(num_pages, generator=gen)[:max_cands]
+                        for _ in range(batch)]).int()
+    nc = torch.tensor(num_cands[:batch], dtype=torch.int32)
+    return (q, cand, nc, kmin.to(summary_dtype), kmax.to(summary_dtype),
+            kmean.to(summary_dtype))
+
+
+@pytest.mark.parametrize("num_kv_heads,group", [(2, 1), (3, 3), (2, 4), (1, 8)])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("q_dtype,summary_dtype", [(torch.bfloat16, torch.bfloat16),
+                                                   (torch.float32, torch.float32)])
+@pytest.mark.parametrize("kind", ["minmax", "mean"])
+def test_chunk_scores_triton_matches_ref(num_kv_heads, group, head_dim, q_dtype,
+                                         summary_dtype, kind):
+    gen = torch.Generator().manual_seed(group * 1000 + head_dim)
+    q, cand, nc, kmin, kmax, kmean = _scorer_inputs(3, num_kv_heads, group, head_dim, q_dtype,
+                                                    summary_dtype, gen)
+    summ = dict(kmin=kmin, kmax=kmax) if kind == "minmax" else dict(kmean=kmean)
+    for per_head in (False, True):
+        out = K.chunk_scores_triton(q, cand, nc, per_head=per_head, **summ)
+        ref = K.chunk_scores_ref(q, cand, nc, per_head=per_head, **summ)
+        assert out.shape == ref.shape
+        assert torch.isinf(ref[0]).all() and torch.isfinite(ref[2]).all()
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_scores_bound_and_mean_match_real_keys():
+    """The min/max score bounds q.k of every key in the page; the mean score is its mean."""
+    gen = torch.Generator().manual_seed(4)
+    page_size, hkv, group, d = 9, 2, 3, 64
+    kc = torch.randn(12, page_size, hkv, d, generator=gen)
+    pages = torch.arange(12)
+    kmin, kmax, kmean = K.chunk_summaries_ref(kc, pages, torch.full((12,), page_size))
+    q = torch.randn(1, hkv * group, d, generator=gen)
+    cand = torch.randperm(12, generator=gen)[None].int()
+    nc = torch.tensor([12], dtype=torch.int32)
+    bound = K.chunk_scores_triton(q, cand, nc, kmin=kmin, kmax=kmax, per_head=True)[0]
+    mean = K.chunk_scores_triton(q, cand, nc, kmean=kmean, per_head=True)[0]
+    keys = kc[cand[0].long()].repeat_interleave(group, 2)  # [N, C, Hq, D]
+    qk = torch.einsum("hd,nchd->hnc", q[0], keys)  # [Hq, N, C]
+    assert (qk.amax(-1) <= bound + 1e-4).all()
+    assert (bound - qk.amax(-1)).abs().max() > 1e-2  # a bound, not the exact max
+    torch.testing.assert_close(mean, qk.mean(-1), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("combine", ["sum", "max"])
+@pytest.mark.parametrize("topk", [0, 1, 4, 70, 100])
+@pytest.mark.parametrize("kind", ["minmax", "mean"])
+def test_score_chunks_selection(combine, topk, kind):
+    gen = torch.Generator().manual_seed(topk)
+    q, cand, nc, kmin, kmax, kmean = _scorer_inputs(3, 2, 4, 64, torch.float32, torch.float32,
+                                                    gen)
+    summ = dict(kmin=kmin, kmax=kmax) if kind == "minmax" else dict(kmean=kmean)
+    sel, num = K.score_chunks_triton(q, cand, nc, topk, combine=combine, **summ)
+    rsel, rnum = K.score_chunks_ref(q, cand, nc, topk, combine=combine, **summ)
+    assert sel.shape == (3, topk) and sel.dtype == torch.int32
+    assert torch.equal(num, rnum) and torch.equal(sel, rsel)
+    # brute force from per-head reference scores
+    per_head = K.chunk_scores_ref(q, cand, nc, per_head=True, **summ)  # [B, Hq, N]
+    for b in range(3):
+        n = int(nc[b])
+        s = per_head[b, :, :n]
+        if combine == "max" and n:
+            s = s / s.abs().amax(-1, keepdim=True)
+        total = s.sum(0).tolist()
+        want = sorted(sorted(range(n), key=lambda i: -total[i])[:topk])
+        assert int(num[b]) == min(topk, n)
+        assert sel[b].tolist() == want + [-1] * (topk - len(want))
+
+
+def test_combine_max_differs_from_sum():
+    """Max-normalization stops one loud head from deciding alone."""
+    scores = torch.tensor([[[100.0, 0.0, 0.0], [0.0, 1.0, 0.9]]])  # [B=1, Hq=2, N=3]
+    assert K.combine_head_scores(scores, "sum").argmax().item() == 0
+    torch.testing.assert_close(K.combine_head_scores(scores, "max"),
+                               torch.tensor([[1.0, 1.0, 0.9]]))
+    sel, num = K.select_topk(K.combine_head_scores(scores, "max"), torch.tensor([3]), 2)
+    assert sel.tolist() == [[0, 1]] and num.tolist() == [2]
+
+
+def test_select_topk_edges():
+    scores = torch.tensor([[3.0, 1.0, 2.0, float("-inf")], [float("-inf")] * 4])
+    sel, num = K.select_topk(scores, torch.tensor([3, 0], dtype=torch.int32), 6)
+    assert sel.tolist() == [[0, 1, 2, -1, -1, -1], [-1] * 6] and num.tolist() == [3, 0]
+    sel, num = K.select_topk(scores[:, :0], torch.zeros(2, dtype=torch.int32), 3)
+    assert sel.tolist() == [[-1] * 3] * 2 and num.tolist() == [0, 0]
+
+
+def test_scorer_rejects_bad_inputs():
+    q, cand, nc, kmin, kmax, kmean = _scorer_inputs(3, 2, 4, 64, torch.float32, torch.float32,
+                                                    torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="either kmin and kmax"):
+        K.score_chunks_triton(q, cand, nc, 3, kmin=kmin, kmax=kmax, kmean=kmean)
+    with pytest.raises(ValueError, match="combine"):
+        K.score_chunks_triton(q, cand, nc, 3, kmean=kmean, combine="vote")
+    with pytest.raises(ValueError, match="cand_pages"):
+        K.score_chunks_triton(q, cand.long(), nc, 3, kmean=kmean)
+
+
+# ----------------------------------------------------------------------------- packaging
+
+
+def test_import_and_cpu_path_without_triton():
+    """With triton unimportable, the package imports and the dispatchers use the references."""
+    code = """
+import sys
+sys.modules["triton"] = None
+import torch
+import sglang_reattn.kernels as K
+assert not K.HAS_TRITON
+cos, sin = K.rope_tables(64, 16)
+kc = torch.randn(3, 4, 1, 16); q = torch.randn(1, 2, 16)
+pt = torch.tensor([[2, 0]], dtype=torch.int32); sl = torch.tensor([6], dtype=torch.int32)
+out = K.decode_attention(q, kc, kc, pt, sl, cos, sin, 0.25)
+assert torch.equal(out, K.decode_attention_ref(q, kc, kc, pt, sl, cos, sin, 0.25))
+K.store_kv(kc[0], kc[0], kc, kc.clone(), torch.arange(4) + 4)
+sel, n = K.score_chunks(q, pt, torch.tensor([2], dtype=torch.int32), 1, kmean=kc[:, 0])
+assert n.tolist() == [1]
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr

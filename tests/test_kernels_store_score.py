@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import torch
-
 from sglang_reattn.kernels import HAS_TRITON
 from sglang_reattn.kernels.testing import load_interpreted_kernels
 
@@ -245,7 +244,7 @@ pt = torch.tensor([[2, 0]], dtype=torch.int32); sl = torch.tensor([6], dtype=tor
 out = K.decode_attention(q, kc, kc, pt, sl, cos, sin, 0.25)
 assert torch.equal(out, K.decode_attention_ref(q, kc, kc, pt, sl, cos, sin, 0.25))
 K.store_kv(kc[0], kc[0], kc, kc.clone(), torch.arange(4) + 4)
-sel, n = K.score_chunks(q, pt, torch.tensor([2], dtype=torch.int32), 1, kmean=kc[:, 0])
+sel, n = K.score_chunks(q, pt, torch.tensor([2], dtype=torch.int32), 1, kmean=kc[:, 0].contiguous())
 assert n.tolist() == [1]
 print("ok")
 """

@@ -224,3 +224,18 @@ def test_single_writer_and_fork_guard(tmp_path):
         assert np.allclose(r.get_summaries([rec.chunk_id])[0], summary_for(rec.chunk_id, fp), atol=0.05)
     with pytest.raises(StoreError, match="no chunk store"):
         ChunkStore(tmp_path / "missing", fp, readonly=True)
+
+
+def test_imports_nothing_else():
+    """kv_store depends on numpy, lmdb and zstandard only (no torch, no engine)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, sglang_reattn.kv_store\n"
+        "bad = [m for m in sys.modules if m == 'torch' or (m.startswith('sglang_reattn.')"
+        " and not m.startswith('sglang_reattn.kv_store'))]\n"
+        "print(bad)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

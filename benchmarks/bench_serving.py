@@ -173,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model-path", default=None)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--server-flag", action="append", default=[],
-                    help="extra launch_server flag (repeatable), e.g. --server-flag=--dtype=float32")
+                    help="extra launch_server flag (repeatable), e.g. "
+                    "--server-flag=--dtype=float32")
     ap.add_argument("--api-key", default=None)
     ap.add_argument("--num-clients", type=int, default=8)
     ap.add_argument("--num-requests", type=int, default=64)

@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import uvicorn
 
 from sglang_reattn.config import EngineArgs
-from sglang_reattn.errors import InvalidArgument, ModelLoadError
+from sglang_reattn.errors import InvalidArgument, ModelLoadError, ReAttnError
 from sglang_reattn.server.args import ServerOptions, parse_args
 
 logger = logging.getLogger("sglang_reattn.server")
@@ -70,12 +71,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = {k: v for k, v in engine_args.to_dict().items() if k != "model_path"}
     try:
         engine = Engine(engine_args.model_path, **options)
-    except InvalidArgument as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except ModelLoadError as e:
         print(f"error: cannot load the model: {e}", file=sys.stderr)
         return 1
+    except ReAttnError as e:  # a bad option only the engine can check (no CUDA, ...)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     serve(engine, engine_args, opts)
     return 0
 

@@ -98,7 +98,7 @@ class FakeEngine:
         outs = []
         for j in range(n):
             last = None
-            async for last in self._stream(ids, sp, lp, start, top, rid if n == 1
+            async for last in self._stream(ids, sp, lp, start, top, rid if n == 1  # noqa: B007
                                            else f"{rid}-{j}"):
                 pass
             outs.append(last)
@@ -354,8 +354,8 @@ def test_metrics_count_tokens_and_latency(fake):
                  "sglang:inter_token_latency_seconds_bucket", "sglang:num_running_reqs",
                  "sglang:num_queue_reqs"):
         assert name in text, name
-    itl = [l for l in text.splitlines()
-           if l.startswith("sglang:inter_token_latency_seconds_count")]
+    itl = [line for line in text.splitlines()
+           if line.startswith("sglang:inter_token_latency_seconds_count")]
     assert float(itl[0].split()[-1]) >= 5
 
 

@@ -14,8 +14,9 @@ import argparse
 import dataclasses
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from sglang_reattn.config import EngineArgs
 from sglang_reattn.errors import InvalidArgument

@@ -9,10 +9,17 @@ are read from `engine.stats()` at scrape time, so they are never stale.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
                     2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
@@ -76,7 +83,7 @@ class ServerMetrics:
         self._generation.labels(m).inc(int(meta.get("completion_tokens") or 0))
         self._e2e.labels(m).observe(time.perf_counter() - started)
 
-    def stream_timer(self, started: float) -> "StreamTimer":
+    def stream_timer(self, started: float) -> StreamTimer:
         return StreamTimer(self, started)
 
     def render(self) -> bytes:

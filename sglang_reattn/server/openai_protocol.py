@@ -8,7 +8,7 @@ fields this server does not implement are accepted only when null.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -75,7 +75,7 @@ class _Common(BaseModel):
     session_params: dict[str, Any] | None = None
 
     @model_validator(mode="after")
-    def _check_common(self) -> "_Common":
+    def _check_common(self) -> _Common:
         for name in ("logit_bias", "lora_path", "session_params"):
             if getattr(self, name):
                 raise ValueError(f"field {name!r} is not supported by this server")
@@ -139,7 +139,7 @@ class CompletionRequest(_Common):
     suffix: str | None = None
 
     @model_validator(mode="after")
-    def _check(self) -> "CompletionRequest":
+    def _check(self) -> CompletionRequest:
         if self.suffix:
             raise ValueError("field 'suffix' is not supported by this server")
         if self.best_of is not None and self.best_of != self.n:
@@ -176,7 +176,7 @@ class ChatMessage(BaseModel):
     reasoning_content: str | None = None
 
     @model_validator(mode="after")
-    def _check(self) -> "ChatMessage":
+    def _check(self) -> ChatMessage:
         if self.tool_calls:
             raise ValueError("tool calls are not supported by this server")
         return self
@@ -197,14 +197,14 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    tools: Union[list[Any], None] = None
-    tool_choice: Union[str, dict[str, Any], None] = None
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
 
     @model_validator(mode="after")
-    def _check(self) -> "ChatCompletionRequest":
+    def _check(self) -> ChatCompletionRequest:
         if not self.messages:
             raise ValueError("messages is empty")
         if self.tools:

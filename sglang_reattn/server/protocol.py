@@ -9,7 +9,7 @@ only when null, so SGLang clients that send them as null keep working.
 from __future__ import annotations
 
 import json
-from typing import Any, Union
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -71,7 +71,7 @@ class SamplingParams(BaseModel):
     logit_bias: dict[str, float] | None = None
 
     @model_validator(mode="after")
-    def _check(self) -> "SamplingParams":
+    def _check(self) -> SamplingParams:
         _require_null(self, _SP_UNSUPPORTED, "sampling_params")
         if self.seed is not None and self.sampling_seed is not None:
             raise ValueError("give either 'seed' or 'sampling_seed', not both")
@@ -109,17 +109,17 @@ class GenerateRequest(BaseModel):
     video_data: Any = None
     audio_data: Any = None
     input_embeds: Any = None
-    lora_path: Union[str, list[Union[str, None]], None] = None
-    lora_id: Union[str, list[Union[str, None]], None] = None
+    lora_path: str | list[str | None] | None = None
+    lora_id: str | list[str | None] | None = None
     session_id: str | None = None
     session_params: dict[str, Any] | None = None
     modalities: list[str] | None = None
-    custom_logit_processor: Union[str, list[Union[str, None]], None] = None
+    custom_logit_processor: str | list[str | None] | None = None
     token_ids_logprob: list[int] | list[list[int]] | None = None
     return_hidden_states: bool = False
 
     @model_validator(mode="after")
-    def _check(self) -> "GenerateRequest":
+    def _check(self) -> GenerateRequest:
         _require_null(self, _REQ_UNSUPPORTED, "request")
         if (self.text is None) == (self.input_ids is None):
             raise ValueError("give exactly one of 'text' and 'input_ids'")
@@ -146,7 +146,7 @@ class GenerateRequest(BaseModel):
             return 1
         return len(self.text if self.text is not None else self.input_ids)  # type: ignore
 
-    def items(self) -> list["GenerateItem"]:
+    def items(self) -> list[GenerateItem]:
         """Split into per-prompt items; list-valued options must match the batch size."""
         size = self.batch_size()
         if self.is_batch and size == 0:

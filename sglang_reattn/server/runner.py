@@ -17,8 +17,9 @@ import inspect
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from fastapi import Request
 
@@ -110,13 +111,13 @@ class Runner:
         finally:
             self._inflight.difference_update(rids)
             self.metrics.request_closed()
-        for sub, out in zip(subs, results):
+        for sub, out in zip(subs, results, strict=True):
             self.metrics.finished(route, out.get("meta_info", {}), started, sub.count_prompt)
         return list(results)
 
     # --- streaming ---------------------------------------------------------------------
     async def open_stream(self, request: Request, items: list[GenerateItem], route: str,
-                          tag_index: bool) -> "OutputStream":
+                          tag_index: bool) -> OutputStream:
         """Start every output's stream and wait for its first chunk, so that bad input is
         reported as an HTTP error before the 200 and the SSE headers go out."""
         self.check_accepting()

@@ -8,9 +8,9 @@ returns (`{"object": "error", "message", "type", "param", "code"}`) and the nest
 from __future__ import annotations
 
 import hmac
+import json
 from typing import Any, TypeVar
 
-import orjson
 from fastapi import Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
@@ -24,13 +24,23 @@ _TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundErro
           503: "ServiceUnavailableError"}
 
 
-class JSONResponse(Response):
-    """JSON through orjson (numpy scalars included, which engine outputs may carry)."""
+def dumps(obj: Any) -> bytes:
+    """Compact JSON; numpy scalars and arrays (which engine outputs may carry) as numbers."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False,
+                      default=_to_builtin).encode()
 
+
+def _to_builtin(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):  # numpy / torch scalars and arrays
+        return obj.tolist()
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+class JSONResponse(Response):
     media_type = "application/json"
 
     def render(self, content: Any) -> bytes:
-        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+        return dumps(content)
 
 
 class HTTPError(Exception):
@@ -105,8 +115,8 @@ async def parse_json(request: Request, model: type[M], max_bytes: int) -> M:
     if not body.strip():
         raise HTTPError(400, "the request body is empty; expected a JSON object")
     try:
-        obj = orjson.loads(body)
-    except orjson.JSONDecodeError as e:
+        obj = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise HTTPError(400, f"malformed JSON: {e}") from None
     if not isinstance(obj, dict):
         raise HTTPError(400, f"expected a JSON object, got {type(obj).__name__}")

@@ -5,14 +5,15 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import orjson
 from starlette.responses import StreamingResponse
+
+from sglang_reattn.server.http_errors import dumps
 
 DONE = b"data: [DONE]\n\n"
 
 
 def event(obj: Any) -> bytes:
-    return b"data: " + orjson.dumps(obj) + b"\n\n"
+    return b"data: " + dumps(obj) + b"\n\n"
 
 
 class ClosingStreamingResponse(StreamingResponse):

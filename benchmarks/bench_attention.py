@@ -1,0 +1,385 @@
+"""One layer of decode attention at long contexts: ReAttention scope vs full attention.
+
+For Llama-3.1-8B head shapes (32 q heads, 8 KV heads, head dim 128, bf16, batch 1) and each
+context length, times (``triton.testing.do_bench`` median, plus a CUDA-graph replay of ours):
+
+  (a) ours: ``score_chunks`` over the min/max summaries of every candidate chunk, top-k,
+      assembly of the scope page table, then ``decode_attention`` over the ~8K-token scope
+      [sink | top-k chunks | local window] with RoPE on the fly;
+  (b) ``torch`` SDPA full attention over the whole (already rotated) context;
+  (c) exact per-token top-k (the original ReAttention decode): q.k over all un-rotated keys,
+      top-k tokens per KV head (scores summed over its query heads), gather, rotate to
+      virtual positions, attention over the selected tokens;
+
+and the HBM floor of each (bytes it must read / measured device-to-device copy rate, read +
+write counted). Before timing it checks every Triton op against its torch reference on the
+GPU, and it times one chunked-prefill step. Prints markdown tables.
+
+    python benchmarks/bench_attention.py                      # 32K,128K,1M,4M; ~1-2 min
+    python benchmarks/bench_attention.py --contexts 32K,1M --no-check
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+
+import sglang_reattn.kernels as K
+import torch
+import torch.nn.functional as F
+import triton
+import triton.testing
+
+
+@dataclass(frozen=True)
+class Shape:
+    num_q_heads: int = 32
+    num_kv_heads: int = 8
+    head_dim: int = 128
+    chunk: int = 64
+    sink: int = 64
+    local: int = 2048
+    scope: int = 8192
+    dtype: torch.dtype = torch.bfloat16
+
+    @property
+    def group(self) -> int:
+        return self.num_q_heads // self.num_kv_heads
+
+    @property
+    def topk(self) -> int:  # chunks selected between sink and local window
+        return (self.scope - self.sink - self.local) // self.chunk
+
+    @property
+    def token_bytes(self) -> int:  # K or V of one token, all KV heads
+        return self.num_kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
+
+
+def parse_size(text: str) -> int:
+    text = text.strip().upper()
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    return int(float(text.rstrip("KMG")) * mult)
+
+
+def fmt_tokens(n: int) -> str:
+    for unit, size in (("M", 1 << 20), ("K", 1 << 10)):
+        if n >= size and n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
+
+
+def bench(fn, rep: int) -> float:
+    """Median milliseconds of ``fn`` (events around back-to-back launches)."""
+    return triton.testing.do_bench(fn, warmup=10, rep=rep, return_mode="median")
+
+
+def bench_graph(fn, rep: int) -> float | str:
+    """Median milliseconds of a CUDA-graph replay of ``fn``; the error text if capture fails."""
+    try:
+        return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median")
+    except Exception as exc:  # report, do not hide: capturability is part of the contract
+        return f"capture failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Device-to-device copy rate in B/s, counting read + write."""
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src), rep=100)
+    return 2 * n / (ms * 1e-3)
+
+
+# ----------------------------------------------------------------------------- (a) ours
+
+
+class OursDecode:
+    """Summaries of all chunks of the context, a GPU pool with the chunks of one scope."""
+
+    def __init__(self, ctx: int, s: Shape, cos, sin, device):
+        self.s = s
+        num_chunks = ctx // s.chunk
+        n_sink, n_local = s.sink // s.chunk, s.local // s.chunk
+        self.num_cands = num_chunks - n_sink - n_local
+        assert self.num_cands >= s.topk, "context shorter than the scope"
+        hd = (num_chunks, s.num_kv_heads, s.head_dim)
+        self.kmin = torch.randn(hd, device=device, dtype=s.dtype) - 1.0
+        self.kmax = self.kmin + torch.rand(hd, device=device, dtype=s.dtype) * 2.0
+        # candidate chunks are the middle of the context, in order
+        self.cand = torch.arange(n_sink, n_sink + self.num_cands, device=device,
+                                 dtype=torch.int32)[None]
+        self.ncand = torch.tensor([self.num_cands], device=device, dtype=torch.int32)
+        # GPU chunk pool: sink + local + a cache of 4x the selected chunks; chunk -> pool page
+        pool_pages = n_sink + n_local + 4 * s.topk
+        shape = (pool_pages, s.chunk, s.num_kv_heads, s.head_dim)
+        self.k_pool = torch.randn(shape, device=device, dtype=s.dtype)
+        self.v_pool = torch.randn(shape, device=device, dtype=s.dtype)
+        self.chunk_to_page = torch.randint(n_sink + n_local, pool_pages, (num_chunks,),
+                                           device=device, dtype=torch.int32)
+        self.sink_pages = torch.arange(n_sink, device=device, dtype=torch.int32)[None]
+        self.local_pages = torch.arange(n_sink, n_sink + n_local, device=device,
+                                        dtype=torch.int32)[None]
+        self.q = torch.randn(1, s.num_q_heads, s.head_dim, device=device, dtype=s.dtype)
+        self.cos, self.sin = cos, sin
+        self.n_sink, self.n_local = n_sink, n_local
+
+    def select(self):
+        return K.score_chunks(self.q, self.cand, self.ncand, self.s.topk, kmin=self.kmin,
+                              kmax=self.kmax, combine="sum")
+
+    def scope_tables(self, sel, num_sel):
+        chunks = self.cand.gather(1, sel.clamp_min(0).long())
+        mid = self.chunk_to_page[chunks.long()]
+        page_table = torch.cat([self.sink_pages, mid, self.local_pages], dim=1)
+        scope_lens = (self.s.sink + self.s.local + num_sel * self.s.chunk).to(torch.int32)
+        return page_table, scope_lens
+
+    def attend(self, page_table, scope_lens):
+        return K.decode_attention(self.q, self.k_pool, self.v_pool, page_table, scope_lens,
+                                  self.cos, self.sin, self.s.head_dim ** -0.5)
+
+    def step(self):
+        sel, num_sel = self.select()
+        return self.attend(*self.scope_tables(sel, num_sel))
+
+    def bytes_read(self) -> dict[str, int]:
+        s = self.s
+        summ = 2 * self.num_cands * s.token_bytes  # kmin + kmax rows of every candidate
+        return {"scorer": summ, "attn": 2 * s.scope * s.token_bytes}
+
+
+# ----------------------------------------------------------------------------- (b), (c)
+
+
+def sdpa_full(q4, k, v):
+    """q4 [1, Hkv, G, D]: decode queries of a GQA group as rows; k, v [1, Hkv, N, D]."""
+    return F.scaled_dot_product_attention(q4, k, v)
+
+
+def token_topk_decode(q4, k, v, s: Shape, cos, sin):
+    """Original ReAttention decode: exact top-k tokens per KV head from un-rotated keys."""
+    n = k.shape[2]
+    k_sel = s.scope - s.sink - s.local
+    scores = torch.matmul(q4, k[:, :, s.sink:n - s.local].transpose(-1, -2))  # [1,Hkv,G,Nmid]
+    idx = scores.float().sum(2).topk(k_sel, dim=-1).indices.sort(-1).values + s.sink
+    dev = k.device
+    idx = torch.cat([torch.arange(s.sink, device=dev).expand(1, s.num_kv_heads, -1), idx,
+                     torch.arange(n - s.local, n, device=dev).expand(1, s.num_kv_heads, -1)],
+                    -1)  # [1, Hkv, scope]
+    gather_idx = idx[..., None].expand(-1, -1, -1, s.head_dim)
+    ks, vs = k.gather(2, gather_idx), v.gather(2, gather_idx)
+    pos = torch.arange(s.scope, device=dev)
+    ks = K.apply_rope_ref(ks[0].transpose(0, 1), pos, cos, sin).transpose(0, 1)[None]
+    qr = K.apply_rope_ref(q4[0].transpose(0, 1), pos[-1:].expand(s.group), cos, sin)
+    qr = qr.transpose(0, 1)[None]
+    return F.scaled_dot_product_attention(qr.to(s.dtype), ks.to(s.dtype), vs)
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def check_ops(device) -> list[tuple[str, float, bool]]:
+    """Each Triton op against its torch reference on this GPU (small random problems)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    results = []
+    s = Shape()
+    cos, sin = K.rope_tables(4096, s.head_dim, base=500000.0, device=device)
+    c = 64
+    seq = [1, 700, 3000]
+    pages = sum(-(-n // c) for n in seq) + 4
+    kc = torch.randn(pages, c, s.num_kv_heads, s.head_dim, generator=g, device=device,
+                     dtype=s.dtype)
+    vc = torch.randn(kc.shape, generator=g, device=device, dtype=s.dtype)
+    perm = torch.randperm(pages, generator=g, device=device).int()
+    width = max(-(-n // c) for n in seq)
+    rows, used = [], 0
+    for n in seq:  # distinct shuffled pages per sequence, padded with a spare page
+        own = -(-n // c)
+        rows.append(torch.cat([perm[used:used + own], perm[-1:].expand(width - own)]))
+        used += own
+    pt = torch.stack(rows)
+    sl = torch.tensor(seq, device=device, dtype=torch.int32)
+    q = torch.randn(3, s.num_q_heads, s.head_dim, generator=g, device=device, dtype=s.dtype)
+    sc = s.head_dim ** -0.5
+    ref = K.decode_attention_ref(q, kc, vc, pt, sl, cos, sin, sc)
+    for ns in (None, 1, 5):
+        out = K.decode_attention_triton(q, kc, vc, pt, sl, cos, sin, sc, num_splits=ns)
+        err = (out.float() - ref.float()).abs().max().item()
+        results.append((f"decode_attention (num_splits={ns})", err, err < 4e-2))
+    q_lens = [1, 300, 1000]
+    qp = torch.randn(sum(q_lens), s.num_q_heads, s.head_dim, generator=g, device=device,
+                     dtype=s.dtype)
+    cu = torch.tensor([0, 1, 301, 1301], device=device, dtype=torch.int32)
+    out = K.prefill_attention_triton(qp, kc, vc, pt, sl, cu, 1000, cos, sin, sc)
+    ref = K.prefill_attention_ref(qp, kc, vc, pt, sl, cu, 1000, cos, sin, sc)
+    err = (out.float() - ref.float()).abs().max().item()
+    results.append(("prefill_attention", err, err < 4e-2))
+
+    slots = torch.cat([torch.arange(5 * c, 5 * c + 150), torch.tensor([-1]),
+                       torch.arange(9 * c, 9 * c + 40)]).to(device)
+    kn = torch.randn(len(slots), s.num_kv_heads, s.head_dim, generator=g, device=device,
+                     dtype=s.dtype)
+    states = []
+    for fn in (K.store_kv_triton, K.store_kv_ref):
+        kc2, vc2 = kc.clone(), vc.clone()
+        summ = [torch.zeros(pages, s.num_kv_heads, s.head_dim, device=device) for _ in range(3)]
+        fn(kn, kn, kc2, vc2, slots, *summ)
+        states.append([kc2, vc2, *summ])
+    err = max((a - b).float().abs().max().item() for a, b in zip(*states))
+    results.append(("store_kv + summaries", err, err < 1e-4))
+
+    kmin, kmax = states[0][2].to(s.dtype), states[0][3].to(s.dtype)
+    cand = torch.randperm(pages, generator=g, device=device).int()[None].expand(3, -1)
+    ncand = torch.tensor([0, 7, pages], device=device, dtype=torch.int32)
+    for combine in ("sum", "max"):
+        a = K.score_chunks_triton(q, cand.contiguous(), ncand, 5, kmin=kmin, kmax=kmax,
+                                  combine=combine)
+        b = K.score_chunks_ref(q, cand.contiguous(), ncand, 5, kmin=kmin, kmax=kmax,
+                               combine=combine)
+        same = torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        results.append((f"score_chunks ({combine})", 0.0 if same else 1.0, same))
+    return results
+
+
+def bench_prefill(s: Shape, device, rep: int) -> tuple[float, float]:
+    """One chunked-prefill step: 4096 new tokens at the end of an 8192-token scope."""
+    scope = s.scope
+    new = min(4096, scope // 2)
+    pages = scope // s.chunk
+    shape = (pages, s.chunk, s.num_kv_heads, s.head_dim)
+    kc = torch.randn(shape, device=device, dtype=s.dtype)
+    vc = torch.randn(shape, device=device, dtype=s.dtype)
+    pt = torch.randperm(pages, device=device).int()[None]
+    sl = torch.tensor([scope], device=device, dtype=torch.int32)
+    cu = torch.tensor([0, new], device=device, dtype=torch.int32)
+    q = torch.randn(new, s.num_q_heads, s.head_dim, device=device, dtype=s.dtype)
+    cos, sin = K.rope_tables(scope, s.head_dim, device=device)
+    ms = bench(lambda: K.prefill_attention(q, kc, vc, pt, sl, cu, new, cos, sin, 0.088), rep)
+    visible = new * (scope - new) + new * (new + 1) / 2
+    flops = 4 * s.num_q_heads * s.head_dim * visible
+    return ms, flops / (ms * 1e-3) / 1e12
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def fmt_us(ms) -> str:
+    if not isinstance(ms, float):
+        return str(ms)
+    return f"{ms * 1e3:,.1f}" if ms < 0.1 else f"{ms * 1e3:,.0f}"
+
+
+def ratio(a, b) -> str:
+    return f"{a / b:,.1f}x" if isinstance(a, float) and isinstance(b, float) else "-"
+
+
+def time_ours(ctx: int, s: Shape, bw: float, rep: int, cos, sin, device) -> dict:
+    ours = OursDecode(ctx, s, cos, sin, device)
+    tables = ours.scope_tables(*ours.select())
+    b = ours.bytes_read()
+    return {
+        "cands": ours.num_cands,
+        "scorer": bench(ours.select, rep),
+        "attn": bench(lambda: ours.attend(*tables), rep),
+        "ours": bench(ours.step, rep),
+        "ours_graph": bench_graph(ours.step, rep),
+        "ours_floor": (b["scorer"] + b["attn"]) / bw * 1e3,
+    }
+
+
+def time_full(ctx: int, s: Shape, bw: float, rep: int, cos, sin, device) -> dict:
+    row = {"sdpa_floor": 2 * ctx * s.token_bytes / bw * 1e3,
+           "topk_floor": (ctx * s.token_bytes + 2 * s.scope * s.token_bytes) / bw * 1e3}
+    kv_shape = (1, s.num_kv_heads, ctx, s.head_dim)
+    k = torch.randn(kv_shape, device=device, dtype=s.dtype)
+    v = torch.randn(kv_shape, device=device, dtype=s.dtype)
+    q4 = torch.randn(1, s.num_kv_heads, s.group, s.head_dim, device=device, dtype=s.dtype)
+    for key, fn in (("sdpa", lambda: sdpa_full(q4, k, v)),
+                    ("topk", lambda: token_topk_decode(q4, k, v, s, cos, sin))):
+        try:
+            row[key] = bench(fn, rep)
+        except torch.cuda.OutOfMemoryError:
+            row[key] = "OOM"
+        torch.cuda.empty_cache()
+    return row
+
+
+def run_context(ctx: int, s: Shape, bw: float, rep: int, device, free_gib: float) -> dict:
+    cos, sin = K.rope_tables(s.scope, s.head_dim, base=500000.0, device=device)
+    row: dict = {"ctx": ctx, **time_ours(ctx, s, bw, rep, cos, sin, device)}
+    torch.cuda.empty_cache()
+    kv_gib = 2 * ctx * s.token_bytes / 2**30
+    if 1.3 * kv_gib > free_gib:  # K + V (+ scratch of the scan)
+        row["sdpa"] = row["topk"] = f"skip ({kv_gib:.0f} GiB KV)"
+        return row
+    try:
+        row.update(time_full(ctx, s, bw, rep, cos, sin, device))
+    except torch.cuda.OutOfMemoryError:
+        row["sdpa"] = row["topk"] = "OOM"
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--contexts", default="32K,128K,1M,4M")
+    ap.add_argument("--rep", type=int, default=60, help="do_bench repetition time, ms")
+    ap.add_argument("--no-check", action="store_true", help="skip the GPU correctness checks")
+    args = ap.parse_args()
+    assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    t0 = time.time()
+    s = Shape()
+    name = torch.cuda.get_device_name(device)
+    print(f"# bench_attention on {name}, torch {torch.__version__}, triton {triton.__version__}")
+    print(f"Llama-3.1-8B layer: {s.num_q_heads} q heads, {s.num_kv_heads} KV heads, "
+          f"D {s.head_dim}, bf16, batch 1; scope = sink {s.sink} + top-{s.topk} chunks of "
+          f"{s.chunk} + local {s.local} = {s.scope} tokens\n")
+
+    if not args.no_check:
+        print("| check vs torch reference | max abs err | ok |\n| --- | --- | --- |")
+        for label, err, ok in check_ops(device):
+            print(f"| {label} | {err:.2e} | {'PASS' if ok else 'FAIL'} |")
+        print()
+
+    bw = copy_bandwidth(device)
+    print(f"measured device-to-device copy: {bw / 1e12:.2f} TB/s (read + write); floors below "
+          "= bytes that must be read / this rate\n")
+
+    rows = []
+    for ctx in (parse_size(c) for c in args.contexts.split(",")):
+        torch.cuda.empty_cache()
+        free_gib = torch.cuda.mem_get_info(device)[0] / 2**30
+        try:
+            rows.append(run_context(ctx, s, bw, args.rep, device, free_gib))
+        except torch.cuda.OutOfMemoryError as exc:
+            rows.append({"ctx": ctx, "error": f"OOM: {str(exc).splitlines()[0][:60]}"})
+        torch.cuda.empty_cache()
+
+    print("| context | chunks scored | (a) scorer+top-k us | (a) scope attn us | (a) total us "
+          "| (a) CUDA graph us | (a) floor us | (b) SDPA full us | (b) floor us "
+          "| (c) token top-k us | (c) floor us | (b)/(a) | (c)/(a) |")
+    print("| " + " | ".join(["---"] * 13) + " |")
+    for r in rows:
+        if "error" in r:
+            print(f"| {fmt_tokens(r['ctx'])} | {r['error']} |" + " |" * 11)
+            continue
+        best = r["ours_graph"] if isinstance(r["ours_graph"], float) else r["ours"]
+        print(f"| {fmt_tokens(r['ctx'])} | {r['cands']:,} | {fmt_us(r['scorer'])} "
+              f"| {fmt_us(r['attn'])} | {fmt_us(r['ours'])} | {fmt_us(r['ours_graph'])} "
+              f"| {fmt_us(r['ours_floor'])} | {fmt_us(r['sdpa'])} "
+              f"| {fmt_us(r.get('sdpa_floor', '-'))} | {fmt_us(r['topk'])} "
+              f"| {fmt_us(r.get('topk_floor', '-'))} | {ratio(r['sdpa'], best)} "
+              f"| {ratio(r['topk'], best)} |")
+    print("\n(a) total = scorer + top-k + scope table + decode, launched eagerly; the CUDA-graph "
+          "column replays the same step (what the engine runs). Ratios use the graph time.\n")
+
+    ms, tflops = bench_prefill(s, device, args.rep)
+    print(f"prefill_attention, {min(4096, s.scope // 2)} new tokens at the end of an {s.scope}-token scope: "
+          f"{ms * 1e3:,.0f} us, {tflops:.0f} TFLOP/s (causal FLOPs)")
+    print(f"\ntotal benchmark time {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

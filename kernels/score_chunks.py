@@ -32,6 +32,7 @@ COMBINE_MODES = ("sum", "max")
 @triton.jit
 def _score_chunks_kernel(
     q_ptr, kmin_ptr, kmax_ptr, kmean_ptr, cand_ptr, num_cands_ptr, out_ptr,
+    max_cands,
     stride_qb, stride_qh,
     stride_sp, stride_sh,  # summaries [num_pages, Hkv, D]
     stride_cb,  # candidates [B, max_cands]
@@ -72,12 +73,12 @@ def _score_chunks_kernel(
                 s = tl_sum(mean * qv[None, :], 1)
             if PER_HEAD:
                 tl.store(out_ptr + pid_b.to(tl.int64) * stride_ob + qh * stride_oh + offs_n,
-                         tl.where(n_mask, s, float("-inf")), mask=offs_n < stride_oh)
+                         tl.where(n_mask, s, float("-inf")), mask=offs_n < max_cands)
             else:
                 total += s
     if not PER_HEAD:
         tl.store(out_ptr + pid_b.to(tl.int64) * stride_ob + offs_n,
-                 tl.where(n_mask, total, float("-inf")), mask=offs_n < stride_ob)
+                 tl.where(n_mask, total, float("-inf")), mask=offs_n < max_cands)
 
 
 def _check_score_inputs(q, cand_pages, num_cands, topk, kmin, kmax, kmean, combine) -> bool:
@@ -126,9 +127,9 @@ def chunk_scores_triton(q: torch.Tensor, cand_pages: torch.Tensor, num_cands: to
         return out
     block_n = 64
     _score_chunks_kernel[(batch, triton.cdiv(max_cands, block_n))](
-        q, summ, kmax if use_minmax else summ, summ, cand_pages, num_cands, out,
+        q, summ, kmax if use_minmax else summ, summ, cand_pages, num_cands, out, max_cands,
         q.stride(0), q.stride(1), summ.stride(0), summ.stride(1), cand_pages.stride(0),
-        out.stride(0), out.stride(1) if per_head else max_cands,
+        out.stride(0), out.stride(1) if per_head else 0,
         NUM_KV_HEADS=num_kv_heads, GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim,
         USE_MINMAX=use_minmax, PER_HEAD=per_head,
         BLOCK_N=block_n, BLOCK_D=next_pow2(head_dim), num_warps=4,

@@ -214,3 +214,20 @@ def test_prefill_last_token_equals_decode(tables):
     pre = K.prefill_attention_triton(q, kc, vc, pt, sl, cu, 1, cos, sin, 0.125)
     dec = K.decode_attention_triton(q, kc, vc, pt, sl, cos, sin, 0.125, num_splits=2)
     torch.testing.assert_close(pre, dec, atol=1e-5, rtol=1e-5)
+
+
+def test_non_power_of_two_head_dim(tables):
+    """head_dim 96 (half 48): padded, masked channels in both kernels."""
+    gen = torch.Generator().manual_seed(96)
+    cos, sin = K.rope_tables(MAX_POS, 96)
+    q_lens, scope_lens = [3, 20], [50, 20]
+    q, kc, vc, pt, sl, cu, _, _ = _prefill_inputs(q_lens, scope_lens, 16, 2, 2, 96,
+                                                  torch.float32, gen)
+    scale = 96 ** -0.5
+    torch.testing.assert_close(
+        K.prefill_attention_triton(q, kc, vc, pt, sl, cu, 20, cos, sin, scale),
+        K.prefill_attention_ref(q, kc, vc, pt, sl, cu, 20, cos, sin, scale), **TOL[torch.float32])
+    qd = q[:2].contiguous()
+    torch.testing.assert_close(
+        K.decode_attention_triton(qd, kc, vc, pt, sl, cos, sin, scale, num_splits=2),
+        K.decode_attention_ref(qd, kc, vc, pt, sl, cos, sin, scale), **TOL[torch.float32])

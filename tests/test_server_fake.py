@@ -450,3 +450,34 @@ def test_api_key():
         assert r.status_code == 401
     finally:
         srv.stop()
+
+
+def test_stream_n_expanded_with_rids_and_indexes(fake):
+    with requests.post(fake.url + "/generate", stream=True, timeout=30, json={
+            "text": "ab", "rid": "nn", "stream": True,
+            "sampling_params": {"max_new_tokens": 2, "n": 2, "seed": 5}}) as r:
+        events = sse_events(r)[:-1]
+    assert {e["index"] for e in events} == {0, 1}
+    calls = [c for c in fake.engine.calls if c["rid"].startswith("nn/")]
+    assert sorted(c["rid"] for c in calls) == ["nn/0", "nn/1"]
+    assert sorted(c["sampling_params"]["seed"] for c in calls) == [5, 6]
+    assert all("n" not in c["sampling_params"] for c in calls)
+
+
+def test_abort_request_route():
+    srv = ThreadServer(FakeEngine(delay=0.05))
+    try:
+        done = {}
+
+        def run():
+            done["out"] = post(srv, "/generate", {"text": "x", "rid": "to-abort",
+                                                  "sampling_params": {"max_new_tokens": 500}})
+
+        t = threading.Thread(target=run)
+        t.start()
+        _wait(lambda: "to-abort" in srv.engine.running)
+        assert post(srv, "/abort_request", {"rid": "to-abort"}).status_code == 200
+        t.join(10)
+        assert done["out"].json()["meta_info"]["finish_reason"] == {"type": "abort"}
+    finally:
+        srv.stop()

@@ -481,3 +481,11 @@ def test_abort_request_route():
         assert done["out"].json()["meta_info"]["finish_reason"] == {"type": "abort"}
     finally:
         srv.stop()
+
+
+def test_chat_without_max_tokens_may_fill_the_context(fake):
+    r = post(fake, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                            "stop": "t"})
+    assert r.status_code == 200, r.text
+    prompt = r.json()["usage"]["prompt_tokens"]
+    assert fake.engine.calls[-1]["sampling_params"]["max_new_tokens"] == 4096 - prompt

@@ -47,7 +47,12 @@ def add_routes(app: FastAPI, state: Any) -> None:
     async def chat(request: Request) -> Response:
         req: ChatCompletionRequest = await state.parse(request, ChatCompletionRequest)
         ids = await asyncio.to_thread(_apply_template, state.engine.tokenizer, req)
-        params = req.sampling_params(req.max_new_tokens)
+        max_new = req.max_new_tokens
+        if max_new is None:
+            # As SGLang: without max_tokens a chat answer may use the rest of the context
+            # (the engine's own default, 128, would cut answers short).
+            max_new = max(1, int(state.engine.context_length) - len(ids))
+        params = req.sampling_params(max_new)
         item = _item(state, ids, params, req.logprobs, None, req.top_logprobs, req, 0)
         shaper = _ChatShaper(state.model_name, item.rid or new_rid())
         return await _respond(state, request, req, [item], shaper, "chat")

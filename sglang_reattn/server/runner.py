@@ -30,6 +30,7 @@ from sglang_reattn.server.protocol import GenerateItem
 logger = logging.getLogger(__name__)
 
 ABORT = {"type": "abort"}
+_TOKENIZE_OFF_LOOP_CHARS = 4096
 
 
 def new_rid() -> str:
@@ -82,6 +83,12 @@ class Runner:
         asyncio.get_running_loop().call_later(timeout, self.abort_all)
 
     async def _start(self, kwargs: dict[str, Any]) -> Any:
+        prompt = kwargs.get("prompt")
+        if isinstance(prompt, str) and len(prompt) > _TOKENIZE_OFF_LOOP_CHARS:
+            # async_generate tokenizes on the calling thread, i.e. the event loop: a long
+            # document would stall every other stream. Same tokenizer, same call, in a worker.
+            ids = await asyncio.to_thread(self.engine.tokenizer.encode, prompt)
+            kwargs = {**kwargs, "prompt": None, "input_ids": list(ids)}
         res = self.engine.async_generate(**kwargs)
         if inspect.isawaitable(res):
             res = await res

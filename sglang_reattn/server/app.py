@@ -69,6 +69,8 @@ def create_app(engine: Any, engine_args: EngineArgs, opts: ServerOptions | None 
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        # SGLang's own line: scripts that start a server wait for it.
+        logger.info("The server is fired up and ready to roll!")
         yield
         state.runner.draining = True
         state.runner.abort_all()

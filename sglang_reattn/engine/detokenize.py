@@ -19,27 +19,47 @@ def _decode(tokenizer, ids: list[int], r: Request) -> str:
 def update_text(r: Request, tokenizer, final: bool = False) -> str | None:
     """Refresh `r.text` from the output ids; return the stop string that matched, if any.
 
-    The whole output is decoded each time: cheap next to a model step, and it can never
-    disagree with a one-shot decode (incremental schemes can, around multi-byte tokens).
+    Incremental: only the tail since the last complete character boundary is decoded each
+    step (the last few tokens are re-decoded as context, so byte-level merges and
+    multi-byte characters come out exactly as a one-shot decode would). The final call
+    decodes everything once, so the returned text never depends on the increments.
     """
     ids = r.output_ids
     reason = r.finish_reason
-    if (final and reason and reason.get("type") == "stop" and isinstance(reason.get("matched"), int)
-            and ids and ids[-1] == reason["matched"] and not r.params.no_stop_trim):
-        ids = ids[:-1]
-    text = _decode(tokenizer, ids, r)
-    matched = None
-    for s in r.params.stop_strs:
-        i = text.find(s)
-        if i != -1 and (matched is None or i < matched[0]):
-            matched = (i, s)
+    if final:
+        if (reason and reason.get("type") == "stop" and isinstance(reason.get("matched"), int)
+                and ids and ids[-1] == reason["matched"] and not r.params.no_stop_trim):
+            ids = ids[:-1]
+        text = _decode(tokenizer, ids, r)
+    else:
+        state = r.detok
+        if state is None:
+            state = r.detok = [0, 0, ""]  # [prefix_offset, read_offset, text so far]
+        prefix, read, done = state
+        prev = _decode(tokenizer, ids[prefix:read], r)
+        cur = _decode(tokenizer, ids[prefix:], r)
+        if cur.endswith("\ufffd"):
+            return None  # half of a multi-byte character: wait for the next token
+        done += cur[len(prev):]
+        # Keep a few decoded tokens as context for the next increment.
+        state[0], state[1], state[2] = max(len(ids) - 4, 0), len(ids), done
+        text = done
+    matched = _find_stop(text, r.params.stop_strs, len(r.text) if not final else 0)
     if matched is not None:
         i, s = matched
         text = text[: i + len(s)] if r.params.no_stop_trim else text[:i]
-    if not final and matched is None and text.endswith("\ufffd"):
-        return None  # half of a multi-byte character: wait for the next token
     r.text = text
     return None if matched is None else matched[1]
+
+
+def _find_stop(text: str, stops: list[str], old_len: int) -> tuple[int, str] | None:
+    best = None
+    for s in stops:
+        # A new match must end inside the new text; earlier text was already checked.
+        i = text.find(s, max(0, old_len - len(s) + 1))
+        if i != -1 and (best is None or i < best[0]):
+            best = (i, s)
+    return best
 
 
 def _triples(tokenizer, pairs, with_text: bool) -> list[list[Any]]:

@@ -130,17 +130,25 @@ class ModelRunner:
         bs = len(reqs)
         gbs = self.graph_bs[bisect.bisect_left(self.graph_bs, bs)]
         c = self.page_size
-        ids = torch.zeros(gbs, dtype=torch.long)
-        slots = torch.zeros(gbs, dtype=torch.int64)  # padded rows write into reserved page 0
-        scope = torch.ones(gbs, dtype=torch.int32)
+        # Build on the host as plain lists, then one tensor each: per-element tensor writes
+        # cost more than the whole decode step at batch 32.
+        ids = [0] * gbs
+        slots = [0] * gbs  # padded rows write into reserved page 0
+        scope = [1] * gbs
         table = torch.zeros(gbs, self.max_pages, dtype=torch.int32)
+        rows: list[list[int]] = []
         for i, r in enumerate(reqs):
             pos = r.num_computed
             ids[i] = r.all_ids[pos]
             slots[i] = r.pages[pos // c] * c + pos % c
             scope[i] = pos + 1
-            np_ = (pos + c) // c
-            table[i, :np_] = torch.tensor(r.pages[:np_], dtype=torch.int32)
+            rows.append(r.pages[: pos // c + 1])
+        width = max(len(p) for p in rows)
+        table[:bs, :width] = torch.tensor([p + [0] * (width - len(p)) for p in rows],
+                                          dtype=torch.int32)
+        ids = torch.tensor(ids, dtype=torch.long)
+        slots = torch.tensor(slots, dtype=torch.int64)
+        scope = torch.tensor(scope, dtype=torch.int32)
         b = self._batch
         self._ids[:gbs].copy_(ids, non_blocking=True)
         b.slot_mapping[:gbs].copy_(slots, non_blocking=True)

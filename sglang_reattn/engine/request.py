@@ -49,6 +49,7 @@ class Request:
     finish_reason: dict[str, Any] | None = None
     aborted: bool = False
     text: str = ""
+    detok: list | None = None  # incremental detokenizer state (see detokenize.update_text)
     # --- logprobs ---
     input_logprobs: list[Any] = field(default_factory=list)
     input_top: list[Any] = field(default_factory=list)

@@ -10,7 +10,7 @@ passes `**kwargs` further down.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from sglang_reattn.errors import InvalidArgument
@@ -48,6 +48,8 @@ class EngineArgs:
     reattn_topk: int | None = None
     reattn_sink: int | None = None
     reattn_local: int | None = None
+    reattn_summary: str = "minmax"  # chunk key summary: minmax (Quest bound) | mean
+    reattn_combine: str = "sum"  # heads -> one selection: sum | max (per-head normalized)
     disable_reattn: bool = False
     # --- disk tier (--kv-store-*) ---
     kv_store_path: str | None = None
@@ -77,6 +79,17 @@ class EngineArgs:
                 f"--chunked-prefill-size ({self.chunked_prefill_size}) must be a multiple of "
                 f"--reattn-chunk-size ({self.reattn_chunk_size}) so prefill chunks stay aligned"
             )
+        if self.reattn_summary not in ("minmax", "mean"):
+            raise InvalidArgument(
+                f"--reattn-summary must be minmax or mean, got {self.reattn_summary!r}")
+        if self.reattn_combine not in ("sum", "max"):
+            raise InvalidArgument(
+                f"--reattn-combine must be sum or max, got {self.reattn_combine!r}")
+        for name in ("reattn_topk", "reattn_sink", "reattn_local"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 0):
+                flag = "--" + name.replace("_", "-")
+                raise InvalidArgument(f"{flag} must be a non-negative integer, got {v!r}")
         if not 0 <= self.port < 65536:
             raise InvalidArgument(f"--port must be in [0, 65535], got {self.port}")
 
@@ -116,4 +129,34 @@ class ReAttnConfig:
         return self.sink + self.topk * self.chunk_size + self.local
 
 
-__all__ = ["EngineArgs", "ReAttnConfig", "field"]
+def resolve_reattn(args: EngineArgs, trained_len: int) -> ReAttnConfig:
+    """Scope sizes from the flags, defaulting from the model's trained length so that no
+    virtual position ever exceeds it: sink + topk*C + local + C (alignment) + the largest
+    prefill piece must fit in `trained_len`."""
+    c = args.reattn_chunk_size
+    piece = args.chunked_prefill_size
+    sink = c if args.reattn_sink is None else args.reattn_sink
+    local = (trained_len // 4) // c * c if args.reattn_local is None else args.reattn_local
+    for name, v in (("--reattn-sink", sink), ("--reattn-local", local)):
+        if v % c:
+            raise InvalidArgument(f"{name} ({v}) must be a multiple of --reattn-chunk-size ({c})")
+    if local < c:
+        raise InvalidArgument(f"--reattn-local ({local}) must be at least one chunk ({c})")
+    fixed = sink + local + c + piece
+    topk = (trained_len - fixed) // c if args.reattn_topk is None else args.reattn_topk
+    if topk < 1:
+        raise InvalidArgument(
+            f"no room for selected chunks: sink {sink} + local {local} + chunk {c} + "
+            f"chunked-prefill-size {piece} = {fixed} tokens leave nothing of the model's "
+            f"trained length {trained_len}; lower --reattn-local or --chunked-prefill-size")
+    cfg = ReAttnConfig(not args.disable_reattn, c, sink, topk, local)
+    if cfg.scope_tokens + c + piece > trained_len:
+        raise InvalidArgument(
+            f"the attention scope (sink {sink} + topk {topk} x {c} + local {local} + chunk {c} "
+            f"+ prefill piece {piece} = {cfg.scope_tokens + c + piece} tokens) exceeds the "
+            f"model's trained length {trained_len}; lower --reattn-topk, --reattn-local or "
+            f"--chunked-prefill-size")
+    return cfg
+
+
+__all__ = ["EngineArgs", "ReAttnConfig", "resolve_reattn"]

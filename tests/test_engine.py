@@ -19,7 +19,7 @@ GREEDY = {"max_new_tokens": 16, "temperature": 0}
 @pytest.fixture(scope="module")
 def tiny_engine(tiny_llama):
     eng = Engine(tiny_llama, device="cpu", reattn_chunk_size=16, chunked_prefill_size=64,
-                 log_level="warning")
+                 context_length=512, log_level="warning")
     yield eng
     eng.shutdown()
 
@@ -56,7 +56,7 @@ def test_batch_equals_one_at_a_time(tiny_engine):
 def test_chunked_prefill_and_preemption_keep_outputs(tiny_llama):
     prompts = [_rand_ids(n, 50 + n) for n in (150, 90, 33, 120)]
     params = {"max_new_tokens": 40, "temperature": 0, "ignore_eos": True}
-    with Engine(tiny_llama, device="cpu", reattn_chunk_size=16, chunked_prefill_size=512,
+    with Engine(tiny_llama, device="cpu", reattn_chunk_size=16, chunked_prefill_size=128,
                 log_level="warning") as big:
         ref = [o["output_ids"] for o in big.generate(input_ids=prompts, sampling_params=params)]
     # 16-token prefill pieces and a pool so small that decode must preempt.

@@ -19,14 +19,15 @@ from typing import Any, AsyncIterator, Iterator
 import torch
 
 from sglang_reattn import __version__
-from sglang_reattn.config import EngineArgs
+from sglang_reattn.config import EngineArgs, resolve_reattn
 from sglang_reattn.engine.grammar import GrammarBackend
 from sglang_reattn.engine.model_runner import ModelRunner
 from sglang_reattn.engine.request import LogprobOptions, Request
 from sglang_reattn.engine.sampling_params import SamplingParams
 from sglang_reattn.engine.scheduler import Scheduler
-from sglang_reattn.errors import ContextTooLong, EngineDead, InvalidRequest
+from sglang_reattn.errors import ContextTooLong, EngineDead, InvalidArgument, InvalidRequest
 from sglang_reattn.layers.attention import KVPool, PagedAttention
+from sglang_reattn.layers.reattention import ReAttention
 from sglang_reattn.models import loader
 from sglang_reattn.models.rope import RopeTable
 
@@ -50,22 +51,39 @@ class Engine:
         cfg = self.model_config
         self.served_model_name = args.served_model_name or (
             args.model_path or f"HuggingFaceTB/{loader.DEFAULT_MODEL_NAME}")
-        self.context_length = args.context_length or cfg.max_position_embeddings
+        trained = cfg.max_position_embeddings
+        self.reattn = None if args.disable_reattn else resolve_reattn(args, trained)
         self.eos_ids = frozenset(
             set(cfg.eos_token_ids)
             | ({self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
         )
         c = args.reattn_chunk_size
-        self.pool = KVPool(cfg.num_layers, self._num_pages(), c, cfg.num_kv_heads, cfg.head_dim,
+        num_pages = self._num_pages()
+        capacity = (num_pages - 2) * c
+        # Full attention is bounded by the trained length; ReAttention only by the KV pool.
+        self.context_length = args.context_length or (
+            trained if self.reattn is None else capacity)
+        if self.context_length > capacity:
+            raise InvalidArgument(
+                f"--context-length {self.context_length} exceeds the KV pool of {capacity} "
+                f"tokens; raise --max-total-tokens or --mem-fraction-static")
+        self.pool = KVPool(cfg.num_layers, num_pages, c, cfg.num_kv_heads, cfg.head_dim,
                            self.dtype, self.device)
+        scope_max = trained if self.reattn is not None else self.context_length
         self.rope = RopeTable(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, self.device,
-                              initial=self.context_length + c)
-        use_triton = self.device.type == "cuda" and cfg.sliding_window is None
-        self.attn = PagedAttention(self.pool, self.rope, cfg.num_heads, cfg.head_dim,
-                                   cfg.sliding_window, use_triton=use_triton)
+                              initial=scope_max + c)
+        use_triton = self.device.type == "cuda" and (
+            cfg.sliding_window is None or self.reattn is not None)
+        if self.reattn is not None:
+            self.attn = ReAttention(self.pool, self.rope, cfg.num_heads, cfg.head_dim,
+                                    self.reattn, args.reattn_summary, args.reattn_combine,
+                                    use_triton=use_triton)
+        else:
+            self.attn = PagedAttention(self.pool, self.rope, cfg.num_heads, cfg.head_dim,
+                                       cfg.sliding_window, use_triton=use_triton)
         self.runner = ModelRunner(
             self.model, self.pool, self.attn, self.device,
-            max_pages_per_seq=(self.context_length + c - 1) // c + 1,
+            max_pages_per_seq=(self.context_length + c - 1) // c + 2,
             use_cuda_graph=use_triton and not args.disable_cuda_graph,
             cuda_graph_max_bs=min(args.cuda_graph_max_bs, args.max_running_requests),
         )
@@ -86,6 +104,7 @@ class Engine:
 
     def _num_pages(self) -> int:
         cfg, c = self.model_config, self.args.reattn_chunk_size
+        want = self.args.context_length or cfg.max_position_embeddings
         if self.args.max_total_tokens is not None:
             tokens = self.args.max_total_tokens
         else:
@@ -95,8 +114,8 @@ class Engine:
                 budget = int(free * self.args.mem_fraction_static)
             else:
                 budget = _CPU_KV_BUDGET
-            tokens = max(budget // bpt, 2 * self.context_length)
-        return max(tokens // c, (self.context_length + c - 1) // c + 2) + 1
+            tokens = max(budget // bpt, 2 * want)
+        return max(tokens // c, (want + c - 1) // c) + 2
 
     # ------------------------------------------------------------------ engine thread
 
@@ -336,6 +355,10 @@ class Engine:
         info = self.args.to_dict()
         info.update({
             "version": __version__,
+            "reattn": None if self.reattn is None else {
+                "chunk_size": self.reattn.chunk_size, "sink": self.reattn.sink,
+                "topk": self.reattn.topk, "local": self.reattn.local,
+                "summary": self.args.reattn_summary, "combine": self.args.reattn_combine},
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "context_length": self.context_length,

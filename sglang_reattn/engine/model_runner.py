@@ -11,9 +11,14 @@ import torch
 
 from sglang_reattn.engine.request import Request
 from sglang_reattn.layers.attention import ForwardBatch, KVPool, PagedAttention
+from sglang_reattn.layers.reattention import ReAttention, ScopePlan, build_scope_plan
 from sglang_reattn.models.llama import CausalLM
 
 logger = logging.getLogger(__name__)
+
+
+def pages_full(reqs: list[Request]) -> list[list[int]]:
+    return [r.pages for r in reqs]
 
 
 class ModelRunner:
@@ -26,6 +31,7 @@ class ModelRunner:
         self.device = device
         self.page_size = pool.page_size
         self.max_pages = max_pages_per_seq
+        self.reattn = attn.cfg if isinstance(attn, ReAttention) else None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_bs: list[int] = []
         if use_cuda_graph:
@@ -51,6 +57,8 @@ class ModelRunner:
             total = start + n
             scope.append(total)
             pages.append(r.pages[: (total + self.page_size - 1) // self.page_size])
+            # With ReAttention the per-layer scope comes from the plan; this table is the
+            # whole sequence (used as-is while no sequence has more chunks than top-k).
             cu.append(cu[-1] + n)
         width = max(len(p) for p in pages)
         table = torch.zeros(len(reqs), width, dtype=torch.int32)
@@ -68,6 +76,9 @@ class ModelRunner:
             scope_lens_host=scope,
             q_lens_host=list(q_lens),
         )
+        if self.reattn is not None:
+            batch.scope_plan = build_scope_plan(self.reattn, pages_full(reqs),
+                                                [r.num_computed for r in reqs], q_lens, dev)
         return torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True), batch
 
     # ------------------------------------------------------------------ execution
@@ -101,6 +112,15 @@ class ModelRunner:
             cu_q_lens=torch.arange(n + 1, dtype=torch.int32, device=dev),
             max_q_len=1,
         )
+        if self.reattn is not None:
+            cfg, c = self.reattn, self.page_size
+            z = lambda *shape: torch.zeros(*shape, dtype=torch.int32, device=dev)  # noqa: E731
+            self._plan = ScopePlan(
+                head_table=z(n, max(cfg.sink // c, 1)), head_pages=z(n),
+                cand_pages=z(n, self.max_pages), num_cands=z(n),
+                local_table=z(n, cfg.local // c + 2), local_tokens=torch.ones(
+                    n, dtype=torch.int32, device=dev),
+                rep_index=torch.arange(n, device=dev), reps=1, needs_select=True)
         self._logits: dict[int, torch.Tensor] = {}
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
@@ -123,8 +143,30 @@ class ModelRunner:
 
     def _view(self, bs: int) -> ForwardBatch:
         b = self._batch
-        return ForwardBatch(True, b.slot_mapping[:bs], b.page_table[:bs], b.scope_lens[:bs],
-                            b.cu_q_lens[: bs + 1], 1)
+        out = ForwardBatch(True, b.slot_mapping[:bs], b.page_table[:bs], b.scope_lens[:bs],
+                           b.cu_q_lens[: bs + 1], 1, in_graph=True)
+        if self.reattn is not None:
+            p = self._plan
+            out.scope_plan = ScopePlan(p.head_table[:bs], p.head_pages[:bs], p.cand_pages[:bs],
+                                       p.num_cands[:bs], p.local_table[:bs], p.local_tokens[:bs],
+                                       p.rep_index[:bs], 1, True)
+        return out
+
+    def _fill_plan(self, reqs: list[Request], gbs: int) -> None:
+        bs = len(reqs)
+        host = build_scope_plan(self.reattn, [r.pages for r in reqs],
+                                [r.num_computed for r in reqs], [1] * bs, torch.device("cpu"))
+        p = self._plan
+        for name in ("head_table", "cand_pages", "local_table"):
+            src, dst = getattr(host, name), getattr(p, name)
+            assert src.shape[1] <= dst.shape[1], f"{name} wider than the captured graph"
+            dst[:gbs].zero_()
+            dst[:bs, : src.shape[1]].copy_(src, non_blocking=True)
+        for name in ("head_pages", "num_cands"):
+            getattr(p, name)[:gbs].zero_()
+            getattr(p, name)[:bs].copy_(getattr(host, name), non_blocking=True)
+        p.local_tokens[:gbs].fill_(1)
+        p.local_tokens[:bs].copy_(host.local_tokens, non_blocking=True)
 
     def _replay(self, reqs: list[Request]) -> torch.Tensor:
         bs = len(reqs)
@@ -154,5 +196,7 @@ class ModelRunner:
         b.slot_mapping[:gbs].copy_(slots, non_blocking=True)
         b.scope_lens[:gbs].copy_(scope, non_blocking=True)
         b.page_table[:gbs].copy_(table, non_blocking=True)
+        if self.reattn is not None:
+            self._fill_plan(reqs, gbs)
         self.graphs[gbs].replay()
         return self._logits[gbs][:bs]

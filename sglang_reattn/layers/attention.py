@@ -15,6 +15,7 @@ Triton kernels of `sglang_reattn.kernels` (CUDA; decode is CUDA-graph capturable
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +78,8 @@ class ForwardBatch:
     scope_lens_host: list[int] | None = None
     q_lens_host: list[int] | None = None
     _page_idx: list[torch.Tensor] | None = None
+    scope_plan: Any = None  # ReAttention's per-step ScopePlan, or None (full attention)
+    in_graph: bool = False  # built for CUDA-graph capture: no host-side shortcuts
 
     def page_index(self, device: torch.device) -> list[torch.Tensor]:
         """Per-sequence page-index tensors for the torch path, built once per step."""
@@ -104,33 +107,45 @@ class PagedAttention:
 
     def forward(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 batch: ForwardBatch) -> torch.Tensor:
+        self.store(layer_id, k, v, batch)
+        return self.attend_scope(layer_id, q, batch, batch.page_table, batch.scope_lens,
+                                 batch.pages_host, batch.scope_lens_host)
+
+    def store(self, layer_id: int, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> None:
+        k_cache, v_cache = self.pool.k[layer_id], self.pool.v[layer_id]
+        if self.use_triton:
+            self._kernels.store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+            return
+        k_cache.view(-1, *k_cache.shape[2:])[batch.slot_mapping] = k
+        v_cache.view(-1, *v_cache.shape[2:])[batch.slot_mapping] = v
+
+    def attend_scope(self, layer_id: int, q: torch.Tensor, batch: ForwardBatch,
+                     table: torch.Tensor, lens: torch.Tensor,
+                     pages_host: list[list[int]] | None,
+                     lens_host: list[int] | None) -> torch.Tensor:
+        """Attention of the step's queries over the scopes given by (`table`, `lens`)."""
         k_cache, v_cache = self.pool.k[layer_id], self.pool.v[layer_id]
         if self.use_triton:
             kn = self._kernels
-            kn.store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
             if batch.is_decode:
-                return kn.decode_attention(q, k_cache, v_cache, batch.page_table,
-                                           batch.scope_lens, self.rope.cos, self.rope.sin,
-                                           self.scale)
-            return kn.prefill_attention(q, k_cache, v_cache, batch.page_table, batch.scope_lens,
-                                        batch.cu_q_lens, batch.max_q_len, self.rope.cos,
-                                        self.rope.sin, self.scale)
-        flat_k = k_cache.view(-1, *k_cache.shape[2:])
-        flat_v = v_cache.view(-1, *v_cache.shape[2:])
-        flat_k[batch.slot_mapping] = k
-        flat_v[batch.slot_mapping] = v
-        return self._torch_attention(q, k_cache, v_cache, batch)
-
-    def _torch_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         batch: ForwardBatch) -> torch.Tensor:
-        assert batch.pages_host is not None and batch.scope_lens_host is not None
+                return kn.decode_attention(q, k_cache, v_cache, table, lens, self.rope.cos,
+                                           self.rope.sin, self.scale)
+            return kn.prefill_attention(q, k_cache, v_cache, table, lens, batch.cu_q_lens,
+                                        batch.max_q_len, self.rope.cos, self.rope.sin,
+                                        self.scale)
+        if pages_host is None:
+            c = self.pool.page_size
+            lens_host = lens.tolist()
+            pages_host = [row[: (n + c - 1) // c] for row, n in zip(table.tolist(), lens_host)]
+            idx = [torch.tensor(p, dtype=torch.long, device=q.device) for p in pages_host]
+        else:
+            idx = batch.page_index(q.device)
         assert batch.q_lens_host is not None
         out = torch.empty_like(q)
         start = 0
-        for idx, n_kv, n_q in zip(batch.page_index(q.device), batch.scope_lens_host,
-                                  batch.q_lens_host):
-            keys = k_cache[idx].flatten(0, 1)[:n_kv]  # [n_kv, Hkv, D], un-rotated
-            vals = v_cache[idx].flatten(0, 1)[:n_kv]
+        for pages, n_kv, n_q in zip(idx, lens_host, batch.q_lens_host):
+            keys = k_cache[pages].flatten(0, 1)[:n_kv]  # [n_kv, Hkv, D], un-rotated
+            vals = v_cache[pages].flatten(0, 1)[:n_kv]
             out[start:start + n_q] = self.attend(q[start:start + n_q], keys, vals)
             start += n_q
         return out

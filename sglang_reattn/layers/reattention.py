@@ -1,0 +1,157 @@
+"""ReAttention: per (sequence, layer, step), pick the top-k middle chunks by their key
+summaries, then attend over `[sink | selected chunks in original order | local window]`
+with contiguous virtual positions.
+
+Page geometry of a sequence with `s` tokens already cached and `n` new ones (N = s + n,
+pages of C tokens, the last one possibly partial):
+
+    pages:  [0 .. sink_p)          sink (always full)
+            [sink_p .. local_p)    middle: the candidates, scored and top-k selected
+            [local_p .. ceil(N/C)) local window: covers the `local` tokens before the new
+                                   ones and all new ones, so queries see their own block
+
+The candidates and the sink/local tables are the same for every layer, so they are built
+once per step on the host (`ScopePlan`); the selection runs per layer on the device with
+no host sync, so decode stays CUDA-graph capturable. When a sequence has no more middle
+chunks than `topk`, all are selected in order and the scope is the whole sequence: exactly
+full attention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sglang_reattn.config import ReAttnConfig
+from sglang_reattn.layers.attention import ForwardBatch, KVPool, PagedAttention
+from sglang_reattn.models.rope import RopeTable
+
+REP_QUERIES = 16  # queries of a prefill piece that vote for its one selection
+
+
+@dataclass
+class ScopePlan:
+    head_table: torch.Tensor  # [B, S] int32 sink pages (padded)
+    head_pages: torch.Tensor  # [B] int32
+    cand_pages: torch.Tensor  # [B, Wc] int32 middle pages in order (padded)
+    num_cands: torch.Tensor  # [B] int32
+    local_table: torch.Tensor  # [B, Wl] int32 (padded)
+    local_tokens: torch.Tensor  # [B] int32 tokens in the local pages
+    rep_index: torch.Tensor  # [B * R] int64 rows of the packed q that score for each seq
+    reps: int  # R
+    needs_select: bool  # some sequence has more candidates than topk
+
+
+def plan_geometry(cfg: ReAttnConfig, cached: int, new: int) -> tuple[int, int, int]:
+    """-> (sink_pages, local_start_page, total_pages) for one sequence."""
+    c = cfg.chunk_size
+    total = (cached + new + c - 1) // c
+    sink_p = min(cfg.sink // c, total - 1)
+    local_p = max(sink_p, max(0, cached - cfg.local) // c)
+    return sink_p, local_p, total
+
+
+def build_scope_plan(cfg: ReAttnConfig, page_lists: list[list[int]], cached: list[int],
+                     q_lens: list[int], device: torch.device, min_widths=(1, 1, 1)
+                     ) -> ScopePlan:
+    heads, cands, locals_, ltoks = [], [], [], []
+    c = cfg.chunk_size
+    for pages, s, n in zip(page_lists, cached, q_lens):
+        sink_p, local_p, total = plan_geometry(cfg, s, n)
+        heads.append(pages[:sink_p])
+        cands.append(pages[sink_p:local_p])
+        locals_.append(pages[local_p:total])
+        ltoks.append(s + n - local_p * c)
+    reps = 1 if max(q_lens) == 1 else REP_QUERIES
+    rep_index, start = [], 0
+    for n in q_lens:
+        rep_index.extend(max(start, start + n - reps + j) for j in range(reps))
+        start += n
+
+    def pad(rows: list[list[int]], width: int) -> torch.Tensor:
+        w = max([width] + [len(r) for r in rows])
+        return torch.tensor([r + [0] * (w - len(r)) for r in rows], dtype=torch.int32)
+
+    def dev(x) -> torch.Tensor:
+        return torch.as_tensor(x).to(device, non_blocking=True)
+
+    return ScopePlan(
+        head_table=dev(pad(heads, min_widths[0])),
+        head_pages=dev(torch.tensor([len(h) for h in heads], dtype=torch.int32)),
+        cand_pages=dev(pad(cands, min_widths[1])),
+        num_cands=dev(torch.tensor([len(x) for x in cands], dtype=torch.int32)),
+        local_table=dev(pad(locals_, min_widths[2])),
+        local_tokens=dev(torch.tensor(ltoks, dtype=torch.int32)),
+        rep_index=dev(torch.tensor(rep_index, dtype=torch.int64)),
+        reps=reps,
+        needs_select=any(len(x) > cfg.topk for x in cands),
+    )
+
+
+class ReAttention(PagedAttention):
+    """Paged attention whose scope is narrowed per layer by top-k chunk selection."""
+
+    def __init__(self, pool: KVPool, rope: RopeTable, num_heads: int, head_dim: int,
+                 cfg: ReAttnConfig, summary: str = "minmax", combine: str = "sum",
+                 use_triton: bool = False) -> None:
+        super().__init__(pool, rope, num_heads, head_dim, None, use_triton)
+        from sglang_reattn import kernels
+
+        self._kernels = kernels
+        self.cfg = cfg
+        self.summary = summary
+        self.combine = combine
+        shape = (pool.k.shape[0], pool.num_pages, pool.k.shape[3], pool.k.shape[4])
+        # Per layer, per page, per KV head summaries of the un-rotated keys (float32).
+        dev = pool.k.device
+        self.kmin = torch.zeros(shape, device=dev) if summary == "minmax" else None
+        self.kmax = torch.zeros(shape, device=dev) if summary == "minmax" else None
+        self.kmean = torch.zeros(shape, device=dev) if summary == "mean" else None
+        self.last_selection: dict[int, torch.Tensor] = {}  # layer -> selected pages (debug)
+
+    def _summaries(self, layer_id: int):
+        pick = (lambda t: None if t is None else t[layer_id])
+        return pick(self.kmin), pick(self.kmax), pick(self.kmean)
+
+    def store(self, layer_id: int, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> None:
+        self._kernels.store_kv(k, v, self.pool.k[layer_id], self.pool.v[layer_id],
+                               batch.slot_mapping, *self._summaries(layer_id))
+
+    def forward(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                batch: ForwardBatch) -> torch.Tensor:
+        self.store(layer_id, k, v, batch)
+        plan: ScopePlan | None = batch.scope_plan
+        if plan is None or (not plan.needs_select and not batch.in_graph):
+            return self.attend_scope(layer_id, q, batch, batch.page_table, batch.scope_lens,
+                                     batch.pages_host, batch.scope_lens_host)
+        table, lens = self.select(layer_id, q, plan)
+        return self.attend_scope(layer_id, q, batch, table, lens, None, None)
+
+    def select(self, layer_id: int, q: torch.Tensor, plan: ScopePlan
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (scope page table [B, W] int32, scope lengths [B] int32) for this layer."""
+        kn, c, topk = self._kernels, self.cfg.chunk_size, self.cfg.topk
+        b, r = plan.num_cands.shape[0], plan.reps
+        qr = q.index_select(0, plan.rep_index)  # [B*R, Hq, D] un-rotated
+        cand = plan.cand_pages if r == 1 else plan.cand_pages.repeat_interleave(r, 0)
+        num = plan.num_cands if r == 1 else plan.num_cands.repeat_interleave(r, 0)
+        kmin, kmax, kmean = self._summaries(layer_id)
+        scores = kn.chunk_scores(qr, cand, num, kmin, kmax, kmean,
+                                 per_head=self.combine != "sum")
+        if self.combine != "sum":
+            scores = kn.combine_head_scores(scores, self.combine)
+        scores = scores.view(b, r, -1).amax(1)  # one selection per sequence
+        sel, nsel = kn.select_topk(scores, plan.num_cands, topk)
+        sel_pages = plan.cand_pages.gather(1, sel.clamp_min(0).long())  # [B, topk]
+        s_w, l_w = plan.head_table.shape[1], plan.local_table.shape[1]
+        table = torch.zeros(b, s_w + topk + l_w, dtype=torch.int32, device=q.device)
+        table[:, :s_w] = plan.head_table
+        ar_k = torch.arange(topk, device=q.device)[None, :]
+        table.scatter_(1, plan.head_pages.long()[:, None] + ar_k, sel_pages)
+        ar_l = torch.arange(l_w, device=q.device)[None, :]
+        # Local pages go right after the selected ones (overwriting unused selection slots).
+        table.scatter_(1, (plan.head_pages + nsel).long()[:, None] + ar_l, plan.local_table)
+        lens = (plan.head_pages + nsel) * c + plan.local_tokens
+        self.last_selection[layer_id] = sel_pages[:, :]
+        return table, lens.to(torch.int32)

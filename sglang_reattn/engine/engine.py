@@ -289,10 +289,11 @@ class Engine:
                              top_logprobs_num: int | None = None,
                              return_text_in_logprobs: bool = False, stream: bool = False,
                              rid=None, extra_key: str | None = None):
-        items, is_batch = self._build(prompt, sampling_params, input_ids, return_logprob,
-                                      logprob_start_len, top_logprobs_num,
-                                      return_text_in_logprobs, stream, rid, extra_key)
         loop = asyncio.get_running_loop()
+        # Tokenizing and compiling grammars can take long: keep them off the event loop.
+        items, is_batch = await loop.run_in_executor(
+            None, self._build, prompt, sampling_params, input_ids, return_logprob,
+            logprob_start_len, top_logprobs_num, return_text_in_logprobs, stream, rid, extra_key)
         q: asyncio.Queue = asyncio.Queue()
 
         def emit_for(i: int):
@@ -317,6 +318,9 @@ class Engine:
             i, out, finished = await q.get()
             pending -= finished
             yield dict(out, index=i) if n > 1 else out
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopped
 
     def abort(self, rid: str) -> None:
         self._inbox.put(("abort", rid))

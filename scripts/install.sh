@@ -14,8 +14,8 @@ if [[ "${1:-}" == "--test" ]]; then
     "${PIP[@]}" -e ".[test]"
     # SGLang's frontend only: its declared dependencies are the GPU runtime's.
     "${PIP[@]}" --no-deps "sglang==0.5.23"
-    "${PIP[@]}" aiohttp IPython pillow msgspec orjson pybase64 pyzmq psutil regex tiktoken \
-        interegular partial_json_parser
+    # The modules `import sglang` loads at import time (found by blocking them one by one).
+    "${PIP[@]}" pybase64 pillow msgspec pyzmq aiohttp orjson psutil ipython
 else
     "${PIP[@]}" -e .
 fi

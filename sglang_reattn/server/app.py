@@ -137,6 +137,9 @@ def _add_native_routes(app: FastAPI, state: ServerState) -> None:
     async def health() -> Response:
         if state.runner.draining:
             return error_response(503, "the server is shutting down")
+        alive = getattr(engine, "is_alive", None)
+        if alive is not None and not alive():
+            return error_response(503, "the engine loop is not running")
         return Response(status_code=200)
 
     @app.get("/health_generate")

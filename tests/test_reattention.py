@@ -10,7 +10,12 @@ from sglang_reattn import Engine
 from sglang_reattn.config import EngineArgs, ReAttnConfig, resolve_reattn
 from sglang_reattn.errors import InvalidArgument
 from sglang_reattn.layers.attention import ForwardBatch, KVPool
-from sglang_reattn.layers.reattention import ReAttention, build_scope_plan, plan_geometry
+from sglang_reattn.layers.reattention import (
+    ReAttention,
+    build_scope_plan,
+    completed_pages,
+    plan_geometry,
+)
 from sglang_reattn.models.rope import RopeTable, apply_rope
 
 
@@ -26,6 +31,15 @@ def test_defaults_fit_trained_length_and_bad_combinations_are_named():
         resolve_reattn(EngineArgs(reattn_local=8192), 8192)
     with pytest.raises(InvalidArgument, match="--reattn-summary"):
         EngineArgs(reattn_summary="max")
+
+
+def test_completed_pages():
+    pages = [10, 11, 12, 13]
+    assert completed_pages([pages], [0], [16], 16) == [10]
+    assert completed_pages([pages], [0], [15], 16) == []
+    assert completed_pages([pages], [15], [1], 16) == [10]
+    assert completed_pages([pages], [31], [1], 16) == [11]
+    assert completed_pages([pages], [10], [40], 16) == [10, 11, 12]
 
 
 def test_geometry():
@@ -94,6 +108,7 @@ def test_selection_layer_matches_reference(summary, n):
                              torch.tensor([0, step], dtype=torch.int32), step,
                              [perm[: (total + c - 1) // c]], [total], [step])
         batch.scope_plan = build_scope_plan(cfg, [perm], [done], [step], torch.device("cpu"))
+        batch.completed_pages = torch.tensor(completed_pages([perm], [done], [step], c))
         q = torch.randn(step, hq, d)
         out = attn.forward(0, q, keys[done:total], vals[done:total], batch)
         done = total

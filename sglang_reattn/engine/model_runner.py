@@ -15,6 +15,7 @@ from sglang_reattn.layers.reattention import (
     ReAttention,
     ScopePlan,
     build_scope_plan,
+    completed_pages,
     plan_geometry,
 )
 from sglang_reattn.models.llama import CausalLM
@@ -95,6 +96,9 @@ class ModelRunner:
         if self.reattn is not None:
             batch.scope_plan = build_scope_plan(self.reattn, pages_full(reqs),
                                                 [r.num_computed for r in reqs], q_lens, dev)
+            done = completed_pages(pages_full(reqs), [r.num_computed for r in reqs], q_lens,
+                                   self.page_size)
+            batch.completed_pages = torch.tensor(done, dtype=torch.long).to(dev)
         return torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True), batch
 
     # ------------------------------------------------------------------ execution
@@ -138,11 +142,13 @@ class ModelRunner:
                     n, dtype=torch.int32, device=dev),
                 rep_index=torch.arange(n, device=dev), reps=1, needs_select=True)
         self._logits: dict[tuple[int, bool], torch.Tensor] = {}
+        self._views: dict[tuple[int, bool], ForwardBatch] = {}
         variants = (False, True) if self.reattn is not None else (False,)
         with torch.inference_mode():
             for select in variants:
                 for bs in reversed(sizes):
                     b = self._view(bs, select)
+                    self._views[bs, select] = b
 
                     def run(bs=bs, b=b) -> torch.Tensor:
                         return self.model.compute_logits(self.model(self._ids[:bs], self.attn, b))
@@ -238,5 +244,11 @@ class ModelRunner:
             table[:bs] = torch.tensor([p + [0] * (width - len(p)) for p in rows],
                                       dtype=torch.int32)
             b.page_table[:gbs, :width].copy_(table, non_blocking=True)
+        if self.reattn is not None and self.device.type != "cuda":
+            # The eager stand-in runs the torch path, which summarizes completed pages from
+            # this list (the Triton store keeps running summaries inside the real graph).
+            done = completed_pages(pages_full(reqs), [r.num_computed for r in reqs], [1] * bs,
+                                   c)
+            self._views[gbs, select].completed_pages = torch.tensor(done, dtype=torch.long)
         self.graphs[gbs, select].replay()
         return self._logits[gbs, select][:bs]

@@ -80,6 +80,7 @@ class ForwardBatch:
     _page_idx: list[torch.Tensor] | None = None
     scope_plan: Any = None  # ReAttention's per-step ScopePlan, or None (full attention)
     in_graph: bool = False  # built for CUDA-graph capture: no host-side shortcuts
+    completed_pages: torch.Tensor | None = None  # [n] pages whose last slot this step writes
 
     def page_index(self, device: torch.device) -> list[torch.Tensor]:
         """Per-sequence page-index tensors for the torch path, built once per step."""

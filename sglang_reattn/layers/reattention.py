@@ -52,6 +52,14 @@ def plan_geometry(cfg: ReAttnConfig, cached: int, new: int) -> tuple[int, int, i
     return sink_p, local_p, total
 
 
+def completed_pages(page_lists: list[list[int]], cached: list[int], q_lens: list[int],
+                    chunk_size: int) -> list[int]:
+    """Pages whose last slot is written by this step (their summaries become final)."""
+    c = chunk_size
+    return [pages[p] for pages, s, n in zip(page_lists, cached, q_lens)
+            for p in range(s // c, (s + n) // c) if (p + 1) * c - 1 >= s]
+
+
 def build_scope_plan(cfg: ReAttnConfig, page_lists: list[list[int]], cached: list[int],
                      q_lens: list[int], device: torch.device, min_widths=(1, 1, 1)
                      ) -> ScopePlan:
@@ -115,8 +123,26 @@ class ReAttention(PagedAttention):
         return pick(self.kmin), pick(self.kmax), pick(self.kmean)
 
     def store(self, layer_id: int, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> None:
-        self._kernels.store_kv(k, v, self.pool.k[layer_id], self.pool.v[layer_id],
-                               batch.slot_mapping, *self._summaries(layer_id))
+        if self.use_triton:
+            self._kernels.store_kv(k, v, self.pool.k[layer_id], self.pool.v[layer_id],
+                                   batch.slot_mapping, *self._summaries(layer_id))
+            return
+        # Torch path: write K/V, and summarize a page only once its last slot is written.
+        # A page still filling is always the sequence's last page, which is always in the
+        # local window, so its summary is never read before it completes; this keeps a
+        # decode step down to two small writes per layer on the CPU.
+        super().store(layer_id, k, v, batch)
+        done = batch.completed_pages
+        if done is None or done.numel() == 0:
+            return
+        full = torch.full_like(done, self.pool.page_size)
+        kmin, kmax, kmean = self._kernels.chunk_summaries_ref(self.pool.k[layer_id], done, full)
+        smin, smax, smean = self._summaries(layer_id)
+        if smin is not None:
+            smin[done] = kmin
+            smax[done] = kmax
+        if smean is not None:
+            smean[done] = kmean
 
     def forward(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 batch: ForwardBatch) -> torch.Tensor:

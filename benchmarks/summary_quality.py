@@ -58,8 +58,8 @@ def main() -> None:
         pages = m.pages  # full chunks of the prompt
         n_full = len(pages)
         # the needle's chunk: where the key's digits first appear
-        text_ids = eng.tokenizer.encode(f"The pass key is {key}")
-        needle_pos = next(i for i in range(len(ids)) if ids[i:i + 3] == text_ids[:3])
+        text_ids = eng.tokenizer.encode(f" The pass key is {key}. Remember it. {key} is the pass key. ")
+        needle_pos = next(i for i in range(len(ids)) if ids[i:i + len(text_ids)] == text_ids)
         needle_chunk = needle_pos // c
         cand = torch.tensor([list(range(1, n_full - 1))], dtype=torch.int32)  # skip sink/last
         page_ids = torch.tensor(pages, dtype=torch.int32)

@@ -142,6 +142,8 @@ class PagedAttention:
         else:
             idx = batch.page_index(q.device)
         assert batch.q_lens_host is not None
+        if batch.is_decode:
+            return self._torch_decode(q, k_cache, v_cache, idx, lens_host)
         out = torch.empty_like(q)
         start = 0
         for pages, n_kv, n_q in zip(idx, lens_host, batch.q_lens_host):
@@ -150,6 +152,33 @@ class PagedAttention:
             out[start:start + n_q] = self.attend(q[start:start + n_q], keys, vals)
             start += n_q
         return out
+
+    def _torch_decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      page_idx: list[torch.Tensor], lens: list[int]) -> torch.Tensor:
+        """All sequences at once (one query each): keys gathered into a padded
+        [B, L, Hkv, D] block, rotated at positions 0..L-1, padding masked. A handful of ops
+        per layer whatever the batch size."""
+        b, n = len(lens), max(lens)
+        c = self.pool.page_size
+        offs = torch.arange(c, device=q.device)
+        slots = torch.zeros(b, n, dtype=torch.long, device=q.device)
+        for i, (pages, m) in enumerate(zip(page_idx, lens)):
+            slots[i, :m] = (pages[:, None] * c + offs).flatten()[:m]
+        keys = k_cache.view(-1, *k_cache.shape[2:])[slots]  # [B, L, Hkv, D] un-rotated
+        vals = v_cache.view(-1, *v_cache.shape[2:])[slots]
+        self.rope.ensure(n)
+        pos = torch.tensor(lens, device=q.device) - 1
+        qr = apply_rope(q, self.rope.cos[pos], self.rope.sin[pos])  # [B, Hq, D]
+        kr = apply_rope(keys, self.rope.cos[:n], self.rope.sin[:n])
+        k_pos = torch.arange(n, device=q.device)[None, :]
+        mask = k_pos <= pos[:, None]
+        if self.sliding_window is not None:
+            mask = mask & (pos[:, None] - k_pos < self.sliding_window)
+        o = F.scaled_dot_product_attention(
+            qr[:, :, None, :], kr.transpose(1, 2), vals.transpose(1, 2),
+            attn_mask=mask[:, None, None, :], scale=self.scale,
+            enable_gqa=kr.shape[2] != qr.shape[1])
+        return o[:, :, 0, :]
 
     def attend(self, q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
         """q [n_q, Hq, D] (the last n_q scope tokens), keys/vals [n_kv, Hkv, D] un-rotated,

@@ -74,6 +74,62 @@ def bench_hf(model, device: str, bs: int, prompt_len: int, gen_len: int, vocab: 
     return bs * prompt_len / t1, bs * (gen_len - 1) / max(tn - t1, 1e-9)
 
 
+def run_sides(args) -> list[dict]:
+    """Each side in its own process: a torch thread pool warmed by one side must not slow
+    the other (with OpenMP, two threads that both compute contend; see Engine)."""
+    import subprocess
+    import sys
+
+    results = {}
+    sides = ["ours"] + ([] if args.skip_hf else ["hf"])
+    for side in sides:
+        cmd = [sys.executable, __file__, "--side", side] + sys.argv[1:]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        results[side] = json.loads(out.strip().splitlines()[-1])
+    rows = results["ours"]
+    for row, ref in zip(rows, results.get("hf", [])):
+        row.update(ref)
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def run_side(args) -> list[dict]:
+    rows = []
+    if args.side == "ours":
+        from sglang_reattn import Engine
+
+        engine = Engine(args.model_path, device=args.device, dtype=args.dtype,
+                        log_level="warning", max_running_requests=max(args.batch_sizes),
+                        max_total_tokens=args.max_total_tokens,
+                        chunked_prefill_size=max(2048, 64 * ((args.prompt_len + 63) // 64)))
+        for bs in args.batch_sizes:
+            bench_ours(engine, bs, args.prompt_len, min(args.gen_len, 8), 999)  # warm-up
+            ours = [bench_ours(engine, bs, args.prompt_len, args.gen_len, i)
+                    for i in range(args.repeats)]
+            rows.append({"batch": bs, "dtype": str(engine.dtype).removeprefix("torch."),
+                         "ours_prefill": statistics.median(o[0] for o in ours),
+                         "ours_decode": statistics.median(o[1] for o in ours)})
+        engine.shutdown()
+        return rows
+    from transformers import AutoModelForCausalLM
+
+    from sglang_reattn.models.loader import resolve_model_path
+
+    path = resolve_model_path(args.model_path)
+    dtype = {"auto": torch.bfloat16 if args.device == "cuda" else torch.float32}.get(
+        args.dtype) or getattr(torch, args.dtype)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(args.device).eval()
+    vocab = hf.config.vocab_size
+    for bs in args.batch_sizes:
+        bench_hf(hf, args.device, bs, args.prompt_len, 4, vocab, 999)  # warm-up
+        ref = [bench_hf(hf, args.device, bs, args.prompt_len, args.gen_len, vocab, i)
+               for i in range(args.repeats)]
+        rows.append({"batch": bs, "hf_prefill": statistics.median(r[0] for r in ref),
+                     "hf_decode": statistics.median(r[1] for r in ref)})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model-path", default=None)
@@ -86,38 +142,17 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--max-total-tokens", type=int, default=1 << 17)
     ap.add_argument("--json", default=None, help="also write results here")
+    ap.add_argument("--side", choices=["ours", "hf"], default=None,
+                    help=argparse.SUPPRESS)  # internal: one side per process
     args = ap.parse_args()
 
-    from sglang_reattn import Engine
-
-    engine = Engine(args.model_path, device=args.device, dtype=args.dtype, log_level="warning",
-                    max_running_requests=max(args.batch_sizes),
-                    max_total_tokens=args.max_total_tokens,
-                    chunked_prefill_size=max(2048, 64 * ((args.prompt_len + 63) // 64)))
-    hf = None
-    if not args.skip_hf:
-        from transformers import AutoModelForCausalLM
-
-        hf = AutoModelForCausalLM.from_pretrained(engine.model_path, dtype=engine.dtype)
-        hf = hf.to(engine.device).eval()
-    rows = []
-    for bs in args.batch_sizes:
-        bench_ours(engine, bs, args.prompt_len, min(args.gen_len, 8), 999)  # warm-up
-        ours = [bench_ours(engine, bs, args.prompt_len, args.gen_len, i)
-                for i in range(args.repeats)]
-        row = {"batch": bs, "ours_prefill": statistics.median(o[0] for o in ours),
-               "ours_decode": statistics.median(o[1] for o in ours)}
-        if hf is not None:
-            vocab = engine.model_config.vocab_size
-            bench_hf(hf, args.device, bs, args.prompt_len, 4, vocab, 999)  # warm-up
-            ref = [bench_hf(hf, args.device, bs, args.prompt_len, args.gen_len, vocab, i)
-                   for i in range(args.repeats)]
-            row["hf_prefill"] = statistics.median(r[0] for r in ref)
-            row["hf_decode"] = statistics.median(r[1] for r in ref)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    engine.shutdown()
-    print(f"\nhardware: {hardware(args.device)}; dtype {engine.dtype}; prompt {args.prompt_len}, "
+    if args.side is None:
+        rows = run_sides(args)
+    else:
+        print(json.dumps(run_side(args)), flush=True)
+        return
+    dtype = rows[0].get("dtype", args.dtype)
+    print(f"\nhardware: {hardware(args.device)}; dtype {dtype}; prompt {args.prompt_len}, "
           f"gen {args.gen_len}; median of {args.repeats}")
     print("| batch | ours prefill tok/s | ours decode tok/s | hf prefill tok/s | "
           "hf decode tok/s | decode ratio |")

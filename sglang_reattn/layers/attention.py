@@ -101,6 +101,7 @@ class PagedAttention:
         self.scale = head_dim ** -0.5
         self.sliding_window = sliding_window
         self.use_triton = use_triton
+        self._slots_cache: tuple | None = None
         if use_triton:
             from sglang_reattn import kernels
 
@@ -153,17 +154,28 @@ class PagedAttention:
             start += n_q
         return out
 
+    def _decode_slots(self, page_idx: list[torch.Tensor], lens: list[int],
+                      device: torch.device) -> torch.Tensor:
+        """[B, L] flat slots of each sequence's scope tokens (0-padded). Every layer of a
+        step shares one scope layout unless ReAttention narrows it, so cache by identity."""
+        key = (id(page_idx), tuple(lens))
+        if self._slots_cache is not None and self._slots_cache[0] == key:
+            return self._slots_cache[1]
+        c = self.pool.page_size
+        offs = torch.arange(c, device=device)
+        slots = torch.zeros(len(lens), max(lens), dtype=torch.long, device=device)
+        for i, (pages, m) in enumerate(zip(page_idx, lens)):
+            slots[i, :m] = (pages[:, None] * c + offs).flatten()[:m]
+        self._slots_cache = (key, slots, page_idx)  # keep page_idx alive: ids stay unique
+        return slots
+
     def _torch_decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       page_idx: list[torch.Tensor], lens: list[int]) -> torch.Tensor:
         """All sequences at once (one query each): keys gathered into a padded
         [B, L, Hkv, D] block, rotated at positions 0..L-1, padding masked. A handful of ops
         per layer whatever the batch size."""
         b, n = len(lens), max(lens)
-        c = self.pool.page_size
-        offs = torch.arange(c, device=q.device)
-        slots = torch.zeros(b, n, dtype=torch.long, device=q.device)
-        for i, (pages, m) in enumerate(zip(page_idx, lens)):
-            slots[i, :m] = (pages[:, None] * c + offs).flatten()[:m]
+        slots = self._decode_slots(page_idx, lens, q.device)
         keys = k_cache.view(-1, *k_cache.shape[2:])[slots]  # [B, L, Hkv, D] un-rotated
         vals = v_cache.view(-1, *v_cache.shape[2:])[slots]
         self.rope.ensure(n)

@@ -51,11 +51,10 @@ class EngineArgs:
     reattn_summary: str = "minmax"  # chunk key summary: minmax (Quest bound) | mean
     reattn_combine: str = "sum"  # heads -> one selection: sum | max (per-head normalized)
     disable_reattn: bool = False
-    # --- disk tier (--kv-store-*) ---
+    # --- disk tier (--kv-store-*): used when --kv-store-path is given ---
     kv_store_path: str | None = None
     kv_store_capacity: str = "64GiB"
     kv_store_codec: str = "zstd-planes"
-    disable_kv_store: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:

@@ -117,9 +117,18 @@ class Engine:
             use_cuda_graph=use_triton and not args.disable_cuda_graph,
             cuda_graph_max_bs=min(args.cuda_graph_max_bs, args.max_running_requests),
         )
+        self.store_tier = None
+        if args.kv_store_path:
+            from sglang_reattn.engine.store_tier import StoreTier, engine_fingerprint
+
+            fp = engine_fingerprint(cfg, self.dtype, c, self.tokenizer, self.model)
+            refresh = getattr(self.attn, "refresh_summaries", lambda pages: None)
+            self.store_tier = StoreTier(args.kv_store_path, fp, args.kv_store_capacity,
+                                        args.kv_store_codec, self.pool, refresh)
         self.scheduler = Scheduler(self.runner, self.pool, self.tokenizer, c,
                                    args.max_running_requests, args.chunked_prefill_size,
-                                   use_radix=not args.disable_radix_cache)
+                                   use_radix=not args.disable_radix_cache,
+                                   store=self.store_tier)
         self._sample_gen = torch.Generator(device=self.device).manual_seed(args.random_seed)
         logger.info("engine ready: %s on %s/%s, %d KV pages of %d tokens, in %.1fs",
                     cfg.architecture, self.device, self.dtype, self.pool.num_pages, c,
@@ -160,6 +169,8 @@ class Engine:
                 logger.exception("engine step failed; aborting in-flight requests")
                 sched.abort_all(f"internal error: {type(e).__name__}: {e}")
         sched.abort_all("engine shut down")
+        if self.store_tier is not None:
+            self.store_tier.close()
 
     def _handle(self, item: tuple) -> None:
         kind = item[0]
@@ -359,6 +370,7 @@ class Engine:
             "kv_pages_free": self.pool.num_free,
             "kv_pages_total": self.pool.num_pages - 1,
             "radix_cache_pages": s.cache.num_pages if s.cache is not None else 0,
+            **(self.store_tier.stats if self.store_tier is not None else {}),
             **s.counters,
         }
 

@@ -46,6 +46,7 @@ class Request:
     tree_node: Any = None  # deepest locked radix node
     num_tree_pages: int = 0  # leading pages owned by the radix tree
     cached_tokens: int = 0
+    num_saved: int = 0  # leading full chunks already handed to the disk tier
     finish_reason: dict[str, Any] | None = None
     aborted: bool = False
     text: str = ""

@@ -24,14 +24,16 @@ logger = logging.getLogger(__name__)
 
 class Scheduler:
     def __init__(self, runner: ModelRunner, pool: KVPool, tokenizer, page_size: int,
-                 max_running: int, chunked_prefill_size: int, use_radix: bool) -> None:
+                 max_running: int, chunked_prefill_size: int, use_radix: bool,
+                 store=None) -> None:
         self.runner = runner
         self.pool = pool
         self.tokenizer = tokenizer
         self.c = page_size
         self.max_running = max_running
         self.prefill_budget = chunked_prefill_size
-        self.cache = RadixCache(page_size) if use_radix else None
+        self.cache = RadixCache(page_size) if use_radix or store is not None else None
+        self.store = store  # StoreTier or None
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "cached_tokens": 0,
@@ -99,6 +101,9 @@ class Scheduler:
         self.cache.inc_lock(res.node)
         r.tree_node = res.node
         r.num_tree_pages = n_full
+        if self.store is not None:
+            self.store.save(r.all_ids, r.pages[:n_full], r.num_saved, r.namespace)
+            r.num_saved = n_full
 
     # ------------------------------------------------------------------ admission
 
@@ -114,6 +119,27 @@ class Scheduler:
             self.waiting.popleft()
             self.running.append(r)
 
+    def _extend_from_store(self, r: Request, ids: list[int], matched: list[int],
+                           limit: int) -> list[int]:
+        """Continue the radix match with chunks from the disk tier: load them into fresh
+        pages and insert them into the tree, as if this process had computed them."""
+        have = len(matched)
+        stored = self.store.lookup(ids, r.namespace, have, limit // self.c)
+        if not stored or not self._ensure_free(len(stored)):
+            return matched
+        pages = self.pool.allocate(len(stored))
+        n = self.store.load(stored, pages)
+        self.pool.free(pages[n:])
+        if n == 0:
+            return matched
+        res = self.cache.insert(ids[: (have + n) * self.c], matched + pages[:n], r.namespace)
+        self.pool.free(res.duplicates)
+        self.cache.dec_lock(r.tree_node)
+        self.cache.inc_lock(res.node)
+        r.tree_node = res.node
+        r.num_saved = have + n
+        return res.pages
+
     def _try_admit(self, r: Request) -> bool:
         ids = r.all_ids
         matched: list[int] = []
@@ -125,6 +151,8 @@ class Scheduler:
             matched = m.pages
             self.cache.inc_lock(m.node)
             r.tree_node = m.node
+            if self.store is not None:
+                matched = self._extend_from_store(r, ids, matched, limit)
         # Room for the whole prompt plus one decode page, so admitted prefills finish.
         need = (len(ids) + self.c) // self.c - len(matched)
         if not self._ensure_free(need):

@@ -122,6 +122,19 @@ class ReAttention(PagedAttention):
         pick = (lambda t: None if t is None else t[layer_id])
         return pick(self.kmin), pick(self.kmax), pick(self.kmean)
 
+    def refresh_summaries(self, pages: torch.Tensor) -> None:
+        """Recompute the summaries of whole pages from their keys (chunks loaded from the
+        disk tier)."""
+        full = torch.full_like(pages, self.pool.page_size)
+        for layer in range(self.pool.k.shape[0]):
+            kmin, kmax, kmean = self._kernels.chunk_summaries_ref(self.pool.k[layer], pages, full)
+            smin, smax, smean = self._summaries(layer)
+            if smin is not None:
+                smin[pages] = kmin
+                smax[pages] = kmax
+            if smean is not None:
+                smean[pages] = kmean
+
     def store(self, layer_id: int, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> None:
         if self.use_triton:
             self._kernels.store_kv(k, v, self.pool.k[layer_id], self.pool.v[layer_id],

@@ -1,0 +1,42 @@
+"""The disk tier in the engine: chunks written behind, reused after a restart."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sglang_reattn import Engine
+from sglang_reattn.kv_store import ModelMismatch
+from sglang_reattn.testing import make_tiny_model
+
+GREEDY = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
+OPTS = dict(device="cpu", reattn_chunk_size=16, chunked_prefill_size=64, log_level="warning")
+
+
+def _ids(n: int, seed: int) -> list[int]:
+    return torch.randint(3, 49152, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_restart_reuses_stored_prefix(tmp_path, tiny_llama):
+    doc = _ids(900, 1)  # beyond the tiny model's 512 trained positions: ReAttention selects
+    store = str(tmp_path / "store")
+    with Engine(tiny_llama, **OPTS) as plain:
+        want = plain.generate(input_ids=doc + _ids(5, 3), sampling_params=GREEDY)["output_ids"]
+    with Engine(tiny_llama, kv_store_path=store, **OPTS) as first:
+        first.generate(input_ids=doc + _ids(5, 2), sampling_params=GREEDY)
+        first.store_tier.flush()
+        assert first.stats()["store_chunks_written"] >= 900 // 16
+    with Engine(tiny_llama, kv_store_path=store, **OPTS) as second:  # a "restart"
+        out = second.generate(input_ids=doc + _ids(5, 3), sampling_params=GREEDY)
+        assert out["meta_info"]["cached_tokens"] >= 0.95 * (900 // 16 * 16)
+        assert second.stats()["store_chunks_loaded"] >= 900 // 16 - 1
+    assert out["output_ids"] == want
+
+
+def test_store_of_another_model_is_refused(tmp_path, tiny_llama):
+    store = str(tmp_path / "store")
+    with Engine(tiny_llama, kv_store_path=store, **OPTS) as eng:
+        eng.generate(input_ids=_ids(40, 4), sampling_params=GREEDY)
+    other = make_tiny_model(str(tmp_path / "other"), "llama", seed=99)
+    with pytest.raises(ModelMismatch, match="weights_hash"):
+        Engine(other, kv_store_path=store, **OPTS)

@@ -40,3 +40,36 @@ def test_store_of_another_model_is_refused(tmp_path, tiny_llama):
     other = make_tiny_model(str(tmp_path / "other"), "llama", seed=99)
     with pytest.raises(ModelMismatch, match="weights_hash"):
         Engine(other, kv_store_path=store, **OPTS)
+
+
+def test_corrupt_block_is_detected_recomputed_and_answers_stay(tmp_path, tiny_llama):
+    import lmdb
+
+    from sglang_reattn.kv_store import chunk_hashes
+
+    doc = _ids(400, 7)
+    store = str(tmp_path / "store")
+    with Engine(tiny_llama, **OPTS) as plain:
+        want = plain.generate(input_ids=doc + _ids(5, 8), sampling_params=GREEDY)["output_ids"]
+    with Engine(tiny_llama, kv_store_path=store, **OPTS) as first:
+        first.generate(input_ids=doc, sampling_params=GREEDY)
+        first.store_tier.flush()
+    # Flip a byte inside layer 1's KV block of the 10th chunk, behind the store's back.
+    bad = chunk_hashes(doc, 16)[9]
+    env = lmdb.open(store, max_dbs=16)
+    db = env.open_db(b"kv", create=False)
+    with env.begin(write=True) as txn:
+        key = bytes.fromhex(bad) + (1).to_bytes(2, "big")
+        val = bytearray(txn.get(key, db=db))
+        val[len(val) // 2] ^= 0x5A
+        txn.put(key, bytes(val), db=db)
+    env.close()
+    with Engine(tiny_llama, kv_store_path=store, **OPTS) as second:
+        out = second.generate(input_ids=doc + _ids(5, 8), sampling_params=GREEDY)
+        stats = second.stats()
+        assert stats["store_corrupt_blocks"] == 1
+        # Chunks before the bad one came from the store; the rest were recomputed.
+        assert out["meta_info"]["cached_tokens"] == 9 * 16
+        assert out["output_ids"] == want
+        second.store_tier.flush()
+        assert second.store_tier.store.has_many([bad]) == [True]  # published again

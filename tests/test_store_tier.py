@@ -73,3 +73,25 @@ def test_corrupt_block_is_detected_recomputed_and_answers_stay(tmp_path, tiny_ll
         assert out["output_ids"] == want
         second.store_tier.flush()
         assert second.store_tier.store.has_many([bad]) == [True]  # published again
+
+
+def test_ingest_cli_names_a_reusable_context(tmp_path, tiny_llama, capsys):
+    from sglang_reattn.ingest import main as ingest
+    from sglang_reattn.kv_store import ChunkStore
+
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The pass key is 12345. " + "The grass is green. The sky is blue. " * 60)
+    store = str(tmp_path / "store")
+    flags = ["--model-path", tiny_llama, "--kv-store-path", store, "--device", "cpu",
+             "--reattn-chunk-size", "16", "--chunked-prefill-size", "64",
+             "--log-level", "warning"]
+    assert ingest([str(doc), "--name", "grass", "--pin"] + flags) == 0
+    with ChunkStore(store, None, readonly=True) as s:
+        ctx = {c.name: c for c in s.list_contexts()}["grass"]
+        assert ctx.pinned and ctx.token_count >= 16 * 20
+    with Engine(tiny_llama, kv_store_path=store, **OPTS) as eng:
+        ids = eng.tokenizer.encode(doc.read_text())
+        out = eng.generate(input_ids=ids + _ids(4, 9), sampling_params=GREEDY)
+        assert out["meta_info"]["cached_tokens"] >= 0.95 * (len(ids) // 16 * 16)
+    assert ingest([str(tmp_path / "missing.txt"), "--name", "x"] + flags) == 2
+    assert "cannot read" in capsys.readouterr().err

@@ -123,6 +123,16 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type, groups: dict) -> Non
         group.add_argument(flag, **kwargs)
 
 
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """Every `EngineArgs` field as a flag, grouped like launch_server's (for other CLIs)."""
+    _add_fields(parser, EngineArgs, {})
+
+
+def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
+    names = {f.name for f in dataclasses.fields(EngineArgs)}
+    return EngineArgs(**{k: v for k, v in vars(ns).items() if k in names})
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m sglang_reattn.launch_server",

@@ -1,0 +1,85 @@
+"""Prefill a document into the KV store and name it.
+
+  python -m sglang_reattn.ingest [--model-path ...] [--kv-store-path DIR] FILE --name NAME
+
+Takes the same model and engine flags as launch_server. The document is prefilled piece
+by piece (each piece reuses everything before it from the prefix cache), its completed
+chunks are written into the store, and the chain is recorded as a named context, so later
+requests, server runs and processes reuse it instead of recomputing it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Sequence
+
+from sglang_reattn.errors import ReAttnError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from sglang_reattn.server.args import add_engine_args
+
+    p = argparse.ArgumentParser(prog="python -m sglang_reattn.ingest", allow_abbrev=False,
+                                description=__doc__.splitlines()[0])
+    p.add_argument("file", help="text file to ingest ('-' for standard input)")
+    p.add_argument("--name", required=True, help="name of the context")
+    p.add_argument("--namespace", default="", help="cache salt / extra_key of the context")
+    p.add_argument("--pin", action="store_true", help="pin the context against eviction")
+    add_engine_args(p)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from tqdm import tqdm
+
+    from sglang_reattn.engine.engine import Engine
+    from sglang_reattn.kv_store import chunk_hashes
+    from sglang_reattn.models.loader import cache_dir
+    from sglang_reattn.server.args import engine_args_from
+
+    ns = build_parser().parse_args(argv)
+    try:
+        args = engine_args_from(ns)
+    except ReAttnError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not args.kv_store_path:
+        args.kv_store_path = os.path.join(cache_dir(), "kv_store")
+    try:
+        text = sys.stdin.read() if ns.file == "-" else open(ns.file, encoding="utf-8").read()
+    except (OSError, UnicodeDecodeError) as e:
+        print(f"error: cannot read {ns.file}: {e}", file=sys.stderr)
+        return 2
+    opts = args.to_dict()
+    with Engine(opts.pop("model_path"), **opts) as eng:
+        ids = eng.tokenizer.encode(text)
+        c, piece = args.reattn_chunk_size, args.chunked_prefill_size
+        full = len(ids) // c * c
+        if full == 0:
+            print(f"error: the document has {len(ids)} tokens, less than one chunk ({c})",
+                  file=sys.stderr)
+            return 2
+        t0 = time.perf_counter()
+        with tqdm(total=len(ids), unit="tok", unit_scale=True, desc=ns.name) as bar:
+            done = 0
+            while done < len(ids):
+                end = min(done + piece, len(ids))
+                eng.generate(input_ids=ids[:end], sampling_params={"max_new_tokens": 1},
+                             extra_key=ns.namespace or None)
+                bar.update(end - done)
+                done = end
+        eng.store_tier.flush()
+        last = chunk_hashes(ids[:full], c, ns.namespace)[-1]
+        eng.store_tier.store.put_context(ns.name, last, full, namespace=ns.namespace,
+                                         pinned=ns.pin)
+        dt = time.perf_counter() - t0
+        print(f"ingested {ns.name!r}: {len(ids)} tokens ({full // c} chunks stored) in "
+              f"{dt:.1f}s, {len(ids) / dt:.0f} tok/s, store {args.kv_store_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

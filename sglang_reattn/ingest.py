@@ -36,7 +36,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tqdm import tqdm
 
     from sglang_reattn.engine.engine import Engine
-    from sglang_reattn.kv_store import chunk_hashes
     from sglang_reattn.models.loader import cache_dir
     from sglang_reattn.server.args import engine_args_from
 
@@ -55,29 +54,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     opts = args.to_dict()
     with Engine(opts.pop("model_path"), **opts) as eng:
-        ids = eng.tokenizer.encode(text)
-        c, piece = args.reattn_chunk_size, args.chunked_prefill_size
-        full = len(ids) // c * c
-        if full == 0:
-            print(f"error: the document has {len(ids)} tokens, less than one chunk ({c})",
-                  file=sys.stderr)
-            return 2
+        n_tokens = len(eng.tokenizer.encode(text))
         t0 = time.perf_counter()
-        with tqdm(total=len(ids), unit="tok", unit_scale=True, desc=ns.name) as bar:
-            done = 0
-            while done < len(ids):
-                end = min(done + piece, len(ids))
-                eng.generate(input_ids=ids[:end], sampling_params={"max_new_tokens": 1},
-                             extra_key=ns.namespace or None)
-                bar.update(end - done)
-                done = end
-        eng.store_tier.flush()
-        last = chunk_hashes(ids[:full], c, ns.namespace)[-1]
-        eng.store_tier.store.put_context(ns.name, last, full, namespace=ns.namespace,
-                                         pinned=ns.pin)
+        try:
+            with tqdm(total=n_tokens, unit="tok", unit_scale=True, desc=ns.name) as bar:
+                info = eng.ingest(ns.name, text=text, namespace=ns.namespace, pin=ns.pin,
+                                  progress=bar.update)
+        except ReAttnError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         dt = time.perf_counter() - t0
-        print(f"ingested {ns.name!r}: {len(ids)} tokens ({full // c} chunks stored) in "
-              f"{dt:.1f}s, {len(ids) / dt:.0f} tok/s, store {args.kv_store_path}")
+        print(f"ingested {ns.name!r}: {n_tokens} tokens ({info['tokens']} in full chunks "
+              f"stored) in {dt:.1f}s, {n_tokens / dt:.0f} tok/s, store {args.kv_store_path}")
     return 0
 
 

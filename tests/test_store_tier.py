@@ -95,3 +95,28 @@ def test_ingest_cli_names_a_reusable_context(tmp_path, tiny_llama, capsys):
         assert out["meta_info"]["cached_tokens"] >= 0.95 * (len(ids) // 16 * 16)
     assert ingest([str(tmp_path / "missing.txt"), "--name", "x"] + flags) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_named_context_api(tmp_path, tiny_llama):
+    from sglang_reattn.errors import InvalidRequest
+
+    doc, question = _ids(300, 11), _ids(6, 12)
+    with Engine(tiny_llama, **OPTS) as plain:
+        want = plain.generate(input_ids=doc + question, sampling_params=GREEDY)["output_ids"]
+    store = str(tmp_path / "store")
+    with Engine(tiny_llama, kv_store_path=store, **OPTS) as eng:
+        info = eng.ingest("doc", input_ids=doc, namespace="tenant-a")
+        assert info["tokens"] == 288 and not info["pinned"] and info["bytes"] > 0
+    with Engine(tiny_llama, kv_store_path=store, **OPTS) as eng:  # another server run
+        assert [c["name"] for c in eng.list_contexts()] == ["doc"]
+        assert eng.pin_context("doc")["pinned"]
+        out = eng.generate(input_ids=question, sampling_params=GREEDY, context="doc")
+        assert out["output_ids"] == want
+        assert out["meta_info"]["cached_tokens"] == 288
+        with pytest.raises(InvalidRequest, match="unknown context"):
+            eng.generate(input_ids=question, context="nope")
+        eng.delete_context("doc")
+        assert eng.list_contexts() == []
+    with Engine(tiny_llama, **OPTS) as no_store:
+        with pytest.raises(InvalidRequest, match="--kv-store-path"):
+            no_store.list_contexts()

@@ -20,6 +20,7 @@ import torch
 
 from sglang_reattn import __version__
 from sglang_reattn.config import EngineArgs, resolve_reattn
+from sglang_reattn.engine.contexts import NamedContexts
 from sglang_reattn.engine.grammar import GrammarBackend
 from sglang_reattn.engine.model_runner import ModelRunner
 from sglang_reattn.engine.request import LogprobOptions, Request
@@ -36,7 +37,7 @@ logger = logging.getLogger("sglang_reattn")
 _CPU_KV_BUDGET = 2 << 30
 
 
-class Engine:
+class Engine(NamedContexts):
     def __init__(self, model_path: str | None = None, **options: Any) -> None:
         self.args = args = EngineArgs.from_kwargs(model_path, **options)
         logging.basicConfig(level=args.log_level.upper(),
@@ -290,7 +291,9 @@ class Engine:
     def generate(self, prompt=None, sampling_params=None, input_ids=None,
                  return_logprob: bool = False, logprob_start_len: int | None = None,
                  top_logprobs_num: int | None = None, return_text_in_logprobs: bool = False,
-                 stream: bool = False, rid=None, extra_key: str | None = None):
+                 stream: bool = False, rid=None, extra_key: str | None = None,
+                 context: str | None = None):
+        prompt, input_ids, extra_key = self._with_context(context, prompt, input_ids, extra_key)
         items, is_batch = self._build(prompt, sampling_params, input_ids, return_logprob,
                                       logprob_start_len, top_logprobs_num,
                                       return_text_in_logprobs, stream, rid, extra_key)
@@ -322,8 +325,12 @@ class Engine:
                              return_logprob: bool = False, logprob_start_len: int | None = None,
                              top_logprobs_num: int | None = None,
                              return_text_in_logprobs: bool = False, stream: bool = False,
-                             rid=None, extra_key: str | None = None):
+                             rid=None, extra_key: str | None = None,
+                             context: str | None = None):
         loop = asyncio.get_running_loop()
+        if context is not None:
+            prompt, input_ids, extra_key = await loop.run_in_executor(
+                None, self._with_context, context, prompt, input_ids, extra_key)
         # Tokenizing and compiling grammars can take long: keep them off the event loop.
         items, is_batch = await loop.run_in_executor(
             None, self._build, prompt, sampling_params, input_ids, return_logprob,

@@ -20,7 +20,10 @@ class NamedContexts:
                namespace: str = "", pin: bool = False,
                progress: Callable[[int], None] | None = None) -> dict[str, Any]:
         """Prefill a document piece by piece (each piece reuses all before it), store its
-        chunks and record them under `name`. Returns the context's description."""
+        chunks and record them under `name`. Returns the context's description.
+
+        A context is made of whole chunks: a trailing partial chunk (fewer than
+        --reattn-chunk-size tokens) is not part of it; send those tokens with the prompt."""
         tier = self._tier()
         if not isinstance(name, str) or not name or "/" in name:
             raise InvalidRequest("a context name must be a non-empty string without '/'")

@@ -31,7 +31,7 @@ from sglang_reattn.server.http_errors import (
     status_of,
 )
 from sglang_reattn.server.metrics import CONTENT_TYPE, ServerMetrics
-from sglang_reattn.server.protocol import GenerateRequest, SamplingParams
+from sglang_reattn.server.protocol import ContextRequest, GenerateRequest, SamplingParams
 from sglang_reattn.server.runner import ClientGone, GenerateItem, Runner
 from sglang_reattn.server.sse import DONE, ClosingStreamingResponse, event
 
@@ -189,6 +189,30 @@ def _add_native_routes(app: FastAPI, state: ServerState) -> None:
             return PlainTextResponse("Cache not flushed: requests are running; retry when "
                                      "the server is idle.", status_code=400)
         return PlainTextResponse("Cache flushed.\n", status_code=200)
+
+    @app.get("/contexts")
+    async def list_contexts() -> dict[str, Any]:
+        return {"contexts": await asyncio.to_thread(engine.list_contexts)}
+
+    @app.post("/contexts")
+    async def create_context(request: Request) -> dict[str, Any]:
+        req: ContextRequest = await state.parse(request, ContextRequest)
+        return await asyncio.to_thread(engine.ingest, req.name, text=req.text,
+                                       input_ids=req.input_ids, namespace=req.namespace,
+                                       pin=req.pin)
+
+    @app.delete("/contexts/{name}")
+    async def delete_context(name: str) -> dict[str, Any]:
+        await asyncio.to_thread(engine.delete_context, name)
+        return {"deleted": name}
+
+    @app.post("/contexts/{name}/pin")
+    async def pin_context(name: str) -> dict[str, Any]:
+        return await asyncio.to_thread(engine.pin_context, name, True)
+
+    @app.post("/contexts/{name}/unpin")
+    async def unpin_context(name: str) -> dict[str, Any]:
+        return await asyncio.to_thread(engine.pin_context, name, False)
 
     @app.post("/abort_request")
     async def abort_request(request: Request) -> Response:

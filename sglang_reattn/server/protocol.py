@@ -103,6 +103,7 @@ class GenerateRequest(BaseModel):
     rid: str | list[str] | None = None
     extra_key: str | None = None
     cache_salt: str | None = None  # SGLang's name of the prefix-cache namespace
+    context: str | None = None  # a named context (see /contexts) put before each prompt
     log_metrics: bool = True
     # SGLang fields accepted only as null / false.
     image_data: Any = None
@@ -182,6 +183,7 @@ class GenerateRequest(BaseModel):
                 return_text_in_logprobs=self.return_text_in_logprobs,
                 rid=rids[i],
                 extra_key=self.extra_key if self.extra_key is not None else self.cache_salt,
+                context=self.context,
             )
             for i, prompt in enumerate(prompts)
         ]
@@ -199,6 +201,7 @@ class GenerateItem(BaseModel):
     return_text_in_logprobs: bool = False
     rid: str | None = None
     extra_key: str | None = None
+    context: str | None = None
 
     @property
     def n(self) -> int:
@@ -218,4 +221,24 @@ class GenerateItem(BaseModel):
         }
         if self.extra_key is not None:
             kwargs["extra_key"] = self.extra_key
+        if self.context is not None:
+            kwargs["context"] = self.context
         return kwargs
+
+
+class ContextRequest(BaseModel):
+    """POST /contexts: ingest a document as a named context."""
+
+    model_config = STRICT
+
+    name: str
+    text: str | None = None
+    input_ids: list[int] | None = None
+    namespace: str = ""
+    pin: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> ContextRequest:
+        if (self.text is None) == (self.input_ids is None):
+            raise ValueError("give exactly one of 'text' and 'input_ids'")
+        return self

@@ -31,6 +31,10 @@ def test_contexts_routes_and_reuse_across_restart(tiny_llama, tmp_path):
             "text": " What is the pass key?", "context": "doc",
             "sampling_params": greedy}).json()
         assert out["meta_info"]["cached_tokens"] >= 16 * 10
+        metrics = requests.get(srv.url + "/metrics", timeout=30).text
+        loaded = [line for line in metrics.splitlines()
+                  if line.startswith("sglang_reattn:store_chunks_loaded{")]
+        assert loaded and float(loaded[0].split()[-1]) >= 10
         miss = requests.post(srv.url + "/generate", timeout=30, json={
             "text": "hi", "context": "nope", "sampling_params": greedy})
         assert miss.status_code == 400 and "unknown context" in miss.text

@@ -29,6 +29,19 @@ _ITL_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05,
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
+_ENGINE_GAUGES = {
+    "kv_pages_free": "Free pages of the in-memory KV pool",
+    "kv_pages_total": "Pages of the in-memory KV pool",
+    "radix_cache_pages": "Pages held by the in-memory prefix cache",
+    "preemptions": "Requests preempted for lack of KV pages (total)",
+    "store_chunks_written": "Chunks written into the disk tier (total)",
+    "store_chunks_loaded": "Chunks served from the disk tier instead of recomputed (total)",
+    "store_bytes_loaded": "KV bytes read from the disk tier (total)",
+    "store_write_errors": "Failed disk-tier write batches (total)",
+    "store_corrupt_blocks": "Disk-tier blocks that failed their checksum (total)",
+}
+
+
 class ServerMetrics:
     """One registry per app, so several servers in one process (tests) do not collide."""
 
@@ -60,6 +73,12 @@ class ServerMetrics:
                              labels, registry=r)
         self._inflight = Gauge("sglang:num_inflight_http_requests", "Generation requests "
                                "open in the HTTP server", labels, registry=r)
+        # Engine-side gauges, read from engine.stats() at scrape time: KV pool, radix
+        # cache and disk tier (chunks and bytes moved, errors).
+        self._engine_gauges = {
+            key: Gauge(f"sglang_reattn:{key}", help_text, labels, registry=r)
+            for key, help_text in _ENGINE_GAUGES.items()
+        }
         self._model = model_name
 
     def request_opened(self) -> None:
@@ -93,6 +112,9 @@ class ServerMetrics:
             stats = {}
         self._running.labels(self._model).set(stats.get("num_running_reqs", 0))
         self._queued.labels(self._model).set(stats.get("num_waiting_reqs", 0))
+        for key, gauge in self._engine_gauges.items():
+            if key in stats:
+                gauge.labels(self._model).set(stats[key])
         return generate_latest(self.registry)
 
 

@@ -58,12 +58,12 @@ def main() -> None:
         pages = m.pages  # full chunks of the prompt
         n_full = len(pages)
         # the needle's chunk: where the key's digits first appear
-        text_ids = eng.tokenizer.encode(f" The pass key is {key}. Remember it. {key} is the pass key. ")
+        needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
+        text_ids = eng.tokenizer.encode(needle)  # as build_prompt encodes it
         needle_pos = next(i for i in range(len(ids)) if ids[i:i + len(text_ids)] == text_ids)
         needle_chunk = needle_pos // c
         cand = torch.tensor([list(range(1, n_full - 1))], dtype=torch.int32)  # skip sink/last
         page_ids = torch.tensor(pages, dtype=torch.int32)
-        cand_pages = page_ids[cand.long()]
         num = torch.tensor([cand.shape[1]], dtype=torch.int32)
         for layer in range(eng.model_config.num_layers):
             q = captured[layer].float()  # [1, Hq, D]

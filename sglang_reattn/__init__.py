@@ -1,4 +1,6 @@
-"""sglang_reattn: an SGLang-compatible server with ReAttention (bounded scope, unbounded context)."""
+"""sglang_reattn: an SGLang-compatible server with ReAttention.
+
+Bounded attention scope, unbounded context."""
 
 from __future__ import annotations
 

@@ -231,7 +231,8 @@ class Engine(NamedContexts):
         if not ids_list:
             raise InvalidRequest("empty batch")
         n_prompts = len(ids_list)
-        sp_list = sampling_params if isinstance(sampling_params, list) else [sampling_params] * n_prompts
+        sp_list = (sampling_params if isinstance(sampling_params, list)
+                   else [sampling_params] * n_prompts)
         if len(sp_list) != n_prompts:
             raise InvalidRequest(f"{len(sp_list)} sampling_params for {n_prompts} prompts")
         rids = rid if isinstance(rid, list) else [rid] * n_prompts

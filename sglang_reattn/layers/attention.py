@@ -56,7 +56,7 @@ class KVPool:
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int,
                         dtype: torch.dtype) -> int:
-        return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+        return 2 * num_layers * num_kv_heads * head_dim * dtype.itemsize
 
 
 @dataclass
@@ -174,7 +174,7 @@ class PagedAttention:
         """All sequences at once (one query each): keys gathered into a padded
         [B, L, Hkv, D] block, rotated at positions 0..L-1, padding masked. A handful of ops
         per layer whatever the batch size."""
-        b, n = len(lens), max(lens)
+        n = max(lens)
         slots = self._decode_slots(page_idx, lens, q.device)
         keys = k_cache.view(-1, *k_cache.shape[2:])[slots]  # [B, L, Hkv, D] un-rotated
         vals = v_cache.view(-1, *v_cache.shape[2:])[slots]

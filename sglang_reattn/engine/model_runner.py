@@ -96,9 +96,10 @@ class ModelRunner:
         if self.reattn is not None:
             batch.scope_plan = build_scope_plan(self.reattn, pages_full(reqs),
                                                 [r.num_computed for r in reqs], q_lens, dev)
-            done = completed_pages(pages_full(reqs), [r.num_computed for r in reqs], q_lens,
-                                   self.page_size)
-            batch.completed_pages = torch.tensor(done, dtype=torch.long).to(dev)
+            if not self.attn.use_triton:  # the Triton store keeps running summaries itself
+                done = completed_pages(pages_full(reqs), [r.num_computed for r in reqs],
+                                       q_lens, self.page_size)
+                batch.completed_pages = torch.tensor(done, dtype=torch.long).to(dev)
         return torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True), batch
 
     # ------------------------------------------------------------------ execution

@@ -122,18 +122,21 @@ class ReAttention(PagedAttention):
         pick = (lambda t: None if t is None else t[layer_id])
         return pick(self.kmin), pick(self.kmax), pick(self.kmean)
 
-    def refresh_summaries(self, pages: torch.Tensor) -> None:
-        """Recompute the summaries of whole pages from their keys (chunks loaded from the
-        disk tier)."""
+    def _summarize_pages(self, layer_id: int, pages: torch.Tensor) -> None:
+        """Recompute one layer's summaries of whole pages from their keys."""
         full = torch.full_like(pages, self.pool.page_size)
+        kmin, kmax, kmean = self._kernels.chunk_summaries_ref(self.pool.k[layer_id], pages, full)
+        smin, smax, smean = self._summaries(layer_id)
+        if smin is not None:
+            smin[pages] = kmin
+            smax[pages] = kmax
+        if smean is not None:
+            smean[pages] = kmean
+
+    def refresh_summaries(self, pages: torch.Tensor) -> None:
+        """Summaries of whole pages, every layer (chunks loaded from the disk tier)."""
         for layer in range(self.pool.k.shape[0]):
-            kmin, kmax, kmean = self._kernels.chunk_summaries_ref(self.pool.k[layer], pages, full)
-            smin, smax, smean = self._summaries(layer)
-            if smin is not None:
-                smin[pages] = kmin
-                smax[pages] = kmax
-            if smean is not None:
-                smean[pages] = kmean
+            self._summarize_pages(layer, pages)
 
     def store(self, layer_id: int, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> None:
         if self.use_triton:
@@ -146,16 +149,8 @@ class ReAttention(PagedAttention):
         # decode step down to two small writes per layer on the CPU.
         super().store(layer_id, k, v, batch)
         done = batch.completed_pages
-        if done is None or done.numel() == 0:
-            return
-        full = torch.full_like(done, self.pool.page_size)
-        kmin, kmax, kmean = self._kernels.chunk_summaries_ref(self.pool.k[layer_id], done, full)
-        smin, smax, smean = self._summaries(layer_id)
-        if smin is not None:
-            smin[done] = kmin
-            smax[done] = kmax
-        if smean is not None:
-            smean[done] = kmean
+        if done is not None and done.numel():
+            self._summarize_pages(layer_id, done)
 
     def forward(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 batch: ForwardBatch) -> torch.Tensor:

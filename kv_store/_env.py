@@ -1,4 +1,9 @@
-"""The LMDB environment of one store: opening, the writer lock, transactions, map growth.
+"""The LMDB environment of one store: opening, transactions, map growth.
+
+Any number of processes may open a store for writing: LMDB serializes write transactions
+across processes with its own robust mutex (a writer killed mid-transaction releases it and
+its transaction is simply never committed), and readers never wait. A process opens one
+store path once (LMDB's file locks are per process); threads share that ChunkStore.
 
 Transactions run through :meth:`Env.write` / :meth:`Env.read`, which count the ones in
 flight: LMDB allows changing the map size only while no transaction of this process is
@@ -10,7 +15,6 @@ while the scheduler writes).
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import threading
@@ -33,7 +37,6 @@ class Env:
         self.readonly = readonly
         self.max_map_size = 0  # set by the store once the capacity is known
         self._pid = os.getpid()
-        self._lock_fd: int | None = None
         self._cv = threading.Condition()
         self._active = 0  # transactions in flight in this process
         self._resizing = False
@@ -43,7 +46,6 @@ class Env:
             raise StoreError(f"no chunk store at {path}")
         if not readonly:
             os.makedirs(path, exist_ok=True)
-            self._take_writer_lock()
         file_size = os.path.getsize(data_file) if exists else 0
         # a reader maps what exists and follows the writer's growth (MapResizedError)
         size = max(_MIN_MAP, file_size if readonly else max(initial_map_size, file_size))
@@ -52,22 +54,20 @@ class Env:
                 path, map_size=size, max_dbs=len(DB_NAMES), readonly=readonly, lock=True,
                 readahead=False, max_readers=512, subdir=True,
             )
+            # Reader slots of processes that died (SIGKILL) pin old pages; free them.
+            self.env.reader_check()
             self.dbs = [self.env.open_db(n.encode(), create=not readonly) for n in DB_NAMES]
+        except lmdb.Error as e:
+            self.close()
+            if "already open in this process" in str(e):
+                raise StoreError(
+                    f"chunk store at {path} is already open in this process; share that "
+                    "ChunkStore between threads instead of opening it twice"
+                ) from None
+            raise
         except BaseException:
             self.close()
             raise
-
-    def _take_writer_lock(self) -> None:
-        fd = os.open(os.path.join(self.path, "writer.lock"), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise StoreError(
-                f"another process holds the writer lock of {self.path}; "
-                "open with readonly=True to read"
-            ) from None
-        self._lock_fd = fd
 
     def check(self, write: bool) -> None:
         if getattr(self, "env", None) is None:
@@ -107,13 +107,20 @@ class Env:
 
     def write(self, fn: Callable[[Any], Any]) -> Any:
         """Run fn(txn) in one write transaction (committed unless fn raises); on
-        MapFullError the transaction is aborted, the map doubled and fn run again."""
+        MapFullError the transaction is aborted, the map doubled and fn run again; when
+        another process grew the map past ours (MapResizedError), ours adopts its size."""
         self.check(write=True)
+        resized = 0
         while True:
             try:
                 return self._run(fn, write=True)
             except lmdb.MapFullError:
                 self._grow()
+            except lmdb.MapResizedError:
+                resized += 1
+                if resized > 8:
+                    raise StoreError(f"map of {self.path} keeps changing size under the writer") from None
+                self._set_mapsize(0)
 
     def read(self, fn: Callable[[Any], Any]) -> Any:
         """Run fn(txn) in one short read transaction; buffers must not escape fn."""
@@ -126,6 +133,7 @@ class Env:
         raise StoreError(f"map of {self.path} keeps changing size under the reader")
 
     def _grow(self) -> None:
+        self.env.reader_check()  # a dead process's stale read slot may be what pins pages
         cur = self.env.info()["map_size"]
         if cur >= self.max_map_size:
             raise StoreFull(
@@ -144,6 +152,3 @@ class Env:
         if env is not None and os.getpid() == self._pid:
             env.close()
         self.env = None
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None

@@ -177,7 +177,8 @@ def _drop_child_entries(txn, dbs: Dbs, cid: bytes) -> None:
 
 
 def truncate_contexts(txn, dbs: Dbs, removed: Removed, chunk_size: int) -> list[str]:
-    """Point contexts whose chain lost chunks at their nearest surviving ancestor.
+    """Point contexts whose chain lost chunks at their nearest surviving ancestor (the
+    cut tokens are added to their ``lost_tokens``).
 
     Returns the names of the contexts that were truncated.
     """
@@ -191,9 +192,10 @@ def truncate_contexts(txn, dbs: Dbs, removed: Removed, chunk_size: int) -> list[
         while last is not None and last in removed.parents:
             last, lost = removed.parents[last], lost + 1
         if lost:
+            cut = min(ctx.token_count, lost * chunk_size)
             updates.append((bytes(key), ctx._replace(
                 last_chunk_id=last.hex() if last else None,
-                token_count=max(0, ctx.token_count - lost * chunk_size),
+                token_count=ctx.token_count - cut, lost_tokens=ctx.lost_tokens + cut,
             )))
     for key, ctx in updates:
         txn.put(key, encode_context(ctx), db=dbs.contexts)

@@ -84,7 +84,11 @@ class ChunkHeader:
 
 
 class ContextInfo(NamedTuple):
-    """A named context: a chain of chunks ending at ``last_chunk_id``."""
+    """A named context: a chain of chunks ending at ``last_chunk_id``.
+
+    ``lost_tokens``: tokens cut from the end of the chain since it was named (evicted or
+    deleted chunks); ``token_count`` is what is left. 0 for a whole context.
+    """
 
     name: str
     namespace: str
@@ -93,6 +97,7 @@ class ContextInfo(NamedTuple):
     pinned: bool
     created: float
     last_used: float
+    lost_tokens: int = 0
 
 
 # Header value: u32 crc32(rest) | u32 json_len | json | token ids (uint32 or uint64 LE).

@@ -1,14 +1,14 @@
 """ChunkStore: the LMDB chunk store that holds the whole past KV of long contexts.
 
-One LMDB environment per directory (layout in ``_index.py``). One writer process (an
-exclusive ``flock`` on ``writer.lock`` enforces it) and any number of reader processes
-(``readonly=True``); LMDB's MVCC gives readers a consistent snapshot, so a chunk is
-visible only once its header, every layer block and its summary are committed by one
-write transaction. Readers use one short read transaction per call and copy every buffer
+One LMDB environment per directory (layout in ``_index.py``). Any number of processes,
+writers and ``readonly=True`` readers alike; LMDB serializes write transactions across
+processes (a writer killed mid-transaction leaves nothing of it) and its MVCC gives every
+transaction a consistent snapshot, so a chunk is visible only once its header, every layer
+block and its summary are committed by one write transaction. Readers use one short read transaction per call and copy every buffer
 before it ends. Open the store *after* forking: a store used in a forked child raises.
 One ChunkStore may be shared by threads of a process (see ``_env.py`` for map growth).
 
-Methods that write (writer only): put_chunks, touch, pin, unpin, delete, evict_to,
+Methods that write (not on a readonly store): put_chunks, touch, pin, unpin, delete, evict_to,
 put_context, delete_context, pin_context. All others only read.
 """
 
@@ -361,8 +361,8 @@ class ChunkStore:
         """Drop a chunk and all its descendants (writes), e.g. after CorruptBlock.
 
         Works on a chunk whose header is corrupt too. Contexts whose chain lost chunks
-        are cut back to the nearest surviving ancestor (token_count reduced). Returns the
-        removed ids ([] if the chunk was not there).
+        are cut back to the nearest surviving ancestor (token_count reduced, lost_tokens
+        raised). Returns the removed ids ([] if the chunk was not there).
         """
         cid = bytes.fromhex(chunk_id)
 
@@ -455,7 +455,7 @@ class ChunkStore:
         return out
 
     def close(self) -> None:
-        """Close the environment and release the writer lock (idempotent)."""
+        """Close the environment (idempotent)."""
         env = getattr(self, "_env", None)
         if env is not None:
             env.close()

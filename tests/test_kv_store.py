@@ -196,15 +196,16 @@ def test_delete_drops_descendants_and_cuts_contexts(tmp_path):
         assert s.stats()["chunks"] == 2 and s.stats()["bytes"] < used
         ctx = s.get_context("doc")
         assert ctx.last_chunk_id == a[1].chunk_id and ctx.token_count == 2 * 64
+        assert ctx.lost_tokens == 4 * 64
         # the context still pins its (shorter) chain; the branch's own pin was released
         assert [s.get_header(r.chunk_id).pin_count for r in a[:2]] == [1, 1]
         assert s.delete(a[2].chunk_id) == []
 
 
-def test_single_writer_and_fork_guard(tmp_path):
+def test_one_open_per_process_and_fork_guard(tmp_path):
     fp = tiny_fingerprint()
     with ChunkStore(tmp_path, fp, GB) as s:
-        with pytest.raises(StoreError, match="writer lock"):
+        with pytest.raises(StoreError, match="already open in this process"):
             ChunkStore(tmp_path, fp, GB)
         pid = os.fork()
         if pid == 0:  # child: using the parent's store must fail, not corrupt it

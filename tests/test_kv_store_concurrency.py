@@ -96,3 +96,64 @@ def test_threads_share_one_store_while_the_map_grows(tmp_path):
         assert s.stats()["map_size"] >= 16 * map_before  # it grew several times
     assert not errors, repr(errors[0])
     assert min(verified) > 0
+
+
+def writer(path: str, seed: int, n: int, out) -> None:
+    """Write n chains of 4 chunks into a store other processes write too."""
+    try:
+        with ChunkStore(path, FP, 1 << 30, initial_map_size=1 << 20) as s:
+            for i in range(n):
+                s.put_chunks(make_chain(FP, 4, seed=seed * 1000 + i))
+            out.put(("ok", s.stats()["map_size"]))
+    except BaseException:  # noqa: BLE001 - any failure goes back to the test process
+        out.put(("error", traceback.format_exc()))
+
+
+def stuck_writer(path: str, ready) -> None:
+    """Open a write transaction and hold it until killed."""
+    with ChunkStore(path, FP, 1 << 30) as s:
+        def hold(txn):
+            txn.put(b"scratch", b"1", db=s.dbs.meta)
+            ready.set()
+            import time
+
+            time.sleep(600)
+
+        s._write(hold)
+
+
+def test_writer_processes_share_a_store(tmp_path):
+    """Several processes write one store at once (LMDB serializes their transactions,
+    each follows the others' map growth); a writer killed inside its transaction does
+    not block the others, and none of its transaction is visible."""
+    import os
+    import signal
+
+    path = str(tmp_path / "store")
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    with ChunkStore(path, FP, 1 << 30, initial_map_size=1 << 20) as mine:
+        ready = ctx.Event()
+        stuck = ctx.Process(target=stuck_writer, args=(path, ready))
+        stuck.start()
+        assert ready.wait(30)
+        os.kill(stuck.pid, signal.SIGKILL)  # dies holding LMDB's writer mutex
+        stuck.join()
+        writers = [ctx.Process(target=writer, args=(path, i + 1, 12, out)) for i in range(2)]
+        for p in writers:
+            p.start()
+        mine.put_chunks(make_chain(FP, 4, seed=7))  # this process writes meanwhile
+        results = [out.get(timeout=120) for _ in writers]
+        for p in writers:
+            p.join(timeout=30)
+        errors = [r[1] for r in results if r[0] != "ok"]
+        assert not errors, errors[0]
+        want = [r.chunk_id for i in (1, 2) for n in range(12)
+                for r in make_chain(FP, 4, seed=i * 1000 + n)]
+        want += [r.chunk_id for r in make_chain(FP, 4, seed=7)]
+        assert all(mine.has_many(want)) and mine.stats()["chunks"] == len(want)
+        for cid in want[::7]:
+            k, v = mine.get_kv(cid, 1)
+            wk, wv = kv_for(cid, FP)
+            assert np.array_equal(k, wk[1]) and np.array_equal(v, wv[1])
+        assert mine._read(lambda txn: txn.get(b"scratch", db=mine.dbs.meta)) is None

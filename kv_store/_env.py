@@ -119,7 +119,8 @@ class Env:
             except lmdb.MapResizedError:
                 resized += 1
                 if resized > 8:
-                    raise StoreError(f"map of {self.path} keeps changing size under the writer") from None
+                    raise StoreError(
+                        f"map of {self.path} keeps changing size under the writer") from None
                 self._set_mapsize(0)
 
     def read(self, fn: Callable[[Any], Any]) -> Any:

@@ -146,6 +146,7 @@ def remove_chunks(txn, dbs: Dbs, ids: Iterable[bytes], num_layers: int) -> Remov
         _drop_child_entries(txn, dbs, cid)
     add_counter(txn, dbs, b"bytes_used", -freed)
     add_counter(txn, dbs, b"chunk_count", -len(parents))
+    add_counter(txn, dbs, b"removed_total", len(parents))  # see ChunkStore.removed_total
     return Removed(freed, parents)
 
 

@@ -388,6 +388,12 @@ class ChunkStore:
                            chunk_id, len(ids) - 1, f" ({reason})" if reason else "", ctx_names)
         return ids
 
+    def removed_total(self) -> int:
+        """How many chunks were ever removed (evicted or deleted), by any process (reads).
+        Unchanged means every chunk seen present since is still there: a cheap check for
+        callers that remember which chunks are stored."""
+        return self._counter(b"removed_total")
+
     def evict_to(self, target_bytes: int) -> int:
         """Evict LRU unpinned chunks until at most ``target_bytes`` are used (writes).
         Returns the bytes freed; stops early when only pinned chunks are left."""

@@ -16,6 +16,7 @@ from typing import Any
 from sglang_reattn.errors import InvalidArgument
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
+KV_STORE_AUTO = "auto"  # --kv-store-path value: a per-model directory under the user's cache
 _DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -51,10 +52,14 @@ class EngineArgs:
     reattn_summary: str = "minmax"  # chunk key summary: minmax (Quest bound) | mean
     reattn_combine: str = "sum"  # heads -> one selection: sum | max (per-head normalized)
     disable_reattn: bool = False
-    # --- disk tier (--kv-store-*): used when --kv-store-path is given ---
+    # --- disk tier (--kv-store-*) ---
+    # A directory; "auto": a per-model directory under the user's cache (the default of
+    # launch_server and ingest); None: no disk tier (the offline Engine's default).
     kv_store_path: str | None = None
     kv_store_capacity: str = "64GiB"
     kv_store_codec: str = "zstd-planes"
+    kv_store_readonly: bool = False  # read the store, never write it
+    disable_kv_store: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -89,6 +94,11 @@ class EngineArgs:
             if v is not None and (not isinstance(v, int) or v < 0):
                 flag = "--" + name.replace("_", "-")
                 raise InvalidArgument(f"{flag} must be a non-negative integer, got {v!r}")
+        if self.disable_kv_store and self.kv_store_path not in (None, KV_STORE_AUTO):
+            raise InvalidArgument("--disable-kv-store contradicts --kv-store-path "
+                                  f"{self.kv_store_path!r}; give one of them")
+        if self.kv_store_path is not None and not self.kv_store_path.strip():
+            raise InvalidArgument("--kv-store-path must not be empty")
         if not 0 <= self.port < 65536:
             raise InvalidArgument(f"--port must be in [0, 65535], got {self.port}")
 
@@ -105,6 +115,11 @@ class EngineArgs:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def store_path(self) -> str | None:
+        """The disk tier's directory as given (KV_STORE_AUTO unresolved), None when off."""
+        return None if self.disable_kv_store else self.kv_store_path
 
 
 def _positive(name: str, value: int) -> None:
@@ -158,4 +173,4 @@ def resolve_reattn(args: EngineArgs, trained_len: int) -> ReAttnConfig:
     return cfg
 
 
-__all__ = ["EngineArgs", "ReAttnConfig", "resolve_reattn"]
+__all__ = ["KV_STORE_AUTO", "EngineArgs", "ReAttnConfig", "resolve_reattn"]

@@ -33,3 +33,21 @@ class EngineDead(ReAttnError):
     """The engine loop died; no more requests are accepted."""
 
     status_code = 503
+
+
+class StoreFullError(ReAttnError):
+    """The disk tier is full and nothing unpinned is left to evict (the store's StoreFull)."""
+
+    status_code = 507
+
+
+class StoreReadOnly(ReAttnError):
+    """A write to a disk tier opened read-only (--kv-store-readonly)."""
+
+    status_code = 409
+
+
+class ContextIncomplete(ReAttnError):
+    """A named context lost chunks (evicted or damaged) and cannot be used as it was."""
+
+    status_code = 409

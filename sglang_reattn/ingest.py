@@ -2,7 +2,9 @@
 
   python -m sglang_reattn.ingest [--model-path ...] [--kv-store-path DIR] FILE --name NAME
 
-Takes the same model and engine flags as launch_server. The document is prefilled piece
+Takes the same model and engine flags as launch_server, and uses the same store by
+default (--kv-store-path auto: the model's directory under the user's cache), so a server
+started with the same model and flags finds the context. The document is prefilled piece
 by piece (each piece reuses everything before it from the prefix cache), its completed
 chunks are written into the store, and the chain is recorded as a named context, so later
 requests, server runs and processes reuse it instead of recomputing it.
@@ -11,7 +13,6 @@ requests, server runs and processes reuse it instead of recomputing it.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from typing import Sequence
@@ -36,7 +37,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tqdm import tqdm
 
     from sglang_reattn.engine.engine import Engine
-    from sglang_reattn.models.loader import cache_dir
     from sglang_reattn.server.args import engine_args_from
 
     ns = build_parser().parse_args(argv)
@@ -45,8 +45,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ReAttnError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if not args.kv_store_path:
-        args.kv_store_path = os.path.join(cache_dir(), "kv_store")
+    if args.store_path is None:
+        print("error: ingest writes into the disk tier; drop --disable-kv-store", file=sys.stderr)
+        return 2
+    if args.kv_store_readonly:
+        print("error: ingest writes into the disk tier; drop --kv-store-readonly",
+              file=sys.stderr)
+        return 2
     try:
         text = sys.stdin.read() if ns.file == "-" else open(ns.file, encoding="utf-8").read()
     except (OSError, UnicodeDecodeError) as e:
@@ -65,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         dt = time.perf_counter() - t0
         print(f"ingested {ns.name!r}: {n_tokens} tokens ({info['tokens']} in full chunks "
-              f"stored) in {dt:.1f}s, {n_tokens / dt:.0f} tok/s, store {args.kv_store_path}")
+              f"stored) in {dt:.1f}s, {n_tokens / dt:.0f} tok/s, store {eng.kv_store_dir}")
     return 0
 
 

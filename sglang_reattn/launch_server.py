@@ -18,6 +18,7 @@ import uvicorn
 
 from sglang_reattn.config import EngineArgs
 from sglang_reattn.errors import InvalidArgument, ModelLoadError, ReAttnError
+from sglang_reattn.kv_store import StoreError
 from sglang_reattn.server.args import ServerOptions, parse_args
 
 logger = logging.getLogger("sglang_reattn.server")
@@ -76,6 +77,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except ReAttnError as e:  # a bad option only the engine can check (no CUDA, ...)
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except StoreError as e:  # the disk tier: another model's store, no store to read, ...
+        print(f"error: disk tier: {e} (--kv-store-path, or --disable-kv-store)",
+              file=sys.stderr)
         return 2
     serve(engine, engine_args, opts)
     return 0

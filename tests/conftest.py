@@ -7,6 +7,25 @@ import pytest
 # Tests run on the CPU, single-threaded BLAS keeps results reproducible and fast on 2 cores.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# The converted default model stays in the user's cache (it is what install.sh made);
+# everything else cached under XDG_CACHE_HOME, such as launch_server's default disk tier,
+# goes to a temporary directory per test module (the fixture below).
+if not os.environ.get("SGLANG_REATTN_CACHE_DIR"):
+    from sglang_reattn.models.loader import cache_dir
+
+    os.environ["SGLANG_REATTN_CACHE_DIR"] = cache_dir()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def private_cache_home(tmp_path_factory):
+    """XDG_CACHE_HOME of this module's tests and of the servers they start: the default
+    disk tier (--kv-store-path auto) never lands in the user's cache, and no module sees
+    another module's stored chunks."""
+    path = tmp_path_factory.mktemp("xdg_cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(path))
+        yield path
+
 
 @pytest.fixture(scope="session")
 def default_engine():

@@ -5,15 +5,31 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from sglang_reattn.errors import InvalidRequest
+from sglang_reattn.errors import (
+    ContextIncomplete,
+    InvalidRequest,
+    ReAttnError,
+    StoreFullError,
+    StoreReadOnly,
+)
+from sglang_reattn.kv_store import ChunkNotFound, CorruptBlock, StoreFull
+
+
+def _store_full(e: Exception) -> StoreFullError:
+    return StoreFullError(f"StoreFull: {e}")
 
 
 class NamedContexts:
     """Mixed into `Engine` (needs `store_tier`, `tokenizer`, `args`, `generate`)."""
 
-    def _tier(self):
+    def _tier(self, write: bool = False):
         if self.store_tier is None:
-            raise InvalidRequest("named contexts need the disk tier: start with --kv-store-path")
+            raise InvalidRequest("named contexts need the disk tier: start without "
+                                 "--disable-kv-store (or give --kv-store-path)")
+        if write and self.store_tier.readonly:
+            raise StoreReadOnly("the disk tier is read-only in this server "
+                                "(--kv-store-readonly); create, pin and delete contexts "
+                                "through a server or `ingest` that writes the store")
         return self.store_tier
 
     def ingest(self, name: str, text: str | None = None, input_ids: list[int] | None = None,
@@ -24,7 +40,7 @@ class NamedContexts:
 
         A context is made of whole chunks: a trailing partial chunk (fewer than
         --reattn-chunk-size tokens) is not part of it; send those tokens with the prompt."""
-        tier = self._tier()
+        tier = self._tier(write=True)
         if not isinstance(name, str) or not name or "/" in name:
             raise InvalidRequest("a context name must be a non-empty string without '/'")
         if (text is None) == (input_ids is None):
@@ -34,6 +50,8 @@ class NamedContexts:
         full = len(ids) // c * c
         if full == 0:
             raise InvalidRequest(f"the document has {len(ids)} tokens, less than one chunk ({c})")
+        errors_before = tier.stats["store_write_errors"]
+        full_before = tier.stats["store_full_errors"]
         done = 0
         while done < len(ids):
             end = min(done + piece, len(ids))
@@ -45,32 +63,81 @@ class NamedContexts:
         tier.flush()
         from sglang_reattn.kv_store import chunk_hashes
 
-        last = chunk_hashes(ids[:full], c, namespace)[-1]
-        info = tier.store.put_context(name, last, full, namespace=namespace, pinned=pin)
+        chain = chunk_hashes(ids[:full], c, namespace)
+        missing = sum(not there for there in tier.store.has_many(chain))
+        if missing:  # the writes failed (full store), or other writes evicted them
+            what = (f"{missing} of the document's {len(chain)} chunks could not be kept in "
+                    f"the disk tier {tier.path}")
+            if tier.stats["store_full_errors"] > full_before:
+                raise _store_full(f"{what}: {tier.last_full}")
+            if tier.stats["store_write_errors"] > errors_before:
+                err = tier.last_error
+                raise ReAttnError(f"{what}: {type(err).__name__}: {err}")
+            raise _store_full(f"{what}: evicted by other writes meanwhile")
+        tier.touch(chain)  # a re-ingested document is recent again
+        try:
+            info = tier.store.put_context(name, chain[-1], full, namespace=namespace,
+                                          pinned=pin)
+        except (StoreFull, ChunkNotFound) as e:  # map ceiling; evicted since the check
+            raise _store_full(e) from None
         return self._describe(info)
 
     def list_contexts(self) -> list[dict[str, Any]]:
         return [self._describe(i) for i in self._tier().store.list_contexts()]
 
     def delete_context(self, name: str) -> None:
+        tier = self._tier(write=True)
         self._context_info(name)
-        self._tier().store.delete_context(name)
+        try:
+            tier.store.delete_context(name)
+        except StoreFull as e:
+            raise _store_full(e) from None
 
     def pin_context(self, name: str, pinned: bool = True) -> dict[str, Any]:
+        tier = self._tier(write=True)
         self._context_info(name)
-        return self._describe(self._tier().store.pin_context(name, pinned))
+        try:
+            return self._describe(tier.store.pin_context(name, pinned))
+        except StoreFull as e:
+            raise _store_full(e) from None
 
     def context_ids(self, name: str) -> tuple[list[int], str]:
-        """The context's token ids (from the stored chunk headers) and its namespace."""
+        """The context's token ids (from the stored chunk headers) and its namespace.
+
+        A context that lost chunks (evicted while unpinned, or damaged) is refused with
+        ContextIncomplete rather than silently answering from what is left of it."""
         info = self._context_info(name)
-        store = self._tier().store
+        tier = self._tier()
+        whole = info.token_count + info.lost_tokens
+
+        def incomplete(why: str) -> ContextIncomplete:
+            return ContextIncomplete(
+                f"context {name!r} is incomplete: {why}; its document has to be ingested "
+                "again (POST /contexts); pin a context to keep it from eviction")
+
+        if info.lost_tokens:
+            raise incomplete(f"{info.lost_tokens} of its {whole} tokens were evicted from "
+                             "the disk tier or dropped as damaged")
         chunks: list[tuple[int, ...]] = []
+        chain: list[str] = []
         cid = info.last_chunk_id
         while cid:
-            h = store.get_header(cid)
+            try:
+                h = tier.store.get_header(cid)
+            except CorruptBlock as e:
+                tier.stats["store_corrupt_blocks"] += 1
+                tier.drop_corrupt(cid)
+                raise incomplete(f"a chunk header failed its checksum ({e})") from None
+            except ChunkNotFound:
+                raise incomplete(f"chunk {cid} is no longer in the disk tier") from None
             chunks.append(h.token_ids)
+            chain.append(cid)
             cid = h.parent_id
-        return [t for chunk in reversed(chunks) for t in chunk], info.namespace
+        ids = [t for chunk in reversed(chunks) for t in chunk]
+        if len(ids) != info.token_count:
+            raise incomplete(f"{len(ids)} tokens stored of {info.token_count}")
+        tier.touch(chain[::-1])
+        return ids, info.namespace
 
     def _context_info(self, name: str):
         from sglang_reattn.kv_store import ChunkNotFound
@@ -85,7 +152,8 @@ class NamedContexts:
         per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize
         return {"name": info.name, "namespace": info.namespace, "tokens": info.token_count,
                 "bytes": info.token_count * per_token, "pinned": info.pinned,
-                "created": info.created, "last_used": info.last_used}
+                "created": info.created, "last_used": info.last_used,
+                "lost_tokens": info.lost_tokens, "complete": not info.lost_tokens}
 
     def _with_context(self, context: str | None, prompt, input_ids, extra_key):
         """Put a named context's tokens in front of each prompt; its namespace applies."""

@@ -19,7 +19,7 @@ from typing import Any, AsyncIterator, Iterator
 import torch
 
 from sglang_reattn import __version__
-from sglang_reattn.config import EngineArgs, resolve_reattn
+from sglang_reattn.config import KV_STORE_AUTO, EngineArgs, resolve_reattn
 from sglang_reattn.engine.contexts import NamedContexts
 from sglang_reattn.engine.grammar import GrammarBackend
 from sglang_reattn.engine.model_runner import ModelRunner
@@ -119,13 +119,25 @@ class Engine(NamedContexts):
             cuda_graph_max_bs=min(args.cuda_graph_max_bs, args.max_running_requests),
         )
         self.store_tier = None
-        if args.kv_store_path:
-            from sglang_reattn.engine.store_tier import StoreTier, engine_fingerprint
+        self.kv_store_dir = None  # the disk tier's resolved directory, None when off
+        if args.store_path:
+            from sglang_reattn.engine.store_tier import (
+                StoreTier,
+                default_store_path,
+                engine_fingerprint,
+            )
 
             fp = engine_fingerprint(cfg, self.dtype, c, self.tokenizer, self.model)
+            path = args.store_path
+            if path == KV_STORE_AUTO:
+                path = default_store_path(self.model_path, fp)
             refresh = getattr(self.attn, "refresh_summaries", lambda pages: None)
-            self.store_tier = StoreTier(args.kv_store_path, fp, args.kv_store_capacity,
-                                        args.kv_store_codec, self.pool, refresh)
+            self.store_tier = StoreTier(path, fp, args.kv_store_capacity,
+                                        args.kv_store_codec, self.pool, refresh,
+                                        readonly=args.kv_store_readonly)
+            self.kv_store_dir = path
+            logger.info("disk tier: %s%s", path,
+                        " (read-only)" if args.kv_store_readonly else "")
         self.scheduler = Scheduler(self.runner, self.pool, self.tokenizer, c,
                                    args.max_running_requests, args.chunked_prefill_size,
                                    use_radix=not args.disable_radix_cache,
@@ -379,6 +391,7 @@ class Engine(NamedContexts):
             "kv_pages_total": self.pool.num_pages - 1,
             "radix_cache_pages": s.cache.num_pages if s.cache is not None else 0,
             **(self.store_tier.stats if self.store_tier is not None else {}),
+            **(self.store_tier.gauges() if self.store_tier is not None else {}),
             **s.counters,
         }
 
@@ -409,6 +422,7 @@ class Engine(NamedContexts):
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "context_length": self.context_length,
+            "kv_store_dir": self.kv_store_dir,
             "max_total_num_tokens": (self.pool.num_pages - 1) * self.pool.page_size,
             "internal_states": [self.stats()],
         })

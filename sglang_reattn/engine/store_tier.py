@@ -4,9 +4,13 @@ requests, server restarts and processes.
 
 Chunk ids are the store's chained SHA-256 (SGLang's page hashes, salted by namespace).
 Copies out of the KV pool happen on the engine thread (the pages may be reused right
-after); compression and the LMDB transaction run on a writer thread. Summaries of loaded
+after); compression and the LMDB transactions run on a writer thread. Summaries of loaded
 chunks are recomputed from the loaded keys, so a restored chunk scores exactly like one
 computed in this process.
+
+Several processes (servers, `ingest`) may share one store, all writing: LMDB serializes
+their transactions. `readonly=True` only reads it. Chunks loaded or named contexts used
+are touched (LRU) by the writer thread.
 """
 
 from __future__ import annotations
@@ -14,14 +18,26 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import queue
+import re
 import threading
 from typing import Any
 
 import numpy as np
 import torch
 
-from sglang_reattn.kv_store import ChunkRecord, ChunkStore, CorruptBlock, StoreError, chunk_hashes
+from sglang_reattn.kv_store import (
+    ChunkNotFound,
+    ChunkRecord,
+    ChunkStore,
+    ContextInfo,
+    CorruptBlock,
+    StoreError,
+    StoreFull,
+    chunk_hashes,
+)
+from sglang_reattn.kv_store import fingerprint as fpmod
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +50,24 @@ def parse_bytes(text: str) -> int:
         if t.endswith(u):
             return int(float(t[: -len(u)]) * m)
     return int(t)
+
+
+def kv_store_root() -> str:
+    """Where per-model default stores live: $XDG_CACHE_HOME/sglang_reattn/kv_store, or
+    ~/.cache/sglang_reattn/kv_store when XDG_CACHE_HOME is unset (or not absolute)."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = xdg if os.path.isabs(xdg) else os.path.expanduser("~/.cache")
+    return os.path.join(base, "sglang_reattn", "kv_store")
+
+
+def default_store_path(model_path: str, fingerprint: dict) -> str:
+    """The default store of a model: `<root>/<model dir name>-<12 hex of the fingerprint>`,
+    so models, dtypes and chunk sizes never share a store (a store refuses another
+    fingerprint) and the name still says which model it is."""
+    name = os.path.basename(os.path.normpath(model_path)).removesuffix(".gguf")
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")[:64] or "model"
+    digest = hashlib.sha256(fpmod.encode(fpmod.normalize(fingerprint))).hexdigest()[:12]
+    return os.path.join(kv_store_root(), f"{name}-{digest}")
 
 
 def engine_fingerprint(cfg, dtype: torch.dtype, chunk_size: int, tokenizer, model) -> dict:
@@ -66,17 +100,30 @@ def _from_numpy(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
 
 class StoreTier:
     def __init__(self, path: str, fingerprint: dict, capacity: str, codec: str, pool,
-                 on_loaded) -> None:
-        self.store = ChunkStore(path, fingerprint, capacity_bytes=parse_bytes(capacity),
-                                codec=codec)
+                 on_loaded, readonly: bool = False) -> None:
+        self.readonly = readonly
+        if readonly:
+            self.store = ChunkStore(path, fingerprint, readonly=True)
+        else:
+            self.store = ChunkStore(path, fingerprint, capacity_bytes=parse_bytes(capacity),
+                                    codec=codec)
+        self.path = path
         self.pool = pool
         self.c = pool.page_size
         self.on_loaded = on_loaded  # (pages tensor) -> None: refresh summaries
-        self._known: set[str] = set()
+        self._lock = threading.Lock()
+        self._pending: set[str] = set()  # queued for the writer, not yet committed
+        self._known: set[str] = set()  # seen stored (valid while removed_total holds)
+        self._removed = -1
+        self._bad: set[str] = set()  # corrupt chunks a read-only tier cannot drop
+        # contexts cut back by dropping a corrupt chunk: restored once it is republished
+        self._restore: dict[str, list[tuple[ContextInfo, ContextInfo]]] = {}
+        self.last_error: Exception | None = None
         self._q: queue.Queue = queue.Queue()
         self.stats = {"store_chunks_written": 0, "store_chunks_loaded": 0,
                       "store_bytes_loaded": 0, "store_write_errors": 0,
-                      "store_corrupt_blocks": 0}
+                      "store_full_errors": 0, "store_corrupt_blocks": 0}
+        self.last_full: StoreFull | None = None
         self._writer = threading.Thread(target=self._write_loop, name="kv-store-writer",
                                         daemon=True)
         self._writer.start()
@@ -86,14 +133,23 @@ class StoreTier:
     def save(self, token_ids: list[int], pages: list[int], first: int, namespace: str) -> None:
         """Persist full chunks [first, len(pages)) of a sequence whose chunk i lives in
         pages[i]. Engine thread: copies the K/V out now, the writer thread stores them."""
-        if first >= len(pages):
+        if self.readonly or first >= len(pages):
             return
         ids = chunk_hashes(token_ids[: len(pages) * self.c], self.c, namespace)
-        todo = [i for i in range(first, len(pages)) if ids[i] not in self._known]
+        # `_known` remembers chunks seen stored; any removal (eviction, delete) by any
+        # process sharing the store bumps removed_total, and then it is forgotten.
+        removed = self.store.removed_total()
+        with self._lock:
+            if removed != self._removed or len(self._known) > 1 << 20:
+                self._known.clear()
+                self._removed = removed
+            todo = [i for i in range(first, len(pages))
+                    if ids[i] not in self._known and ids[i] not in self._pending]
         if not todo:
             return
         present = self.store.has_many([ids[i] for i in todo])
-        self._known.update(ids[i] for i, p in zip(todo, present) if p)
+        with self._lock:
+            self._known.update(ids[i] for i, p in zip(todo, present) if p)
         todo = [i for i, p in zip(todo, present) if not p]
         if not todo:
             return
@@ -108,24 +164,55 @@ class StoreTier:
         records = [ChunkRecord(ids[i], ids[i - 1] if i else None, namespace,
                                token_ids[i * c:(i + 1) * c], k_np[:, j], v_np[:, j], s_np[j])
                    for j, i in enumerate(todo)]
-        self._known.update(ids[i] for i in todo)
-        self._q.put(records)
+        with self._lock:
+            self._pending.update(ids[i] for i in todo)
+            self._bad.difference_update(ids[i] for i in todo)
+        self._q.put(("put", records))
+
+    def touch(self, chunk_ids: list[str]) -> None:
+        """Mark chunks as just used (root first), behind: loaded chunks, used contexts."""
+        if chunk_ids and not self.readonly:
+            self._q.put(("touch", list(chunk_ids)))
 
     def _write_loop(self) -> None:
         while True:
-            records = self._q.get()
+            item = self._q.get()
             try:
-                if records is None:
+                if item is None:
                     return
-                self.store.put_chunks(records)
-                self.stats["store_chunks_written"] += len(records)
+                kind, payload = item
+                if kind == "put":
+                    self._put(payload)
+                elif kind == "touch":
+                    self.store.touch(payload)
+                    self._restore_contexts()
             except (StoreError, ValueError) as e:
-                self.stats["store_write_errors"] += 1
-                for r in records:
-                    self._known.discard(r.chunk_id)
-                logger.warning("kv store write failed (%d chunks): %s", len(records), e)
+                logger.warning("kv store %s failed: %s", item[0], e)
             finally:
                 self._q.task_done()
+
+    def _put(self, records: list[ChunkRecord]) -> None:
+        try:
+            parent = records[0].parent_id
+            if parent and parent not in {r.chunk_id for r in records} \
+                    and not self.store.has(parent):  # fail before compressing anything
+                raise ChunkNotFound(parent, "parent chunk (an earlier write failed or "
+                                            "was evicted)")
+            self.store.put_chunks(records)
+            self.stats["store_chunks_written"] += len(records)
+            with self._lock:
+                self._known.update(r.chunk_id for r in records)
+        except (StoreError, ValueError) as e:
+            self.stats["store_write_errors"] += 1
+            self.last_error = e
+            if isinstance(e, StoreFull):
+                self.stats["store_full_errors"] += 1
+                self.last_full = e
+            logger.warning("kv store write failed (%d chunks): %s", len(records), e)
+        finally:
+            with self._lock:
+                self._pending.difference_update(r.chunk_id for r in records)
+        self._restore_contexts()
 
     def flush(self) -> None:
         """Wait until everything queued so far is written (tests, shutdown)."""
@@ -140,7 +227,7 @@ class StoreTier:
         ids = chunk_hashes(token_ids[: stop * self.c], self.c, namespace)[start:stop]
         out: list[str] = []
         for cid, there in zip(ids, self.store.has_many(ids)):
-            if not there:
+            if not there or cid in self._bad:
                 break
             out.append(cid)
         return out
@@ -160,21 +247,77 @@ class StoreTier:
             self.stats["store_corrupt_blocks"] += 1
             logger.error("kv store: %s; dropping it, it will be recomputed", e)
             bad = chunk_ids.index(e.chunk_id) if e.chunk_id in chunk_ids else 0
-            try:
-                self.store.delete(e.chunk_id, reason="checksum mismatch")
-            except StoreError:
-                pass
-            self._known.discard(e.chunk_id)
+            self.drop_corrupt(e.chunk_id)
             return self.load(chunk_ids[:bad], pages[:bad]) if bad else 0
+        except ChunkNotFound as e:  # evicted (by another process) since the lookup
+            cut = chunk_ids.index(e.chunk_id) if e.chunk_id in chunk_ids else 0
+            return self.load(chunk_ids[:cut], pages[:cut]) if cut else 0
         if n:
             self.on_loaded(torch.tensor(pages[:n], device=self.pool.k.device))
             self.stats["store_chunks_loaded"] += n
+            self.touch(chunk_ids[:n])
         return n
+
+    def drop_corrupt(self, chunk_id: str) -> None:
+        """Take a chunk that failed its checksum out of use: deleted with its subtree
+        (the engine recomputes and republishes them); named contexts cut back by that
+        are restored once their last chunk is republished. A read-only tier only
+        remembers not to read it again."""
+        with self._lock:
+            self._bad.add(chunk_id)
+        if self.readonly:
+            return
+        try:
+            before = {c.name: c for c in self.store.list_contexts()}
+            self.store.delete(chunk_id, reason="checksum mismatch")
+            after = {c.name: c for c in self.store.list_contexts()}
+        except StoreError as e:
+            logger.warning("kv store: could not drop corrupt chunk %s: %s", chunk_id, e)
+            return
+        with self._lock:
+            self._bad.discard(chunk_id)
+            for name, old in before.items():
+                cut = after.get(name)
+                if (cut is not None and old.last_chunk_id and not old.lost_tokens
+                        and cut.lost_tokens > old.lost_tokens):
+                    self._restore.setdefault(old.last_chunk_id, []).append((old, cut))
+
+    def _restore_contexts(self) -> None:
+        """Writer thread: point contexts cut back by a dropped corrupt chunk at their old
+        end again once it is back in the store (unless they changed meanwhile)."""
+        with self._lock:
+            waiting = list(self._restore)
+        if not waiting:
+            return
+        for last, there in zip(waiting, self.store.has_many(waiting)):
+            if not there:
+                continue
+            with self._lock:
+                entries = self._restore.pop(last, [])
+            for old, cut in entries:
+                try:
+                    cur = self.store.get_context(old.name)
+                    if cur != cut:  # replaced, deleted, pinned, used meanwhile: leave it
+                        continue
+                    self.store.put_context(old.name, old.last_chunk_id, old.token_count,
+                                           pinned=cur.pinned)
+                    logger.info("kv store: context %r restored after recomputing", old.name)
+                except StoreError as e:
+                    logger.warning("kv store: could not restore context %r: %s", old.name, e)
 
     def close(self) -> None:
         self._q.put(None)
         self._writer.join(timeout=60)
         self.store.close()
+
+    def gauges(self) -> dict[str, Any]:
+        """Live state of the store (one short read transaction)."""
+        try:
+            st = self.store.stats()
+        except StoreError:
+            return {"store_readonly": int(self.readonly)}
+        return {"store_chunks": st["chunks"], "store_bytes": st["bytes"],
+                "store_capacity": st["capacity"], "store_readonly": int(self.readonly)}
 
     def info(self) -> dict[str, Any]:
         return dict(self.stats, **{f"store_{k}": v for k, v in self.store.stats().items()

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sglang_reattn.config import EngineArgs
+from sglang_reattn.config import KV_STORE_AUTO, EngineArgs
 from sglang_reattn.errors import InvalidArgument
 
 
@@ -65,15 +65,24 @@ _HELP = {
     "reattn_topk": "chunks selected per step (default: from the model's trained length)",
     "reattn_sink": "sink tokens always attended (default: from the model)",
     "reattn_local": "local window tokens always attended (default: from the model)",
-    "kv_store_path": "LMDB directory of the disk tier",
-    "kv_store_capacity": "disk tier capacity, e.g. 64GiB",
+    "kv_store_path": "LMDB directory of the disk tier; 'auto': one per model under "
+                     "$XDG_CACHE_HOME/sglang_reattn/kv_store (~/.cache when unset). Any "
+                     "number of servers may share a store",
+    "kv_store_capacity": "disk tier capacity, e.g. 64GiB; least recently used unpinned "
+                         "chunks are evicted beyond it",
     "kv_store_codec": "compression codec of stored chunks",
+    "kv_store_readonly": "read the disk tier, never write it (no write-behind; creating, "
+                         "pinning or deleting contexts answers 409)",
+    "disable_kv_store": "no disk tier (launch_server otherwise uses --kv-store-path auto)",
     "max_request_bytes": "HTTP bodies larger than this get 413",
     "shutdown_timeout": "seconds in-flight requests get to finish on SIGTERM before abort",
     "enable_metrics": "accepted for SGLang compatibility; /metrics is always on",
 }
 
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+# Where the command lines' defaults differ from the offline Engine's: the server and the
+# ingest CLI keep a disk tier by default, the Engine only when asked for one.
+_CLI_DEFAULTS = {"kv_store_path": KV_STORE_AUTO}
 
 
 def _scalar_type(annotation: Any) -> tuple[type, bool]:
@@ -105,16 +114,17 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type, groups: dict) -> Non
         group = groups[title]
         flag = "--" + f.name.replace("_", "-")
         help_text = _HELP.get(f.name, "")
+        default = _CLI_DEFAULTS.get(f.name, f.default) if cls is EngineArgs else f.default
         if base is bool:
             # False-default bools are plain switches like SGLang's --disable-radix-cache;
             # a True default also gets its --no-* form so it can be turned off.
-            action = "store_true" if not f.default else argparse.BooleanOptionalAction
-            group.add_argument(flag, dest=f.name, action=action, default=f.default,
+            action = "store_true" if not default else argparse.BooleanOptionalAction
+            group.add_argument(flag, dest=f.name, action=action, default=default,
                                help=help_text)
             continue
-        kwargs: dict[str, Any] = {"dest": f.name, "default": f.default, "type": base,
-                                  "help": help_text + (f" (default: {f.default})"
-                                                       if f.default is not None else "")}
+        kwargs: dict[str, Any] = {"dest": f.name, "default": default, "type": base,
+                                  "help": help_text + (f" (default: {default})"
+                                                       if default is not None else "")}
         if f.name == "log_level":
             kwargs["choices"] = _LOG_LEVELS
             kwargs["type"] = str.lower

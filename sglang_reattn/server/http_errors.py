@@ -16,12 +16,13 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 
 from sglang_reattn.errors import ReAttnError
+from sglang_reattn.kv_store import StoreFull
 
 M = TypeVar("M", bound=BaseModel)
 
 _TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
-          413: "RequestTooLargeError", 500: "InternalServerError",
-          503: "ServiceUnavailableError"}
+          409: "ConflictError", 413: "RequestTooLargeError", 500: "InternalServerError",
+          503: "ServiceUnavailableError", 507: "InsufficientStorageError"}
 
 
 def dumps(obj: Any) -> bytes:
@@ -67,6 +68,8 @@ def status_of(exc: BaseException) -> int:
         return exc.status
     if isinstance(exc, ReAttnError):
         return int(exc.status_code)
+    if isinstance(exc, StoreFull):  # a disk-tier write the engine did not wrap
+        return 507
     if isinstance(exc, (ValueError, TypeError)):
         return 400  # the engine's validation errors that are not (yet) typed
     return 500

@@ -38,7 +38,12 @@ _ENGINE_GAUGES = {
     "store_chunks_loaded": "Chunks served from the disk tier instead of recomputed (total)",
     "store_bytes_loaded": "KV bytes read from the disk tier (total)",
     "store_write_errors": "Failed disk-tier write batches (total)",
+    "store_full_errors": "Disk-tier writes refused as StoreFull: all pinned (total)",
     "store_corrupt_blocks": "Disk-tier blocks that failed their checksum (total)",
+    "store_chunks": "Chunks in the disk tier (all processes sharing it)",
+    "store_bytes": "Bytes charged to chunks in the disk tier",
+    "store_capacity": "Capacity of the disk tier in bytes",
+    "store_readonly": "1 when this server only reads the disk tier",
 }
 
 

@@ -100,6 +100,7 @@ def run_side(args) -> list[dict]:
         from sglang_reattn import Engine
 
         engine = Engine(args.model_path, device=args.device, dtype=args.dtype,
+                        quantization=args.quantization,
                         log_level="warning", max_running_requests=max(args.batch_sizes),
                         max_total_tokens=args.max_total_tokens,
                         chunked_prefill_size=max(2048, 64 * ((args.prompt_len + 63) // 64)))
@@ -117,7 +118,10 @@ def run_side(args) -> list[dict]:
     from sglang_reattn.models.loader import resolve_model_path
 
     path = resolve_model_path(args.model_path)
-    dtype = {"auto": torch.bfloat16 if args.device == "cuda" else torch.float32}.get(
+    # transformers cannot compute on GGUF blocks; it dequantizes them. Against our
+    # --quantization gguf (bfloat16 activations) it runs the same weights in bfloat16.
+    on_gpu_or_q4 = args.device == "cuda" or args.quantization == "gguf"
+    dtype = {"auto": torch.bfloat16 if on_gpu_or_q4 else torch.float32}.get(
         args.dtype) or getattr(torch, args.dtype)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(args.device).eval()
     vocab = hf.config.vocab_size
@@ -135,6 +139,8 @@ def main() -> None:
     ap.add_argument("--model-path", default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--quantization", default=None, choices=[None, "gguf"],
+                    help="ours: compute on the GGUF file's 4-bit blocks (CPU)")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--gen-len", type=int, default=64)
@@ -152,6 +158,8 @@ def main() -> None:
         print(json.dumps(run_side(args)), flush=True)
         return
     dtype = rows[0].get("dtype", args.dtype)
+    if args.quantization:
+        dtype += f", ours --quantization {args.quantization}"
     print(f"\nhardware: {hardware(args.device)}; dtype {dtype}; prompt {args.prompt_len}, "
           f"gen {args.gen_len}; median of {args.repeats}")
     print("| batch | ours prefill tok/s | ours decode tok/s | hf prefill tok/s | "

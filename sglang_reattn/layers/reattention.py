@@ -102,8 +102,8 @@ class ReAttention(PagedAttention):
 
     def __init__(self, pool: KVPool, rope: RopeTable, num_heads: int, head_dim: int,
                  cfg: ReAttnConfig, summary: str = "minmax", combine: str = "sum",
-                 use_triton: bool = False) -> None:
-        super().__init__(pool, rope, num_heads, head_dim, None, use_triton)
+                 use_triton: bool = False, rot_limit: int = 0) -> None:
+        super().__init__(pool, rope, num_heads, head_dim, None, use_triton, rot_limit)
         from sglang_reattn import kernels
 
         self._kernels = kernels
@@ -133,8 +133,9 @@ class ReAttention(PagedAttention):
         if smean is not None:
             smean[pages] = kmean
 
-    def refresh_summaries(self, pages: torch.Tensor) -> None:
+    def pages_loaded(self, pages: torch.Tensor) -> None:
         """Summaries of whole pages, every layer (chunks loaded from the disk tier)."""
+        super().pages_loaded(pages)
         for layer in range(self.pool.k.shape[0]):
             self._summarize_pages(layer, pages)
 

@@ -163,6 +163,68 @@ def read_gguf(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     return cfg, tensors
 
 
+def read_gguf_int4(path: str) -> dict[str, Any]:
+    """The 4-bit (Q4_0 / Q4_1) matrices of a GGUF file, undequantized, by HF name:
+    -> {name: Int4Blocks}. Other tensor types are left to `read_gguf`."""
+    import gguf
+    import numpy as np
+
+    from sglang_reattn.layers.quant import Int4Blocks
+
+    reader = gguf.GGUFReader(path)
+    arch = reader.fields["general.architecture"].contents()
+    heads = int(reader.fields[f"{arch}.attention.head_count"].contents())
+    kv_field = reader.fields.get(f"{arch}.attention.head_count_kv")
+    kv_heads = int(kv_field.contents()) if kv_field is not None else heads
+    q4 = {gguf.GGMLQuantizationType.Q4_0: 18, gguf.GGMLQuantizationType.Q4_1: 20}
+    out: dict[str, Any] = {}
+    for t in reader.tensors:
+        size = q4.get(t.tensor_type)
+        if size is None:
+            continue
+        rows = int(t.shape[-1]) if len(t.shape) > 1 else 1
+        raw = np.asarray(t.data).reshape(-1, size)
+        d = raw[:, 0:2].copy().view(np.float16).astype(np.float32)[:, 0]
+        qs = raw[:, size - 16:]
+        codes = np.concatenate([qs & 0xF, qs >> 4], axis=1).astype(np.int32)
+        if t.tensor_type == gguf.GGMLQuantizationType.Q4_1:  # w = d q + m
+            zero = raw[:, 2:4].copy().view(np.float16).astype(np.float32)[:, 0] + 8 * d
+        else:  # Q4_0: w = d (q - 8)
+            zero = np.zeros_like(d)
+        blocks = Int4Blocks(torch.from_numpy(codes.reshape(rows, -1)),
+                            torch.from_numpy(d.reshape(rows, -1)),
+                            torch.from_numpy(zero.reshape(rows, -1)))
+        name = _gguf_to_hf_name(t.name)
+        if arch in ("llama", "mistral") and name.endswith(("q_proj.weight", "k_proj.weight")):
+            n = heads if name.endswith("q_proj.weight") else kv_heads
+            blocks = blocks.permute_rows(lambda x, n=n: _unpermute(x, n))
+        out[name] = blocks
+    return out
+
+
+def quantize_from_gguf(model: CausalLM, cfg: ModelConfig, gguf_path: str) -> int:
+    """Swap the model's linear layers for `QuantLinear`s built from the file's 4-bit
+    blocks (q/k/v and gate/up fused as the model fuses them). -> layers swapped."""
+    from sglang_reattn.layers.quant import Int4Blocks, QuantLinear
+
+    blocks = read_gguf_int4(gguf_path)
+    fused = {"self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"),
+             "self_attn.o_proj": ("o_proj",),
+             "mlp.gate_up_proj": ("gate_proj", "up_proj"), "mlp.down_proj": ("down_proj",)}
+    swapped = 0
+    for i, layer in enumerate(model.layers):
+        for target, parts in fused.items():
+            owner, attr = target.split(".")
+            names = [f"model.layers.{i}.{owner}.{p}.weight" for p in parts]
+            if not all(n in blocks for n in names):
+                continue  # another type (Q8_0, K-quants, float): stays dense
+            module = getattr(layer, owner)
+            setattr(module, attr, QuantLinear(getattr(module, attr),
+                                              Int4Blocks.cat([blocks[n] for n in names])))
+            swapped += 1
+    return swapped
+
+
 def _gguf_to_hf_name(name: str) -> str:
     if name == "token_embd.weight":
         return "model.embed_tokens.weight"
@@ -209,8 +271,21 @@ def iter_safetensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
 # ----------------------------------------------------------------------------- building
 
 
-def load_model(path: str, dtype: torch.dtype, device: torch.device
+def load_model(path: str, dtype: torch.dtype, device: torch.device, dummy: bool = False
                ) -> tuple[CausalLM, ModelConfig]:
+    """dummy (SGLang's --load-format dummy): random weights of the checkpoint's shapes,
+    made on the device, for benchmarks of models whose weights are not at hand."""
+    if dummy:
+        cfg = ModelConfig.from_hf_dict(read_gguf(path)[0] if path.endswith(".gguf")
+                                       else read_hf_config(path))
+        model = build_empty_model(cfg, dtype, device)
+        gen = torch.Generator(device=device).manual_seed(0)
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.data.fill_(1.0)
+            else:
+                p.data.normal_(0.0, 0.02, generator=gen)
+        return model.eval(), cfg
     if path.endswith(".gguf"):
         raw_cfg, tensors = read_gguf(path)
         cfg = ModelConfig.from_hf_dict(raw_cfg)

@@ -1,0 +1,242 @@
+"""End-to-end batch-1 decode (and a long prefill) at long contexts, random weights.
+
+Models are built with `--load-format dummy` from a config only: a Llama-3.1-8B shape
+(32 layers, 32/8 heads, dim 128, llama3 RoPE) and a Llama-3.2-1B shape (16 layers,
+32/8 heads, dim 64). ReAttention scope: sink 64 + top-k 95 chunks of 64 + local 2048 =
+8192 tokens, as in bench_attention.py.
+
+Decode: the context's K/V are filled with random values straight into the engine's KV pool
+(pages allocated from it, summaries computed as for chunks loaded from the disk tier), then
+the engine's model runner decodes greedily one token at a time (CUDA graph with per-layer
+top-k selection, the same call the scheduler makes). tokens/s is the median of --repeats
+timed runs of --steps tokens. The floor is the weights read once per token at the copy
+bandwidth measured in the same run.
+
+Prefill (--prefill): a real `Engine.generate` over N random token ids, 1 new token; the
+time is compared with the FLOP floor (2 x non-embedding params x N + attention over each
+token's scope) at the bf16 matmul rate measured in the same run.
+
+    python benchmarks/bench_e2e.py --model 8b --contexts 32K 128K 512K
+    python benchmarks/bench_e2e.py --model 1b --contexts 32K 1M --prefill 1M
+    python benchmarks/bench_e2e.py --model tiny --contexts 2K 8K --device cpu   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from types import SimpleNamespace
+
+import torch
+
+SHAPES = {
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+               vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
+               tie_word_embeddings=False,
+               rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0,
+                             "original_max_position_embeddings": 8192}),
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+               num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+               vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
+               tie_word_embeddings=True,
+               rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0,
+                             "original_max_position_embeddings": 8192}),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                 vocab_size=49152, max_position_embeddings=16384, rope_theta=10000.0,
+                 tie_word_embeddings=True),
+}
+SCOPE = dict(reattn_chunk_size=64, reattn_sink=64, reattn_topk=95, reattn_local=2048)
+
+
+def parse_size(text: str) -> int:
+    text = text.strip().upper()
+    mult = {"K": 1024, "M": 1024 * 1024}.get(text[-1], 1)
+    return int(float(text.rstrip("KM")) * mult)
+
+
+def model_dir(name: str) -> str:
+    """A config-only model directory (plus the default model's tokenizer files)."""
+    from sglang_reattn.models.loader import resolve_model_path
+
+    path = os.path.join(tempfile.gettempdir(), f"sglang_reattn_dummy_{name}")
+    os.makedirs(path, exist_ok=True)
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+           "rms_norm_eps": 1e-5, "torch_dtype": "bfloat16", "bos_token_id": 1,
+           "eos_token_id": 2, **SHAPES[name]}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    src = resolve_model_path(None)
+    for fn in os.listdir(src):
+        if fn.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            shutil.copy(os.path.join(src, fn), path)
+    return path
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(dev: torch.device) -> float:
+    """Bytes/s of a large device-to-device copy, read + write counted."""
+    n = (2 << 30) if dev.type == "cuda" else (256 << 20)
+    a = torch.empty(n, dtype=torch.uint8, device=dev)
+    b = torch.empty_like(a)
+    times = []
+    for _ in range(7):
+        sync(dev)
+        t = time.perf_counter()
+        b.copy_(a)
+        sync(dev)
+        times.append(time.perf_counter() - t)
+    return 2 * n / statistics.median(times[2:])
+
+
+def matmul_flops(dev: torch.device) -> float:
+    n = 8192 if dev.type == "cuda" else 1024
+    dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    a = torch.randn(n, n, device=dev, dtype=dt)
+    b = torch.randn(n, n, device=dev, dtype=dt)
+    times = []
+    for _ in range(7):
+        sync(dev)
+        t = time.perf_counter()
+        a @ b
+        sync(dev)
+        times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / statistics.median(times[2:])
+
+
+def fill_context(eng, n: int) -> SimpleNamespace:
+    """Allocate pages for n tokens, random K/V, summaries; -> a request-like object."""
+    c = eng.pool.page_size
+    pages = eng.pool.allocate((n + c - 1) // c + 1)
+    idx = torch.tensor(pages, device=eng.device)
+    g = torch.Generator(device=eng.device).manual_seed(0)
+    for layer in range(eng.pool.k.shape[0]):
+        for pool in (eng.pool.k, eng.pool.v):
+            block = pool[layer, idx]
+            block.normal_(generator=g)
+            pool[layer, idx] = block
+    eng.attn.pages_loaded(idx)
+    ids = torch.randint(100, 40000, (n + 1,), generator=torch.Generator().manual_seed(1))
+    return SimpleNamespace(pages=pages, num_computed=n, all_ids=ids.tolist())
+
+
+def decode_tokens(eng, req, steps: int) -> float:
+    """Greedy decode `steps` tokens through the model runner; -> seconds."""
+    c = eng.pool.page_size
+    dev = eng.device
+    sync(dev)
+    t = time.perf_counter()
+    for _ in range(steps):
+        if req.num_computed // c >= len(req.pages):
+            req.pages.extend(eng.pool.allocate(1))
+        logits = eng.runner.forward([req], [1], True, [0])
+        req.all_ids.append(int(logits[0].argmax()))
+        req.num_computed += 1
+    sync(dev)
+    return time.perf_counter() - t
+
+
+def prefill_floor(cfg, n: int, scope: int) -> float:
+    """FLOPs of a prefill of n tokens: the linear layers plus attention over the scope."""
+    h, d = cfg.hidden_size, cfg.head_dim
+    q, kv = cfg.num_heads * d, cfg.num_kv_heads * d
+    per_layer = h * (q + 2 * kv) + q * h + 3 * h * cfg.intermediate_size
+    linear = 2 * n * per_layer * cfg.num_layers
+    span = min(n, scope)
+    keys = span * (span + 1) // 2 + (n - span) * scope  # sum over queries of keys seen
+    attn = 4 * keys * cfg.num_heads * d * cfg.num_layers
+    return float(linear + attn)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", choices=sorted(SHAPES), default="8b")
+    ap.add_argument("--contexts", nargs="+", default=["32K", "128K", "512K"])
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--prefill", default=None, help="also time a real prefill of this size")
+    ap.add_argument("--chunked-prefill-size", type=int, default=2048)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    from sglang_reattn import Engine
+
+    dev = torch.device(args.device)
+    path = model_dir(args.model)
+    contexts = [parse_size(x) for x in args.contexts]
+    longest = max(contexts + ([parse_size(args.prefill)] if args.prefill else []))
+    scope = dict(SCOPE)
+    if args.model == "tiny":
+        scope.update(reattn_chunk_size=16, reattn_sink=16, reattn_topk=16, reattn_local=256)
+    eng = Engine(path, load_format="dummy", device=args.device, dtype="bfloat16"
+                 if dev.type == "cuda" else "float32", log_level="warning",
+                 max_running_requests=4, max_total_tokens=longest + 16384,
+                 chunked_prefill_size=args.chunked_prefill_size, disable_radix_cache=True,
+                 **scope)
+    cfg = eng.model_config
+    weight_bytes = sum(p.numel() * p.element_size() for p in eng.model.parameters())
+    if not cfg.tie_word_embeddings:  # the input embedding is not read per token, one row
+        weight_bytes -= eng.model.embed_tokens.weight.numel() * 2
+    bw = copy_bandwidth(dev)
+    floor_tps = bw / weight_bytes
+    hw = torch.cuda.get_device_name(0) if dev.type == "cuda" else "CPU"
+    rows = []
+    for n in contexts:
+        req = fill_context(eng, n)
+        decode_tokens(eng, req, 8)  # warm-up (graph replay, allocations)
+        runs = [args.steps / decode_tokens(eng, req, args.steps) for _ in range(args.repeats)]
+        tps = statistics.median(runs)
+        rows.append({"model": args.model, "context": n, "decode_tok_s": tps,
+                     "floor_tok_s": floor_tps, "runs": runs})
+        print(json.dumps(rows[-1]), flush=True)
+        eng.pool.free(req.pages)
+    prefill = None
+    if args.prefill:
+        n = parse_size(args.prefill)
+        ids = torch.randint(100, 40000, (n,), generator=torch.Generator().manual_seed(2))
+        flops = prefill_floor(cfg, n, eng.reattn.scope_tokens if eng.reattn else n)
+        rate = matmul_flops(dev)
+        t = time.perf_counter()
+        eng.generate(input_ids=ids.tolist(), sampling_params={"max_new_tokens": 1})
+        secs = time.perf_counter() - t
+        prefill = {"tokens": n, "seconds": secs, "tok_s": n / secs, "flops": flops,
+                   "matmul_flops_s": rate, "floor_seconds": flops / rate}
+        print(json.dumps(prefill), flush=True)
+    eng.shutdown()
+
+    dtype = str(eng.dtype).removeprefix("torch.")
+    print(f"\nhardware: {hw}; model {args.model}-shaped, random weights, {dtype} "
+          f"({weight_bytes / 2**30:.2f} GiB read per token); copy bandwidth "
+          f"{bw / 1e9:.0f} GB/s; batch 1, {args.steps} tokens, median of {args.repeats}")
+    print("| context | decode tok/s | weight-read floor tok/s | of floor | vs first context |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['context'] // 1024}K | {r['decode_tok_s']:.1f} | {r['floor_tok_s']:.1f} | "
+              f"{r['decode_tok_s'] / r['floor_tok_s']:.0%} | "
+              f"{r['decode_tok_s'] / rows[0]['decode_tok_s']:.2f} |")
+    if prefill:
+        print(f"\nprefill of {prefill['tokens']:,} tokens: {prefill['seconds']:.1f} s "
+              f"({prefill['tok_s']:,.0f} tok/s); FLOP floor {prefill['floor_seconds']:.1f} s at "
+              f"the measured {prefill['matmul_flops_s'] / 1e12:.0f} TFLOP/s matmul rate: "
+              f"{prefill['seconds'] / prefill['floor_seconds']:.2f}x the floor")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"decode": rows, "prefill": prefill}, f, indent=2)
+    eng.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -26,6 +26,9 @@ class EngineArgs:
     model_path: str | None = None  # None -> the embedded SmolLM2-135M-Instruct
     tokenizer_path: str | None = None
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    # gguf: compute with a GGUF model's 4-bit blocks as stored (CPU, bfloat16)
+    quantization: str | None = None
+    load_format: str = "auto"  # auto: the checkpoint's weights; dummy: random (benchmarks)
     device: str = "auto"  # auto: cuda when available, else cpu
     context_length: int | None = None  # None: unbounded with ReAttention, else trained length
     served_model_name: str | None = None
@@ -64,6 +67,17 @@ class EngineArgs:
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
             raise InvalidArgument(f"--dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.load_format not in ("auto", "dummy"):
+            raise InvalidArgument(
+                f"--load-format must be 'auto' or 'dummy', got {self.load_format!r}")
+        if self.quantization not in (None, "gguf"):
+            raise InvalidArgument(
+                f"--quantization must be 'gguf' or unset, got {self.quantization!r}")
+        if self.quantization == "gguf" and self.dtype not in ("auto", "bfloat16"):
+            raise InvalidArgument(
+                f"--quantization gguf computes in bfloat16; got --dtype {self.dtype}")
+        if self.quantization == "gguf" and self.device == "cuda":
+            raise InvalidArgument("--quantization gguf runs on the CPU only (--device cpu)")
         if self.device not in _DEVICES:
             raise InvalidArgument(f"--device must be one of {_DEVICES}, got {self.device!r}")
         _positive("max_running_requests", self.max_running_requests)

@@ -44,7 +44,7 @@ class Engine(NamedContexts):
                             format="[%(asctime)s %(name)s] %(message)s")
         torch.manual_seed(args.random_seed)
         self.device = _resolve_device(args.device)
-        self.dtype = _resolve_dtype(args.dtype, self.device)
+        self.dtype = _resolve_dtype(args.dtype, self.device, args.quantization)
         self._grammar: GrammarBackend | None = None
         self._grammar_lock = threading.Lock()
         self._inbox: queue.Queue = queue.Queue()
@@ -77,7 +77,10 @@ class Engine(NamedContexts):
         args = self.args
         t0 = time.perf_counter()
         self.model_path = loader.resolve_model_path(args.model_path)
-        self.model, self.model_config = loader.load_model(self.model_path, self.dtype, self.device)
+        self.model, self.model_config = loader.load_model(
+            self.model_path, self.dtype, self.device, dummy=args.load_format == "dummy")
+        if args.quantization == "gguf":
+            self._quantize_gguf(loader)
         self.tokenizer = loader.load_tokenizer(args.tokenizer_path or self.model_path)
         cfg = self.model_config
         self.served_model_name = args.served_model_name or (
@@ -108,10 +111,11 @@ class Engine(NamedContexts):
         if self.reattn is not None:
             self.attn = ReAttention(self.pool, self.rope, cfg.num_heads, cfg.head_dim,
                                     self.reattn, args.reattn_summary, args.reattn_combine,
-                                    use_triton=use_triton)
+                                    use_triton=use_triton, rot_limit=scope_max)
         else:
             self.attn = PagedAttention(self.pool, self.rope, cfg.num_heads, cfg.head_dim,
-                                       cfg.sliding_window, use_triton=use_triton)
+                                       cfg.sliding_window, use_triton=use_triton,
+                                       rot_limit=scope_max)
         self.runner = ModelRunner(
             self.model, self.pool, self.attn, self.device,
             max_pages_per_seq=(self.context_length + c - 1) // c + 2,
@@ -131,7 +135,7 @@ class Engine(NamedContexts):
             path = args.store_path
             if path == KV_STORE_AUTO:
                 path = default_store_path(self.model_path, fp)
-            refresh = getattr(self.attn, "refresh_summaries", lambda pages: None)
+            refresh = self.attn.pages_loaded
             self.store_tier = StoreTier(path, fp, args.kv_store_capacity,
                                         args.kv_store_codec, self.pool, refresh,
                                         readonly=args.kv_store_readonly)
@@ -382,6 +386,26 @@ class Engine(NamedContexts):
     def flush_cache(self) -> bool:
         return self._call(self.scheduler.flush_cache)
 
+    def _quantize_gguf(self, loader) -> None:
+        """--quantization gguf: the 4-bit matrices of the GGUF file (the default model's
+        package file when no --model-path is given) replace the dense linear layers."""
+        from sglang_reattn.layers.quant import int4_supported
+
+        if self.device.type != "cpu":
+            raise InvalidArgument("--quantization gguf runs on the CPU only (--device cpu)")
+        if not int4_supported():
+            raise InvalidArgument(f"--quantization gguf needs torch's CPU int4 matmul, "
+                                  f"missing in torch {torch.__version__}")
+        path = self.args.model_path
+        if path is None:
+            path = loader.default_gguf_path()
+        if not path.endswith(".gguf"):
+            raise InvalidArgument(f"--quantization gguf needs a .gguf model, got {path}")
+        n = loader.quantize_from_gguf(self.model, self.model_config, path)
+        if n == 0:
+            raise InvalidArgument(f"{path} has no Q4_0/Q4_1 matrices to run quantized")
+        logger.info("quantization gguf: %d linear layers run on 4-bit blocks", n)
+
     def stats(self) -> dict[str, Any]:
         s = self.scheduler
         return {
@@ -468,7 +492,10 @@ def _resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+def _resolve_dtype(name: str, device: torch.device, quantization: str | None = None
+                   ) -> torch.dtype:
+    if quantization == "gguf":
+        return torch.bfloat16
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, name)

@@ -49,6 +49,9 @@ _HELP = {
     "model_path": "HF directory or GGUF file of the model; default: embedded SmolLM2-135M",
     "tokenizer_path": "tokenizer directory (default: the model's)",
     "dtype": "weights and activations dtype",
+    "quantization": "gguf: compute with a GGUF model's Q4_0/Q4_1 blocks as stored "
+                    "(CPU, bfloat16; the default model's file when no --model-path)",
+    "load_format": "auto: the checkpoint's weights; dummy: random weights of its shapes",
     "device": "cpu, cuda or auto",
     "context_length": "max prompt + output tokens (default: unbounded with ReAttention)",
     "served_model_name": "model name reported by /v1/models and responses",

@@ -4,8 +4,9 @@ once, then forks one child per request that runs `launch_server.main(argv)` exac
 sockets; nothing is opened before the fork). Saves the ~3 s of imports per start.
 
 Protocol: one JSON object per stdin line, {"argv": [...], "log": path, "env": {...}}
-(env: variables to set, or to unset with null);
-answers one line {"pid": N}. Children are reaped automatically; EOF ends the zygote.
+(env: variables to set, or to unset with null); answers one line {"pid": N}. Children
+are reaped automatically. EOF (the test process ended, even by a crash) SIGKILLs the
+children still running and ends the zygote: no server outlives the tests.
 """
 
 from __future__ import annotations
@@ -65,13 +66,20 @@ def main() -> None:
     _preload()
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children reap themselves
     print(json.dumps({"ready": True}), flush=True)
+    children = []
     for line in sys.stdin:
         req = json.loads(line)
         pid = os.fork()
         if pid == 0:
             sys.stdin.close()
             _child(req["argv"], req["log"], req.get("env", {}))
+        children.append(pid)
         print(json.dumps({"pid": pid}), flush=True)
+    for pid in children:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:  # already gone
+            pass
 
 
 if __name__ == "__main__":

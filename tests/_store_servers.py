@@ -31,6 +31,7 @@ GREEDY = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}
 _pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="server-start")
 _zygote_lock = threading.Lock()
 _zygote: subprocess.Popen | None = None
+_started: list[Server] = []
 
 
 def _fork(argv: list[str], log: str, env: dict[str, str | None]) -> int:
@@ -60,6 +61,7 @@ class Server:
                                                suffix=".log", delete=False)
         argv = ["--host", "127.0.0.1", "--port", str(self.port), *flags]
         self.pid = _fork(argv, self.log.name, env)
+        _started.append(self)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if not self.alive():
@@ -117,6 +119,12 @@ def start(model: str, *flags: str, env: dict[str, str | None] | None = None) -> 
     thread per server keeps the 2-core machine from oversubscribing."""
     env = {k: os.environ.get(k) for k in ("XDG_CACHE_HOME", "HOME")} | (env or {})
     return _pool.submit(Server, ["--model-path", model, *TINY_FLAGS, *flags], env)
+
+
+def discard_all() -> None:
+    """SIGKILL every server started here that still runs (cleanup after a failure)."""
+    while _started:
+        discard(_started.pop(), kill=True)
 
 
 def discard(srv: Server, kill: bool = False) -> None:

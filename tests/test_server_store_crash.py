@@ -13,7 +13,16 @@ from collections import deque
 
 import lmdb
 import requests
-from _store_servers import C, check_store, discard, generate, ids, metric, start
+from _store_servers import (
+    C,
+    check_store,
+    discard,
+    discard_all,
+    generate,
+    ids,
+    metric,
+    start,
+)
 from sglang_reattn.kv_store import chunk_hashes
 
 KILLS = 20
@@ -85,6 +94,15 @@ def test_sigkill_during_ingest_20_times(tiny_llama, tmp_path):
     # Servers start in the background, two ahead, so startups overlap the ingests.
     ref_future = start(tiny_llama, "--disable-kv-store")
     spares = deque(start(tiny_llama, *flags) for _ in range(2))
+    try:
+        _run(tiny_llama, store, flags, rng, final, ref_future, spares, t0)
+    finally:  # on a failure too, no server is left behind
+        for f in spares:
+            f.exception()  # wait until it is up (or failed)
+        discard_all()
+
+
+def _run(tiny_llama, store, flags, rng, final, ref_future, spares, t0) -> None:
     ref = ref_future.result()
     want_prefix = generate(ref, input_ids=PREFIX + QUESTION)["output_ids"]
     want_final = generate(ref, input_ids=final + QUESTION)["output_ids"]

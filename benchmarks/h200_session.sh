@@ -39,8 +39,14 @@ for step in ${STEPS:-check offline niah}; do
                     --dtype ${NIAH_DTYPE:-float32} --modes reattn --lengths 1M --long-from 4M --trials 10 \
                     --depths ${NIAH_DEPTHS:-5} --tasks passkey --json "$OUT/niah1m.json" 2>&1 \
                     | tee "$OUT/niah1m.txt" ;;
+        variants64) for v in "--reattn-combine max" "--reattn-summary mean" \
+                    "--reattn-chunk-size 32"; do
+                echo "## variant: $v"
+                timeout ${VARIANT_TIMEOUT:-160} python3 benchmarks/niah.py --device cuda --dtype float32 \
+                    --modes reattn --lengths 64K --trials 10 --tasks passkey $v 2>&1 | grep -v clean_up
+            done 2>&1 | tee "$OUT/niah_variants64.txt" ;;
         attention) timeout 300 python3 benchmarks/bench_attention.py 2>&1 | tee "$OUT/bench_attention.txt" ;;
     esac
 done
 tail -n 12 "$OUT"/check_gpu.txt "$OUT"/bench_offline.txt "$OUT"/niah*.txt \
-    "$OUT"/bench_e2e*.txt 2>/dev/null
+    "$OUT"/bench_e2e*.txt "$OUT"/niah_variants64.txt 2>/dev/null

@@ -136,10 +136,11 @@ def main() -> None:
     ap.add_argument("--long-trials", type=int, default=2,
                     help="keys per point at lengths >= --long-from (time)")
     ap.add_argument("--chunked-prefill-size", type=int, default=2048)
+    ap.add_argument("--reattn-chunk-size", type=int, default=64)
     ap.add_argument("--reattn-topk", type=int, default=None)
     ap.add_argument("--reattn-local", type=int, default=None)
     ap.add_argument("--reattn-summary", default="minmax")
-    ap.add_argument("--reattn-combine", default="sum")
+    ap.add_argument("--reattn-combine", default="max")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
     ap.add_argument("--png", default=None)
@@ -163,7 +164,7 @@ def main() -> None:
         if mode == "full":
             opts["disable_reattn"] = True
         else:
-            opts.update(reattn_topk=args.reattn_topk, reattn_local=args.reattn_local,
+            opts.update(reattn_chunk_size=args.reattn_chunk_size, reattn_topk=args.reattn_topk, reattn_local=args.reattn_local,
                         reattn_summary=args.reattn_summary, reattn_combine=args.reattn_combine)
         engine = Engine(args.model_path, **opts)
         for task in args.tasks:

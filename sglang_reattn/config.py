@@ -53,7 +53,7 @@ class EngineArgs:
     reattn_sink: int | None = None
     reattn_local: int | None = None
     reattn_summary: str = "minmax"  # chunk key summary: minmax (Quest bound) | mean
-    reattn_combine: str = "sum"  # heads -> one selection: sum | max (per-head normalized)
+    reattn_combine: str = "max"  # heads -> one selection: max (per-head normalized) | sum
     disable_reattn: bool = False
     # --- disk tier (--kv-store-*) ---
     # A directory; "auto": a per-model directory under the user's cache (the default of

@@ -51,24 +51,25 @@ def test_geometry():
     assert plan_geometry(cfg, 40, 1) == (2, 2, 3)
 
 
-def _reference(q, keys, vals, cfg, rope, scale, summary):
+def _reference(q, keys, vals, cfg, rope, scale, summary, combine):
     """Independent ReAttention for one decode query: summaries straight from the keys."""
     c, n = cfg.chunk_size, keys.shape[0]
     sink_p, local_p, total = plan_geometry(cfg, n - 1, 1)
     hq, hkv = q.shape[1], keys.shape[1]
     g = hq // hkv
-    scores = []
-    for p in range(sink_p, local_p):
+    per_head = torch.zeros(hq, local_p - sink_p)  # [Hq, chunks]
+    for i, p in enumerate(range(sink_p, local_p)):
         kc = keys[p * c:(p + 1) * c].float()  # [C, Hkv, D]
-        s = 0.0
         for h in range(hq):
             qh = q[0, h].float()
             if summary == "minmax":
                 lo, hi = kc[:, h // g].amin(0), kc[:, h // g].amax(0)
-                s += torch.maximum(qh * lo, qh * hi).sum()
+                per_head[h, i] = torch.maximum(qh * lo, qh * hi).sum()
             else:
-                s += (qh * kc[:, h // g].mean(0)).sum()
-        scores.append(float(s))
+                per_head[h, i] = (qh * kc[:, h // g].mean(0)).sum()
+    if combine == "max" and per_head.numel():  # each head normalized by its largest |score|, then summed
+        per_head = per_head / per_head.abs().amax(1, keepdim=True)
+    scores = per_head.sum(0).tolist()
     chosen = sorted(sorted(range(len(scores)), key=lambda i: -scores[i])[: cfg.topk])
     pages = list(range(sink_p)) + [sink_p + i for i in chosen] + list(range(local_p, total))
     idx = torch.cat([torch.arange(p * c, min((p + 1) * c, n)) for p in pages])
@@ -83,16 +84,17 @@ def _reference(q, keys, vals, cfg, rope, scale, summary):
     return torch.stack(out)[None], pages
 
 
+@pytest.mark.parametrize("combine", ["max", "sum"])
 @pytest.mark.parametrize("summary", ["minmax", "mean"])
 @pytest.mark.parametrize("n", [37, 300, 301, 512])
-def test_selection_layer_matches_reference(summary, n):
+def test_selection_layer_matches_reference(summary, n, combine):
     torch.manual_seed(n)
     c, hq, hkv, d = 16, 8, 2, 32
     cfg = ReAttnConfig(True, c, 32, 4, 64)
     pages_needed = (n + c - 1) // c
     pool = KVPool(1, pages_needed + 5, c, hkv, d, torch.float32, torch.device("cpu"))
     rope = RopeTable(d, 10000.0, None, torch.device("cpu"))
-    attn = ReAttention(pool, rope, hq, d, cfg, summary=summary)
+    attn = ReAttention(pool, rope, hq, d, cfg, summary=summary, combine=combine)
     perm = (torch.randperm(pages_needed + 4) + 1)[:pages_needed].tolist()
     keys = torch.randn(n, hkv, d)
     vals = torch.randn(n, hkv, d)
@@ -112,7 +114,7 @@ def test_selection_layer_matches_reference(summary, n):
         q = torch.randn(step, hq, d)
         out = attn.forward(0, q, keys[done:total], vals[done:total], batch)
         done = total
-    ref, ref_pages = _reference(q, keys, vals, cfg, rope, d ** -0.5, summary)
+    ref, ref_pages = _reference(q, keys, vals, cfg, rope, d ** -0.5, summary, combine)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     assert len(ref_pages) * c - n < c  # the scope is whole pages but the last
 

@@ -101,7 +101,7 @@ class ReAttention(PagedAttention):
     """Paged attention whose scope is narrowed per layer by top-k chunk selection."""
 
     def __init__(self, pool: KVPool, rope: RopeTable, num_heads: int, head_dim: int,
-                 cfg: ReAttnConfig, summary: str = "minmax", combine: str = "sum",
+                 cfg: ReAttnConfig, summary: str = "minmax", combine: str = "max",
                  use_triton: bool = False, rot_limit: int = 0) -> None:
         super().__init__(pool, rope, num_heads, head_dim, None, use_triton, rot_limit)
         from sglang_reattn import kernels

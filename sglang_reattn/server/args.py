@@ -68,6 +68,9 @@ _HELP = {
     "reattn_topk": "chunks selected per step (default: from the model's trained length)",
     "reattn_sink": "sink tokens always attended (default: from the model)",
     "reattn_local": "local window tokens always attended (default: from the model)",
+    "reattn_summary": "chunk key summary scored against the queries: minmax or mean",
+    "reattn_combine": "heads -> one selection: max (each head's scores normalized by its "
+                      "largest, then summed) or sum (raw scores summed)",
     "kv_store_path": "LMDB directory of the disk tier; 'auto': one per model under "
                      "$XDG_CACHE_HOME/sglang_reattn/kv_store (~/.cache when unset). Any "
                      "number of servers may share a store",

@@ -181,8 +181,11 @@ class PagedAttention:
             return
         k_cache.view(-1, *k_cache.shape[2:])[batch.slot_mapping] = k
         v_cache.view(-1, *v_cache.shape[2:])[batch.slot_mapping] = v
-        if self._rot is not None and batch.q_lens_host is not None:
-            self._store_rotated(layer_id, k, batch)
+        if self._rot is not None:
+            if batch.scope_lens_host is not None and batch.pages_host is not None:
+                self._store_rotated(layer_id, k, batch)
+            elif layer_id == 0:  # no host metadata (graph buffers): rotate these pages later
+                self.pages_loaded((batch.slot_mapping // self.pool.page_size).unique())
 
     def attend_scope(self, layer_id: int, q: torch.Tensor, batch: ForwardBatch,
                      table: torch.Tensor, lens: torch.Tensor,
@@ -224,20 +227,30 @@ class PagedAttention:
             start += n_q
         return out
 
-    def _decode_slots(self, page_idx: list[torch.Tensor], lens: list[int],
-                      device: torch.device) -> torch.Tensor:
-        """[B, L] flat slots of each sequence's scope tokens (0-padded). Every layer of a
-        step shares one scope layout unless ReAttention narrows it, so cache by identity."""
+    def _decode_meta(self, page_idx: list[torch.Tensor], lens: list[int],
+                     device: torch.device) -> tuple:
+        """Per-step decode metadata shared by every layer: [B, L] flat slots of each
+        scope's tokens (0-padded), the padding/window mask [B, L], and the queries' RoPE
+        rows. Every layer of a step shares one scope layout unless ReAttention narrows
+        it, so it is cached by identity."""
         key = (id(page_idx), tuple(lens))
         if self._slots_cache is not None and self._slots_cache[0] == key:
             return self._slots_cache[1]
         c = self.pool.page_size
+        n = max(lens)
+        self.rope.ensure(n)
         offs = torch.arange(c, device=device)
-        slots = torch.zeros(len(lens), max(lens), dtype=torch.long, device=device)
+        slots = torch.zeros(len(lens), n, dtype=torch.long, device=device)
         for i, (pages, m) in enumerate(zip(page_idx, lens)):
             slots[i, :m] = (pages[:, None] * c + offs).flatten()[:m]
-        self._slots_cache = (key, slots, page_idx)  # keep page_idx alive: ids stay unique
-        return slots
+        pos = torch.tensor(lens, device=device) - 1
+        k_pos = torch.arange(n, device=device)[None, :]
+        mask = k_pos <= pos[:, None]
+        if self.sliding_window is not None:
+            mask = mask & (pos[:, None] - k_pos < self.sliding_window)
+        meta = (slots, mask, self.rope.cos[pos], self.rope.sin[pos])
+        self._slots_cache = (key, meta, page_idx)  # keep page_idx alive: ids stay unique
+        return meta
 
     def _torch_decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       page_idx: list[torch.Tensor], lens: list[int],
@@ -246,20 +259,14 @@ class PagedAttention:
         [B, L, Hkv, D] block, rotated at positions 0..L-1 (or read already rotated from
         `rotated`), padding masked. A handful of ops per layer whatever the batch size."""
         n = max(lens)
-        slots = self._decode_slots(page_idx, lens, q.device)
-        self.rope.ensure(n)
+        slots, mask, q_cos, q_sin = self._decode_meta(page_idx, lens, q.device)
         if rotated is not None:
             kr = rotated.view(-1, *rotated.shape[2:])[slots]  # [B, L, Hkv, D]
         else:
             keys = k_cache.view(-1, *k_cache.shape[2:])[slots]  # un-rotated
             kr = apply_rope(keys, self.rope.cos[:n], self.rope.sin[:n])
         vals = v_cache.view(-1, *v_cache.shape[2:])[slots]
-        pos = torch.tensor(lens, device=q.device) - 1
-        qr = apply_rope(q, self.rope.cos[pos], self.rope.sin[pos])  # [B, Hq, D]
-        k_pos = torch.arange(n, device=q.device)[None, :]
-        mask = k_pos <= pos[:, None]
-        if self.sliding_window is not None:
-            mask = mask & (pos[:, None] - k_pos < self.sliding_window)
+        qr = apply_rope(q, q_cos, q_sin)  # [B, Hq, D]
         if q.dtype == torch.float32:
             o = F.scaled_dot_product_attention(
                 qr[:, :, None, :], kr.transpose(1, 2), vals.transpose(1, 2),

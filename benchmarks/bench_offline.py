@@ -43,15 +43,20 @@ def bench_ours(engine, bs: int, prompt_len: int, gen_len: int, seed: int) -> tup
     engine.generate(input_ids=prompts, sampling_params={"max_new_tokens": 1, "temperature": 0})
     prefill = bs * prompt_len / (time.perf_counter() - t0)
     engine.flush_cache()
-    first: float | None = None
-    last = 0.0
+    # Decode is timed from the moment every request has its first token (a batch larger
+    # than one prefill step gets its first tokens over several steps) to the last token.
     params = {"max_new_tokens": gen_len, "temperature": 0, "ignore_eos": True}
+    got = [0] * bs
+    start: float | None = None
+    at_start = 0
+    last = 0.0
     for out in engine.generate(input_ids=prompts, sampling_params=params, stream=True):
         now = time.perf_counter()
-        if first is None and out["meta_info"]["completion_tokens"] >= 1:
-            first = now
+        got[out.get("index", 0)] = out["meta_info"]["completion_tokens"]
+        if start is None and min(got) >= 1:
+            start, at_start = now, sum(got)
         last = now
-    decode = bs * (gen_len - 1) / (last - first)
+    decode = (sum(got) - at_start) / (last - start)
     return prefill, decode
 
 

@@ -34,25 +34,24 @@ from types import SimpleNamespace
 
 import torch
 
+_LLAMA3 = {"max_position_embeddings": 131072, "rope_theta": 500000.0,
+           "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256}
+
+
+def _llama3_rope(factor: float) -> dict:
+    return {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
 SHAPES = {
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-               num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-               vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
-               tie_word_embeddings=False,
-               rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                             "high_freq_factor": 4.0,
-                             "original_max_position_embeddings": 8192}),
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-               num_attention_heads=32, num_key_value_heads=8, head_dim=64,
-               vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
-               tie_word_embeddings=True,
-               rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                             "high_freq_factor": 4.0,
-                             "original_max_position_embeddings": 8192}),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                 vocab_size=49152, max_position_embeddings=16384, rope_theta=10000.0,
-                 tie_word_embeddings=True),
+    "8b": {**_LLAMA3, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+           "head_dim": 128, "tie_word_embeddings": False, "rope_scaling": _llama3_rope(8.0)},
+    "1b": {**_LLAMA3, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+           "head_dim": 64, "tie_word_embeddings": True, "rope_scaling": _llama3_rope(32.0)},
+    "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+             "vocab_size": 49152, "max_position_embeddings": 16384, "rope_theta": 10000.0,
+             "tie_word_embeddings": True},
 }
 SCOPE = dict(reattn_chunk_size=64, reattn_sink=64, reattn_topk=95, reattn_local=2048)
 

@@ -164,8 +164,9 @@ def main() -> None:
         if mode == "full":
             opts["disable_reattn"] = True
         else:
-            opts.update(reattn_chunk_size=args.reattn_chunk_size, reattn_topk=args.reattn_topk, reattn_local=args.reattn_local,
-                        reattn_summary=args.reattn_summary, reattn_combine=args.reattn_combine)
+            opts.update(reattn_chunk_size=args.reattn_chunk_size, reattn_topk=args.reattn_topk,
+                        reattn_local=args.reattn_local, reattn_summary=args.reattn_summary,
+                        reattn_combine=args.reattn_combine)
         engine = Engine(args.model_path, **opts)
         for task in args.tasks:
             for L in mode_lengths:

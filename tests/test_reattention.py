@@ -67,7 +67,7 @@ def _reference(q, keys, vals, cfg, rope, scale, summary, combine):
                 per_head[h, i] = torch.maximum(qh * lo, qh * hi).sum()
             else:
                 per_head[h, i] = (qh * kc[:, h // g].mean(0)).sum()
-    if combine == "max" and per_head.numel():  # each head normalized by its largest |score|, then summed
+    if combine == "max" and per_head.numel():  # heads normalized by their largest |score|
         per_head = per_head / per_head.abs().amax(1, keepdim=True)
     scores = per_head.sum(0).tolist()
     chosen = sorted(sorted(range(len(scores)), key=lambda i: -scores[i])[: cfg.topk])

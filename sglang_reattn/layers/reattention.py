@@ -119,8 +119,8 @@ class ReAttention(PagedAttention):
         self.last_selection: dict[int, torch.Tensor] = {}  # layer -> selected pages (debug)
 
     def _summaries(self, layer_id: int):
-        pick = (lambda t: None if t is None else t[layer_id])
-        return pick(self.kmin), pick(self.kmax), pick(self.kmean)
+        return tuple(None if t is None else t[layer_id]
+                     for t in (self.kmin, self.kmax, self.kmean))
 
     def _summarize_pages(self, layer_id: int, pages: torch.Tensor) -> None:
         """Recompute one layer's summaries of whole pages from their keys."""

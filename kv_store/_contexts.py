@@ -36,7 +36,7 @@ def _set_pin(txn, dbs: ix.Dbs, ctx: ContextInfo, delta: int) -> None:
 
 def put(
     txn, dbs: ix.Dbs, name: str, last_chunk_id: str | None, token_count: int,
-    namespace: str | None, pinned: bool,
+    namespace: str | None, pinned: bool, tail=(),
 ) -> ContextInfo:
     ns = namespace
     if last_chunk_id is not None:
@@ -46,7 +46,7 @@ def put(
         ns = h.namespace
     old, now = get(txn, dbs, name), time.time()
     ctx = ContextInfo(name, ns or "", last_chunk_id, int(token_count), bool(pinned),
-                      old.created if old else now, now)
+                      old.created if old else now, now, tail=tuple(int(t) for t in tail))
     if pinned:  # pin the new chain before unpinning the old: shared chunks stay pinned
         _set_pin(txn, dbs, ctx, +1)
     if old is not None and old.pinned:

@@ -88,6 +88,8 @@ class ContextInfo(NamedTuple):
 
     ``lost_tokens``: tokens cut from the end of the chain since it was named (evicted or
     deleted chunks); ``token_count`` is what is left. 0 for a whole context.
+    ``tail``: the document's token ids after its last whole chunk (fewer than a chunk),
+    kept in the record itself: they have no KV in the store and are recomputed on use.
     """
 
     name: str
@@ -98,6 +100,7 @@ class ContextInfo(NamedTuple):
     created: float
     last_used: float
     lost_tokens: int = 0
+    tail: tuple[int, ...] = ()
 
 
 # Header value: u32 crc32(rest) | u32 json_len | json | token ids (uint32 or uint64 LE).
@@ -170,4 +173,6 @@ def encode_context(c: ContextInfo) -> bytes:
 
 
 def decode_context(value: bytes) -> ContextInfo:
-    return ContextInfo(**json.loads(bytes(value)))
+    d = json.loads(bytes(value))
+    d["tail"] = tuple(d.get("tail", ()))  # records written before `tail` existed have none
+    return ContextInfo(**d)

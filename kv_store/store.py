@@ -409,15 +409,17 @@ class ChunkStore:
 
     def put_context(
         self, name: str, last_chunk_id: str | None, token_count: int,
-        namespace: str | None = None, pinned: bool = False,
+        namespace: str | None = None, pinned: bool = False, tail: Sequence[int] = (),
     ) -> ContextInfo:
         """Create or replace a named context ending at ``last_chunk_id`` (writes).
 
         The namespace defaults to the last chunk's. pinned=True pins the chain (and a
-        replaced pinned context's old chain is unpinned), all in one transaction.
+        replaced pinned context's old chain is unpinned), all in one transaction. ``tail``:
+        the document's tokens after its last whole chunk, kept in the record.
         """
         return self._write(
-            lambda txn: cx.put(txn, self.dbs, name, last_chunk_id, token_count, namespace, pinned)
+            lambda txn: cx.put(txn, self.dbs, name, last_chunk_id, token_count, namespace,
+                               pinned, tail)
         )
 
     def get_context(self, name: str) -> ContextInfo:

@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         dt = time.perf_counter() - t0
-        print(f"ingested {ns.name!r}: {n_tokens} tokens ({info['tokens']} in full chunks "
+        print(f"ingested {ns.name!r}: {n_tokens} tokens ({info['stored_tokens']} in full chunks "
               f"stored) in {dt:.1f}s, {n_tokens / dt:.0f} tok/s, store {eng.kv_store_dir}")
     return 0
 

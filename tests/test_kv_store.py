@@ -169,7 +169,10 @@ def test_contexts_and_pins(tmp_path):
         assert [s.get_header(r.chunk_id).pin_count for r in a] == [0, 0, 0, 0]
         with pytest.raises(ValueError, match="not pinned"):
             s.unpin(a[0].chunk_id)
-        s.put_context("empty", None, 0, namespace="t")
+        s.put_context("empty", None, 0, namespace="t", tail=[5, 6, 7])
+        assert s.get_context("empty").tail == (5, 6, 7)  # a document under one chunk
+        assert s.pin_context("empty", False).tail == (5, 6, 7)  # kept across updates
+        assert s.get_context("doc").tail == ()
         assert [c.name for c in s.list_contexts()] == ["doc", "empty"]
         assert s.get_context("doc").token_count == 128
         s.pin_context("doc")
@@ -179,6 +182,16 @@ def test_contexts_and_pins(tmp_path):
             s.get_context("doc")
         with pytest.raises(ChunkNotFound):
             s.put_context("bad", "55" * 32, 64)
+
+
+def test_context_records_without_tail_still_decode():
+    from sglang_reattn.kv_store.records import ContextInfo, decode_context, encode_context
+
+    old = b'{"name":"d","namespace":"","last_chunk_id":null,"token_count":0,"pinned":false,' \
+          b'"created":1.0,"last_used":2.0,"lost_tokens":0}'
+    assert decode_context(old).tail == ()
+    info = ContextInfo("d", "", None, 0, False, 1.0, 2.0, tail=(1, 2))
+    assert decode_context(encode_context(info)) == info
 
 
 def test_delete_drops_descendants_and_cuts_contexts(tmp_path):

@@ -106,7 +106,8 @@ def test_named_context_api(tmp_path, tiny_llama):
     store = str(tmp_path / "store")
     with Engine(tiny_llama, kv_store_path=store, **OPTS) as eng:
         info = eng.ingest("doc", input_ids=doc, namespace="tenant-a")
-        assert info["tokens"] == 288 and not info["pinned"] and info["bytes"] > 0
+        assert info["tokens"] == 300 and info["stored_tokens"] == 288
+        assert not info["pinned"] and info["bytes"] > 0
     with Engine(tiny_llama, kv_store_path=store, **OPTS) as eng:  # another server run
         assert [c["name"] for c in eng.list_contexts()] == ["doc"]
         assert eng.pin_context("doc")["pinned"]

@@ -38,8 +38,9 @@ class NamedContexts:
         """Prefill a document piece by piece (each piece reuses all before it), store its
         chunks and record them under `name`. Returns the context's description.
 
-        A context is made of whole chunks: a trailing partial chunk (fewer than
-        --reattn-chunk-size tokens) is not part of it; send those tokens with the prompt."""
+        The document's whole chunks are stored with their KV; its trailing partial chunk
+        (fewer than --reattn-chunk-size tokens) is kept as token ids in the context's
+        record and recomputed with each request."""
         tier = self._tier(write=True)
         if not isinstance(name, str) or not name or "/" in name:
             raise InvalidRequest("a context name must be a non-empty string without '/'")
@@ -48,8 +49,8 @@ class NamedContexts:
         ids = self.tokenizer.encode(text) if text is not None else list(input_ids)
         c, piece = self.args.reattn_chunk_size, self.args.chunked_prefill_size
         full = len(ids) // c * c
-        if full == 0:
-            raise InvalidRequest(f"the document has {len(ids)} tokens, less than one chunk ({c})")
+        if not ids:
+            raise InvalidRequest("the document is empty")
         errors_before = tier.stats["store_write_errors"]
         full_before = tier.stats["store_full_errors"]
         done = 0
@@ -76,8 +77,8 @@ class NamedContexts:
             raise _store_full(f"{what}: evicted by other writes meanwhile")
         tier.touch(chain)  # a re-ingested document is recent again
         try:
-            info = tier.store.put_context(name, chain[-1], full, namespace=namespace,
-                                          pinned=pin)
+            info = tier.store.put_context(name, chain[-1] if chain else None, full,
+                                          namespace=namespace, pinned=pin, tail=ids[full:])
         except (StoreFull, ChunkNotFound) as e:  # map ceiling; evicted since the check
             raise _store_full(e) from None
         return self._describe(info)
@@ -137,7 +138,7 @@ class NamedContexts:
         if len(ids) != info.token_count:
             raise incomplete(f"{len(ids)} tokens stored of {info.token_count}")
         tier.touch(chain[::-1])
-        return ids, info.namespace
+        return ids + list(info.tail), info.namespace
 
     def _context_info(self, name: str):
         from sglang_reattn.kv_store import ChunkNotFound
@@ -150,7 +151,8 @@ class NamedContexts:
     def _describe(self, info) -> dict[str, Any]:
         cfg = self.model_config
         per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize
-        return {"name": info.name, "namespace": info.namespace, "tokens": info.token_count,
+        return {"name": info.name, "namespace": info.namespace,
+                "tokens": info.token_count + len(info.tail), "stored_tokens": info.token_count,
                 "bytes": info.token_count * per_token, "pinned": info.pinned,
                 "created": info.created, "last_used": info.last_used,
                 "lost_tokens": info.lost_tokens, "complete": not info.lost_tokens}

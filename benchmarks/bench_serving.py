@@ -193,6 +193,11 @@ def main(argv: list[str] | None = None) -> int:
         from sglang_reattn.server.launcher import ServerProcess
 
         flags = ["--device", args.device, "--log-level", "warning", *args.server_flag]
+        if not any(f.split("=")[0] in ("--kv-store-path", "--disable-kv-store")
+                   for f in args.server_flag):
+            # Random prompts never recur: without this the run would fill the user's
+            # default store and time its write-behind. Give --server-flag to keep a store.
+            flags.append("--disable-kv-store")
         if args.model_path:
             flags += ["--model-path", args.model_path]
         if args.api_key:

@@ -124,7 +124,8 @@ class PagedAttention:
         self._slots_cache: tuple | None = None
         c = pool.page_size
         self.rot_limit = 0 if use_triton else (rot_limit + c - 1) // c * c
-        self._rot = torch.empty_like(pool.k) if self.rot_limit else None  # lazily paged in
+        # Zeroed like the pool: masked padding must never read NaN bit patterns.
+        self._rot = torch.zeros_like(pool.k) if self.rot_limit else None
         self._rot_base = [-1] * pool.num_pages
         if self.rot_limit:
             rope.ensure(self.rot_limit)
@@ -229,43 +230,46 @@ class PagedAttention:
 
     def _decode_meta(self, page_idx: list[torch.Tensor], lens: list[int],
                      device: torch.device) -> tuple:
-        """Per-step decode metadata shared by every layer: [B, L] flat slots of each
-        scope's tokens (0-padded), the padding/window mask [B, L], and the queries' RoPE
-        rows. Every layer of a step shares one scope layout unless ReAttention narrows
-        it, so it is cached by identity."""
+        """Per-step decode metadata shared by every layer: each scope's pages padded to
+        one width with page 0 ([B * W] flat, for one `index_select` of whole pages, which
+        copies far faster than a per-token gather), the padding/window mask [B, W * C],
+        and the queries' RoPE rows. Every layer of a step shares one scope layout unless
+        ReAttention narrows it, so it is cached by identity."""
         key = (id(page_idx), tuple(lens))
         if self._slots_cache is not None and self._slots_cache[0] == key:
             return self._slots_cache[1]
-        c = self.pool.page_size
-        n = max(lens)
+        width = max(len(p) for p in page_idx)
+        n = width * self.pool.page_size
         self.rope.ensure(n)
-        offs = torch.arange(c, device=device)
-        slots = torch.zeros(len(lens), n, dtype=torch.long, device=device)
-        for i, (pages, m) in enumerate(zip(page_idx, lens)):
-            slots[i, :m] = (pages[:, None] * c + offs).flatten()[:m]
+        table = torch.zeros(len(lens), width, dtype=torch.long, device=device)
+        for i, pages in enumerate(page_idx):
+            table[i, : len(pages)] = pages
         pos = torch.tensor(lens, device=device) - 1
         k_pos = torch.arange(n, device=device)[None, :]
         mask = k_pos <= pos[:, None]
         if self.sliding_window is not None:
             mask = mask & (pos[:, None] - k_pos < self.sliding_window)
-        meta = (slots, mask, self.rope.cos[pos], self.rope.sin[pos])
+        meta = (table.flatten(), n, mask, self.rope.cos[pos], self.rope.sin[pos])
         self._slots_cache = (key, meta, page_idx)  # keep page_idx alive: ids stay unique
         return meta
 
     def _torch_decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       page_idx: list[torch.Tensor], lens: list[int],
                       rotated: torch.Tensor | None = None) -> torch.Tensor:
-        """All sequences at once (one query each): keys gathered into a padded
-        [B, L, Hkv, D] block, rotated at positions 0..L-1 (or read already rotated from
-        `rotated`), padding masked. A handful of ops per layer whatever the batch size."""
-        n = max(lens)
-        slots, mask, q_cos, q_sin = self._decode_meta(page_idx, lens, q.device)
+        """All sequences at once (one query each): their pages copied into a padded
+        [B, L, Hkv, D] block, keys rotated at positions 0..L-1 (or read already rotated
+        from `rotated`), padding masked. A handful of ops per layer whatever the batch."""
+        flat, n, mask, q_cos, q_sin = self._decode_meta(page_idx, lens, q.device)
+        b = len(lens)
+
+        def pages_of(cache: torch.Tensor) -> torch.Tensor:
+            return cache.index_select(0, flat).view(b, n, *cache.shape[2:])
+
         if rotated is not None:
-            kr = rotated.view(-1, *rotated.shape[2:])[slots]  # [B, L, Hkv, D]
+            kr = pages_of(rotated)
         else:
-            keys = k_cache.view(-1, *k_cache.shape[2:])[slots]  # un-rotated
-            kr = apply_rope(keys, self.rope.cos[:n], self.rope.sin[:n])
-        vals = v_cache.view(-1, *v_cache.shape[2:])[slots]
+            kr = apply_rope(pages_of(k_cache), self.rope.cos[:n], self.rope.sin[:n])
+        vals = pages_of(v_cache)
         qr = apply_rope(q, q_cos, q_sin)  # [B, Hq, D]
         if q.dtype == torch.float32:
             o = F.scaled_dot_product_attention(

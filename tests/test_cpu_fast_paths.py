@@ -53,7 +53,7 @@ def test_decode_with_rotated_keys_matches_reference(dtype):
     ref = _reference(attn, pool, idx, lens, q)
     plain = attn._torch_decode(q, pool.k[0], pool.v[0], idx, lens)
     # Every page starts stale (-1): one pass rotates them, for their chunk index.
-    attn._fresh_rotations(idx, pages, q.device)
+    attn._fresh_rotations(pages, q.device)
     assert all(attn._rot_base[p] == i for row in pages for i, p in enumerate(row))
     rotated = attn._torch_decode(q, pool.k[0], pool.v[0], idx, lens, attn._rot[0])
     tol = 1e-5 if dtype == torch.float32 else 3e-2
@@ -64,7 +64,7 @@ def test_decode_with_rotated_keys_matches_reference(dtype):
     pool.k[0, page] = torch.randn(pool.k.shape[2:]).to(dtype)
     attn.pages_loaded(torch.tensor([page]))
     assert attn._rot_base[page] == -1
-    attn._fresh_rotations(idx, pages, q.device)
+    attn._fresh_rotations(pages, q.device)
     rotated = attn._torch_decode(q, pool.k[0], pool.v[0], idx, lens, attn._rot[0])
     torch.testing.assert_close(rotated.float(), _reference(attn, pool, idx, lens, q),
                                atol=tol, rtol=tol)

@@ -121,7 +121,7 @@ class PagedAttention:
         self.scale = head_dim ** -0.5
         self.sliding_window = sliding_window
         self.use_triton = use_triton
-        self._slots_cache: tuple | None = None
+        self._meta_cache: tuple | None = None
         c = pool.page_size
         self.rot_limit = 0 if use_triton else (rot_limit + c - 1) // c * c
         # Zeroed like the pool: masked padding must never read NaN bit patterns.
@@ -151,8 +151,7 @@ class PagedAttention:
                 for i in range((n - q) // c, (n - 1) // c + 1):
                     self._rot_base[pages[i]] = i if (i + 1) * c <= lim else -1
 
-    def _fresh_rotations(self, page_idx: list[torch.Tensor], pages_host: list[list[int]],
-                         device: torch.device) -> None:
+    def _fresh_rotations(self, pages_host: list[list[int]], device: torch.device) -> None:
         """Re-rotate (all layers) the pages of this step's scopes whose `_rot` is stale."""
         c = self.pool.page_size
         stale = [(p, i) for pages in pages_host for i, p in enumerate(pages)
@@ -215,7 +214,7 @@ class PagedAttention:
             if pages_host is batch.pages_host and self._rot is not None \
                     and max(lens_host) <= self.rot_limit:
                 if not batch._rot_checked:
-                    self._fresh_rotations(idx, pages_host, q.device)
+                    self._fresh_rotations(pages_host, q.device)
                     batch._rot_checked = True
                 rot = self._rot[layer_id]
             return self._torch_decode(q, k_cache, v_cache, idx, lens_host, rot)
@@ -236,8 +235,8 @@ class PagedAttention:
         and the queries' RoPE rows. Every layer of a step shares one scope layout unless
         ReAttention narrows it, so it is cached by identity."""
         key = (id(page_idx), tuple(lens))
-        if self._slots_cache is not None and self._slots_cache[0] == key:
-            return self._slots_cache[1]
+        if self._meta_cache is not None and self._meta_cache[0] == key:
+            return self._meta_cache[1]
         width = max(len(p) for p in page_idx)
         n = width * self.pool.page_size
         self.rope.ensure(n)
@@ -250,7 +249,7 @@ class PagedAttention:
         if self.sliding_window is not None:
             mask = mask & (pos[:, None] - k_pos < self.sliding_window)
         meta = (table.flatten(), n, mask, self.rope.cos[pos], self.rope.sin[pos])
-        self._slots_cache = (key, meta, page_idx)  # keep page_idx alive: ids stay unique
+        self._meta_cache = (key, meta, page_idx)  # keep page_idx alive: ids stay unique
         return meta
 
     def _torch_decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -279,7 +278,7 @@ class PagedAttention:
             return o[:, :, 0, :]
         # Half precision: torch's CPU SDPA is slow for one query; two batched matmuls over
         # the GQA groups with a float32 softmax are several times faster.
-        b, hq, d = qr.shape
+        _, hq, d = qr.shape
         hkv = kr.shape[2]
         s = torch.matmul(qr.view(b, hkv, hq // hkv, d), kr.permute(0, 2, 3, 1)).float()
         s = (s * self.scale).masked_fill_(~mask[:, None, None, :], float("-inf"))

@@ -111,13 +111,9 @@ _GGUF_NAMES = {
 }
 
 
-def read_gguf(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """-> (HF-style config dict, HF-named float32 tensors)."""
-    import gguf
-    import numpy as np
-
-    reader = gguf.GGUFReader(path)
-
+def _gguf_config(reader, path: str) -> dict[str, Any]:
+    """HF-style config dict from a GGUF file's metadata and tensor names/shapes (reads
+    no tensor data)."""
     def field(key: str, default: Any = None) -> Any:
         f = reader.fields.get(key)
         return default if f is None else f.contents()
@@ -126,40 +122,62 @@ def read_gguf(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     if arch not in _GGUF_ARCH:
         raise ModelLoadError(f"{path}: unsupported GGUF architecture {arch!r}")
     heads = int(field(f"{arch}.attention.head_count"))
-    kv_heads = int(field(f"{arch}.attention.head_count_kv", heads))
     hidden = int(field(f"{arch}.embedding_length"))
-    tensors: dict[str, torch.Tensor] = {}
-    for t in reader.tensors:
-        arr = gguf.quants.dequantize(t.data, t.tensor_type)
-        arr = np.asarray(arr, dtype=np.float32).reshape([int(x) for x in reversed(t.shape)])
-        tensors[_gguf_to_hf_name(t.name)] = torch.from_numpy(arr.copy())
-    if arch in ("llama", "mistral"):
-        # llama.cpp stores q/k rows interleaved for its RoPE; undo to HF's half-split order.
-        for name in list(tensors):
-            if name.endswith("q_proj.weight"):
-                tensors[name] = _unpermute(tensors[name], heads)
-            elif name.endswith("k_proj.weight"):
-                tensors[name] = _unpermute(tensors[name], kv_heads)
-    vocab = field(f"{arch}.vocab_size") or tensors["model.embed_tokens.weight"].shape[0]
-    cfg: dict[str, Any] = {
+    shapes = {_gguf_to_hf_name(t.name): [int(x) for x in reversed(t.shape)]
+              for t in reader.tensors}
+    vocab = field(f"{arch}.vocab_size") or shapes["model.embed_tokens.weight"][0]
+    return {
         "architectures": [_GGUF_ARCH[arch]],
         "model_type": arch,
         "hidden_size": hidden,
         "intermediate_size": int(field(f"{arch}.feed_forward_length")),
         "num_hidden_layers": int(field(f"{arch}.block_count")),
         "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads,
+        "num_key_value_heads": int(field(f"{arch}.attention.head_count_kv", heads)),
         "head_dim": int(field(f"{arch}.attention.key_length", hidden // heads)),
         "max_position_embeddings": int(field(f"{arch}.context_length", 4096)),
         "rms_norm_eps": float(field(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
         "rope_theta": float(field(f"{arch}.rope.freq_base", 10000.0)),
         "vocab_size": int(vocab),
-        "tie_word_embeddings": "lm_head.weight" not in tensors,
+        "tie_word_embeddings": "lm_head.weight" not in shapes,
         "bos_token_id": field("tokenizer.ggml.bos_token_id"),
         "eos_token_id": field("tokenizer.ggml.eos_token_id"),
         "torch_dtype": "float32",
-        "attention_bias": "model.layers.0.self_attn.q_proj.bias" in tensors,
+        "attention_bias": "model.layers.0.self_attn.q_proj.bias" in shapes,
     }
+
+
+def _llamacpp_rows(cfg: dict[str, Any], name: str, rows):
+    """llama.cpp stores q/k rows interleaved for its RoPE; undo to HF's half-split order
+    (`rows` is any tensor whose first dim is the weight's rows)."""
+    if cfg["model_type"] not in ("llama", "mistral"):
+        return rows
+    if name.endswith("q_proj.weight"):
+        return _unpermute(rows, cfg["num_attention_heads"])
+    if name.endswith("k_proj.weight"):
+        return _unpermute(rows, cfg["num_key_value_heads"])
+    return rows
+
+
+def read_gguf_config(path: str) -> dict[str, Any]:
+    import gguf
+
+    return _gguf_config(gguf.GGUFReader(path), path)
+
+
+def read_gguf(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """-> (HF-style config dict, HF-named float32 tensors)."""
+    import gguf
+    import numpy as np
+
+    reader = gguf.GGUFReader(path)
+    cfg = _gguf_config(reader, path)
+    tensors: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        arr = gguf.quants.dequantize(t.data, t.tensor_type)
+        arr = np.asarray(arr, dtype=np.float32).reshape([int(x) for x in reversed(t.shape)])
+        name = _gguf_to_hf_name(t.name)
+        tensors[name] = _llamacpp_rows(cfg, name, torch.from_numpy(arr.copy()))
     return cfg, tensors
 
 
@@ -172,10 +190,7 @@ def read_gguf_int4(path: str) -> dict[str, Any]:
     from sglang_reattn.layers.quant import Int4Blocks
 
     reader = gguf.GGUFReader(path)
-    arch = reader.fields["general.architecture"].contents()
-    heads = int(reader.fields[f"{arch}.attention.head_count"].contents())
-    kv_field = reader.fields.get(f"{arch}.attention.head_count_kv")
-    kv_heads = int(kv_field.contents()) if kv_field is not None else heads
+    cfg = _gguf_config(reader, path)
     q4 = {gguf.GGMLQuantizationType.Q4_0: 18, gguf.GGMLQuantizationType.Q4_1: 20}
     out: dict[str, Any] = {}
     for t in reader.tensors:
@@ -195,10 +210,7 @@ def read_gguf_int4(path: str) -> dict[str, Any]:
                             torch.from_numpy(d.reshape(rows, -1)),
                             torch.from_numpy(zero.reshape(rows, -1)))
         name = _gguf_to_hf_name(t.name)
-        if arch in ("llama", "mistral") and name.endswith(("q_proj.weight", "k_proj.weight")):
-            n = heads if name.endswith("q_proj.weight") else kv_heads
-            blocks = blocks.permute_rows(lambda x, n=n: _unpermute(x, n))
-        out[name] = blocks
+        out[name] = blocks.permute_rows(lambda x, name=name: _llamacpp_rows(cfg, name, x))
     return out
 
 
@@ -276,7 +288,7 @@ def load_model(path: str, dtype: torch.dtype, device: torch.device, dummy: bool 
     """dummy (SGLang's --load-format dummy): random weights of the checkpoint's shapes,
     made on the device, for benchmarks of models whose weights are not at hand."""
     if dummy:
-        cfg = ModelConfig.from_hf_dict(read_gguf(path)[0] if path.endswith(".gguf")
+        cfg = ModelConfig.from_hf_dict(read_gguf_config(path) if path.endswith(".gguf")
                                        else read_hf_config(path))
         model = build_empty_model(cfg, dtype, device)
         gen = torch.Generator(device=device).manual_seed(0)

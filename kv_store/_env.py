@@ -56,7 +56,7 @@ class Env:
             )
             # Reader slots of processes that died (SIGKILL) pin old pages; free them.
             self.env.reader_check()
-            self.dbs = [self.env.open_db(n.encode(), create=not readonly) for n in DB_NAMES]
+            self.dbs = self._open_dbs()
         except lmdb.Error as e:
             self.close()
             if "already open in this process" in str(e):
@@ -68,6 +68,17 @@ class Env:
         except BaseException:
             self.close()
             raise
+
+    def _open_dbs(self) -> list:
+        # open_db runs its own transaction, which another process growing the map
+        # between our open and this call turns into MapResizedError: adopt, retry.
+        for _ in range(8):
+            try:
+                return [self.env.open_db(n.encode(), create=not self.readonly)
+                        for n in DB_NAMES]
+            except lmdb.MapResizedError:
+                self.env.set_mapsize(0)  # no transaction of ours is open yet
+        raise StoreError(f"map of {self.path} keeps changing size while opening it")
 
     def check(self, write: bool) -> None:
         if getattr(self, "env", None) is None:

@@ -157,3 +157,27 @@ def test_writer_processes_share_a_store(tmp_path):
             wk, wv = kv_for(cid, FP)
             assert np.array_equal(k, wk[1]) and np.array_equal(v, wv[1])
         assert mine._read(lambda txn: txn.get(b"scratch", db=mine.dbs.meta)) is None
+
+
+def grow_map(path: str) -> None:
+    with ChunkStore(path, FP, 1 << 30, initial_map_size=1 << 20) as s:
+        s.put_chunks(make_chain(FP, 8, seed=3))  # several MiB: the map grows past 1 MiB
+
+
+def test_open_adopts_a_map_grown_since_the_environment_was_opened(tmp_path):
+    """The open race seen in CI: another process grows the map between lmdb.open and the
+    open_db transaction; opening adopts the new size instead of failing."""
+    from sglang_reattn.kv_store._env import Env
+
+    path = str(tmp_path / "store")
+    env = Env(path, False, 1 << 20)
+    try:
+        p = mp.get_context("spawn").Process(target=grow_map, args=(path,))
+        p.start()
+        p.join(timeout=120)
+        assert p.exitcode == 0
+        small = env.env.info()["map_size"]
+        dbs = env._open_dbs()  # the same step __init__ runs right after lmdb.open
+        assert len(dbs) == 7 and env.map_size() > small
+    finally:
+        env.close()

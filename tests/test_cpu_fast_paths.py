@@ -10,17 +10,17 @@ import torch.nn as nn
 from sglang_reattn import Engine
 from sglang_reattn.config import EngineArgs
 from sglang_reattn.errors import InvalidArgument
-from sglang_reattn.layers.attention import KVPool, PagedAttention
+from sglang_reattn.layers.attention import KVPool, PagedAttention, write_slots
 from sglang_reattn.layers.quant import GROUP, Int4Blocks, QuantLinear, int4_supported
 from sglang_reattn.models.rope import RopeTable
 
 needs_int4 = pytest.mark.skipif(not int4_supported(), reason="torch without CPU int4 matmul")
 
 
-def _attention(dtype, seed):
+def _attention(dtype, seed, heads_first=False):
     g = torch.Generator().manual_seed(seed)
     c, hkv, d = 8, 2, 16
-    pool = KVPool(1, 24, c, hkv, d, dtype, torch.device("cpu"))
+    pool = KVPool(1, 24, c, hkv, d, dtype, torch.device("cpu"), heads_first=heads_first)
     pool.k.copy_(torch.randn(pool.k.shape, generator=g))
     pool.v.copy_(torch.randn(pool.v.shape, generator=g))
     rope = RopeTable(d, 10000.0, None, torch.device("cpu"), initial=64)
@@ -47,9 +47,12 @@ def _reference(attn, pool, idx, lens, q):
     return torch.cat(out)
 
 
+@pytest.mark.parametrize("heads_first", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_with_rotated_keys_matches_reference(dtype):
-    attn, pool, pages, idx, lens, q = _attention(dtype, seed=1)
+def test_decode_with_rotated_keys_matches_reference(dtype, heads_first):
+    attn, pool, pages, idx, lens, q = _attention(dtype, seed=1, heads_first=heads_first)
+    assert (attn._rot[0].permute(2, 0, 1, 3).is_contiguous() == heads_first
+            == pool.v[0].permute(2, 0, 1, 3).is_contiguous())
     ref = _reference(attn, pool, idx, lens, q)
     plain = attn._torch_decode(q, pool.k[0], pool.v[0], idx, lens)
     # Every page starts stale (-1): one pass rotates them, for their chunk index.
@@ -68,6 +71,22 @@ def test_decode_with_rotated_keys_matches_reference(dtype):
     rotated = attn._torch_decode(q, pool.k[0], pool.v[0], idx, lens, attn._rot[0])
     torch.testing.assert_close(rotated.float(), _reference(attn, pool, idx, lens, q),
                                atol=tol, rtol=tol)
+
+
+def test_heads_first_pool_holds_the_same_slots():
+    """Both pool layouts index alike: the same slot writes give the same [L, P, C, Hkv, D]."""
+    g = torch.Generator().manual_seed(5)
+    pools = [KVPool(2, 6, 4, 3, 8, torch.float32, torch.device("cpu"), heads_first=h)
+             for h in (False, True)]
+    assert pools[1].k.stride(3) == 6 * 4 * 8  # heads outermost within a layer
+    slots = torch.tensor([5, 0, 23, 9, 14])
+    for layer in range(2):
+        x = torch.randn(5, 3, 8, generator=g)
+        for pool in pools:
+            write_slots(pool.k[layer], slots, x)
+            write_slots(pool.v[layer], slots, 2 * x)
+    assert torch.equal(pools[0].k, pools[1].k) and torch.equal(pools[0].v, pools[1].v)
+    assert torch.equal(pools[1].k[1, 3, 2], x[4])  # slot 14 = page 3, offset 2
 
 
 def _random_blocks(n, k, seed):

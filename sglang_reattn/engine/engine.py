@@ -101,13 +101,13 @@ class Engine(NamedContexts):
             raise InvalidArgument(
                 f"--context-length {self.context_length} exceeds the KV pool of {capacity} "
                 f"tokens; raise --max-total-tokens or --mem-fraction-static")
+        use_triton = self.device.type == "cuda" and (
+            cfg.sliding_window is None or self.reattn is not None)
         self.pool = KVPool(cfg.num_layers, num_pages, c, cfg.num_kv_heads, cfg.head_dim,
-                           self.dtype, self.device)
+                           self.dtype, self.device, heads_first=not use_triton)
         scope_max = trained if self.reattn is not None else self.context_length
         self.rope = RopeTable(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, self.device,
                               initial=scope_max + c)
-        use_triton = self.device.type == "cuda" and (
-            cfg.sliding_window is None or self.reattn is not None)
         if self.reattn is not None:
             self.attn = ReAttention(self.pool, self.rope, cfg.num_heads, cfg.head_dim,
                                     self.reattn, args.reattn_summary, args.reattn_combine,

@@ -23,14 +23,43 @@ import torch.nn.functional as F
 from sglang_reattn.models.rope import RopeTable, apply_rope
 
 
+def pool_tensor(num_layers: int, num_pages: int, page_size: int, num_kv_heads: int,
+                head_dim: int, dtype: torch.dtype, device: torch.device,
+                heads_first: bool) -> torch.Tensor:
+    """A zeroed [L, P, C, Hkv, D] pool tensor. `heads_first` stores it as [L, Hkv, P, C, D]
+    and returns the permuted view: the same indexing, but one head's pages are then
+    contiguous [C, D] blocks, which the torch decode path gathers straight into the
+    heads-major layout its batched matmuls read, with no transposing copy."""
+    if not heads_first:
+        return torch.zeros(num_layers, num_pages, page_size, num_kv_heads, head_dim,
+                           dtype=dtype, device=device)
+    return torch.zeros(num_layers, num_kv_heads, num_pages, page_size, head_dim, dtype=dtype,
+                       device=device).permute(0, 2, 3, 1, 4)
+
+
+def write_slots(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
+    """cache [P, C, Hkv, D] (any strides) at flat slots page * C + offset <- x [T, Hkv, D]."""
+    if cache.is_contiguous():
+        cache.view(-1, *cache.shape[2:])[slots] = x
+    else:
+        c = cache.shape[1]
+        cache[slots // c, slots % c] = x
+
+
 class KVPool:
-    """Pre-RoPE K and V pages for all layers, plus the free-page list."""
+    """Pre-RoPE K and V pages for all layers, plus the free-page list.
+
+    `k`/`v` are [L, P, C, Hkv, D] whatever the layout; `heads_first` (the CPU torch path)
+    stores them heads-major underneath (see `pool_tensor`). The Triton kernels and CUDA
+    graphs take the default layout."""
 
     def __init__(self, num_layers: int, num_pages: int, page_size: int, num_kv_heads: int,
-                 head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+                 head_dim: int, dtype: torch.dtype, device: torch.device,
+                 heads_first: bool = False) -> None:
         shape = (num_layers, num_pages, page_size, num_kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.heads_first = heads_first
+        self.k = pool_tensor(*shape, dtype, device, heads_first)
+        self.v = pool_tensor(*shape, dtype, device, heads_first)
         self.page_size = page_size
         self.num_pages = num_pages
         # Page 0 is never handed out: padded page-table entries point at it, so a stray
@@ -125,7 +154,8 @@ class PagedAttention:
         c = pool.page_size
         self.rot_limit = 0 if use_triton else (rot_limit + c - 1) // c * c
         # Zeroed like the pool: masked padding must never read NaN bit patterns.
-        self._rot = torch.zeros_like(pool.k) if self.rot_limit else None
+        self._rot = pool_tensor(*pool.k.shape, pool.k.dtype, pool.k.device,
+                                pool.heads_first) if self.rot_limit else None
         self._rot_base = [-1] * pool.num_pages
         if self.rot_limit:
             rope.ensure(self.rot_limit)
@@ -144,7 +174,7 @@ class PagedAttention:
         lim = self.rot_limit
         clamped = pos.clamp(max=lim - 1)  # keys past the limit are never read from _rot
         kr = apply_rope(k, self.rope.cos[clamped], self.rope.sin[clamped])
-        self._rot[layer_id].view(-1, *k.shape[1:])[batch.slot_mapping] = kr
+        write_slots(self._rot[layer_id], batch.slot_mapping, kr)
         if layer_id == 0:
             c = self.pool.page_size
             for pages, n, q in zip(batch.pages_host, batch.scope_lens_host, batch.q_lens_host):
@@ -179,8 +209,8 @@ class PagedAttention:
         if self.use_triton:
             self._kernels.store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
             return
-        k_cache.view(-1, *k_cache.shape[2:])[batch.slot_mapping] = k
-        v_cache.view(-1, *v_cache.shape[2:])[batch.slot_mapping] = v
+        write_slots(k_cache, batch.slot_mapping, k)
+        write_slots(v_cache, batch.slot_mapping, v)
         if self._rot is not None:
             if batch.scope_lens_host is not None and batch.pages_host is not None:
                 self._store_rotated(layer_id, k, batch)
@@ -248,42 +278,47 @@ class PagedAttention:
         mask = k_pos <= pos[:, None]
         if self.sliding_window is not None:
             mask = mask & (pos[:, None] - k_pos < self.sliding_window)
-        meta = (table.flatten(), n, mask, self.rope.cos[pos], self.rope.sin[pos])
+        flat = table.flatten()
+        # the same pages as rows of a heads-first layer viewed [Hkv * P, C, D]
+        hkv, num_pages = self.pool.k.shape[3], self.pool.num_pages
+        flat_heads = (torch.arange(hkv, device=device)[:, None] * num_pages + flat).flatten()
+        meta = (flat, flat_heads, n, mask, self.rope.cos[pos], self.rope.sin[pos])
         self._meta_cache = (key, meta, page_idx)  # keep page_idx alive: ids stay unique
         return meta
 
     def _torch_decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       page_idx: list[torch.Tensor], lens: list[int],
                       rotated: torch.Tensor | None = None) -> torch.Tensor:
-        """All sequences at once (one query each): their pages copied into a padded
-        [B, L, Hkv, D] block, keys rotated at positions 0..L-1 (or read already rotated
-        from `rotated`), padding masked. A handful of ops per layer whatever the batch."""
-        flat, n, mask, q_cos, q_sin = self._decode_meta(page_idx, lens, q.device)
-        b = len(lens)
+        """All sequences at once (one query each). Each KV head's scope pages are gathered
+        into a padded [Hkv * B, L, D] block (one `index_select` per tensor; with a
+        heads-first pool, a gather of contiguous [C, D] rows), keys rotated at positions 0..L-1 (or
+        read already rotated from `rotated`), then two batched matmuls over (head,
+        sequence) with the query heads of a GQA group as rows, a float32 softmax and the
+        padding masked. A handful of ops per layer whatever the batch."""
+        flat, flat_heads, n, mask, q_cos, q_sin = self._decode_meta(page_idx, lens, q.device)
+        b, hq, d = q.shape
+        hkv = k_cache.shape[2]
 
-        def pages_of(cache: torch.Tensor) -> torch.Tensor:
-            return cache.index_select(0, flat).view(b, n, *cache.shape[2:])
+        def heads_of(cache: torch.Tensor) -> torch.Tensor:  # [P, C, Hkv, D] -> [Hkv*B, n, D]
+            heads = cache.permute(2, 0, 1, 3)  # [Hkv, P, C, D]
+            if heads.is_contiguous():  # heads-first pool: one row gather
+                return heads.reshape(-1, *heads.shape[2:]).index_select(0, flat_heads).view(
+                    hkv * b, n, d)
+            return heads.index_select(1, flat).view(hkv * b, n, d)
 
         if rotated is not None:
-            kr = pages_of(rotated)
+            kr = heads_of(rotated)
         else:
-            kr = apply_rope(pages_of(k_cache), self.rope.cos[:n], self.rope.sin[:n])
-        vals = pages_of(v_cache)
+            kr = apply_rope(heads_of(k_cache)[:, :, None, :], self.rope.cos[:n],
+                            self.rope.sin[:n])[:, :, 0, :]
+        vals = heads_of(v_cache)
         qr = apply_rope(q, q_cos, q_sin)  # [B, Hq, D]
-        if q.dtype == torch.float32:
-            o = F.scaled_dot_product_attention(
-                qr[:, :, None, :], kr.transpose(1, 2), vals.transpose(1, 2),
-                attn_mask=mask[:, None, None, :], scale=self.scale,
-                enable_gqa=kr.shape[2] != qr.shape[1])
-            return o[:, :, 0, :]
-        # Half precision: torch's CPU SDPA is slow for one query; two batched matmuls over
-        # the GQA groups with a float32 softmax are several times faster.
-        _, hq, d = qr.shape
-        hkv = kr.shape[2]
-        s = torch.matmul(qr.view(b, hkv, hq // hkv, d), kr.permute(0, 2, 3, 1)).float()
-        s = (s * self.scale).masked_fill_(~mask[:, None, None, :], float("-inf"))
-        p = torch.softmax(s, dim=-1).to(vals.dtype)
-        return torch.matmul(p, vals.transpose(1, 2)).view(b, hq, d)
+        qh = qr.view(b, hkv, hq // hkv, d).transpose(0, 1).reshape(hkv * b, hq // hkv, d)
+        s = torch.bmm(qh, kr.transpose(1, 2)).float().view(hkv, b, -1, n)
+        s = (s * self.scale).masked_fill_(~mask[None, :, None, :], float("-inf"))
+        p = torch.softmax(s, dim=-1).to(vals.dtype).view(hkv * b, -1, n)
+        o = torch.bmm(p, vals).view(hkv, b, -1, d)  # [Hkv, B, G, D]
+        return o.transpose(0, 1).reshape(b, hq, d)
 
     def attend(self, q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
         """q [n_q, Hq, D] (the last n_q scope tokens), keys/vals [n_kv, Hkv, D] un-rotated,

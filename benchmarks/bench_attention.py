@@ -284,6 +284,12 @@ def time_ours(ctx: int, s: Shape, bw: float, rep: int, cos, sin, device) -> dict
         "attn": bench(lambda: ours.attend(*tables), rep),
         "ours": bench(ours.step, rep),
         "ours_graph": bench_graph(ours.step, rep),
+        # the same step cut at each stage, each replayed as its own CUDA graph
+        "g_scores": bench_graph(lambda: K.chunk_scores(
+            ours.q, ours.cand, ours.ncand, kmin=ours.kmin, kmax=ours.kmax), rep),
+        "g_select": bench_graph(ours.select, rep),
+        "g_tables": bench_graph(lambda: ours.scope_tables(*ours.select()), rep),
+        "g_attn": bench_graph(lambda: ours.attend(*tables), rep),
         "ours_floor": (b["scorer"] + b["attn"]) / bw * 1e3,
     }
 
@@ -374,6 +380,13 @@ def main() -> None:
               f"| {ratio(r['topk'], best)} |")
     print("\n(a) total = scorer + top-k + scope table + decode, launched eagerly; the CUDA-graph "
           "column replays the same step (what the engine runs). Ratios use the graph time.\n")
+    print("CUDA-graph replay of the step cut at each stage (us):\n")
+    print("| context | scores kernel | + top-k | + scope table | decode alone | whole step |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r in (r for r in rows if "error" not in r):
+        print(f"| {fmt_tokens(r['ctx'])} | {fmt_us(r['g_scores'])} | {fmt_us(r['g_select'])} "
+              f"| {fmt_us(r['g_tables'])} | {fmt_us(r['g_attn'])} | {fmt_us(r['ours_graph'])} |")
+    print()
 
     ms, tflops = bench_prefill(s, device, args.rep)
     print(f"prefill_attention, {min(4096, s.scope // 2)} new tokens at the end of an "

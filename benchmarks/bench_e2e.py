@@ -147,6 +147,28 @@ def decode_tokens(eng, req, steps: int) -> float:
     return time.perf_counter() - t
 
 
+def profile_decode(eng, req, steps: int, top: int = 12) -> None:
+    """Where a decode step's time goes: kernel time per step (the CUDA graph's kernels
+    included) against wall time per step, and the kernels that take most of it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if eng.device.type == "cuda"
+                                     else [])
+    with profile(activities=acts) as prof:
+        wall = decode_tokens(eng, req, steps)
+
+    def dev_time(ev) -> float:  # microseconds, self time on the device
+        return getattr(ev, "self_device_time_total", None) or getattr(
+            ev, "self_cuda_time_total", 0.0)
+
+    evs = [e for e in prof.key_averages() if dev_time(e) > 0]
+    busy = sum(dev_time(e) for e in evs)
+    print(f"profile, {steps} steps: wall {wall / steps * 1e3:.3f} ms/step, kernels "
+          f"{busy / steps / 1e3:.3f} ms/step ({busy / 1e6 / wall:.0%} busy)")
+    for e in sorted(evs, key=dev_time, reverse=True)[:top]:
+        print(f"  {dev_time(e) / steps:9.1f} us/step  {e.count // steps:4d}/step  {e.key[:90]}")
+
+
 def prefill_floor(cfg, n: int, scope: int) -> float:
     """FLOPs of a prefill of n tokens: the linear layers plus attention over the scope."""
     h, d = cfg.hidden_size, cfg.head_dim
@@ -169,6 +191,8 @@ def main() -> None:
     ap.add_argument("--chunked-prefill-size", type=int, default=2048)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--profile", action="store_true",
+                    help="after each context, profile 16 decode steps (kernel breakdown)")
     args = ap.parse_args()
 
     from sglang_reattn import Engine
@@ -201,6 +225,8 @@ def main() -> None:
         rows.append({"model": args.model, "context": n, "decode_tok_s": tps,
                      "floor_tok_s": floor_tps, "runs": runs})
         print(json.dumps(rows[-1]), flush=True)
+        if args.profile:
+            profile_decode(eng, req, 16)
         eng.pool.free(req.pages)
     prefill = None
     if args.prefill:

@@ -27,11 +27,14 @@ for step in ${STEPS:-check offline niah}; do
                     --lengths 16K 32K 64K 128K 1M --full-lengths 4K 16K 32K --trials 10 \
                     --long-from 256K --long-trials 1 --tasks passkey \
                     --json "$OUT/niah.json" --png "$OUT/niah.png" 2>&1 | tee "$OUT/niah.txt" ;;
-        e2e8b) timeout 300 python3 benchmarks/bench_e2e.py --model 8b --contexts 32K 128K 512K \
+        e2e8b) timeout 300 python3 benchmarks/bench_e2e.py --model 8b --contexts 32K 128K 512K ${E2E_FLAGS:-} \
                     --json "$OUT/e2e_8b.json" 2>&1 | tee "$OUT/bench_e2e_8b.txt" ;;
         e2e1b) timeout ${E2E1B_TIMEOUT:-400} python3 benchmarks/bench_e2e.py --model 1b \
-                    --contexts 32K 128K 1M --prefill 1M --json "$OUT/e2e_1b.json" 2>&1 \
+                    --contexts 32K 128K 1M --prefill 1M ${E2E_FLAGS:-} --json "$OUT/e2e_1b.json" 2>&1 \
                     | tee "$OUT/bench_e2e_1b.txt" ;;
+        niah64) timeout ${NIAH_TIMEOUT:-400} python3 benchmarks/niah.py --device cuda \
+                    --dtype float32 --modes reattn --lengths 64K --trials 10 --tasks passkey \
+                    --json "$OUT/niah64.json" 2>&1 | tee "$OUT/niah64.txt" ;;
         niah128) timeout ${NIAH_TIMEOUT:-400} python3 benchmarks/niah.py --device cuda \
                     --dtype float32 --modes reattn --lengths 128K --trials 10 --tasks passkey \
                     --json "$OUT/niah128.json" 2>&1 | tee "$OUT/niah128.txt" ;;

@@ -147,15 +147,16 @@ def decode_tokens(eng, req, steps: int) -> float:
     return time.perf_counter() - t
 
 
-def profile_decode(eng, req, steps: int, top: int = 12) -> None:
-    """Where a decode step's time goes: kernel time per step (the CUDA graph's kernels
-    included) against wall time per step, and the kernels that take most of it."""
+def profile_run(eng, run, steps: int, label: str, top: int = 12) -> None:
+    """Where a step's time goes: kernel time per step (a CUDA graph's kernels included)
+    against wall time per step, and the kernels that take most of it. `run()` runs
+    `steps` steps and returns its wall seconds."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if eng.device.type == "cuda"
                                      else [])
     with profile(activities=acts) as prof:
-        wall = decode_tokens(eng, req, steps)
+        wall = run()
 
     def dev_time(ev) -> float:  # microseconds, self time on the device
         return getattr(ev, "self_device_time_total", None) or getattr(
@@ -163,7 +164,7 @@ def profile_decode(eng, req, steps: int, top: int = 12) -> None:
 
     evs = [e for e in prof.key_averages() if dev_time(e) > 0]
     busy = sum(dev_time(e) for e in evs)
-    print(f"profile, {steps} steps: wall {wall / steps * 1e3:.3f} ms/step, kernels "
+    print(f"profile of {label}, {steps} steps: wall {wall / steps * 1e3:.3f} ms/step, kernels "
           f"{busy / steps / 1e3:.3f} ms/step ({busy / 1e6 / wall:.0%} busy)")
     for e in sorted(evs, key=dev_time, reverse=True)[:top]:
         print(f"  {dev_time(e) / steps:9.1f} us/step  {e.count // steps:4d}/step  {e.key[:90]}")
@@ -226,7 +227,7 @@ def main() -> None:
                      "floor_tok_s": floor_tps, "runs": runs})
         print(json.dumps(rows[-1]), flush=True)
         if args.profile:
-            profile_decode(eng, req, 16)
+            profile_run(eng, lambda: decode_tokens(eng, req, 16), 16, f"decode at {n:,}")
         eng.pool.free(req.pages)
     prefill = None
     if args.prefill:
@@ -240,6 +241,16 @@ def main() -> None:
         prefill = {"tokens": n, "seconds": secs, "tok_s": n / secs, "flops": flops,
                    "matmul_flops_s": rate, "floor_seconds": flops / rate}
         print(json.dumps(prefill), flush=True)
+        if args.profile:  # 32 prefill chunks past the scope, on a fresh context
+            m = 32 * args.chunked_prefill_size + (eng.reattn.scope_tokens if eng.reattn else 0)
+            ids = torch.randint(100, 40000, (m,), generator=torch.Generator().manual_seed(3))
+
+            def prefill_run() -> float:
+                t = time.perf_counter()
+                eng.generate(input_ids=ids.tolist(), sampling_params={"max_new_tokens": 1})
+                return time.perf_counter() - t
+            profile_run(eng, prefill_run, m // args.chunked_prefill_size,
+                        f"a {m:,}-token prefill (per {args.chunked_prefill_size}-token chunk)")
     eng.shutdown()
 
     dtype = str(eng.dtype).removeprefix("torch.")

@@ -63,6 +63,14 @@ class EngineArgs:
     kv_store_codec: str = "zstd-planes"
     kv_store_readonly: bool = False  # read the store, never write it
     disable_kv_store: bool = False
+    # --- streaming tier (issue 5): needs ReAttention and a disk tier ---
+    # Pool pages set aside as the per-layer GPU chunk cache of streamed contexts; 0: off
+    # (a stored prefix is loaded whole into the pool, as before).
+    kv_chunk_cache_pages: int = 0
+    kv_host_cache_size: str = "1GiB"  # host tier (pinned on CUDA) between LMDB and the cache
+    # A stored prefix longer than this streams; None: only when it does not fit the pool.
+    kv_resident_max_tokens: int | None = None
+    disable_kv_prefetch: bool = False  # no background loads of the previous selection
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -113,8 +121,40 @@ class EngineArgs:
                                   f"{self.kv_store_path!r}; give one of them")
         if self.kv_store_path is not None and not self.kv_store_path.strip():
             raise InvalidArgument("--kv-store-path must not be empty")
+        self._check_streaming()
         if not 0 <= self.port < 65536:
             raise InvalidArgument(f"--port must be in [0, 65535], got {self.port}")
+
+    def _check_streaming(self) -> None:
+        n = self.kv_chunk_cache_pages
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise InvalidArgument(
+                f"--kv-chunk-cache-pages must be a non-negative integer, got {n!r}")
+        if self.kv_resident_max_tokens is not None and (
+                not isinstance(self.kv_resident_max_tokens, int)
+                or self.kv_resident_max_tokens < 0):
+            raise InvalidArgument("--kv-resident-max-tokens must be a non-negative integer, "
+                                  f"got {self.kv_resident_max_tokens!r}")
+        try:
+            from sglang_reattn.engine.store_tier import parse_bytes
+
+            size = parse_bytes(str(self.kv_host_cache_size))
+        except ValueError:
+            size = -1
+        if size < 0:
+            raise InvalidArgument("--kv-host-cache-size must be a size such as 512MiB, 4GiB "
+                                  f"or 0, got {self.kv_host_cache_size!r}")
+        if n and self.disable_reattn:
+            raise InvalidArgument("--kv-chunk-cache-pages streams the chunks ReAttention "
+                                  "selects; it cannot be used with --disable-reattn")
+        if n and self.reattn_summary != "minmax":
+            raise InvalidArgument("--kv-chunk-cache-pages scores streamed chunks by the "
+                                  "store's min/max summaries; use --reattn-summary minmax")
+
+    @property
+    def streaming(self) -> bool:
+        """The streaming tier is requested (it also needs a disk tier)."""
+        return self.kv_chunk_cache_pages > 0 and self.store_path is not None
 
     @classmethod
     def from_kwargs(cls, model_path: str | None = None, **options: Any) -> "EngineArgs":

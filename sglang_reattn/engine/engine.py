@@ -35,6 +35,7 @@ from sglang_reattn.models.rope import RopeTable
 logger = logging.getLogger("sglang_reattn")
 
 _CPU_KV_BUDGET = 2 << 30
+_STREAMED_CONTEXT = 1 << 40  # context length when streaming: the store bounds it
 
 
 class Engine(NamedContexts):
@@ -94,10 +95,13 @@ class Engine(NamedContexts):
         c = args.reattn_chunk_size
         num_pages = self._num_pages()
         capacity = (num_pages - 2) * c
-        # Full attention is bounded by the trained length; ReAttention only by the KV pool.
+        # Full attention is bounded by the trained length; ReAttention only by the KV pool,
+        # or, streaming from the disk tier, by the store (a prompt that is neither stored
+        # nor fits the pool is refused at admission).
+        streaming = args.streaming and self.reattn is not None
         self.context_length = args.context_length or (
-            trained if self.reattn is None else capacity)
-        if self.context_length > capacity:
+            trained if self.reattn is None else _STREAMED_CONTEXT if streaming else capacity)
+        if self.context_length > capacity and not streaming:
             raise InvalidArgument(
                 f"--context-length {self.context_length} exceeds the KV pool of {capacity} "
                 f"tokens; raise --max-total-tokens or --mem-fraction-static")
@@ -118,7 +122,7 @@ class Engine(NamedContexts):
                                        rot_limit=scope_max)
         self.runner = ModelRunner(
             self.model, self.pool, self.attn, self.device,
-            max_pages_per_seq=(self.context_length + c - 1) // c + 2,
+            max_pages_per_seq=(min(self.context_length, capacity) + c - 1) // c + 2,
             use_cuda_graph=use_triton and not args.disable_cuda_graph,
             cuda_graph_max_bs=min(args.cuda_graph_max_bs, args.max_running_requests),
         )
@@ -142,14 +146,43 @@ class Engine(NamedContexts):
             self.kv_store_dir = path
             logger.info("disk tier: %s%s", path,
                         " (read-only)" if args.kv_store_readonly else "")
+        self.stream_tier = self._stream_tier() if streaming else None
         self.scheduler = Scheduler(self.runner, self.pool, self.tokenizer, c,
                                    args.max_running_requests, args.chunked_prefill_size,
                                    use_radix=not args.disable_radix_cache,
-                                   store=self.store_tier)
+                                   store=self.store_tier, stream=self.stream_tier,
+                                   reattn=self.reattn,
+                                   resident_max_tokens=args.kv_resident_max_tokens)
         self._sample_gen = torch.Generator(device=self.device).manual_seed(args.random_seed)
         logger.info("engine ready: %s on %s/%s, %d KV pages of %d tokens, in %.1fs",
                     cfg.architecture, self.device, self.dtype, self.pool.num_pages, c,
                     time.perf_counter() - t0)
+
+    def _stream_tier(self):
+        """The streaming tier: chunk-cache pages taken from the pool, the host tier."""
+        from sglang_reattn.engine.store_tier import parse_bytes
+        from sglang_reattn.engine.stream_tier import StreamTier
+
+        n, topk = self.args.kv_chunk_cache_pages, self.reattn.topk
+        if n < topk:
+            raise InvalidArgument(
+                f"--kv-chunk-cache-pages ({n}) must be at least --reattn-topk ({topk}): one "
+                f"step's selection of a streamed sequence must fit the chunk cache")
+        left = self.pool.num_free - n
+        need = (self.reattn.sink + self.reattn.local + self.args.chunked_prefill_size) \
+            // self.args.reattn_chunk_size + 2
+        if left < need:
+            raise InvalidArgument(
+                f"--kv-chunk-cache-pages ({n}) leaves {max(left, 0)} of the KV pool's "
+                f"{self.pool.num_free} pages; a streamed sequence needs {need} resident "
+                f"(sink, local window, a prefill piece): lower it or raise --max-total-tokens")
+        tier = StreamTier(self.store_tier, self.pool, self.attn, self.pool.allocate(n),
+                          parse_bytes(self.args.kv_host_cache_size),
+                          prefetch=not self.args.disable_kv_prefetch)
+        self.attn.stream = tier
+        logger.info("streaming tier: %d chunk-cache pages, host tier %s", n,
+                    self.args.kv_host_cache_size)
+        return tier
 
     def _num_pages(self) -> int:
         cfg, c = self.model_config, self.args.reattn_chunk_size
@@ -186,6 +219,8 @@ class Engine(NamedContexts):
                 logger.exception("engine step failed; aborting in-flight requests")
                 sched.abort_all(f"internal error: {type(e).__name__}: {e}")
         sched.abort_all("engine shut down")
+        if self.stream_tier is not None:
+            self.stream_tier.close()
         if self.store_tier is not None:
             self.store_tier.close()
 
@@ -416,6 +451,7 @@ class Engine(NamedContexts):
             "radix_cache_pages": s.cache.num_pages if s.cache is not None else 0,
             **(self.store_tier.stats if self.store_tier is not None else {}),
             **(self.store_tier.gauges() if self.store_tier is not None else {}),
+            **(self.stream_tier.counters() if self.stream_tier is not None else {}),
             **s.counters,
         }
 

@@ -92,6 +92,7 @@ class ModelRunner:
             pages_host=pages,
             scope_lens_host=scope,
             q_lens_host=list(q_lens),
+            streamed=any(r.streamed for r in reqs),
         )
         if self.reattn is not None:
             batch.scope_plan = build_scope_plan(self.reattn, pages_full(reqs),
@@ -110,7 +111,9 @@ class ModelRunner:
         """Run one step. `logit_rows` index the packed new tokens whose logits are
         returned ([len(logit_rows), vocab] float32)."""
         bs = len(reqs)
-        if is_decode and self.graphs and bs <= self.graph_bs[-1]:
+        # Streamed steps fetch chunks on the host between layers: eager only.
+        if is_decode and self.graphs and bs <= self.graph_bs[-1] \
+                and not any(r.streamed for r in reqs):
             return self._replay(reqs)[torch.tensor(logit_rows, device=self.device)]
         input_ids, batch = self.build_batch(reqs, q_lens, is_decode)
         hidden = self.model(input_ids, self.attn, batch)

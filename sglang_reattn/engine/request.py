@@ -47,6 +47,8 @@ class Request:
     num_tree_pages: int = 0  # leading pages owned by the radix tree
     cached_tokens: int = 0
     num_saved: int = 0  # leading full chunks already handed to the disk tier
+    streamed: bool = False  # `pages` holds virtual pages of the streaming tier
+    stream_hint: dict = field(default_factory=dict)  # layer -> chunks its last step selected
     finish_reason: dict[str, Any] | None = None
     aborted: bool = False
     text: str = ""

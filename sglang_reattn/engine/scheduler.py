@@ -17,6 +17,7 @@ from sglang_reattn.engine.model_runner import ModelRunner
 from sglang_reattn.engine.radix_cache import RadixCache
 from sglang_reattn.engine.request import Request, State
 from sglang_reattn.engine.sampler import sample, top_logprobs
+from sglang_reattn.engine.stream_tier import StreamFault
 from sglang_reattn.layers.attention import KVPool
 
 logger = logging.getLogger(__name__)
@@ -25,7 +26,8 @@ logger = logging.getLogger(__name__)
 class Scheduler:
     def __init__(self, runner: ModelRunner, pool: KVPool, tokenizer, page_size: int,
                  max_running: int, chunked_prefill_size: int, use_radix: bool,
-                 store=None) -> None:
+                 store=None, stream=None, reattn=None,
+                 resident_max_tokens: int | None = None) -> None:
         self.runner = runner
         self.pool = pool
         self.tokenizer = tokenizer
@@ -34,6 +36,12 @@ class Scheduler:
         self.prefill_budget = chunked_prefill_size
         self.cache = RadixCache(page_size) if use_radix or store is not None else None
         self.store = store  # StoreTier or None
+        # The streaming tier (StreamTier or None) and what it needs: the ReAttention
+        # geometry, and how many streamed sequences one step's selections fit the cache.
+        self.stream = stream
+        self.reattn = reattn
+        self.resident_max = resident_max_tokens
+        self.max_streamed = (len(stream.cache.pages) // reattn.topk) if stream else 0
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "cached_tokens": 0,
@@ -84,12 +92,24 @@ class Scheduler:
         if r.tree_node is not None:
             self.cache.dec_lock(r.tree_node)
             r.tree_node = None
-        self.pool.free(r.pages[r.num_tree_pages:])
+        rest = r.pages[r.num_tree_pages:]
+        if r.streamed:
+            self.stream.release(rest)
+            rest = [p for p in rest if not self.stream.is_virtual(p)]
+            r.streamed = False
+        self.pool.free(rest)
         r.pages = []
         r.num_tree_pages = 0
 
     def _insert_into_tree(self, r: Request, upto_tokens: int) -> None:
         n_full = upto_tokens // self.c
+        if r.streamed:
+            # Virtual pages never enter the tree; what this process computed past the
+            # stored prefix still goes to the disk tier (its pages are real).
+            if self.store is not None and n_full > r.num_saved:
+                self.store.save(r.all_ids, r.pages[:n_full], r.num_saved, r.namespace)
+                r.num_saved = n_full
+            return
         if n_full <= r.num_tree_pages:
             return
         res = self.cache.insert(r.all_ids[: n_full * self.c], r.pages[:n_full], r.namespace)
@@ -151,27 +171,140 @@ class Scheduler:
             matched = m.pages
             self.cache.inc_lock(m.node)
             r.tree_node = m.node
+            if self.stream is not None:
+                streamed = self._admit_streamed(r, ids, matched, limit)
+                if streamed is not None:
+                    return streamed
             if self.store is not None:
                 matched = self._extend_from_store(r, ids, matched, limit)
         # Room for the whole prompt plus one decode page, so admitted prefills finish.
         need = (len(ids) + self.c) // self.c - len(matched)
         if not self._ensure_free(need):
-            if r.tree_node is not None:
-                self.cache.dec_lock(r.tree_node)
-                r.tree_node = None
-            if not self.running:
-                self._finish(r, {"type": "abort", "message": "KV cache too small for prompt"})
-                self.waiting.popleft()
-                return False
-            return False
+            return self._cannot_admit(r)
         r.pages = list(matched)
         r.num_tree_pages = len(matched)
         r.num_computed = len(matched) * self.c
+        self._admitted(r)
+        return True
+
+    def _cannot_admit(self, r: Request) -> bool:
+        if r.tree_node is not None:
+            self.cache.dec_lock(r.tree_node)
+            r.tree_node = None
+        if not self.running:
+            self._finish(r, {"type": "abort", "message": "KV cache too small for prompt"})
+            self.waiting.popleft()
+        return False
+
+    def _admitted(self, r: Request) -> None:
         if not r.output_ids:
             r.cached_tokens = r.num_computed
             self.counters["cached_tokens"] += r.cached_tokens
         r.state = State.RUNNING
+
+    def _admit_streamed(self, r: Request, ids: list[int], matched: list[int],
+                        limit: int) -> bool | None:
+        """Admit a request whose stored prefix is streamed: sink and local-window chunks
+        are loaded into pages, the chunks between them become virtual pages (summaries
+        only). None: not a streaming case (nothing stored between sink and local window,
+        or it fits the pool within the resident budget); the caller loads it whole."""
+        c, cfg = self.c, self.reattn
+        have = len(matched)
+        stored = self.store.lookup(ids, r.namespace, have, limit // c)
+        total = have + len(stored)
+        sink_p = min(cfg.sink // c, total)
+        # The first step's local window starts here and only moves forward later.
+        local_p = max(sink_p, max(0, total * c - cfg.local) // c)
+        middle = range(max(have, sink_p), local_p)
+        if not stored or not middle:
+            return None
+        tail = (len(ids) + c) // c - total  # the rest of the prompt and one decode page
+        over = self.resident_max is not None and total * c > self.resident_max
+        if not over and self._ensure_free(len(stored) + tail):
+            return None
+        real = [i for i in range(have, total) if i not in middle]
+        if not self._ensure_free(len(real) + tail):
+            return self._cannot_admit(r)
+        try:
+            virtual = self.stream.attach([stored[i - have] for i in middle])
+        except StreamFault as e:
+            self._report_fault(e)
+            return None
+        pages = self.pool.allocate(len(real))
+        if self.store.load([stored[i - have] for i in real], pages) < len(real):
+            self.pool.free(pages)  # corrupt or evicted meanwhile: reported by `load`
+            self.stream.release(virtual)
+            return None
+        table = list(matched) + [0] * len(stored)
+        for i, p in zip(real, pages):
+            table[i] = p
+        for i, p in zip(middle, virtual):
+            table[i] = p
+        r.pages = table
+        r.num_tree_pages = have
+        r.num_computed = total * c
+        r.num_saved = total
+        r.streamed = True
+        self._admitted(r)
         return True
+
+    def _report_fault(self, e: StreamFault) -> None:
+        self.stream.stats["stream_faults"] += 1
+        if e.corrupt:
+            self.store.stats["store_corrupt_blocks"] += 1
+            logger.error("kv store: %s; dropping it, it will be recomputed", e)
+            self.store.drop_corrupt(e.chunk_id)
+        else:
+            logger.warning("kv store: %s", e)
+
+    def _stream_fault(self, reqs: list[Request], e: StreamFault) -> None:
+        """A streamed chunk could not be read mid-step: nothing of the step is kept; the
+        streamed requests go back to the queue and are admitted again from what the
+        store still holds (recomputing the rest, or refused if that does not fit)."""
+        self._report_fault(e)
+        for r in reqs:
+            if r.streamed and r in self.running:
+                self.running.remove(r)
+                self._release(r, keep_in_tree=True)
+                r.num_computed = 0
+                r.state = State.WAITING
+                self.waiting.appendleft(r)
+
+    def _cap_streamed(self, reqs: list[Request]) -> list[Request]:
+        """At most `max_streamed` streamed requests per step, so that one layer's
+        selections always fit the chunk cache. Those left out go first next time: the
+        ones taken move to the back of `running`."""
+        if self.stream is None:
+            return reqs
+        out, taken, n = [], [], 0
+        for r in reqs:
+            if r.streamed:
+                if n >= self.max_streamed:
+                    continue
+                n += 1
+                taken.append(r)
+            out.append(r)
+        if len(out) < len(reqs):
+            for r in taken:
+                self.running.remove(r)
+                self.running.append(r)
+        return out
+
+    def _forward(self, reqs: list[Request], q_lens: list[int], is_decode: bool, rows):
+        """runner.forward; None when a streamed chunk failed (the step is dropped)."""
+        try:
+            logits = self.runner.forward(reqs, q_lens, is_decode, rows)
+        except StreamFault as e:
+            self.stream.end_step(len(reqs))
+            self._stream_fault(reqs, e)
+            return None
+        if self.stream is not None:
+            for r, hint in zip(reqs, self.stream.end_step(len(reqs))):
+                if r.streamed:
+                    r.stream_hint = hint
+            waiting = [r for r in self.running if r.streamed and r not in reqs]
+            self.stream.prefetch([r.stream_hint for r in waiting + reqs if r.streamed])
+        return logits
 
     # ------------------------------------------------------------------ one step
 
@@ -199,7 +332,7 @@ class Scheduler:
         budget = self.prefill_budget
         reqs: list[Request] = []
         q_lens: list[int] = []
-        for r in candidates:
+        for r in self._cap_streamed(candidates):
             if budget <= 0:
                 break
             remaining = r.num_tokens - r.num_computed
@@ -217,7 +350,9 @@ class Scheduler:
         if not reqs:
             return
         rows, plan = self._logit_plan(reqs, q_lens)
-        logits = self.runner.forward(reqs, q_lens, False, rows)
+        logits = self._forward(reqs, q_lens, False, rows)
+        if logits is None:
+            return
         self._postprocess_prefill(reqs, q_lens, plan, logits)
 
     def _logit_plan(self, reqs: list[Request], q_lens: list[int]):
@@ -278,7 +413,7 @@ class Scheduler:
 
     def _run_decode(self, reqs: list[Request]) -> None:
         ready: list[Request] = []
-        for r in reqs:
+        for r in self._cap_streamed(reqs):
             while not self._grow_pages(r, r.num_computed + 1):
                 if not self._preempt(exclude=r):
                     break
@@ -287,7 +422,9 @@ class Scheduler:
         ready = [r for r in ready if r.state == State.RUNNING]
         if not ready:
             return
-        logits = self.runner.forward(ready, [1] * len(ready), True, list(range(len(ready))))
+        logits = self._forward(ready, [1] * len(ready), True, list(range(len(ready))))
+        if logits is None:
+            return
         for r in ready:
             r.num_computed += 1
         self._sample_and_emit(ready, logits)

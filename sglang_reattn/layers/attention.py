@@ -109,6 +109,7 @@ class ForwardBatch:
     _page_idx: list[torch.Tensor] | None = None
     scope_plan: Any = None  # ReAttention's per-step ScopePlan, or None (full attention)
     in_graph: bool = False  # built for CUDA-graph capture: no host-side shortcuts
+    streamed: bool = False  # some page table holds virtual pages (the streaming tier)
     completed_pages: torch.Tensor | None = None  # [n] pages whose last slot this step writes
     _positions: torch.Tensor | None = None
     _rot_checked: bool = False
@@ -166,6 +167,10 @@ class PagedAttention:
 
     def pages_loaded(self, pages: torch.Tensor) -> None:
         """Pages whose keys were written outside `store` (e.g. loaded from the disk tier)."""
+        self.invalidate_rotated(pages)
+
+    def invalidate_rotated(self, pages: torch.Tensor) -> None:
+        """Forget the rotated keys of pages rewritten outside `store` (all layers)."""
         for p in pages.tolist():
             self._rot_base[p] = -1
 

@@ -117,6 +117,7 @@ class ReAttention(PagedAttention):
         self.kmax = torch.zeros(shape, device=dev) if summary == "minmax" else None
         self.kmean = torch.zeros(shape, device=dev) if summary == "mean" else None
         self.last_selection: dict[int, torch.Tensor] = {}  # layer -> selected pages (debug)
+        self.stream = None  # the StreamTier when contexts may hold virtual pages
 
     def _summaries(self, layer_id: int):
         return tuple(None if t is None else t[layer_id]
@@ -157,21 +158,28 @@ class ReAttention(PagedAttention):
                 batch: ForwardBatch) -> torch.Tensor:
         self.store(layer_id, k, v, batch)
         plan: ScopePlan | None = batch.scope_plan
-        if plan is None or (not plan.needs_select and not batch.in_graph):
+        if plan is None or (not plan.needs_select and not batch.in_graph
+                            and not batch.streamed):
             return self.attend_scope(layer_id, q, batch, batch.page_table, batch.scope_lens,
                                      batch.pages_host, batch.scope_lens_host)
-        table, lens = self.select(layer_id, q, plan)
+        # Virtual pages are never read: the selection always runs and maps them to pages.
+        table, lens = self.select(layer_id, q, plan, batch.streamed)
         return self.attend_scope(layer_id, q, batch, table, lens, None, None)
 
-    def select(self, layer_id: int, q: torch.Tensor, plan: ScopePlan
+    def select(self, layer_id: int, q: torch.Tensor, plan: ScopePlan, streamed: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (scope page table [B, W] int32, scope lengths [B] int32) for this layer."""
+        """-> (scope page table [B, W] int32, scope lengths [B] int32) for this layer.
+        `streamed`: candidates may be virtual pages of the streaming tier; selected ones
+        are mapped to the chunk-cache pages their K/V are fetched into."""
         kn, c, topk = self._kernels, self.cfg.chunk_size, self.cfg.topk
         b, r = plan.num_cands.shape[0], plan.reps
         qr = q.index_select(0, plan.rep_index)  # [B*R, Hq, D] un-rotated
-        cand = plan.cand_pages if r == 1 else plan.cand_pages.repeat_interleave(r, 0)
-        num = plan.num_cands if r == 1 else plan.num_cands.repeat_interleave(r, 0)
         kmin, kmax, kmean = self._summaries(layer_id)
+        cand = plan.cand_pages
+        if streamed:
+            kmin, kmax, cand = self.stream.gather_summaries(layer_id, cand, kmin, kmax)
+        cand = cand if r == 1 else cand.repeat_interleave(r, 0)
+        num = plan.num_cands if r == 1 else plan.num_cands.repeat_interleave(r, 0)
         scores = kn.chunk_scores(qr, cand, num, kmin, kmax, kmean,
                                  per_head=self.combine != "sum")
         if self.combine != "sum":
@@ -179,6 +187,8 @@ class ReAttention(PagedAttention):
         scores = scores.view(b, r, -1).amax(1)  # one selection per sequence
         sel, nsel = kn.select_topk(scores, plan.num_cands, topk)
         sel_pages = plan.cand_pages.gather(1, sel.clamp_min(0).long())  # [B, topk]
+        if streamed:
+            sel_pages = self.stream.resolve(layer_id, sel_pages, nsel)
         s_w, l_w = plan.head_table.shape[1], plan.local_table.shape[1]
         table = torch.zeros(b, s_w + topk + l_w, dtype=torch.int32, device=q.device)
         table[:, :s_w] = plan.head_table

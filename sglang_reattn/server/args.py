@@ -80,6 +80,16 @@ _HELP = {
     "kv_store_readonly": "read the disk tier, never write it (no write-behind; creating, "
                          "pinning or deleting contexts answers 409)",
     "disable_kv_store": "no disk tier (launch_server otherwise uses --kv-store-path auto)",
+    "kv_chunk_cache_pages": "KV pool pages set aside as the per-layer GPU chunk cache of "
+                            "streamed contexts (needs ReAttention and a disk tier); a "
+                            "stored prefix then keeps only sink and local pages resident "
+                            "and its selected chunks are streamed; 0: off",
+    "kv_host_cache_size": "host tier between the disk tier and the chunk cache (pinned "
+                          "memory on CUDA), e.g. 4GiB; 0: none",
+    "kv_resident_max_tokens": "a stored prefix longer than this streams (default: only "
+                              "one that does not fit in the KV pool)",
+    "disable_kv_prefetch": "do not load the previous step's selection ahead in the "
+                           "background",
     "max_request_bytes": "HTTP bodies larger than this get 413",
     "shutdown_timeout": "seconds in-flight requests get to finish on SIGTERM before abort",
     "enable_metrics": "accepted for SGLang compatibility; /metrics is always on",
@@ -107,6 +117,9 @@ def _group_of(name: str) -> str:
         return "ReAttention (--reattn-*)"
     if name.startswith("kv_store_") or name == "disable_kv_store":
         return "disk tier (--kv-store-*)"
+    if name in ("kv_chunk_cache_pages", "kv_host_cache_size", "kv_resident_max_tokens",
+                "disable_kv_prefetch"):
+        return "streaming tier"
     return "SGLang-compatible options"
 
 

@@ -44,6 +44,23 @@ _ENGINE_GAUGES = {
     "store_bytes": "Bytes charged to chunks in the disk tier",
     "store_capacity": "Capacity of the disk tier in bytes",
     "store_readonly": "1 when this server only reads the disk tier",
+    # streaming tier (per tier: GPU chunk cache <- host memory <- LMDB)
+    "chunk_cache_hits": "Streamed chunk-layer blocks found in the GPU chunk cache (total)",
+    "chunk_cache_misses": "Streamed chunk-layer blocks fetched into the chunk cache (total)",
+    "chunk_cache_evictions": "Chunk-cache entries evicted (total)",
+    "chunk_cache_pages": "KV pool pages set aside as the chunk cache",
+    "host_cache_hits": "Chunk-cache misses served by the host tier (total)",
+    "host_cache_misses": "Chunk-cache misses the host tier did not hold (total)",
+    "host_cache_evictions": "Host-tier entries evicted (total)",
+    "host_cache_bytes": "Bytes held by the host tier",
+    "host_cache_capacity": "Capacity of the host tier in bytes",
+    "stream_store_reads": "Chunk-layer blocks read from the disk tier on demand (total)",
+    "stream_prefetch_reads": "Chunk-layer blocks read ahead from the disk tier (total)",
+    "stream_store_bytes": "KV bytes the streaming tier read from the disk tier (total)",
+    "stream_device_bytes": "KV bytes copied into the chunk cache (total)",
+    "stream_summaries_loaded": "Chunk summaries loaded for streamed contexts (total)",
+    "stream_attached_chunks": "Chunks of running streamed contexts (summaries resident)",
+    "stream_faults": "Streamed chunks that could not be read: corrupt or evicted (total)",
 }
 
 

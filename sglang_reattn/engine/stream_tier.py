@@ -1,0 +1,418 @@
+"""The streaming tier: contexts longer than the KV pool, served from the disk tier.
+
+A streamed request keeps only its sink and local-window pages (and the pages it computes
+itself) in the pool. Its other stored chunks are *virtual pages*: ids `num_pages + slot`
+in the request's page list, whose per-layer min/max key summaries were loaded in bulk from
+the store into `smin`/`smax` [L, slots, Hkv, D]. ReAttention scores real and virtual
+candidates alike; the chunks it selects in a layer are then mapped to pages of the
+*chunk cache*:
+
+    GPU chunk cache  (ChunkCache: pool pages set aside, an LRU per layer)
+      <- host tier   (HostCache: (chunk, layer) -> K/V, pinned on CUDA, LRU by bytes)
+      <- LMDB        (ChunkStore.get_kv_many: checksums verified)
+
+A cache page is used per layer independently: page p may hold chunk X's layer-0 K/V and
+chunk Y's layer-1 K/V. The identity of a cached block is its chunk id (a chained hash of
+the tokens and namespace), so sequences sharing a stored prefix share cache entries.
+
+After every step the chunks each streamed request selected, per layer, are the prefetch
+hint: a background thread reads those blocks that are in neither the chunk cache nor the
+host tier from LMDB into the host tier, so the next step's misses are served from memory.
+A block that fails its checksum is never cached nor served: the fetch raises
+`StreamFault` and the scheduler drops the chunk and requeues the request.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
+
+import torch
+
+from sglang_reattn.engine.store_tier import _from_numpy
+from sglang_reattn.kv_store import ChunkNotFound, CorruptBlock, StoreError
+
+logger = logging.getLogger(__name__)
+
+
+class StreamFault(Exception):
+    """A streamed chunk could not be read (corrupt block, or evicted from the store)."""
+
+    def __init__(self, chunk_id: str, cause: StoreError) -> None:
+        super().__init__(f"streamed chunk {chunk_id}: {cause}")
+        self.chunk_id = chunk_id
+        self.cause = cause
+
+    @property
+    def corrupt(self) -> bool:
+        return isinstance(self.cause, CorruptBlock)
+
+
+class HostCache:
+    """LRU map key -> (k, v) tensors, bounded by their bytes. Thread-safe (the prefetch
+    thread fills it while the engine thread reads it). A pair larger than the whole
+    capacity is not kept."""
+
+    def __init__(self, capacity_bytes: int) -> None:
+        assert capacity_bytes >= 0, "capacity must be non-negative"
+        self.capacity = capacity_bytes
+        self._d: OrderedDict[Hashable, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = self.misses = self.evictions = 0
+
+    @staticmethod
+    def _size(kv: tuple[torch.Tensor, torch.Tensor]) -> int:
+        return sum(t.numel() * t.element_size() for t in kv)
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def __contains__(self, key: Hashable) -> bool:
+        with self._lock:
+            return key in self._d
+
+    def get(self, key: Hashable) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The pair (now most recently used), or None; counts a hit or a miss."""
+        with self._lock:
+            kv = self._d.get(key)
+            if kv is None:
+                self.misses += 1
+                return None
+            self._d.move_to_end(key)
+            self.hits += 1
+            return kv
+
+    def put(self, key: Hashable, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """Insert (or refresh) a pair, evicting least recently used ones beyond the
+        capacity. Returns whether it is kept."""
+        size = self._size((k, v))
+        with self._lock:
+            old = self._d.pop(key, None)
+            if old is not None:
+                self._bytes -= self._size(old)
+            if size > self.capacity:
+                return False
+            self._d[key] = (k, v)
+            self._bytes += size
+            while self._bytes > self.capacity:
+                _, gone = self._d.popitem(last=False)
+                self._bytes -= self._size(gone)
+                self.evictions += 1
+            return True
+
+    def keys(self) -> list[Hashable]:
+        """Keys, least recently used first (tests)."""
+        with self._lock:
+            return list(self._d)
+
+
+class ChunkCache:
+    """Per-layer LRU map chunk key -> pool page over one fixed set of pages.
+
+    Each layer has its own map and its own free list over the same pages, so a page holds
+    unrelated chunks in different layers. Engine thread only."""
+
+    def __init__(self, num_layers: int, pages: Sequence[int]) -> None:
+        self.pages = list(pages)
+        self._maps: list[OrderedDict[Hashable, int]] = [OrderedDict() for _ in range(num_layers)]
+        self._free = [self.pages[::-1] for _ in range(num_layers)]
+        self.hits = self.misses = self.evictions = 0
+
+    def page_of(self, layer: int, key: Hashable) -> int | None:
+        """The page holding `key` in `layer` (no LRU update), or None."""
+        return self._maps[layer].get(key)
+
+    def keys(self, layer: int) -> list[Hashable]:
+        """Keys of one layer, least recently used first."""
+        return list(self._maps[layer])
+
+    def acquire(self, layer: int, keys: Sequence[Hashable]
+                ) -> tuple[list[int], list[tuple[Hashable, int]]]:
+        """Pages for `keys` (one layer, one step) -> (page of each key, [(key, page)] to
+        fill). Cached keys become most recently used; a missing one takes a free page or
+        evicts the least recently used key that is not among `keys`. The caller must fill
+        the returned pages (or `forget` them) before anything reads them."""
+        m = self._maps[layer]
+        wanted = set(keys)
+        out: list[int] = []
+        fills: list[tuple[Hashable, int]] = []
+        seen: set = set()
+        for key in keys:
+            page = m.get(key)
+            if page is not None:
+                m.move_to_end(key)
+                if key not in seen:  # a key repeated in one call counts once
+                    self.hits += 1
+            else:
+                self.misses += 1
+                page = self._take(layer, wanted)
+                m[key] = page
+                fills.append((key, page))
+            seen.add(key)
+            out.append(page)
+        return out, fills
+
+    def _take(self, layer: int, protected: set) -> int:
+        if self._free[layer]:
+            return self._free[layer].pop()
+        m = self._maps[layer]
+        for key in m:
+            if key not in protected:
+                self.evictions += 1
+                return m.pop(key)
+        raise RuntimeError(f"chunk cache of {len(self.pages)} pages is smaller than one "
+                           f"step's selection of {len(protected)} chunks")
+
+    def forget(self, layer: int, keys: Sequence[Hashable]) -> None:
+        """Drop entries whose pages were never filled (a failed fetch)."""
+        m = self._maps[layer]
+        for key in keys:
+            page = m.pop(key, None)
+            if page is not None:
+                self._free[layer].append(page)
+
+
+class StreamTier:
+    """Virtual pages, their summaries, and the fetch path of streamed chunks."""
+
+    def __init__(self, store_tier, pool, attn, cache_pages: list[int], host_bytes: int,
+                 prefetch: bool) -> None:
+        self.tier = store_tier
+        self.store = store_tier.store
+        self.pool = pool
+        self.attn = attn
+        self.base = pool.num_pages  # virtual page v is summary slot v - base
+        num_layers, _, _, hkv, d = pool.k.shape
+        self.num_layers = num_layers
+        self._shape = (num_layers, hkv, d)
+        self.smin = torch.zeros(num_layers, 0, hkv, d, device=pool.k.device)
+        self.smax = torch.zeros_like(self.smin)
+        self._slot_ids: list[str | None] = []
+        self._free_slots: list[int] = []
+        self.cache = ChunkCache(num_layers, cache_pages)
+        self.host = HostCache(host_bytes)
+        self._pin = pool.k.device.type == "cuda"
+        self.stats = {"stream_summaries_loaded": 0, "stream_store_reads": 0,
+                      "stream_store_bytes": 0, "stream_device_bytes": 0,
+                      "stream_prefetch_reads": 0, "stream_faults": 0}
+        # layer -> [(batch row, chunk)] selected by the step in progress
+        self._selected: dict[int, list[tuple[int, str]]] = {}
+        self._q: queue.Queue | None = None
+        if prefetch:
+            self._q = queue.Queue()
+            self._thread = threading.Thread(target=self._prefetch_loop, daemon=True,
+                                             name="kv-stream-prefetch")
+            self._thread.start()
+
+    # ------------------------------------------------------------------ virtual pages
+
+    def is_virtual(self, page: int) -> bool:
+        return page >= self.base
+
+    def attach(self, chunk_ids: list[str]) -> list[int]:
+        """Summaries of stored chunks, in bulk, into free slots -> their virtual pages.
+        Raises StreamFault (nothing attached) when a summary cannot be read."""
+        if not chunk_ids:
+            return []
+        try:
+            s = self.store.get_summaries(chunk_ids)  # float32 [n, L, 2, Hkv, D]
+        except (CorruptBlock, ChunkNotFound) as e:
+            raise StreamFault(e.chunk_id, e) from e
+        assert s.shape[1:] == (self.num_layers, 2) + self._shape[1:], \
+            f"stored summary shape {s.shape[1:]} does not match the model"
+        slots = self._alloc_slots(len(chunk_ids))
+        t = torch.from_numpy(s).to(self.smin.device)
+        idx = torch.tensor(slots, device=self.smin.device)
+        self.smin[:, idx] = t[:, :, 0].transpose(0, 1)
+        self.smax[:, idx] = t[:, :, 1].transpose(0, 1)
+        for slot, cid in zip(slots, chunk_ids):
+            self._slot_ids[slot] = cid
+        self.stats["stream_summaries_loaded"] += len(chunk_ids)
+        self.tier.touch(chunk_ids)
+        return [self.base + s for s in slots]
+
+    def _alloc_slots(self, n: int) -> list[int]:
+        short = n - len(self._free_slots)
+        if short > 0:
+            old = len(self._slot_ids)
+            new = max(old * 2, old + short, 64)
+            grow = torch.zeros(self.num_layers, new - old, *self._shape[1:],
+                               device=self.smin.device)
+            self.smin = torch.cat([self.smin, grow], 1)
+            self.smax = torch.cat([self.smax, grow], 1)
+            self._slot_ids.extend([None] * (new - old))
+            self._free_slots.extend(range(new - 1, old - 1, -1))
+        out = self._free_slots[-n:][::-1]
+        del self._free_slots[len(self._free_slots) - n:]
+        return out
+
+    def release(self, pages: list[int]) -> None:
+        """Give back the slots of a request's virtual pages (others are ignored)."""
+        for p in pages:
+            if p >= self.base:
+                self._slot_ids[p - self.base] = None
+                self._free_slots.append(p - self.base)
+
+    def chunk_of(self, page: int) -> str:
+        cid = self._slot_ids[page - self.base]
+        assert cid is not None, f"virtual page {page} is not attached"
+        return cid
+
+    # ------------------------------------------------------------------ per layer
+
+    def gather_summaries(self, layer: int, cand: torch.Tensor, kmin: torch.Tensor,
+                         kmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Candidates [B, W] of real and virtual pages -> (min [B*W, Hkv, D], max, index
+        [B, W] into them): one summary table the scorer reads like the pool's."""
+        virt = cand >= self.base
+        real = torch.where(virt, 0, cand).long()
+        slot = torch.where(virt, cand - self.base, 0).long()
+        sel = virt[..., None, None]
+        mn = torch.where(sel, self.smin[layer][slot], kmin[real])
+        mx = torch.where(sel, self.smax[layer][slot], kmax[real])
+        b, w = cand.shape
+        idx = torch.arange(b * w, device=cand.device, dtype=torch.int32).view(b, w)
+        return mn.flatten(0, 1), mx.flatten(0, 1), idx
+
+    def resolve(self, layer: int, sel_pages: torch.Tensor, nsel: torch.Tensor) -> torch.Tensor:
+        """Selected pages [B, K] (the first nsel[b] of row b valid) with every virtual
+        page replaced by the chunk-cache page now holding that chunk's layer K/V. Host
+        sync: streamed steps run eagerly."""
+        rows, cols, keys = [], [], []
+        for b, (row, n) in enumerate(zip(sel_pages.tolist(), nsel.tolist())):
+            for j in range(n):
+                if row[j] >= self.base:
+                    rows.append(b)
+                    cols.append(j)
+                    keys.append(self.chunk_of(row[j]))
+        self._selected[layer] = list(zip(rows, keys))
+        if not keys:
+            return sel_pages
+        pages, fills = self.cache.acquire(layer, keys)
+        if fills:
+            try:
+                self._fill(layer, fills)
+            except StreamFault:
+                self.cache.forget(layer, [k for k, _ in fills])
+                raise
+        out = sel_pages.clone()
+        dev = sel_pages.device
+        out[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)] = torch.tensor(
+            pages, dtype=out.dtype, device=dev)
+        return out
+
+    def _fill(self, layer: int, fills: list[tuple[str, int]]) -> None:
+        kv = self.fetch(layer, [k for k, _ in fills])
+        dev = self.pool.k.device
+        idx = torch.tensor([p for _, p in fills], device=dev)
+        k = torch.stack([a for a, _ in kv]).to(dev, non_blocking=True)
+        v = torch.stack([b for _, b in kv]).to(dev, non_blocking=True)
+        self.pool.k[layer, idx] = k
+        self.pool.v[layer, idx] = v
+        self.stats["stream_device_bytes"] += 2 * k.numel() * k.element_size()
+        # Keys reached these pages outside `store`: no rotated copy of them is valid.
+        self.attn.invalidate_rotated(idx)
+
+    def fetch(self, layer: int, chunk_ids: list[str], prefetch: bool = False
+              ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """K/V [C, Hkv, D] of one layer of chunks: host tier, else LMDB (checksums
+        verified; the host tier only ever holds verified blocks)."""
+        out: list = [None] * len(chunk_ids)
+        missing = []
+        for i, cid in enumerate(chunk_ids):
+            hit = None if prefetch else self.host.get((cid, layer))
+            if hit is None:
+                missing.append(i)
+            else:
+                out[i] = hit
+        if not missing:
+            return out
+        try:
+            k, v = self.store.get_kv_many([chunk_ids[i] for i in missing], layer)
+        except (CorruptBlock, ChunkNotFound) as e:
+            raise StreamFault(e.chunk_id, e) from e
+        self.stats["stream_prefetch_reads" if prefetch else "stream_store_reads"] += \
+            len(missing)
+        self.stats["stream_store_bytes"] += k.nbytes + v.nbytes
+        dtype = self.pool.k.dtype
+        for j, i in enumerate(missing):
+            pair = tuple(self._host_tensor(_from_numpy(x[j], dtype)) for x in (k, v))
+            self.host.put((chunk_ids[i], layer), *pair)
+            out[i] = pair
+        return out
+
+    def _host_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        # Own the memory (not a view of the whole batch read); pinned for async H2D copies.
+        return t.pin_memory() if self._pin else t.clone()
+
+    # ------------------------------------------------------------------ prefetch
+
+    def end_step(self, num_rows: int) -> list[dict[int, list[str]]]:
+        """The finished step's selection of each batch row: {layer: [chunk ids]}."""
+        out: list[dict[int, list[str]]] = [{} for _ in range(num_rows)]
+        for layer, picks in self._selected.items():
+            for row, key in picks:
+                out[row].setdefault(layer, []).append(key)
+        self._selected = {}
+        return out
+
+    def prefetch(self, hints: list[dict[int, list[str]]]) -> None:
+        """Queue, for the background thread, the blocks of these selections (the previous
+        step of each streamed sequence, next to run first) that are in neither the chunk
+        cache nor the host tier: read from LMDB into the host tier ahead of the step that
+        needs them. Changes where a block comes from, never its value."""
+        if self._q is None:
+            return
+        todo: dict[int, list[str]] = {}
+        for hint in hints:
+            for layer, keys in hint.items():
+                todo.setdefault(layer, []).extend(
+                    k for k in keys
+                    if self.cache.page_of(layer, k) is None and (k, layer) not in self.host)
+        for layer, keys in todo.items():
+            if keys:
+                self._q.put((layer, list(dict.fromkeys(keys))))
+
+    def _prefetch_loop(self) -> None:
+        while True:
+            item = self._q.get()
+            try:
+                if item is None:
+                    return
+                layer, keys = item
+                keys = [k for k in keys if (k, layer) not in self.host]
+                if keys:
+                    self.fetch(layer, keys, prefetch=True)
+            except StreamFault as e:  # the engine thread meets it again and handles it
+                logger.debug("prefetch skipped: %s", e)
+            except Exception:  # noqa: BLE001 - a prefetch never takes the engine down
+                logger.exception("stream prefetch failed")
+            finally:
+                self._q.task_done()
+
+    def drain(self) -> None:
+        """Wait for queued prefetches (tests)."""
+        if self._q is not None:
+            self._q.join()
+
+    def close(self) -> None:
+        if self._q is not None:
+            self._q.put(None)
+            self._thread.join(timeout=30)
+
+    def counters(self) -> dict[str, int]:
+        c, h = self.cache, self.host
+        return dict(self.stats, chunk_cache_hits=c.hits, chunk_cache_misses=c.misses,
+                    chunk_cache_evictions=c.evictions, chunk_cache_pages=len(c.pages),
+                    host_cache_hits=h.hits, host_cache_misses=h.misses,
+                    host_cache_evictions=h.evictions, host_cache_bytes=h.bytes,
+                    host_cache_capacity=h.capacity,
+                    stream_attached_chunks=len(self._slot_ids) - len(self._free_slots))

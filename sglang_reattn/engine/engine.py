@@ -69,6 +69,8 @@ class Engine(NamedContexts):
             self._setup()
         except BaseException as e:  # noqa: BLE001 - re-raised in the constructor
             self._init_error = e
+            if getattr(self, "store_tier", None) is not None:
+                self.store_tier.close()  # a later Engine may open the same store
             self._ready.set()
             return
         self._ready.set()
@@ -126,6 +128,8 @@ class Engine(NamedContexts):
             use_cuda_graph=use_triton and not args.disable_cuda_graph,
             cuda_graph_max_bs=min(args.cuda_graph_max_bs, args.max_running_requests),
         )
+        if streaming:
+            self._check_streaming()
         self.store_tier = None
         self.kv_store_dir = None  # the disk tier's resolved directory, None when off
         if args.store_path:
@@ -158,11 +162,8 @@ class Engine(NamedContexts):
                     cfg.architecture, self.device, self.dtype, self.pool.num_pages, c,
                     time.perf_counter() - t0)
 
-    def _stream_tier(self):
-        """The streaming tier: chunk-cache pages taken from the pool, the host tier."""
-        from sglang_reattn.engine.store_tier import parse_bytes
-        from sglang_reattn.engine.stream_tier import StreamTier
-
+    def _check_streaming(self) -> None:
+        """The chunk cache fits a step's selection and leaves a streamed sequence room."""
         n, topk = self.args.kv_chunk_cache_pages, self.reattn.topk
         if n < topk:
             raise InvalidArgument(
@@ -176,6 +177,13 @@ class Engine(NamedContexts):
                 f"--kv-chunk-cache-pages ({n}) leaves {max(left, 0)} of the KV pool's "
                 f"{self.pool.num_free} pages; a streamed sequence needs {need} resident "
                 f"(sink, local window, a prefill piece): lower it or raise --max-total-tokens")
+
+    def _stream_tier(self):
+        """The streaming tier: chunk-cache pages taken from the pool, the host tier."""
+        from sglang_reattn.engine.store_tier import parse_bytes
+        from sglang_reattn.engine.stream_tier import StreamTier
+
+        n = self.args.kv_chunk_cache_pages
         tier = StreamTier(self.store_tier, self.pool, self.attn, self.pool.allocate(n),
                           parse_bytes(self.args.kv_host_cache_size),
                           prefetch=not self.args.disable_kv_prefetch)

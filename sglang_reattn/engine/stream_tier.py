@@ -138,8 +138,9 @@ class ChunkCache:
                 ) -> tuple[list[int], list[tuple[Hashable, int]]]:
         """Pages for `keys` (one layer, one step) -> (page of each key, [(key, page)] to
         fill). Cached keys become most recently used; a missing one takes a free page or
-        evicts the least recently used key that is not among `keys`. The caller must fill
-        the returned pages (or `forget` them) before anything reads them."""
+        evicts the least recently used key that is not among `keys`; RuntimeError (and
+        nothing new mapped) when `keys` has more distinct keys than the cache has pages.
+        The caller must fill the returned pages (or `forget` them) before any read."""
         m = self._maps[layer]
         wanted = set(keys)
         out: list[int] = []
@@ -153,7 +154,11 @@ class ChunkCache:
                     self.hits += 1
             else:
                 self.misses += 1
-                page = self._take(layer, wanted)
+                try:
+                    page = self._take(layer, wanted)
+                except RuntimeError:  # nothing of this call stays mapped
+                    self.forget(layer, [k for k, _ in fills])
+                    raise
                 m[key] = page
                 fills.append((key, page))
             seen.add(key)

@@ -1,0 +1,308 @@
+"""The streaming tier: stored contexts longer than the KV pool, with only sink and local
+pages resident and the selected chunks fetched per layer (chunk cache <- host <- LMDB)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from sglang_reattn import Engine
+from sglang_reattn.engine.stream_tier import ChunkCache, HostCache, StreamTier
+from sglang_reattn.errors import InvalidArgument
+
+GREEDY = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
+OPTS = dict(device="cpu", reattn_chunk_size=16, chunked_prefill_size=64, log_level="warning")
+# The tiny model (512 trained positions) selects 18 of 47 middle chunks of DOC; a pool of
+# 40 pages cannot hold DOC's 57, and a 24-page chunk cache forces misses and evictions.
+SMALL = dict(max_total_tokens=640, kv_chunk_cache_pages=24, kv_host_cache_size="64KiB")
+
+
+def _ids(n: int, seed: int) -> list[int]:
+    return torch.randint(3, 49152, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+DOC, QUESTION = _ids(900, 1), _ids(5, 3)
+
+
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory, tiny_llama):
+    """A store holding DOC, and the answer with everything resident (computed)."""
+    store = str(tmp_path_factory.mktemp("stream") / "store")
+    with Engine(tiny_llama, kv_store_path=store, **OPTS) as eng:
+        want = eng.generate(input_ids=DOC + QUESTION, sampling_params=GREEDY)["output_ids"]
+        eng.store_tier.flush()
+    return store, want
+
+
+# ---------------------------------------------------------------------- host tier
+
+
+class _RefLRU:
+    """Plain reference: a list, least recently used first."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap, self.items = cap, []  # [(key, size)]
+
+    def get(self, key):
+        for i, (k, s) in enumerate(self.items):
+            if k == key:
+                self.items.append(self.items.pop(i))
+                return True
+        return False
+
+    def put(self, key, size):
+        self.items = [(k, s) for k, s in self.items if k != key]
+        if size > self.cap:
+            return
+        self.items.append((key, size))
+        while sum(s for _, s in self.items) > self.cap:
+            self.items.pop(0)
+
+
+def test_host_cache_lru_by_bytes_matches_reference():
+    rng = random.Random(0)
+    cap = 4096
+    cache, ref = HostCache(cap), _RefLRU(cap)
+    values = {}
+    for step in range(3000):
+        key = (rng.randrange(12), rng.randrange(2))
+        if rng.random() < 0.5:
+            n = rng.choice([16, 64, 128, 300, 700])  # 700 float32 x2 > capacity: not kept
+            k, v = torch.full((n,), float(step)), torch.full((n,), -float(step))
+            kept = cache.put(key, k, v)
+            ref.put(key, 8 * n)
+            assert kept == (8 * n <= cap)
+            if kept:
+                values[key] = step
+        else:
+            got = cache.get(key)
+            assert (got is not None) == ref.get(key)
+            if got is not None:  # the value last put under this key, never another's
+                assert got[0][0].item() == values[key] and got[1][0].item() == -values[key]
+        assert cache.keys() == [k for k, _ in ref.items]
+        assert cache.bytes == sum(s for _, s in ref.items) <= cap
+    assert cache.hits and cache.misses and cache.evictions
+
+
+# ---------------------------------------------------------------------- chunk cache
+
+
+def test_chunk_cache_per_layer_mapping_matches_reference():
+    rng = random.Random(1)
+    pages = [7, 3, 11, 20, 5]
+    layers = 3
+    cache = ChunkCache(layers, pages)
+    ref = [[] for _ in range(layers)]  # per layer: [(key, page)], least recently used first
+    content = {}  # (layer, page) -> key written there (what a fill would copy)
+    for _ in range(2000):
+        layer = rng.randrange(layers)
+        keys = [f"c{rng.randrange(9)}" for _ in range(rng.randrange(1, 5))]
+        got, fills = cache.acquire(layer, keys)
+        for key, page in fills:
+            content[layer, page] = key
+        # Every key reads the page that holds it in this layer; distinct keys, distinct pages.
+        assert all(content[layer, p] == k for k, p in zip(keys, got))
+        assert len(set(got)) == len(set(keys)) and set(got) <= set(pages)
+        # Reference: hits move to the back; a miss takes an unused page, else evicts the
+        # least recently used key not wanted by this call.
+        lru = ref[layer]
+        for key in keys:
+            hit = [e for e in lru if e[0] == key]
+            if hit:
+                lru.remove(hit[0])
+                lru.append(hit[0])
+                continue
+            used = {p for _, p in lru}
+            free = [p for p in pages if p not in used]
+            if free:
+                page = dict(zip(keys, got))[key]
+                assert page in free
+            else:
+                victim = next(e for e in lru if e[0] not in keys)
+                lru.remove(victim)
+                page = victim[1]
+                assert dict(zip(keys, got))[key] == page
+            lru.append((key, page))
+        assert cache.keys(layer) == [k for k, _ in lru]
+    # Layers are independent: one page holds different chunks in different layers.
+    assert any(len({content.get((lay, p)) for lay in range(layers)}) > 1 for p in pages)
+    assert cache.hits and cache.misses and cache.evictions
+
+
+def test_chunk_cache_refuses_a_selection_larger_than_itself():
+    cache = ChunkCache(1, [1, 2])
+    with pytest.raises(RuntimeError, match="smaller than one step's selection"):
+        cache.acquire(0, ["a", "b", "c"])
+    assert cache.keys(0) == []  # nothing of the failed call stays mapped
+    pages, fills = cache.acquire(0, ["x", "y"])
+    assert sorted(pages) == [1, 2] and [k for k, _ in fills] == ["x", "y"]
+
+
+# ---------------------------------------------------------------------- engine
+
+
+def test_streamed_context_equals_resident(stored, tiny_llama):
+    store, want = stored
+    with Engine(tiny_llama, kv_store_path=store, **OPTS) as eng:  # loaded whole, resident
+        assert eng.generate(input_ids=DOC + QUESTION, sampling_params=GREEDY)[
+            "output_ids"] == want
+    outs = {}
+    for prefetch in (True, False):
+        with Engine(tiny_llama, kv_store_path=store, disable_kv_prefetch=not prefetch,
+                    **SMALL, **OPTS) as eng:
+            pool_pages = eng.stats()["kv_pages_total"]
+            assert pool_pages * 16 < len(DOC)  # DOC could never be resident
+            out = eng.generate(input_ids=DOC + QUESTION, sampling_params=GREEDY)
+            s = eng.stats()
+            outs[prefetch] = out["output_ids"]
+            assert out["meta_info"]["cached_tokens"] == len(DOC) // 16 * 16
+            # Only the sink chunk and the local window were loaded into pages; the 47
+            # middle chunks were scored from their stored summaries.
+            assert s["store_chunks_loaded"] == 1 + 128 // 16
+            assert s["stream_summaries_loaded"] == 47
+            assert s["chunk_cache_misses"] > 0 and s["chunk_cache_hits"] > 0
+            assert s["chunk_cache_evictions"] > 0
+            assert s["stream_store_reads"] + s["host_cache_hits"] == s["chunk_cache_misses"]
+            assert s["host_cache_bytes"] <= 64 << 10
+            assert s["kv_pages_free"] == pool_pages - 24  # all but the cache given back
+            assert s["stream_attached_chunks"] == 0
+    assert outs[True] == want and outs[False] == want
+
+
+def test_streaming_counts_misses_then_hits(stored, tiny_llama):
+    store, want = stored
+    big = dict(SMALL, kv_chunk_cache_pages=200, max_total_tokens=16 * 240,
+               kv_resident_max_tokens=0)  # fits the pool, streamed by the budget
+    with Engine(tiny_llama, kv_store_path=store, **big, **OPTS) as eng:
+        out = eng.generate(input_ids=DOC + QUESTION, sampling_params=GREEDY)
+        first = eng.stats()
+        assert out["output_ids"] == want
+        assert first["chunk_cache_misses"] > 0 and first["chunk_cache_evictions"] == 0
+        # The same context again: every block is already in the chunk cache.
+        again = eng.generate(input_ids=DOC + QUESTION, sampling_params=GREEDY)
+        second = eng.stats()
+        assert again["output_ids"] == want
+        assert second["chunk_cache_misses"] == first["chunk_cache_misses"]
+        assert second["chunk_cache_hits"] > first["chunk_cache_hits"]
+        assert second["stream_store_reads"] == first["stream_store_reads"]
+
+
+def test_streamed_output_depends_on_the_fetched_chunks(stored, tiny_llama, monkeypatch):
+    """The equality above is not vacuous: chunks fetched as zeros change the answer."""
+    store, want = stored
+    real_fill = StreamTier._fill
+
+    def zero_fill(self, layer, fills):
+        real_fill(self, layer, fills)
+        idx = torch.tensor([p for _, p in fills])
+        self.pool.k[layer, idx] = 0.0
+        self.pool.v[layer, idx] = 0.0
+
+    monkeypatch.setattr(StreamTier, "_fill", zero_fill)
+    with Engine(tiny_llama, kv_store_path=store, **SMALL, **OPTS) as eng:
+        out = eng.generate(input_ids=DOC + QUESTION, sampling_params=GREEDY)
+    assert out["output_ids"] != want
+
+
+def test_prefetch_loads_the_previous_selection_into_the_host_tier(stored, tiny_llama):
+    store, want = stored
+    with Engine(tiny_llama, kv_store_path=store, **SMALL, **OPTS) as eng:
+        assert eng.generate(input_ids=DOC + QUESTION, sampling_params=GREEDY)[
+            "output_ids"] == want
+
+        def check():
+            tier = eng.stream_tier
+            ids = tier.cache.keys(0)[:3] + tier.cache.keys(1)[:2]
+            hint = {0: ids[:3], 1: ids[3:]}
+            # Evict those blocks from both tiers, as other sequences would.
+            for layer, keys in hint.items():
+                tier.cache.forget(layer, keys)
+            tier.host = HostCache(tier.host.capacity)
+            before = tier.stats["stream_prefetch_reads"]
+            tier.prefetch([hint])
+            tier.drain()
+            held = all((k, layer) in tier.host for layer, keys in hint.items() for k in keys)
+            return held, tier.stats["stream_prefetch_reads"] - before
+
+        held, reads = eng._call(check)
+        assert held and reads == 5
+
+
+def test_two_streamed_requests_take_turns(stored, tiny_llama):
+    """One streamed sequence per step fits this cache: two alternate, same answers."""
+    store, want = stored
+    other_q = _ids(7, 21)
+    with Engine(tiny_llama, kv_store_path=store, **OPTS) as eng:
+        want2 = eng.generate(input_ids=DOC + other_q, sampling_params=GREEDY)["output_ids"]
+    with Engine(tiny_llama, kv_store_path=store, **dict(SMALL, max_total_tokens=16 * 60),
+                **OPTS) as eng:
+        outs = eng.generate(input_ids=[DOC + QUESTION, DOC + other_q],
+                            sampling_params=GREEDY)
+        assert [o["output_ids"] for o in outs] == [want, want2]
+
+
+def test_corrupt_streamed_block_is_reported_and_recomputed(stored, tiny_llama, tmp_path):
+    import shutil
+
+    import lmdb
+
+    src, want = stored
+    store = str(tmp_path / "store")
+    shutil.copytree(src, store)
+    big = dict(SMALL, max_total_tokens=16 * 120, kv_resident_max_tokens=0)
+    with Engine(tiny_llama, kv_store_path=store, **big, **OPTS) as eng:
+        eng.generate(input_ids=DOC + QUESTION, sampling_params=GREEDY)
+        bad = eng.stream_tier.cache.keys(1)[-1]  # a chunk the selection fetches
+    env = lmdb.open(store, max_dbs=16)
+    db = env.open_db(b"kv", create=False)
+    with env.begin(write=True) as txn:
+        key = bytes.fromhex(bad) + (1).to_bytes(2, "big")
+        val = bytearray(txn.get(key, db=db))
+        val[len(val) // 2] ^= 0x5A
+        txn.put(key, bytes(val), db=db)
+    env.close()
+    with Engine(tiny_llama, kv_store_path=store, **big, **OPTS) as eng:
+        out = eng.generate(input_ids=DOC + QUESTION, sampling_params=GREEDY)
+        s = eng.stats()
+        assert s["store_corrupt_blocks"] == 1 and s["stream_faults"] == 1
+        assert out["output_ids"] == want  # never served: recomputed from the bad chunk
+        eng.store_tier.flush()
+        assert eng.store_tier.store.has_many([bad]) == [True]  # published again
+
+
+def test_streaming_flags_are_checked(tiny_llama, tmp_path):
+    store = str(tmp_path / "store")
+    with pytest.raises(InvalidArgument, match="at least --reattn-topk"):
+        Engine(tiny_llama, kv_store_path=store, kv_chunk_cache_pages=4, **OPTS)
+    with pytest.raises(InvalidArgument, match="leaves"):
+        Engine(tiny_llama, kv_store_path=store, max_total_tokens=640,
+               kv_chunk_cache_pages=30, **OPTS)
+    for bad, match in ((dict(kv_chunk_cache_pages=-1), "non-negative"),
+                       (dict(kv_host_cache_size="lots"), "--kv-host-cache-size"),
+                       (dict(kv_resident_max_tokens=-5), "--kv-resident-max-tokens"),
+                       (dict(kv_chunk_cache_pages=32, disable_reattn=True), "--disable-reattn"),
+                       (dict(kv_chunk_cache_pages=32, reattn_summary="mean"), "minmax")):
+        with pytest.raises(InvalidArgument, match=match):
+            Engine(tiny_llama, kv_store_path=store, **bad, **OPTS)
+    # Without a disk tier the cache flag changes nothing.
+    with Engine(tiny_llama, kv_chunk_cache_pages=32, **OPTS) as eng:
+        assert eng.stream_tier is None
+
+
+def test_streaming_flags_and_metrics_in_the_server():
+    from sglang_reattn.server.args import build_parser, engine_args_from
+    from sglang_reattn.server.metrics import ServerMetrics
+
+    ns = build_parser().parse_args(["--kv-chunk-cache-pages", "64", "--kv-host-cache-size",
+                                    "2GiB", "--kv-resident-max-tokens", "4096",
+                                    "--disable-kv-prefetch"])
+    args = engine_args_from(ns)
+    assert (args.kv_chunk_cache_pages, args.kv_host_cache_size, args.kv_resident_max_tokens,
+            args.disable_kv_prefetch) == (64, "2GiB", 4096, True)
+    stats = {"chunk_cache_hits": 5, "chunk_cache_misses": 2, "host_cache_hits": 1,
+             "host_cache_bytes": 4096, "stream_store_bytes": 8192}
+    body = ServerMetrics("m", lambda: stats).render().decode()
+    for key, value in stats.items():
+        assert f'sglang_reattn:{key}{{model_name="m"}} {float(value)}' in body

@@ -306,3 +306,20 @@ def test_streaming_flags_and_metrics_in_the_server():
     body = ServerMetrics("m", lambda: stats).render().decode()
     for key, value in stats.items():
         assert f'sglang_reattn:{key}{{model_name="m"}} {float(value)}' in body
+
+
+def test_ingest_of_a_document_longer_than_the_pool(tmp_path, tiny_llama):
+    """Each ingest piece streams the pieces before it from the store: a 125-chunk document
+    through a 40-page pool, answered like the same document computed all resident."""
+    doc = _ids(2000, 5)
+    with Engine(tiny_llama, **OPTS) as eng:  # the default pool holds it all
+        want = eng.generate(input_ids=doc + QUESTION, sampling_params=GREEDY)["output_ids"]
+    store = str(tmp_path / "store")
+    with Engine(tiny_llama, kv_store_path=store, **SMALL, **OPTS) as eng:
+        assert eng.stats()["kv_pages_total"] * 16 < len(doc)
+        info = eng.ingest("doc", input_ids=doc)
+        assert info["stored_tokens"] == 2000 and info["complete"]
+        out = eng.generate(input_ids=QUESTION, sampling_params=GREEDY, context="doc")
+        assert out["meta_info"]["cached_tokens"] == 2000
+        assert out["output_ids"] == want
+        assert eng.stats()["stream_summaries_loaded"] > 0

@@ -56,8 +56,16 @@ class NamedContexts:
         done = 0
         while done < len(ids):
             end = min(done + piece, len(ids))
-            self.generate(input_ids=ids[:end], sampling_params={"max_new_tokens": 1},
-                          extra_key=namespace or None)
+            out = self.generate(input_ids=ids[:end], sampling_params={"max_new_tokens": 1},
+                                extra_key=namespace or None)
+            reason = out["meta_info"]["finish_reason"] or {}
+            if reason.get("type") == "abort":
+                raise ReAttnError(f"ingest stopped at token {done} of {len(ids)}: "
+                                  f"{reason.get('message', 'aborted')}")
+            if getattr(self, "stream_tier", None) is not None:
+                # A streamed piece's chunks reach the next piece through the store only
+                # (they never enter the in-memory prefix tree): wait for them.
+                tier.flush()
             if progress is not None:
                 progress(end - done)
             done = end

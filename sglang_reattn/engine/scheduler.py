@@ -212,15 +212,25 @@ class Scheduler:
         have = len(matched)
         stored = self.store.lookup(ids, r.namespace, have, limit // c)
         total = have + len(stored)
+        tail = (len(ids) + c) // c - total  # the rest of the prompt and one decode page
+        over = self.resident_max is not None and total * c > self.resident_max
+        if not over and self._ensure_free(len(stored) + tail):
+            return None
+        if have > cfg.sink // c:
+            # Past the sink, the in-memory match is taken from the store too (its pages
+            # were saved when computed), so that it can stream rather than stay locked.
+            self.cache.dec_lock(r.tree_node)
+            m = self.cache.match_prefix(ids, r.namespace, cfg.sink // c * c)
+            self.cache.inc_lock(m.node)
+            r.tree_node, matched, have = m.node, m.pages, len(m.pages)
+            stored = self.store.lookup(ids, r.namespace, have, limit // c)
+            total = have + len(stored)
+            tail = (len(ids) + c) // c - total
         sink_p = min(cfg.sink // c, total)
         # The first step's local window starts here and only moves forward later.
         local_p = max(sink_p, max(0, total * c - cfg.local) // c)
         middle = range(max(have, sink_p), local_p)
         if not stored or not middle:
-            return None
-        tail = (len(ids) + c) // c - total  # the rest of the prompt and one decode page
-        over = self.resident_max is not None and total * c > self.resident_max
-        if not over and self._ensure_free(len(stored) + tail):
             return None
         real = [i for i in range(have, total) if i not in middle]
         if not self._ensure_free(len(real) + tail):

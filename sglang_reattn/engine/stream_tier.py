@@ -205,6 +205,7 @@ class StreamTier:
         self.cache = ChunkCache(num_layers, cache_pages)
         self.host = HostCache(host_bytes)
         self._pin = pool.k.device.type == "cuda"
+        self._stats_lock = threading.Lock()  # `fetch` runs on the engine and prefetch threads
         self.stats = {"stream_summaries_loaded": 0, "stream_store_reads": 0,
                       "stream_store_bytes": 0, "stream_device_bytes": 0,
                       "stream_prefetch_reads": 0, "stream_faults": 0}
@@ -344,9 +345,10 @@ class StreamTier:
             k, v = self.store.get_kv_many([chunk_ids[i] for i in missing], layer)
         except (CorruptBlock, ChunkNotFound) as e:
             raise StreamFault(e.chunk_id, e) from e
-        self.stats["stream_prefetch_reads" if prefetch else "stream_store_reads"] += \
-            len(missing)
-        self.stats["stream_store_bytes"] += k.nbytes + v.nbytes
+        with self._stats_lock:
+            self.stats["stream_prefetch_reads" if prefetch else "stream_store_reads"] += \
+                len(missing)
+            self.stats["stream_store_bytes"] += k.nbytes + v.nbytes
         dtype = self.pool.k.dtype
         for j, i in enumerate(missing):
             pair = tuple(self._host_tensor(_from_numpy(x[j], dtype)) for x in (k, v))

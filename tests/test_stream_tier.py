@@ -187,6 +187,9 @@ def test_streaming_counts_misses_then_hits(stored, tiny_llama):
         assert second["chunk_cache_misses"] == first["chunk_cache_misses"]
         assert second["chunk_cache_hits"] > first["chunk_cache_hits"]
         assert second["stream_store_reads"] == first["stream_store_reads"]
+        # The summaries were kept too (idle slots), not read again.
+        assert second["stream_summaries_loaded"] == first["stream_summaries_loaded"] == 47
+        assert second["stream_summaries_reused"] == first["stream_summaries_reused"] + 47
 
 
 def test_streamed_output_depends_on_the_fetched_chunks(stored, tiny_llama, monkeypatch):
@@ -322,4 +325,72 @@ def test_ingest_of_a_document_longer_than_the_pool(tmp_path, tiny_llama):
         out = eng.generate(input_ids=QUESTION, sampling_params=GREEDY, context="doc")
         assert out["meta_info"]["cached_tokens"] == 2000
         assert out["output_ids"] == want
-        assert eng.stats()["stream_summaries_loaded"] > 0
+        # Each piece reattached the pieces before it: summaries are read once per chunk.
+        s = eng.stats()
+        assert 0 < s["stream_summaries_loaded"] <= 125 < s["stream_summaries_reused"]
+
+
+class _FakeStore:
+    """get_summaries like ChunkStore's: float32 [n, L, 2, Hkv, D], value = chunk number."""
+
+    def __init__(self, shape) -> None:
+        self.shape, self.reads = shape, []
+
+    def get_summaries(self, ids):
+        self.reads.append(list(ids))
+        return torch.stack([torch.full((self.shape[0], 2) + self.shape[1:],
+                                       float(int(c[1:]))) for c in ids]).numpy()
+
+
+class _FakeTier:
+    def __init__(self, store) -> None:
+        self.store = store
+
+    def touch(self, ids) -> None:
+        pass
+
+
+def _tier_for_test():
+    from sglang_reattn.layers.attention import KVPool
+
+    pool = KVPool(2, 10, 4, 2, 8, torch.float32, torch.device("cpu"))
+    store = _FakeStore((2, 2, 8))
+    return StreamTier(_FakeTier(store), pool, None, [8, 9], 0, prefetch=False), store
+
+
+def test_summary_slots_are_shared_and_kept_while_idle():
+    tier, store = _tier_for_test()
+    a = tier.attach(["c1", "c2", "c3"])
+    b = tier.attach(["c2", "c3", "c4"])
+    assert store.reads == [["c1", "c2", "c3"], ["c4"]]
+    assert a[1:] == b[:2] and all(tier.is_virtual(p) for p in a + b)
+    assert [tier.chunk_of(p) for p in b] == ["c2", "c3", "c4"]
+    assert tier.smin[1, b[2] - tier.base].unique().tolist() == [4.0]
+    tier.release(a)
+    assert tier.counters()["stream_attached_chunks"] == 3  # c2, c3, c4 (c1 idle)
+    assert tier.attach(["c1"]) == a[:1] and store.reads[-1] == ["c4"]  # reused
+    tier.release(b + a[:1])
+    assert tier.counters()["stream_attached_chunks"] == 0
+    # Slot pressure reuses idle slots, least recently released first, before growing.
+    n = tier.smin.shape[1]
+    fresh = tier.attach([f"c{i}" for i in range(100, 100 + n - 2)])
+    assert tier.smin.shape[1] == n and len(set(fresh)) == n - 2
+    assert [tier.chunk_of(p) for p in tier.attach(["c3", "c1"])] == ["c3", "c1"]
+    assert store.reads[-1] == ["c3"]  # c2 and c3 were the oldest idle ones: c3 reloaded
+    tier.forget_idle()
+    with pytest.raises(AssertionError, match="released twice"):
+        tier.release(a[:1] * 3)
+
+
+def test_gathered_summaries_match_per_candidate_lookup():
+    tier, _ = _tier_for_test()
+    virt = tier.attach(["c5", "c6"])
+    kmin = torch.randn(10, 2, 8)
+    kmax = kmin + 1
+    cand = torch.tensor([[1, virt[0], 3], [virt[1], 2, 0]], dtype=torch.int32)
+    mn, mx, idx = tier.gather_summaries(1, cand, kmin, kmax)
+    for (b, w), i in zip([(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)], idx.flatten()):
+        page = int(cand[b, w])
+        want_mn = tier.smin[1, page - tier.base] if page >= tier.base else kmin[page]
+        want_mx = tier.smax[1, page - tier.base] if page >= tier.base else kmax[page]
+        assert torch.equal(mn[i], want_mn) and torch.equal(mx[i], want_mx)

@@ -200,13 +200,21 @@ class StreamTier:
         self._shape = (num_layers, hkv, d)
         self.smin = torch.zeros(num_layers, 0, hkv, d, device=pool.k.device)
         self.smax = torch.zeros_like(self.smin)
+        # Summary slots are shared by every request attaching the same chunk (reference
+        # counted); a slot nobody references keeps its summary (`_idle`, LRU first) until
+        # the slot is needed, so the next request over the same context (an ingest's next
+        # piece, a follow-up question) reloads nothing.
         self._slot_ids: list[str | None] = []
+        self._slot_of: dict[str, int] = {}
+        self._refs: list[int] = []
         self._free_slots: list[int] = []
+        self._idle: OrderedDict[int, None] = OrderedDict()
         self.cache = ChunkCache(num_layers, cache_pages)
         self.host = HostCache(host_bytes)
         self._pin = pool.k.device.type == "cuda"
         self._stats_lock = threading.Lock()  # `fetch` runs on the engine and prefetch threads
-        self.stats = {"stream_summaries_loaded": 0, "stream_store_reads": 0,
+        self.stats = {"stream_summaries_loaded": 0, "stream_summaries_reused": 0,
+                      "stream_store_reads": 0,
                       "stream_store_bytes": 0, "stream_device_bytes": 0,
                       "stream_prefetch_reads": 0, "stream_faults": 0}
         # layer -> [(batch row, chunk)] selected by the step in progress
@@ -224,28 +232,48 @@ class StreamTier:
         return page >= self.base
 
     def attach(self, chunk_ids: list[str]) -> list[int]:
-        """Summaries of stored chunks, in bulk, into free slots -> their virtual pages.
-        Raises StreamFault (nothing attached) when a summary cannot be read."""
-        if not chunk_ids:
-            return []
-        try:
-            s = self.store.get_summaries(chunk_ids)  # float32 [n, L, 2, Hkv, D]
-        except (CorruptBlock, ChunkNotFound) as e:
-            raise StreamFault(e.chunk_id, e) from e
-        assert s.shape[1:] == (self.num_layers, 2) + self._shape[1:], \
-            f"stored summary shape {s.shape[1:]} does not match the model"
-        slots = self._alloc_slots(len(chunk_ids))
-        t = torch.from_numpy(s).to(self.smin.device)
-        idx = torch.tensor(slots, device=self.smin.device)
-        self.smin[:, idx] = t[:, :, 0].transpose(0, 1)
-        self.smax[:, idx] = t[:, :, 1].transpose(0, 1)
-        for slot, cid in zip(slots, chunk_ids):
-            self._slot_ids[slot] = cid
-        self.stats["stream_summaries_loaded"] += len(chunk_ids)
+        """Virtual pages of stored chunks: summaries not attached yet are read from the
+        store in bulk. Raises StreamFault (nothing attached) when one cannot be read."""
+        new = [c for c in dict.fromkeys(chunk_ids) if c not in self._slot_of]
+        s = None
+        if new:
+            try:
+                s = self.store.get_summaries(new)  # float32 [n, L, 2, Hkv, D]
+            except (CorruptBlock, ChunkNotFound) as e:
+                raise StreamFault(e.chunk_id, e) from e
+            assert s.shape[1:] == (self.num_layers, 2) + self._shape[1:], \
+                f"stored summary shape {s.shape[1:]} does not match the model"
+        for cid in chunk_ids:  # referenced first: allocating below never evicts these
+            slot = self._slot_of.get(cid)
+            if slot is not None:
+                self._refs[slot] += 1
+                self._idle.pop(slot, None)
+        if new:
+            slots = self._alloc_slots(len(new))
+            t = torch.from_numpy(s).to(self.smin.device)
+            idx = torch.tensor(slots, device=self.smin.device)
+            self.smin[:, idx] = t[:, :, 0].transpose(0, 1)
+            self.smax[:, idx] = t[:, :, 1].transpose(0, 1)
+            for slot, cid in zip(slots, new):
+                self._slot_ids[slot] = cid
+                self._slot_of[cid] = slot
+        fresh = set(new)
+        for cid in chunk_ids:
+            if cid in fresh:
+                self._refs[self._slot_of[cid]] += 1
+        self.stats["stream_summaries_loaded"] += len(new)
+        self.stats["stream_summaries_reused"] += len(chunk_ids) - len(new)
         self.tier.touch(chunk_ids)
-        return [self.base + s for s in slots]
+        return [self.base + self._slot_of[c] for c in chunk_ids]
 
     def _alloc_slots(self, n: int) -> list[int]:
+        """n slots: never used ones, then idle ones (least recently released first),
+        then the table grows."""
+        while len(self._free_slots) < n and self._idle:
+            slot, _ = self._idle.popitem(last=False)
+            del self._slot_of[self._slot_ids[slot]]
+            self._slot_ids[slot] = None
+            self._free_slots.append(slot)
         short = n - len(self._free_slots)
         if short > 0:
             old = len(self._slot_ids)
@@ -255,17 +283,30 @@ class StreamTier:
             self.smin = torch.cat([self.smin, grow], 1)
             self.smax = torch.cat([self.smax, grow], 1)
             self._slot_ids.extend([None] * (new - old))
+            self._refs.extend([0] * (new - old))
             self._free_slots.extend(range(new - 1, old - 1, -1))
         out = self._free_slots[-n:][::-1]
         del self._free_slots[len(self._free_slots) - n:]
         return out
 
     def release(self, pages: list[int]) -> None:
-        """Give back the slots of a request's virtual pages (others are ignored)."""
+        """Drop a request's references to its virtual pages (real pages are ignored)."""
         for p in pages:
             if p >= self.base:
-                self._slot_ids[p - self.base] = None
-                self._free_slots.append(p - self.base)
+                slot = p - self.base
+                assert self._refs[slot] > 0, f"virtual page {p} released twice"
+                self._refs[slot] -= 1
+                if self._refs[slot] == 0:
+                    self._idle[slot] = None
+
+    def forget_idle(self) -> None:
+        """Drop every idle summary (after chunks were dropped from the store: a chunk
+        recomputed under the same id must be scored by its new summary)."""
+        while self._idle:
+            slot, _ = self._idle.popitem(last=False)
+            del self._slot_of[self._slot_ids[slot]]
+            self._slot_ids[slot] = None
+            self._free_slots.append(slot)
 
     def chunk_of(self, page: int) -> str:
         cid = self._slot_ids[page - self.base]
@@ -422,4 +463,4 @@ class StreamTier:
                     host_cache_hits=h.hits, host_cache_misses=h.misses,
                     host_cache_evictions=h.evictions, host_cache_bytes=h.bytes,
                     host_cache_capacity=h.capacity,
-                    stream_attached_chunks=len(self._slot_ids) - len(self._free_slots))
+                    stream_attached_chunks=len(self._slot_of) - len(self._idle))

@@ -59,6 +59,7 @@ _ENGINE_GAUGES = {
     "stream_store_bytes": "KV bytes the streaming tier read from the disk tier (total)",
     "stream_device_bytes": "KV bytes copied into the chunk cache (total)",
     "stream_summaries_loaded": "Chunk summaries loaded for streamed contexts (total)",
+    "stream_summaries_reused": "Streamed chunk summaries found already loaded (total)",
     "stream_attached_chunks": "Chunks of running streamed contexts (summaries resident)",
     "stream_faults": "Streamed chunks that could not be read: corrupt or evicted (total)",
 }

@@ -234,16 +234,26 @@ def test_prefetch_loads_the_previous_selection_into_the_host_tier(stored, tiny_l
 
 
 def test_two_streamed_requests_take_turns(stored, tiny_llama):
-    """One streamed sequence per step fits this cache: two alternate, same answers."""
+    """One streamed sequence per step fits this cache: two alternate, same answers. With
+    prefetch, the one to run next gets its previous selection back into the chunk cache
+    (from the host tier) before its step."""
     store, want = stored
     other_q = _ids(7, 21)
     with Engine(tiny_llama, kv_store_path=store, **OPTS) as eng:
         want2 = eng.generate(input_ids=DOC + other_q, sampling_params=GREEDY)["output_ids"]
-    with Engine(tiny_llama, kv_store_path=store, **dict(SMALL, max_total_tokens=16 * 60),
-                **OPTS) as eng:
-        outs = eng.generate(input_ids=[DOC + QUESTION, DOC + other_q],
-                            sampling_params=GREEDY)
-        assert [o["output_ids"] for o in outs] == [want, want2]
+    stats = {}
+    for prefetch in (False, True):
+        with Engine(tiny_llama, kv_store_path=store, disable_kv_prefetch=not prefetch,
+                    **dict(SMALL, max_total_tokens=16 * 60, kv_host_cache_size="4MiB"),
+                    **OPTS) as eng:
+            outs = eng.generate(input_ids=[DOC + QUESTION, DOC + other_q],
+                                sampling_params=GREEDY)
+            assert [o["output_ids"] for o in outs] == [want, want2]
+            stats[prefetch] = eng.stats()
+    assert stats[False]["stream_device_prefetches"] == 0
+    assert stats[True]["stream_device_prefetches"] > 0
+    # Blocks copied ahead were read by the step they were copied for.
+    assert stats[True]["stream_prefetch_hits"] > 0
 
 
 def test_corrupt_streamed_block_is_reported_and_recomputed(stored, tiny_llama, tmp_path):

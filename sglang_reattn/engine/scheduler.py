@@ -314,9 +314,21 @@ class Scheduler:
             for r, hint in zip(reqs, self.stream.end_step(len(reqs))):
                 if r.streamed:
                     r.stream_hint = hint
-            waiting = [r for r in self.running if r.streamed and r not in reqs]
-            self.stream.prefetch([r.stream_hint for r in waiting + reqs if r.streamed])
         return logits
+
+    def _prefetch(self) -> None:
+        """After a step: the previous selection of the streamed requests the next step is
+        expected to run goes to the chunk cache, that of all of them to the host tier."""
+        if self.stream is None:
+            return
+        streamed = [r for r in self.running if r.streamed]
+        if not streamed:
+            return
+        prefill = [r for r in streamed if r.in_prefill]
+        nxt = (prefill if any(r.in_prefill for r in self.running) else streamed)
+        nxt = nxt[: self.max_streamed]
+        self.stream.prefetch([r.stream_hint for r in nxt + streamed],
+                             [r.stream_hint for r in nxt])
 
     # ------------------------------------------------------------------ one step
 
@@ -366,6 +378,7 @@ class Scheduler:
         if logits is None:
             return
         self._postprocess_prefill(reqs, q_lens, plan, logits)
+        self._prefetch()
 
     def _logit_plan(self, reqs: list[Request], q_lens: list[int]):
         """Which packed rows need logits: input-logprob rows and the last row of a
@@ -440,6 +453,7 @@ class Scheduler:
         for r in ready:
             r.num_computed += 1
         self._sample_and_emit(ready, logits)
+        self._prefetch()
 
     def _preempt(self, exclude: Request) -> bool:
         """Out of pages: send the newest running request back to the queue (it will be

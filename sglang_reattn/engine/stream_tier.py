@@ -90,6 +90,11 @@ class HostCache:
             self.hits += 1
             return kv
 
+    def peek(self, key: Hashable) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The pair or None, counting nothing and leaving the LRU order alone."""
+        with self._lock:
+            return self._d.get(key)
+
     def put(self, key: Hashable, k: torch.Tensor, v: torch.Tensor) -> bool:
         """Insert (or refresh) a pair, evicting least recently used ones beyond the
         capacity. Returns whether it is kept."""
@@ -134,13 +139,14 @@ class ChunkCache:
         """Keys of one layer, least recently used first."""
         return list(self._maps[layer])
 
-    def acquire(self, layer: int, keys: Sequence[Hashable]
+    def acquire(self, layer: int, keys: Sequence[Hashable], count: bool = True
                 ) -> tuple[list[int], list[tuple[Hashable, int]]]:
         """Pages for `keys` (one layer, one step) -> (page of each key, [(key, page)] to
         fill). Cached keys become most recently used; a missing one takes a free page or
         evicts the least recently used key that is not among `keys`; RuntimeError (and
         nothing new mapped) when `keys` has more distinct keys than the cache has pages.
-        The caller must fill the returned pages (or `forget` them) before any read."""
+        The caller must fill the returned pages (or `forget` them) before any read.
+        `count=False` (prefetch) leaves the hit and miss counters alone."""
         m = self._maps[layer]
         wanted = set(keys)
         out: list[int] = []
@@ -150,10 +156,10 @@ class ChunkCache:
             page = m.get(key)
             if page is not None:
                 m.move_to_end(key)
-                if key not in seen:  # a key repeated in one call counts once
+                if key not in seen and count:  # a key repeated in one call counts once
                     self.hits += 1
             else:
-                self.misses += 1
+                self.misses += count
                 try:
                     page = self._take(layer, wanted)
                 except RuntimeError:  # nothing of this call stays mapped
@@ -216,9 +222,16 @@ class StreamTier:
         self.stats = {"stream_summaries_loaded": 0, "stream_summaries_reused": 0,
                       "stream_store_reads": 0,
                       "stream_store_bytes": 0, "stream_device_bytes": 0,
-                      "stream_prefetch_reads": 0, "stream_faults": 0}
+                      "stream_prefetch_reads": 0, "stream_device_prefetches": 0,
+                      "stream_prefetch_hits": 0,
+                      "stream_faults": 0}
         # layer -> [(batch row, chunk)] selected by the step in progress
         self._selected: dict[int, list[tuple[int, str]]] = {}
+        # CUDA: chunk-cache fills ahead of a step run on a side stream; the step's first
+        # fetch makes the compute stream wait for them.
+        self._side = torch.cuda.Stream(pool.k.device) if self._pin else None
+        self._ahead: torch.cuda.Event | None = None
+        self._ahead_keys: list[set[str]] = [set() for _ in range(num_layers)]  # not yet read
         self._q: queue.Queue | None = None
         if prefetch:
             self._q = queue.Queue()
@@ -341,9 +354,17 @@ class StreamTier:
                     cols.append(j)
                     keys.append(self.chunk_of(row[j]))
         self._selected[layer] = list(zip(rows, keys))
+        if self._ahead is not None:
+            torch.cuda.current_stream().wait_event(self._ahead)
+            self._ahead = None
         if not keys:
             return sel_pages
         pages, fills = self.cache.acquire(layer, keys)
+        ahead = self._ahead_keys[layer]
+        if ahead:
+            used = ahead.intersection(keys)
+            self.stats["stream_prefetch_hits"] += len(used)
+            ahead.clear()  # those not read by this step were a wrong guess
         if fills:
             try:
                 self._fill(layer, fills)
@@ -357,7 +378,9 @@ class StreamTier:
         return out
 
     def _fill(self, layer: int, fills: list[tuple[str, int]]) -> None:
-        kv = self.fetch(layer, [k for k, _ in fills])
+        self._write(layer, fills, self.fetch(layer, [k for k, _ in fills]))
+
+    def _write(self, layer: int, fills: list[tuple[str, int]], kv: list) -> None:
         dev = self.pool.k.device
         idx = torch.tensor([p for _, p in fills], device=dev)
         k = torch.stack([a for a, _ in kv]).to(dev, non_blocking=True)
@@ -412,13 +435,18 @@ class StreamTier:
         self._selected = {}
         return out
 
-    def prefetch(self, hints: list[dict[int, list[str]]]) -> None:
-        """Queue, for the background thread, the blocks of these selections (the previous
-        step of each streamed sequence, next to run first) that are in neither the chunk
-        cache nor the host tier: read from LMDB into the host tier ahead of the step that
-        needs them. Changes where a block comes from, never its value."""
+    def prefetch(self, hints: list[dict[int, list[str]]],
+                 next_hints: list[dict[int, list[str]]] = ()) -> None:
+        """Load ahead, from the previous selection of each streamed sequence: blocks of
+        `next_hints` (the sequences expected in the next step) held by the host tier go
+        into the chunk cache now (on a side stream on CUDA); blocks of `hints` in neither
+        tier are queued for the background thread, which reads them from LMDB into the
+        host tier. Changes where a block comes from, never its value."""
         if self._q is None:
             return
+        for layer in sorted({layer for h in next_hints for layer in h}):
+            keys = [k for h in next_hints for k in h.get(layer, ())]
+            self._to_device(layer, list(dict.fromkeys(keys))[: len(self.cache.pages)])
         todo: dict[int, list[str]] = {}
         for hint in hints:
             for layer, keys in hint.items():
@@ -428,6 +456,26 @@ class StreamTier:
         for layer, keys in todo.items():
             if keys:
                 self._q.put((layer, list(dict.fromkeys(keys))))
+
+    def _to_device(self, layer: int, keys: list[str]) -> None:
+        pairs = [(k, self.host.peek((k, layer))) for k in keys
+                 if self.cache.page_of(layer, k) is None]
+        pairs = [(k, kv) for k, kv in pairs if kv is not None]
+        if not pairs:
+            return
+        _, fills = self.cache.acquire(layer, [k for k, _ in pairs], count=False)
+        kv = dict(pairs)
+        if self._side is not None:
+            # The pages taken may still be read by the last step's queued kernels.
+            self._side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self._side):
+                self._write(layer, fills, [kv[k] for k, _ in fills])
+            self._ahead = torch.cuda.Event()
+            self._ahead.record(self._side)
+        else:
+            self._write(layer, fills, [kv[k] for k, _ in fills])
+        self.stats["stream_device_prefetches"] += len(fills)
+        self._ahead_keys[layer].update(k for k, _ in fills)
 
     def _prefetch_loop(self) -> None:
         while True:

@@ -56,6 +56,9 @@ _ENGINE_GAUGES = {
     "host_cache_capacity": "Capacity of the host tier in bytes",
     "stream_store_reads": "Chunk-layer blocks read from the disk tier on demand (total)",
     "stream_prefetch_reads": "Chunk-layer blocks read ahead from the disk tier (total)",
+    "stream_device_prefetches": "Chunk-layer blocks copied into the chunk cache ahead of "
+                                "the step that reads them (total)",
+    "stream_prefetch_hits": "Blocks copied ahead that the next step read (total)",
     "stream_store_bytes": "KV bytes the streaming tier read from the disk tier (total)",
     "stream_device_bytes": "KV bytes copied into the chunk cache (total)",
     "stream_summaries_loaded": "Chunk summaries loaded for streamed contexts (total)",

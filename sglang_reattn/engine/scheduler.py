@@ -172,7 +172,7 @@ class Scheduler:
             self.cache.inc_lock(m.node)
             r.tree_node = m.node
             if self.stream is not None:
-                streamed = self._admit_streamed(r, ids, matched, limit)
+                streamed, matched = self._admit_streamed(r, ids, matched, limit)
                 if streamed is not None:
                     return streamed
             if self.store is not None:
@@ -203,11 +203,12 @@ class Scheduler:
         r.state = State.RUNNING
 
     def _admit_streamed(self, r: Request, ids: list[int], matched: list[int],
-                        limit: int) -> bool | None:
+                        limit: int) -> tuple[bool | None, list[int]]:
         """Admit a request whose stored prefix is streamed: sink and local-window chunks
         are loaded into pages, the chunks between them become virtual pages (summaries
-        only). None: not a streaming case (nothing stored between sink and local window,
-        or it fits the pool within the resident budget); the caller loads it whole."""
+        only). -> (admitted, the radix match now locked). admitted None: not a streaming
+        case (nothing stored between sink and local window, or it fits the pool within
+        the resident budget); the caller goes on from the returned match."""
         c, cfg = self.c, self.reattn
         have = len(matched)
         stored = self.store.lookup(ids, r.namespace, have, limit // c)
@@ -215,7 +216,7 @@ class Scheduler:
         tail = (len(ids) + c) // c - total  # the rest of the prompt and one decode page
         over = self.resident_max is not None and total * c > self.resident_max
         if not over and self._ensure_free(len(stored) + tail):
-            return None
+            return None, matched
         if have > cfg.sink // c:
             # Past the sink, the in-memory match is taken from the store too (its pages
             # were saved when computed), so that it can stream rather than stay locked.
@@ -231,21 +232,21 @@ class Scheduler:
         local_p = max(sink_p, max(0, total * c - cfg.local) // c)
         middle = range(max(have, sink_p), local_p)
         if not stored or not middle:
-            return None
+            return None, matched
         real = [i for i in range(have, total) if i not in middle]
         if not self._ensure_free(len(real) + tail):
-            return self._cannot_admit(r)
+            return self._cannot_admit(r), matched
         try:
             virtual = self.stream.attach([stored[i - have] for i in middle])
         except StreamFault as e:
             self._report_fault(e)
-            return None
+            return None, matched
         pages = self.pool.allocate(len(real))
         if self.store.load([stored[i - have] for i in real], pages) < len(real):
             self.pool.free(pages)  # corrupt or evicted meanwhile: reported by `load`
             self.stream.release(virtual)
             self.stream.forget_idle()
-            return None
+            return None, matched
         table = list(matched) + [0] * len(stored)
         for i, p in zip(real, pages):
             table[i] = p
@@ -257,7 +258,7 @@ class Scheduler:
         r.num_saved = total
         r.streamed = True
         self._admitted(r)
-        return True
+        return True, matched
 
     def _report_fault(self, e: StreamFault) -> None:
         self.stream.stats["stream_faults"] += 1

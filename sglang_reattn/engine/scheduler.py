@@ -245,7 +245,7 @@ class Scheduler:
         if self.store.load([stored[i - have] for i in real], pages) < len(real):
             self.pool.free(pages)  # corrupt or evicted meanwhile: reported by `load`
             self.stream.release(virtual)
-            self.stream.forget_idle()
+            self.stream.forget_cached()
             return None, matched
         table = list(matched) + [0] * len(stored)
         for i, p in zip(real, pages):
@@ -262,7 +262,7 @@ class Scheduler:
 
     def _report_fault(self, e: StreamFault) -> None:
         self.stream.stats["stream_faults"] += 1
-        self.stream.forget_idle()
+        self.stream.forget_cached()
         if e.corrupt:
             self.store.stats["store_corrupt_blocks"] += 1
             logger.error("kv store: %s; dropping it, it will be recomputed", e)

@@ -113,6 +113,11 @@ class HostCache:
                 self.evictions += 1
             return True
 
+    def clear(self) -> None:
+        with self._lock:
+            self._d.clear()
+            self._bytes = 0
+
     def keys(self) -> list[Hashable]:
         """Keys, least recently used first (tests)."""
         with self._lock:
@@ -181,6 +186,10 @@ class ChunkCache:
                 return m.pop(key)
         raise RuntimeError(f"chunk cache of {len(self.pages)} pages is smaller than one "
                            f"step's selection of {len(protected)} chunks")
+
+    def clear(self) -> None:
+        for layer in range(len(self._maps)):
+            self.forget(layer, list(self._maps[layer]))
 
     def forget(self, layer: int, keys: Sequence[Hashable]) -> None:
         """Drop entries whose pages were never filled (a failed fetch)."""
@@ -312,9 +321,17 @@ class StreamTier:
                 if self._refs[slot] == 0:
                     self._idle[slot] = None
 
+    def forget_cached(self) -> None:
+        """After chunks were dropped from the store (a corrupt block and its subtree): a
+        chunk recomputed under the same id must be read and scored as recomputed, so
+        every cached block and idle summary goes."""
+        self.cache.clear()
+        self.host.clear()
+        self._ahead_keys = [set() for _ in range(self.num_layers)]
+        self.forget_idle()
+
     def forget_idle(self) -> None:
-        """Drop every idle summary (after chunks were dropped from the store: a chunk
-        recomputed under the same id must be scored by its new summary)."""
+        """Drop every idle summary."""
         while self._idle:
             slot, _ = self._idle.popitem(last=False)
             del self._slot_of[self._slot_ids[slot]]

@@ -10,7 +10,7 @@ import torch
 
 from sglang_reattn import Engine
 from sglang_reattn.engine.stream_tier import ChunkCache, HostCache, StreamTier
-from sglang_reattn.errors import InvalidArgument
+from sglang_reattn.errors import ContextTooLong, InvalidArgument
 
 GREEDY = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
 OPTS = dict(device="cpu", reattn_chunk_size=16, chunked_prefill_size=64, log_level="warning")
@@ -321,12 +321,19 @@ def test_streaming_flags_and_metrics_in_the_server():
         assert f'sglang_reattn:{key}{{model_name="m"}} {float(value)}' in body
 
 
-def test_ingest_of_a_document_longer_than_the_pool(tmp_path, tiny_llama):
+@pytest.fixture(scope="module")
+def long_doc(tiny_llama):
+    """A 125-chunk document and its answer computed all resident (the default pool)."""
+    doc = _ids(2000, 5)
+    with Engine(tiny_llama, **OPTS) as eng:
+        want = eng.generate(input_ids=doc + QUESTION, sampling_params=GREEDY)["output_ids"]
+    return doc, want
+
+
+def test_ingest_of_a_document_longer_than_the_pool(tmp_path, tiny_llama, long_doc):
     """Each ingest piece streams the pieces before it from the store: a 125-chunk document
     through a 40-page pool, answered like the same document computed all resident."""
-    doc = _ids(2000, 5)
-    with Engine(tiny_llama, **OPTS) as eng:  # the default pool holds it all
-        want = eng.generate(input_ids=doc + QUESTION, sampling_params=GREEDY)["output_ids"]
+    doc, want = long_doc
     store = str(tmp_path / "store")
     with Engine(tiny_llama, kv_store_path=store, **SMALL, **OPTS) as eng:
         assert eng.stats()["kv_pages_total"] * 16 < len(doc)
@@ -338,6 +345,23 @@ def test_ingest_of_a_document_longer_than_the_pool(tmp_path, tiny_llama):
         # Each piece reattached the pieces before it: summaries are read once per chunk.
         s = eng.stats()
         assert 0 < s["stream_summaries_loaded"] <= 125 < s["stream_summaries_reused"]
+
+
+def test_prompt_longer_than_the_pool_spills_to_the_store(tmp_path, tiny_llama, long_doc):
+    """One request, nothing stored: its completed middle chunks go to the store between
+    prefill pieces and their pages are reused; same answer as all resident."""
+    doc, want = long_doc
+    with Engine(tiny_llama, kv_store_path=str(tmp_path / "store"), **SMALL, **OPTS) as eng:
+        total = eng.stats()["kv_pages_total"]
+        assert total * 16 < len(doc)
+        out = eng.generate(input_ids=doc + QUESTION, sampling_params=GREEDY)
+        s = eng.stats()
+        assert out["output_ids"] == want and out["meta_info"]["cached_tokens"] == 0
+        assert s["stream_spilled_chunks"] > 100 and s["kv_pages_free"] == total - 24
+    with Engine(tiny_llama, kv_store_path=str(tmp_path / "ro"), max_total_tokens=640,
+                **OPTS) as eng:  # no streaming tier: refused, as before
+        with pytest.raises(ContextTooLong):
+            eng.generate(input_ids=doc + QUESTION, sampling_params=GREEDY)
 
 
 class _FakeStore:

@@ -179,13 +179,56 @@ class Scheduler:
                 matched = self._extend_from_store(r, ids, matched, limit)
         # Room for the whole prompt plus one decode page, so admitted prefills finish.
         need = (len(ids) + self.c) // self.c - len(matched)
+        spill = False
         if not self._ensure_free(need):
-            return self._cannot_admit(r)
+            if not self._may_spill() or not self._ensure_free(self._spill_window()):
+                return self._cannot_admit(r)
+            spill = True  # prefilled piece by piece, completed chunks spilled to the store
         r.pages = list(matched)
         r.num_tree_pages = len(matched)
         r.num_computed = len(matched) * self.c
+        r.streamed = spill
         self._admitted(r)
         return True
+
+    def _may_spill(self) -> bool:
+        return self.stream is not None and not self.store.readonly
+
+    def _spill_window(self) -> int:
+        """Pages a spilling prefill keeps: sink, local window, one piece, alignment."""
+        cfg = self.reattn
+        return (cfg.sink + cfg.local + self.prefill_budget) // self.c + 2
+
+    def _spill(self, r: Request) -> None:
+        """Between prefill pieces of a streamed request: completed chunks that the next
+        step will see as middle chunks are written to the store (synchronously: they
+        must be readable before the step that may select them) and their pages become
+        virtual pages, so a prompt longer than the pool prefills in bounded memory."""
+        c, cfg = self.c, self.reattn
+        n_full = r.num_computed // c
+        sink_p = cfg.sink // c
+        local_p = max(sink_p, max(0, r.num_computed - cfg.local) // c)
+        idx = [i for i in range(max(sink_p, r.num_tree_pages), min(local_p, n_full))
+               if not self.stream.is_virtual(r.pages[i])]
+        if not idx or self.store.readonly:
+            return
+        if n_full > r.num_saved:
+            self.store.save(r.all_ids, r.pages[:n_full], r.num_saved, r.namespace)
+            r.num_saved = n_full
+        self.store.flush()
+        ids = self.store.chunk_ids(r.all_ids[: n_full * c], r.namespace)
+        chosen = [ids[i] for i in idx]
+        if not all(self.store.store.has_many(chosen)):  # a failed write: stay resident
+            return
+        try:
+            virtual = self.stream.attach(chosen)
+        except StreamFault as e:
+            self._report_fault(e)
+            return
+        self.pool.free([r.pages[i] for i in idx])
+        for i, v in zip(idx, virtual):
+            r.pages[i] = v
+        self.stream.stats["stream_spilled_chunks"] += len(idx)
 
     def _cannot_admit(self, r: Request) -> bool:
         if r.tree_node is not None:
@@ -379,6 +422,9 @@ class Scheduler:
         if logits is None:
             return
         self._postprocess_prefill(reqs, q_lens, plan, logits)
+        for r in reqs:
+            if r.streamed and r.in_prefill and r in self.running:
+                self._spill(r)
         self._prefetch()
 
     def _logit_plan(self, reqs: list[Request], q_lens: list[int]):

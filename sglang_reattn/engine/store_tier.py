@@ -220,6 +220,10 @@ class StoreTier:
 
     # ------------------------------------------------------------------ reuse
 
+    def chunk_ids(self, token_ids: list[int], namespace: str) -> list[str]:
+        """Store ids of the sequence's whole chunks."""
+        return chunk_hashes(token_ids, self.c, namespace)
+
     def lookup(self, token_ids: list[int], namespace: str, start: int, stop: int) -> list[str]:
         """Ids of the stored chunks [start, start + n) of the sequence, n maximal <= stop."""
         if stop <= start:

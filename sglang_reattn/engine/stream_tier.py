@@ -233,7 +233,7 @@ class StreamTier:
                       "stream_store_bytes": 0, "stream_device_bytes": 0,
                       "stream_prefetch_reads": 0, "stream_device_prefetches": 0,
                       "stream_prefetch_hits": 0,
-                      "stream_faults": 0}
+                      "stream_faults": 0, "stream_spilled_chunks": 0}
         # layer -> [(batch row, chunk)] selected by the step in progress
         self._selected: dict[int, list[tuple[int, str]]] = {}
         # CUDA: chunk-cache fills ahead of a step run on a side stream; the step's first
@@ -349,6 +349,8 @@ class StreamTier:
                          kmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Candidates [B, W] of real and virtual pages -> (min [B*W, Hkv, D], max, index
         [B, W] into them): one summary table the scorer reads like the pool's."""
+        if not self._slot_ids:  # nothing attached yet: only real pages
+            return kmin, kmax, cand
         virt = cand >= self.base
         real = torch.where(virt, 0, cand).long()
         slot = torch.where(virt, cand - self.base, 0).long()

@@ -65,6 +65,8 @@ _ENGINE_GAUGES = {
     "stream_summaries_reused": "Streamed chunk summaries found already loaded (total)",
     "stream_attached_chunks": "Chunks of running streamed contexts (summaries resident)",
     "stream_faults": "Streamed chunks that could not be read: corrupt or evicted (total)",
+    "stream_spilled_chunks": "Chunks of long prefills moved from the pool to the store "
+                             "(total)",
 }
 
 

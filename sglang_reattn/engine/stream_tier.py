@@ -15,11 +15,18 @@ A cache page is used per layer independently: page p may hold chunk X's layer-0 
 chunk Y's layer-1 K/V. The identity of a cached block is its chunk id (a chained hash of
 the tokens and namespace), so sequences sharing a stored prefix share cache entries.
 
-After every step the chunks each streamed request selected, per layer, are the prefetch
-hint: a background thread reads those blocks that are in neither the chunk cache nor the
-host tier from LMDB into the host tier, so the next step's misses are served from memory.
-A block that fails its checksum is never cached nor served: the fetch raises
-`StreamFault` and the scheduler drops the chunk and requeues the request.
+Summary slots are shared by requests over the same chunks and kept while idle.
+
+After every step the chunks each streamed request selected, per layer, are its prefetch
+hint: for the requests the next step is expected to run, blocks held by the host tier are
+copied into the chunk cache right away (on a side stream on CUDA, waited for by the next
+step's first fetch); blocks in neither tier are read from LMDB into the host tier by a
+background thread. A block that fails its checksum is never cached nor served: the fetch
+raises `StreamFault` and the scheduler drops the chunk and requeues the request.
+
+The scheduler (`_admit_streamed`, `_spill`) decides which chunks are virtual: a stored
+prefix that does not fit the pool, and the completed middle chunks of a prompt longer
+than the pool, which are written to the store between its prefill pieces.
 """
 
 from __future__ import annotations

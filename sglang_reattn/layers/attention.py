@@ -343,6 +343,9 @@ class PagedAttention:
             if self.sliding_window is not None:
                 mask = mask & (q_pos - k_pos < self.sliding_window)
         # GQA: query head h reads kv head h // (Hq / Hkv), as transformers' repeat_kv does.
-        o = F.scaled_dot_product_attention(qr, kr, vr, attn_mask=mask, scale=self.scale,
+        # 4-D inputs: torch's CPU SDPA takes its fused (flash) kernel only for those; 3-D
+        # ones fall back to the math path, which materializes every score several times.
+        o = F.scaled_dot_product_attention(qr[None], kr[None], vr[None], attn_mask=mask,
+                                           scale=self.scale,
                                            enable_gqa=kr.shape[0] != qr.shape[0])
-        return o.transpose(0, 1)
+        return o[0].transpose(0, 1)

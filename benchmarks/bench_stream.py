@@ -1,0 +1,154 @@
+"""A stored context served after a restart: prefill again vs streamed from the disk tier.
+
+    python benchmarks/bench_stream.py [--model-path P] [--device cpu|cuda] [--tokens 16K]
+        [--cache-pages 256] [--decode 32] [--repeats 3]
+
+Three engines, one after the other, over one fresh LMDB store (each a restart of the
+engine on that store; the operating system's page cache stays warm):
+
+1. **prefill**: no store hit; the document and a question are prefilled (the store is
+   filled behind). Time to first token = a full prefill.
+2. **streamed**: a new engine with a chunk cache of `--cache-pages` pages and
+   `--kv-resident-max-tokens` set to the scope, so only the sink and local window are
+   loaded into the pool; the middle chunks' summaries are read in bulk and the chunks each
+   layer selects are streamed (chunk cache <- host tier <- LMDB). A new question over the
+   same document: time to first token, then decode tok/s with the cache capped, the
+   chunk-cache hit rate and the bytes read from the store per token.
+3. **resident**: a new engine without streaming: the whole stored prefix is loaded into the
+   pool, then the same question and decode, for the decode baseline.
+
+Every ratio comes from one run of this script. Decode tok/s are timed from the first token
+to the last (greedy, EOS ignored), median of `--repeats`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+
+import torch
+
+
+def parse_size(text: str) -> int:
+    t = text.strip().upper()
+    mult = {"K": 1024, "M": 1024 ** 2}.get(t[-1:], 1)
+    return int(float(t[:-1] if t[-1:] in "KM" else t) * mult)
+
+
+def ids_of(n: int, seed: int, vocab: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(100, vocab - 1, (n,), generator=g).tolist()
+
+
+def ttft(eng, ids: list[int]) -> tuple[float, int]:
+    t = time.perf_counter()
+    out = eng.generate(input_ids=ids, sampling_params={"max_new_tokens": 1, "temperature": 0})
+    return time.perf_counter() - t, out["meta_info"]["cached_tokens"]
+
+
+def decode_rate(eng, ids: list[int], n: int) -> float:
+    params = {"max_new_tokens": n, "temperature": 0, "ignore_eos": True}
+    first = last = None
+    got = 0
+    for out in eng.generate(input_ids=ids, sampling_params=params, stream=True):
+        now = time.perf_counter()
+        got = out["meta_info"]["completion_tokens"]
+        if first is None:
+            first, at_first = now, got
+        last = now
+    return (got - at_first) / (last - first)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model-path", default=None)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--tokens", default="16K", help="document length")
+    ap.add_argument("--cache-pages", type=int, default=256, help="chunk-cache pages (streamed)")
+    ap.add_argument("--host-cache", default="1GiB")
+    ap.add_argument("--decode", type=int, default=32, help="tokens decoded per repeat")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--chunked-prefill-size", type=int, default=2048)
+    ap.add_argument("--reattn-chunk-size", type=int, default=64)
+    ap.add_argument("--dir", default=None, help="where the store goes (default: a temp dir)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    from sglang_reattn import Engine
+
+    n = parse_size(args.tokens)
+    root = tempfile.mkdtemp(prefix="bench_stream_", dir=args.dir)
+    store = f"{root}/store"
+    common = dict(device=args.device, dtype=args.dtype, log_level="warning",
+                  kv_store_path=store, chunked_prefill_size=args.chunked_prefill_size,
+                  reattn_chunk_size=args.reattn_chunk_size,
+                  max_total_tokens=n + 8192, context_length=n + 4096)
+    res: dict = {"tokens": n, "cache_pages": args.cache_pages}
+    try:
+        with Engine(args.model_path, **common) as eng:
+            vocab = eng.model_config.vocab_size
+            doc = ids_of(n, 1, vocab)
+            questions = [ids_of(24, 10 + i, vocab) for i in range(args.repeats + 2)]
+            res["prefill_s"], _ = ttft(eng, doc + questions[0])
+            eng.store_tier.flush()
+            scope = eng.reattn.scope_tokens
+            hw = (torch.cuda.get_device_name(0) if eng.device.type == "cuda"
+                  else f"{platform.machine()} CPU, {torch.get_num_threads()} threads")
+            dtype = str(eng.dtype).removeprefix("torch.")
+
+        stream_opts = dict(common, kv_chunk_cache_pages=args.cache_pages,
+                           kv_host_cache_size=args.host_cache, kv_resident_max_tokens=scope)
+        with Engine(args.model_path, **stream_opts) as eng:
+            res["streamed_ttft_s"], res["streamed_cached"] = ttft(eng, doc + questions[1])
+            before = eng.stats()
+            rates = [decode_rate(eng, doc + q, args.decode) for q in questions[2:]]
+            after = eng.stats()
+            res["streamed_tok_s"] = statistics.median(rates)
+            d = {k: after.get(k, 0) - before.get(k, 0) for k in after
+                 if isinstance(after.get(k), (int, float))}
+            hits, misses = d.get("chunk_cache_hits", 0), d.get("chunk_cache_misses", 0)
+            res["chunk_cache_hit_rate"] = hits / max(hits + misses, 1)
+            steps = args.repeats * args.decode
+            res["store_bytes_per_token"] = d.get("stream_store_bytes", 0) / steps
+            res["device_bytes_per_token"] = d.get("stream_device_bytes", 0) / steps
+            res["streamed_counters"] = {k: v for k, v in d.items()
+                                        if k.startswith(("stream_", "chunk_cache", "host_cache"))}
+
+        with Engine(args.model_path, **common) as eng:
+            res["resident_ttft_s"], res["resident_cached"] = ttft(eng, doc + questions[1])
+            rates = [decode_rate(eng, doc + q, args.decode) for q in questions[2:]]
+            res["resident_tok_s"] = statistics.median(rates)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+    print(json.dumps(res))
+    print(f"\nhardware: {hw}; default model unless --model-path, {dtype}; document "
+          f"{n:,} tokens, scope {scope:,}; chunk cache {args.cache_pages} pages; decode "
+          f"{args.decode} tokens, median of {args.repeats}; store on local disk, page cache warm")
+    print("| measure | value |\n|---|---|")
+    print(f"| TTFT, prefill again | {res['prefill_s']:.2f} s |")
+    print(f"| TTFT after restart, streamed (cached {res['streamed_cached']:,} tokens) | "
+          f"{res['streamed_ttft_s']:.2f} s ({res['prefill_s'] / res['streamed_ttft_s']:.1f}x "
+          f"faster) |")
+    print(f"| TTFT after restart, whole prefix loaded (cached {res['resident_cached']:,}) | "
+          f"{res['resident_ttft_s']:.2f} s ({res['prefill_s'] / res['resident_ttft_s']:.1f}x "
+          f"faster) |")
+    print(f"| decode tok/s, streamed / resident | {res['streamed_tok_s']:.1f} / "
+          f"{res['resident_tok_s']:.1f} ({res['streamed_tok_s'] / res['resident_tok_s']:.0%}) |")
+    print(f"| chunk-cache hit rate while decoding | {res['chunk_cache_hit_rate']:.1%} |")
+    print(f"| bytes read from the store per token | {res['store_bytes_per_token'] / 1e6:.2f} MB |")
+    print(f"| bytes copied into the chunk cache per token | "
+          f"{res['device_bytes_per_token'] / 1e6:.2f} MB |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -9,13 +9,15 @@ before it ends. Open the store *after* forking: a store used in a forked child r
 One ChunkStore may be shared by threads of a process (see ``_env.py`` for map growth).
 
 Methods that write (not on a readonly store): put_chunks, touch, pin, unpin, delete, evict_to,
-put_context, delete_context, pin_context. All others only read.
+put_context, delete_context, pin_context. All others only read. ``hold``/``release`` write
+nothing: they keep chunks from this object's evictions while the process uses them.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -65,6 +67,8 @@ class ChunkStore:
         """
         self.path = os.fspath(path)
         self.readonly = readonly
+        self._held: dict[bytes, int] = {}  # hold() counts, in this process only
+        self._held_lock = threading.Lock()
         self._env = Env(self.path, readonly, initial_map_size)
         try:
             self.dbs = ix.Dbs(*self._env.dbs)
@@ -177,6 +181,7 @@ class ChunkStore:
         over = ix.get_counter(txn, dbs, b"bytes_used") + need - self.capacity
         if over > 0:
             protected = {p.parent for p in batch.values() if p.parent} | set(existing)
+            protected |= self._held_ids()
             freed = ix.evict(txn, dbs, over, protected, self.num_layers, self.chunk_size)
             if freed < over:
                 raise StoreFull(self._full_message(txn, need, freed))
@@ -219,8 +224,9 @@ class ChunkStore:
         return (
             f"chunk store {self.path} is full: {need} bytes to write, {used} used of "
             f"capacity {self.capacity}, only {freed} freed by eviction; {evictable} unpinned "
-            "chunks are left and the rest are pinned (by pin() or pinned contexts) or are "
-            "ancestors of this batch. Unpin contexts, delete chunks or raise capacity_bytes."
+            "chunks are left and the rest are pinned (by pin() or pinned contexts), held "
+            "(in use by this process) or ancestors of this batch. Unpin contexts, delete "
+            "chunks or raise capacity_bytes."
         )
 
     # ----- reading ---------------------------------------------------------------------
@@ -357,6 +363,41 @@ class ChunkStore:
         """Undo one pin() of this chunk (writes)."""
         self._write(lambda txn: ix.add_pins(txn, self.dbs, bytes.fromhex(chunk_id), -1))
 
+    def hold(self, chunk_ids: Sequence[str]) -> None:
+        """Keep chunks (and so their chains) from eviction by this ChunkStore's writes
+        (put_chunks, evict_to) until release(); counted per id. Nothing is stored: a hold
+        lives in this object only, so it ends with the process (a crash leaks nothing),
+        and it does not bind other processes sharing the store, nor delete(). A chunk
+        found present after hold() returns stays until release()."""
+        keys = [bytes.fromhex(c) for c in chunk_ids]
+        with self._held_lock:
+            for k in keys:
+                self._held[k] = self._held.get(k, 0) + 1
+        if keys and not self.readonly:
+            # An empty write transaction waits for one of ours in flight, which may have
+            # read the held set before this call: a chunk read after hold() returns stays.
+            self._write(lambda txn: None)
+
+    def release(self, chunk_ids: Sequence[str]) -> None:
+        """Undo one hold() of each id (ValueError, nothing changed, if one is not held)."""
+        keys = [bytes.fromhex(c) for c in chunk_ids]
+        with self._held_lock:
+            left = dict(self._held)
+            for k in keys:
+                n = left.get(k, 0)
+                if n <= 0:
+                    raise ValueError(f"chunk {k.hex()} is not held")
+                left[k] = n - 1
+            self._held = {k: n for k, n in left.items() if n}
+
+    def held(self) -> set[str]:
+        """Ids held now (tests, inspection)."""
+        return {k.hex() for k in self._held_ids()}
+
+    def _held_ids(self) -> set[bytes]:
+        with self._held_lock:
+            return set(self._held)
+
     def delete(self, chunk_id: str, reason: str = "") -> list[str]:
         """Drop a chunk and all its descendants (writes), e.g. after CorruptBlock.
 
@@ -401,7 +442,8 @@ class ChunkStore:
             over = ix.get_counter(txn, self.dbs, b"bytes_used") - target_bytes
             if over <= 0:
                 return 0
-            return ix.evict(txn, self.dbs, over, set(), self.num_layers, self.chunk_size)
+            return ix.evict(txn, self.dbs, over, self._held_ids(), self.num_layers,
+                            self.chunk_size)
 
         return self._write(txn_fn)
 

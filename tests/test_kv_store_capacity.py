@@ -123,3 +123,34 @@ def test_map_ceiling_is_store_full(tmp_path):
         with pytest.raises(StoreFull, match="ceiling"):
             s.put_chunks(recs)
         assert s.stats()["chunks"] == 0
+
+
+def test_held_chunks_survive_eviction_until_released(tmp_path):
+    """hold() keeps a chunk and its chain from this store's evictions (counted), writes
+    nothing: once released, or in a store opened again (a restarted process), they go."""
+    fp = tiny_fingerprint()
+    per = chunk_bytes(tmp_path, fp)
+    a = make_chain(fp, 6, seed=1)
+    ids = [r.chunk_id for r in a]
+    with ChunkStore(tmp_path / "s", fp, 10 * per) as s:
+        s.put_chunks(a)
+        s.hold([ids[3]])
+        s.hold([ids[3], ids[5]])
+        for seed in range(2, 8):  # other chains' writes evict least recently used chunks
+            s.put_chunks(make_chain(fp, 3, seed=seed))
+            assert s.stats()["bytes"] <= 10 * per
+        assert all(s.has_many(ids))  # a's deepest held chunk protects the whole chain
+        s.release([ids[5], ids[3]])
+        assert s.held() == {ids[3]}
+        s.evict_to(0)
+        assert check_tree(s) == set(ids[:4])  # ids[3] still held once: it and its chain
+        with pytest.raises(ValueError, match="not held"):
+            s.release([ids[3], ids[4]])
+        assert s.held() == {ids[3]}  # a failed release changes nothing
+        s.hold([ids[0]])
+        s.evict_to(0)
+        assert check_tree(s) == set(ids[:4])
+    with ChunkStore(tmp_path / "s", fp, 10 * per) as s:  # holds died with the object
+        assert s.held() == set()
+        s.evict_to(0)
+        assert check_tree(s) == set()

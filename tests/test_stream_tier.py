@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sglang_reattn import Engine
-from sglang_reattn.engine.stream_tier import ChunkCache, HostCache, StreamTier
+from sglang_reattn.engine.stream_tier import ChunkCache, HostCache, StreamFault, StreamTier
 from sglang_reattn.errors import ContextTooLong, InvalidArgument
 
 GREEDY = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
@@ -285,6 +285,42 @@ def test_corrupt_streamed_block_is_reported_and_recomputed(stored, tiny_llama, t
         assert eng.store_tier.store.has_many([bad]) == [True]  # published again
 
 
+def test_streamed_chunks_survive_eviction_while_the_request_runs(stored, tiny_llama,
+                                                                  tmp_path):
+    """A bounded store evicts least recently used chunks as other requests write theirs;
+    the chunks a running streamed request attached are held: never evicted under it (no
+    fault, no recompute), same answer as all resident; released when it finishes."""
+    import shutil
+
+    src, _ = stored
+    store = str(tmp_path / "store")
+    shutil.copytree(src, store)
+    long_gen = dict(GREEDY, max_new_tokens=48)
+    with Engine(tiny_llama, **OPTS) as eng:
+        want = eng.generate(input_ids=DOC + QUESTION, sampling_params=long_gen)["output_ids"]
+    others = [_ids(400, 40 + i) for i in range(4)]  # 100 chunks to write, > the capacity
+    opts = dict(SMALL, max_total_tokens=16 * 200, kv_resident_max_tokens=0,
+                kv_store_capacity=str(750_000))  # DOC (57 chunks) and about 25 more
+    with Engine(tiny_llama, kv_store_path=store, **opts, **OPTS) as eng:
+        st = eng.store_tier.store
+        removed = st.removed_total()
+        it = eng.generate(input_ids=DOC + QUESTION, sampling_params=long_gen, stream=True)
+        got = next(it)["output_ids"]
+        middle = st.held()
+        assert len(middle) == 47  # the attached middle chunks, held while it runs
+        # Other requests' chunks are written while the streamed one decodes.
+        eng.generate(input_ids=others, sampling_params=dict(GREEDY, max_new_tokens=1))
+        eng.store_tier.flush()
+        assert st.removed_total() - removed > 20  # the capacity evicted chunks meanwhile
+        assert all(st.has_many(sorted(middle))) and st.stats()["bytes"] <= 750_000
+        for out in it:
+            got = out["output_ids"]
+        s = eng.stats()
+        assert s["stream_faults"] == 0 and s["store_chunks_loaded"] == 1 + 128 // 16
+        assert got == want
+        assert st.held() == set()  # released with the request
+
+
 def test_streaming_flags_are_checked(tiny_llama, tmp_path):
     store = str(tmp_path / "store")
     with pytest.raises(InvalidArgument, match="at least --reattn-topk"):
@@ -368,7 +404,10 @@ class _FakeStore:
     """get_summaries like ChunkStore's: float32 [n, L, 2, Hkv, D], value = chunk number."""
 
     def __init__(self, shape) -> None:
-        self.shape, self.reads = shape, []
+        self.shape, self.reads, self.gone = shape, [], set()
+
+    def has_many(self, ids):
+        return [c not in self.gone for c in ids]
 
     def get_summaries(self, ids):
         self.reads.append(list(ids))
@@ -378,10 +417,21 @@ class _FakeStore:
 
 class _FakeTier:
     def __init__(self, store) -> None:
-        self.store = store
+        self.store, self.held = store, {}
 
     def touch(self, ids) -> None:
         pass
+
+    def hold(self, ids) -> None:
+        for c in ids:
+            self.held[c] = self.held.get(c, 0) + 1
+
+    def release(self, ids) -> None:
+        for c in ids:
+            assert self.held.get(c), f"{c} released but not held"
+            self.held[c] -= 1
+            if not self.held[c]:
+                del self.held[c]
 
 
 def _tier_for_test():
@@ -414,6 +464,27 @@ def test_summary_slots_are_shared_and_kept_while_idle():
     tier.forget_idle()
     with pytest.raises(AssertionError, match="released twice"):
         tier.release(a[:1] * 3)
+
+
+def test_attached_chunks_are_held_in_the_store_while_referenced():
+    """A chunk is held (safe from the store's eviction) once, from its first reference to
+    its last; an idle summary is reused only if its chunk is still stored."""
+    tier, store = _tier_for_test()
+    held = tier.tier.held
+    a = tier.attach(["c1", "c2", "c2"])
+    b = tier.attach(["c2", "c3"])
+    assert held == {"c1": 1, "c2": 1, "c3": 1}
+    tier.release(a)
+    assert held == {"c2": 1, "c3": 1}  # c2 still referenced by b
+    tier.release(b)
+    assert held == {}
+    tier.attach(["c1"])  # idle summary, still stored: reused, held again
+    assert held == {"c1": 1} and store.reads == [["c1", "c2"], ["c3"]]
+    store.gone.add("c2")  # evicted while idle (another process)
+    with pytest.raises(StreamFault, match="c2"):
+        tier.attach(["c3", "c2"])
+    assert held == {"c1": 1}  # nothing of the failed call is held or attached
+    assert tier.counters()["stream_attached_chunks"] == 1
 
 
 def test_gathered_summaries_match_per_candidate_lookup():

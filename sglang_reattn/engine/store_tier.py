@@ -174,6 +174,16 @@ class StoreTier:
         if chunk_ids and not self.readonly:
             self._q.put(("touch", list(chunk_ids)))
 
+    def hold(self, chunk_ids: list[str]) -> None:
+        """Keep chunks in use from this process's evictions until `release` (in memory
+        only: a crashed process holds nothing)."""
+        if chunk_ids:
+            self.store.hold(chunk_ids)
+
+    def release(self, chunk_ids: list[str]) -> None:
+        if chunk_ids:
+            self.store.release(chunk_ids)
+
     def _write_loop(self) -> None:
         while True:
             item = self._q.get()

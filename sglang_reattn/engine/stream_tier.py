@@ -24,6 +24,10 @@ step's first fetch); blocks in neither tier are read from LMDB into the host tie
 background thread. A block that fails its checksum is never cached nor served: the fetch
 raises `StreamFault` and the scheduler drops the chunk and requeues the request.
 
+Attached chunks are held in the store (`ChunkStore.hold`, in memory: nothing leaks if the
+process dies) from their first reference to their last, so this process's writes never
+evict a chunk a running request may select.
+
 The scheduler (`_admit_streamed`, `_spill`) decides which chunks are virtual: a stored
 prefix that does not fit the pool, and the completed middle chunks of a prompt longer
 than the pool, which are written to the store between its prefill pieces.
@@ -262,16 +266,31 @@ class StreamTier:
 
     def attach(self, chunk_ids: list[str]) -> list[int]:
         """Virtual pages of stored chunks: summaries not attached yet are read from the
-        store in bulk. Raises StreamFault (nothing attached) when one cannot be read."""
-        new = [c for c in dict.fromkeys(chunk_ids) if c not in self._slot_of]
+        store in bulk. Raises StreamFault (nothing attached) when one cannot be read.
+        Attached chunks are held in the store (safe from this process's evictions) until
+        their last reference is released."""
+        unique = list(dict.fromkeys(chunk_ids))
+        new = [c for c in unique if c not in self._slot_of]
+        # Held before being read: what is read now stays readable while attached.
+        hold = [c for c in unique if c not in self._slot_of or not self._refs[self._slot_of[c]]]
+        self.tier.hold(hold)
         s = None
-        if new:
-            try:
+        try:
+            if new:
                 s = self.store.get_summaries(new)  # float32 [n, L, 2, Hkv, D]
-            except (CorruptBlock, ChunkNotFound) as e:
+                assert s.shape[1:] == (self.num_layers, 2) + self._shape[1:], \
+                    f"stored summary shape {s.shape[1:]} does not match the model"
+            # Idle summaries were read earlier, maybe before an eviction: still there?
+            idle = [c for c in hold if c in self._slot_of]
+            gone = [c for c, there in zip(idle, self.store.has_many(idle) if idle else [])
+                    if not there]
+            if gone:
+                raise ChunkNotFound(gone[0], "streamed chunk (evicted)")
+        except BaseException as e:
+            self.tier.release(hold)
+            if isinstance(e, (CorruptBlock, ChunkNotFound)):
                 raise StreamFault(e.chunk_id, e) from e
-            assert s.shape[1:] == (self.num_layers, 2) + self._shape[1:], \
-                f"stored summary shape {s.shape[1:]} does not match the model"
+            raise
         for cid in chunk_ids:  # referenced first: allocating below never evicts these
             slot = self._slot_of.get(cid)
             if slot is not None:
@@ -319,7 +338,9 @@ class StreamTier:
         return out
 
     def release(self, pages: list[int]) -> None:
-        """Drop a request's references to its virtual pages (real pages are ignored)."""
+        """Drop a request's references to its virtual pages (real pages are ignored); a
+        chunk nobody references any more is no longer held in the store."""
+        gone: list[str] = []
         for p in pages:
             if p >= self.base:
                 slot = p - self.base
@@ -327,6 +348,8 @@ class StreamTier:
                 self._refs[slot] -= 1
                 if self._refs[slot] == 0:
                     self._idle[slot] = None
+                    gone.append(self._slot_ids[slot])
+        self.tier.release(gone)
 
     def forget_cached(self) -> None:
         """After chunks were dropped from the store (a corrupt block and its subtree): a

@@ -11,6 +11,7 @@ import torch
 from sglang_reattn import Engine
 from sglang_reattn.engine.stream_tier import ChunkCache, HostCache, StreamFault, StreamTier
 from sglang_reattn.errors import ContextTooLong, InvalidArgument
+from sglang_reattn.kv_store import chunk_hashes
 
 GREEDY = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
 OPTS = dict(device="cpu", reattn_chunk_size=16, chunked_prefill_size=64, log_level="warning")
@@ -159,9 +160,11 @@ def test_streamed_context_equals_resident(stored, tiny_llama):
             outs[prefetch] = out["output_ids"]
             assert out["meta_info"]["cached_tokens"] == len(DOC) // 16 * 16
             # Only the sink chunk and the local window were loaded into pages; the 47
-            # middle chunks were scored from their stored summaries.
+            # middle chunks were scored from their stored summaries, and so was the chunk
+            # that left the local window while decoding (spilled: its page given back).
             assert s["store_chunks_loaded"] == 1 + 128 // 16
-            assert s["stream_summaries_loaded"] == 47
+            assert s["stream_spilled_chunks"] == (905 + 11 - 128) // 16 - (905 - 128) // 16
+            assert s["stream_summaries_loaded"] == 47 + s["stream_spilled_chunks"] == 48
             assert s["chunk_cache_misses"] > 0 and s["chunk_cache_hits"] > 0
             assert s["chunk_cache_evictions"] > 0
             assert s["stream_store_reads"] + s["host_cache_hits"] == s["chunk_cache_misses"]
@@ -187,9 +190,10 @@ def test_streaming_counts_misses_then_hits(stored, tiny_llama):
         assert second["chunk_cache_misses"] == first["chunk_cache_misses"]
         assert second["chunk_cache_hits"] > first["chunk_cache_hits"]
         assert second["stream_store_reads"] == first["stream_store_reads"]
-        # The summaries were kept too (idle slots), not read again.
-        assert second["stream_summaries_loaded"] == first["stream_summaries_loaded"] == 47
-        assert second["stream_summaries_reused"] == first["stream_summaries_reused"] + 47
+        # The summaries were kept too (idle slots), not read again: the 47 middle chunks
+        # and the one spilled while decoding.
+        assert second["stream_summaries_loaded"] == first["stream_summaries_loaded"] == 48
+        assert second["stream_summaries_reused"] == first["stream_summaries_reused"] + 48
 
 
 def test_streamed_output_depends_on_the_fetched_chunks(stored, tiny_llama, monkeypatch):
@@ -267,7 +271,9 @@ def test_corrupt_streamed_block_is_reported_and_recomputed(stored, tiny_llama, t
     big = dict(SMALL, max_total_tokens=16 * 120, kv_resident_max_tokens=0)
     with Engine(tiny_llama, kv_store_path=store, **big, **OPTS) as eng:
         eng.generate(input_ids=DOC + QUESTION, sampling_params=GREEDY)
-        bad = eng.stream_tier.cache.keys(1)[-1]  # a chunk the selection fetches
+        middle = set(chunk_hashes(DOC, 16)[1:48])  # virtual from admission on
+        # a chunk the selection fetches
+        bad = [k for k in eng.stream_tier.cache.keys(1) if k in middle][-1]
     env = lmdb.open(store, max_dbs=16)
     db = env.open_db(b"kv", create=False)
     with env.begin(write=True) as txn:
@@ -319,6 +325,48 @@ def test_streamed_chunks_survive_eviction_while_the_request_runs(stored, tiny_ll
         assert s["stream_faults"] == 0 and s["store_chunks_loaded"] == 1 + 128 // 16
         assert got == want
         assert st.held() == set()  # released with the request
+
+
+def test_long_generation_of_a_streamed_request_spills_to_the_store(stored, tiny_llama,
+                                                                    tmp_path):
+    """A streamed request decodes far more tokens than its pool share holds: each chunk
+    leaving its local window is written to the store and becomes a virtual page. The pool
+    use stays bounded, the answer is the all-resident one."""
+    import shutil
+    import threading
+
+    src, _ = stored
+    store = str(tmp_path / "store")
+    shutil.copytree(src, store)
+    long_gen = dict(GREEDY, max_new_tokens=200)
+    with Engine(tiny_llama, **OPTS) as eng:
+        want = eng.generate(input_ids=DOC + QUESTION, sampling_params=long_gen)["output_ids"]
+    with Engine(tiny_llama, kv_store_path=store, **SMALL, **OPTS) as eng:
+        total = eng.stats()["kv_pages_total"]
+        share = total - 24  # the pool pages left beside the chunk cache
+        # Sink, local window and prompt tail resident, plus the generation: too many.
+        assert (1 + 128 // 16 + 1) * 16 + 200 > share * 16
+        sched, pool, used = eng.scheduler, eng.pool, []
+        step = sched.step
+
+        def counting_step():
+            out = step()
+            used.append(total - 24 - pool.num_free)
+            return out
+
+        sched.step = counting_step
+        box = []
+        t = threading.Thread(target=lambda: box.append(
+            eng.generate(input_ids=DOC + QUESTION, sampling_params=long_gen)), daemon=True)
+        t.start()
+        t.join(240)
+        assert box, "the streamed request did not finish"
+        s = eng.stats()
+        assert box[0]["output_ids"] == want
+        # Sink, local window, the chunk being filled and the next: never more.
+        assert max(used) <= 1 + 128 // 16 + 2
+        assert s["stream_spilled_chunks"] >= 200 // 16 - 1 and s["stream_faults"] == 0
+        assert s["kv_pages_free"] == share and s["stream_attached_chunks"] == 0
 
 
 def test_streaming_flags_are_checked(tiny_llama, tmp_path):

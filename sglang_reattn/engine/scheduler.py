@@ -199,16 +199,23 @@ class Scheduler:
         cfg = self.reattn
         return (cfg.sink + cfg.local + self.prefill_budget) // self.c + 2
 
-    def _spill(self, r: Request) -> None:
-        """Between prefill pieces of a streamed request: completed chunks that the next
-        step will see as middle chunks are written to the store (synchronously: they
-        must be readable before the step that may select them) and their pages become
-        virtual pages, so a prompt longer than the pool prefills in bounded memory."""
+    def _middle_end(self, num_computed: int) -> int:
+        """End (in pages) of the completed middle chunks of a sequence of that many
+        computed tokens: the next step sees them between its sink and local window."""
         c, cfg = self.c, self.reattn
+        local_p = max(cfg.sink // c, max(0, num_computed - cfg.local) // c)
+        return min(local_p, num_computed // c)
+
+    def _spill(self, r: Request) -> None:
+        """Between steps of a streamed request (its prefill pieces, its decode steps):
+        completed chunks that the next step will see as middle chunks are written to the
+        store (synchronously: they must be readable before the step that may select
+        them) and their pages become virtual pages, so a prompt longer than the pool
+        prefills, and a long generation decodes, in bounded memory."""
+        c = self.c
         n_full = r.num_computed // c
-        sink_p = cfg.sink // c
-        local_p = max(sink_p, max(0, r.num_computed - cfg.local) // c)
-        idx = [i for i in range(max(sink_p, r.num_tree_pages), min(local_p, n_full))
+        sink_p = self.reattn.sink // c
+        idx = [i for i in range(max(sink_p, r.num_tree_pages), self._middle_end(r.num_computed))
                if not self.stream.is_virtual(r.pages[i])]
         if not idx or self.store.readonly:
             return
@@ -500,6 +507,12 @@ class Scheduler:
         for r in ready:
             r.num_computed += 1
         self._sample_and_emit(ready, logits)
+        for r in ready:
+            # A chunk left the local window: spilled like a prefill's (a failed write is
+            # tried again when the next one leaves, not every step).
+            if (r.streamed and r in self.running
+                    and self._middle_end(r.num_computed) > self._middle_end(r.num_computed - 1)):
+                self._spill(r)
         self._prefetch()
 
     def _preempt(self, exclude: Request) -> bool:

@@ -30,7 +30,8 @@ evict a chunk a running request may select.
 
 The scheduler (`_admit_streamed`, `_spill`) decides which chunks are virtual: a stored
 prefix that does not fit the pool, and the completed middle chunks of a prompt longer
-than the pool, which are written to the store between its prefill pieces.
+than the pool, written to the store between its prefill pieces, or of a long generation,
+written as they leave the local window.
 """
 
 from __future__ import annotations

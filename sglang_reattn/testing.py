@@ -58,3 +58,20 @@ def make_tiny_model(path: str, arch: str = "llama", seed: int = 0, dtype: str = 
         if f.startswith(("tokenizer", "special_tokens", "chat_template")):
             shutil.copy(os.path.join(tok_src, f), path)
     return path
+
+
+def flip_kv_byte(store_path: str, chunk_id: str, layer: int) -> None:
+    """Flip one byte in the middle of a stored chunk's KV block of one layer, behind the
+    store's back (a corrupt block for tests)."""
+    import lmdb
+
+    env = lmdb.open(store_path, max_dbs=16)
+    try:
+        db = env.open_db(b"kv", create=False)
+        with env.begin(write=True) as txn:
+            key = bytes.fromhex(chunk_id) + layer.to_bytes(2, "big")
+            val = bytearray(txn.get(key, db=db))
+            val[len(val) // 2] ^= 0x5A
+            txn.put(key, bytes(val), db=db)
+    finally:
+        env.close()

@@ -11,7 +11,6 @@ import threading
 import time
 from collections import deque
 
-import lmdb
 import requests
 from _store_servers import (
     C,
@@ -24,6 +23,7 @@ from _store_servers import (
     start,
 )
 from sglang_reattn.kv_store import chunk_hashes
+from sglang_reattn.testing import flip_kv_byte
 
 KILLS = 20
 PREFIX = ids(8 * C, 100)  # every document starts with it: each server reads it back
@@ -71,18 +71,6 @@ def _kill_mid_ingest(srv, name: str, tokens: list[int], rng: random.Random) -> b
 def _context(srv, name: str) -> dict:
     listed = requests.get(srv.url + "/contexts", timeout=30).json()["contexts"]
     return {c["name"]: c for c in listed}[name]
-
-
-def _flip_byte(store: str, chunk: str, layer: int) -> None:
-    """Flip one byte in the middle of a chunk's KV block, behind the store's back."""
-    env = lmdb.open(store, max_dbs=16)
-    db = env.open_db(b"kv", create=False)
-    with env.begin(write=True) as txn:
-        key = bytes.fromhex(chunk) + layer.to_bytes(2, "big")
-        val = bytearray(txn.get(key, db=db))
-        val[len(val) // 2] ^= 0x5A
-        txn.put(key, bytes(val), db=db)
-    env.close()
 
 
 def test_sigkill_during_ingest_20_times(tiny_llama, tmp_path):
@@ -138,7 +126,7 @@ def _run(tiny_llama, store, flags, rng, final, ref_future, spares, t0) -> None:
     # A damaged block (server stopped): detected, logged, counted in /metrics, the chunk
     # recomputed and republished; the answers stay exact, and so does the next one.
     bad = chunk_hashes(final, C)[40]
-    _flip_byte(store, bad, 1)
+    flip_kv_byte(store, bad, 1)
     srv = start(tiny_llama, *flags).result()
     try:
         out = generate(srv, context="final", input_ids=QUESTION)

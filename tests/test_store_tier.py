@@ -43,9 +43,8 @@ def test_store_of_another_model_is_refused(tmp_path, tiny_llama):
 
 
 def test_corrupt_block_is_detected_recomputed_and_answers_stay(tmp_path, tiny_llama):
-    import lmdb
-
     from sglang_reattn.kv_store import chunk_hashes
+    from sglang_reattn.testing import flip_kv_byte
 
     doc = _ids(400, 7)
     store = str(tmp_path / "store")
@@ -56,14 +55,7 @@ def test_corrupt_block_is_detected_recomputed_and_answers_stay(tmp_path, tiny_ll
         first.store_tier.flush()
     # Flip a byte inside layer 1's KV block of the 10th chunk, behind the store's back.
     bad = chunk_hashes(doc, 16)[9]
-    env = lmdb.open(store, max_dbs=16)
-    db = env.open_db(b"kv", create=False)
-    with env.begin(write=True) as txn:
-        key = bytes.fromhex(bad) + (1).to_bytes(2, "big")
-        val = bytearray(txn.get(key, db=db))
-        val[len(val) // 2] ^= 0x5A
-        txn.put(key, bytes(val), db=db)
-    env.close()
+    flip_kv_byte(store, bad, 1)
     with Engine(tiny_llama, kv_store_path=store, **OPTS) as second:
         out = second.generate(input_ids=doc + _ids(5, 8), sampling_params=GREEDY)
         stats = second.stats()

@@ -263,7 +263,7 @@ def test_two_streamed_requests_take_turns(stored, tiny_llama):
 def test_corrupt_streamed_block_is_reported_and_recomputed(stored, tiny_llama, tmp_path):
     import shutil
 
-    import lmdb
+    from sglang_reattn.testing import flip_kv_byte
 
     src, want = stored
     store = str(tmp_path / "store")
@@ -274,14 +274,7 @@ def test_corrupt_streamed_block_is_reported_and_recomputed(stored, tiny_llama, t
         middle = set(chunk_hashes(DOC, 16)[1:48])  # virtual from admission on
         # a chunk the selection fetches
         bad = [k for k in eng.stream_tier.cache.keys(1) if k in middle][-1]
-    env = lmdb.open(store, max_dbs=16)
-    db = env.open_db(b"kv", create=False)
-    with env.begin(write=True) as txn:
-        key = bytes.fromhex(bad) + (1).to_bytes(2, "big")
-        val = bytearray(txn.get(key, db=db))
-        val[len(val) // 2] ^= 0x5A
-        txn.put(key, bytes(val), db=db)
-    env.close()
+    flip_kv_byte(store, bad, 1)
     with Engine(tiny_llama, kv_store_path=store, **big, **OPTS) as eng:
         out = eng.generate(input_ids=DOC + QUESTION, sampling_params=GREEDY)
         s = eng.stats()
@@ -291,19 +284,25 @@ def test_corrupt_streamed_block_is_reported_and_recomputed(stored, tiny_llama, t
         assert eng.store_tier.store.has_many([bad]) == [True]  # published again
 
 
+def _copy_and_answer(stored, tiny_llama, tmp_path, params) -> tuple[str, list[int]]:
+    """A private copy of the store holding DOC, and the all-resident answer to DOC +
+    QUESTION under `params`."""
+    import shutil
+
+    store = str(tmp_path / "store")
+    shutil.copytree(stored[0], store)
+    with Engine(tiny_llama, **OPTS) as eng:
+        want = eng.generate(input_ids=DOC + QUESTION, sampling_params=params)["output_ids"]
+    return store, want
+
+
 def test_streamed_chunks_survive_eviction_while_the_request_runs(stored, tiny_llama,
                                                                   tmp_path):
     """A bounded store evicts least recently used chunks as other requests write theirs;
     the chunks a running streamed request attached are held: never evicted under it (no
     fault, no recompute), same answer as all resident; released when it finishes."""
-    import shutil
-
-    src, _ = stored
-    store = str(tmp_path / "store")
-    shutil.copytree(src, store)
     long_gen = dict(GREEDY, max_new_tokens=48)
-    with Engine(tiny_llama, **OPTS) as eng:
-        want = eng.generate(input_ids=DOC + QUESTION, sampling_params=long_gen)["output_ids"]
+    store, want = _copy_and_answer(stored, tiny_llama, tmp_path, long_gen)
     others = [_ids(400, 40 + i) for i in range(4)]  # 100 chunks to write, > the capacity
     opts = dict(SMALL, max_total_tokens=16 * 200, kv_resident_max_tokens=0,
                 kv_store_capacity=str(750_000))  # DOC (57 chunks) and about 25 more
@@ -332,15 +331,10 @@ def test_long_generation_of_a_streamed_request_spills_to_the_store(stored, tiny_
     """A streamed request decodes far more tokens than its pool share holds: each chunk
     leaving its local window is written to the store and becomes a virtual page. The pool
     use stays bounded, the answer is the all-resident one."""
-    import shutil
     import threading
 
-    src, _ = stored
-    store = str(tmp_path / "store")
-    shutil.copytree(src, store)
     long_gen = dict(GREEDY, max_new_tokens=200)
-    with Engine(tiny_llama, **OPTS) as eng:
-        want = eng.generate(input_ids=DOC + QUESTION, sampling_params=long_gen)["output_ids"]
+    store, want = _copy_and_answer(stored, tiny_llama, tmp_path, long_gen)
     with Engine(tiny_llama, kv_store_path=store, **SMALL, **OPTS) as eng:
         total = eng.stats()["kv_pages_total"]
         share = total - 24  # the pool pages left beside the chunk cache

@@ -22,6 +22,7 @@ import os
 import queue
 import re
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -96,6 +97,20 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
 def _from_numpy(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     t = torch.from_numpy(np.ascontiguousarray(a))
     return t.view(dtype) if dtype == torch.bfloat16 else t.to(dtype)
+
+
+def serve_queue(q: queue.Queue, handle: Callable[[Any], None]) -> None:
+    """A worker thread's loop: handle(item) for each item until None. Each item is marked
+    done once handled, so `q.join()` waits for everything queued before it; `handle`
+    deals with its own errors."""
+    while True:
+        item = q.get()
+        try:
+            if item is None:
+                return
+            handle(item)
+        finally:
+            q.task_done()
 
 
 class StoreTier:
@@ -185,21 +200,18 @@ class StoreTier:
             self.store.release(chunk_ids)
 
     def _write_loop(self) -> None:
-        while True:
-            item = self._q.get()
-            try:
-                if item is None:
-                    return
-                kind, payload = item
-                if kind == "put":
-                    self._put(payload)
-                elif kind == "touch":
-                    self.store.touch(payload)
-                    self._restore_contexts()
-            except (StoreError, ValueError) as e:
-                logger.warning("kv store %s failed: %s", item[0], e)
-            finally:
-                self._q.task_done()
+        serve_queue(self._q, self._write_one)
+
+    def _write_one(self, item: tuple[str, Any]) -> None:
+        kind, payload = item
+        try:
+            if kind == "put":
+                self._put(payload)
+            elif kind == "touch":
+                self.store.touch(payload)
+                self._restore_contexts()
+        except (StoreError, ValueError) as e:
+            logger.warning("kv store %s failed: %s", kind, e)
 
     def _put(self, records: list[ChunkRecord]) -> None:
         try:

@@ -44,7 +44,7 @@ from collections.abc import Hashable, Sequence
 
 import torch
 
-from sglang_reattn.engine.store_tier import _from_numpy
+from sglang_reattn.engine.store_tier import _from_numpy, serve_queue
 from sglang_reattn.kv_store import ChunkNotFound, CorruptBlock, StoreError
 
 logger = logging.getLogger(__name__)
@@ -528,21 +528,18 @@ class StreamTier:
         self._ahead_keys[layer].update(k for k, _ in fills)
 
     def _prefetch_loop(self) -> None:
-        while True:
-            item = self._q.get()
-            try:
-                if item is None:
-                    return
-                layer, keys = item
-                keys = [k for k in keys if (k, layer) not in self.host]
-                if keys:
-                    self.fetch(layer, keys, prefetch=True)
-            except StreamFault as e:  # the engine thread meets it again and handles it
-                logger.debug("prefetch skipped: %s", e)
-            except Exception:  # noqa: BLE001 - a prefetch never takes the engine down
-                logger.exception("stream prefetch failed")
-            finally:
-                self._q.task_done()
+        serve_queue(self._q, self._prefetch_one)
+
+    def _prefetch_one(self, item: tuple[int, list[str]]) -> None:
+        layer, keys = item
+        try:
+            keys = [k for k in keys if (k, layer) not in self.host]
+            if keys:
+                self.fetch(layer, keys, prefetch=True)
+        except StreamFault as e:  # the engine thread meets it again and handles it
+            logger.debug("prefetch skipped: %s", e)
+        except Exception:  # noqa: BLE001 - a prefetch never takes the engine down
+            logger.exception("stream prefetch failed")
 
     def drain(self) -> None:
         """Wait for queued prefetches (tests)."""

@@ -129,7 +129,7 @@ class Engine(NamedContexts):
             cuda_graph_max_bs=min(args.cuda_graph_max_bs, args.max_running_requests),
         )
         if streaming:
-            self._check_streaming()
+            self._check_chunk_cache()
         self.store_tier = None
         self.kv_store_dir = None  # the disk tier's resolved directory, None when off
         if args.store_path:
@@ -162,7 +162,7 @@ class Engine(NamedContexts):
                     cfg.architecture, self.device, self.dtype, self.pool.num_pages, c,
                     time.perf_counter() - t0)
 
-    def _check_streaming(self) -> None:
+    def _check_chunk_cache(self) -> None:
         """The chunk cache fits a step's selection and leaves a streamed sequence room."""
         n, topk = self.args.kv_chunk_cache_pages, self.reattn.topk
         if n < topk:

@@ -260,10 +260,15 @@ class Scheduler:
         case (nothing stored between sink and local window, or it fits the pool within
         the resident budget); the caller goes on from the returned match."""
         c, cfg = self.c, self.reattn
+
+        def stored_after(have: int) -> tuple[list[str], int, int]:
+            """Stored chunks after the first `have`, the stored prefix's length in chunks,
+            and the pages the rest of the prompt and one decode page need."""
+            stored = self.store.lookup(ids, r.namespace, have, limit // c)
+            return stored, have + len(stored), (len(ids) + c) // c - have - len(stored)
+
         have = len(matched)
-        stored = self.store.lookup(ids, r.namespace, have, limit // c)
-        total = have + len(stored)
-        tail = (len(ids) + c) // c - total  # the rest of the prompt and one decode page
+        stored, total, tail = stored_after(have)
         over = self.resident_max is not None and total * c > self.resident_max
         if not over and self._ensure_free(len(stored) + tail):
             return None, matched
@@ -274,9 +279,7 @@ class Scheduler:
             m = self.cache.match_prefix(ids, r.namespace, cfg.sink // c * c)
             self.cache.inc_lock(m.node)
             r.tree_node, matched, have = m.node, m.pages, len(m.pages)
-            stored = self.store.lookup(ids, r.namespace, have, limit // c)
-            total = have + len(stored)
-            tail = (len(ids) + c) // c - total
+            stored, total, tail = stored_after(have)
         sink_p = min(cfg.sink // c, total)
         # The first step's local window starts here and only moves forward later.
         local_p = max(sink_p, max(0, total * c - cfg.local) // c)

@@ -319,10 +319,7 @@ class StreamTier:
         """n slots: never used ones, then idle ones (least recently released first),
         then the table grows."""
         while len(self._free_slots) < n and self._idle:
-            slot, _ = self._idle.popitem(last=False)
-            del self._slot_of[self._slot_ids[slot]]
-            self._slot_ids[slot] = None
-            self._free_slots.append(slot)
+            self._free_idle_slot()
         short = n - len(self._free_slots)
         if short > 0:
             old = len(self._slot_ids)
@@ -364,10 +361,14 @@ class StreamTier:
     def forget_idle(self) -> None:
         """Drop every idle summary."""
         while self._idle:
-            slot, _ = self._idle.popitem(last=False)
-            del self._slot_of[self._slot_ids[slot]]
-            self._slot_ids[slot] = None
-            self._free_slots.append(slot)
+            self._free_idle_slot()
+
+    def _free_idle_slot(self) -> None:
+        """The least recently released idle slot forgets its chunk and becomes free."""
+        slot, _ = self._idle.popitem(last=False)
+        del self._slot_of[self._slot_ids[slot]]
+        self._slot_ids[slot] = None
+        self._free_slots.append(slot)
 
     def chunk_of(self, page: int) -> str:
         cid = self._slot_ids[page - self.base]
@@ -433,8 +434,10 @@ class StreamTier:
     def _write(self, layer: int, fills: list[tuple[str, int]], kv: list) -> None:
         dev = self.pool.k.device
         idx = torch.tensor([p for _, p in fills], device=dev)
-        k = torch.stack([a for a, _ in kv]).to(dev, non_blocking=True)
-        v = torch.stack([b for _, b in kv]).to(dev, non_blocking=True)
+        # Each (pinned) host block is copied on its own, asynchronously, and stacked on the
+        # device: stacking on the host first would copy into pageable memory (synchronous).
+        k = torch.stack([a.to(dev, non_blocking=True) for a, _ in kv])
+        v = torch.stack([b.to(dev, non_blocking=True) for _, b in kv])
         self.pool.k[layer, idx] = k
         self.pool.v[layer, idx] = v
         self.stats["stream_device_bytes"] += 2 * k.numel() * k.element_size()

@@ -3,8 +3,9 @@
 For Llama-3.1-8B head shapes (32 q heads, 8 KV heads, head dim 128, bf16, batch 1) and each
 context length, times (``triton.testing.do_bench`` median, plus a CUDA-graph replay of ours):
 
-  (a) ours: ``score_chunks`` over the min/max summaries of every candidate chunk, top-k,
-      assembly of the scope page table, then ``decode_attention`` over the ~8K-token scope
+  (a) ours, the engine's step: ``select_scope`` (scorer over the bf16 min/max summaries of
+      every candidate chunk, per-head max-normalized combine, top-k, scope page table: three
+      launches), then ``decode_attention`` over the ~8K-token scope
       [sink | top-k chunks | local window] with RoPE on the fly;
   (b) ``torch`` SDPA full attention over the whole (already rotated) context;
   (c) exact per-token top-k (the original ReAttention decode): q.k over all un-rotated keys,
@@ -95,7 +96,9 @@ def copy_bandwidth(device: torch.device) -> float:
 
 
 class OursDecode:
-    """Summaries of all chunks of the context, a GPU pool with the chunks of one scope."""
+    """One layer of the engine's decode step with all of the context's KV in the GPU pool:
+    bf16 min/max summaries of every chunk, the fused selection (``select_scope``: scorer,
+    per-head max-normalized combine, top-k, scope table), then ``decode_attention``."""
 
     def __init__(self, ctx: int, s: Shape, cos, sin, device):
         self.s = s
@@ -106,42 +109,51 @@ class OursDecode:
         hd = (num_chunks, s.num_kv_heads, s.head_dim)
         self.kmin = torch.randn(hd, device=device, dtype=s.dtype) - 1.0
         self.kmax = self.kmin + torch.rand(hd, device=device, dtype=s.dtype) * 2.0
-        # candidate chunks are the middle of the context, in order
+        shape = (num_chunks, s.chunk, s.num_kv_heads, s.head_dim)  # page = chunk
+        self.k_pool = torch.empty(shape, device=device, dtype=s.dtype).normal_()
+        self.v_pool = torch.empty(shape, device=device, dtype=s.dtype).normal_()
+
+        def i32(*rows):
+            return torch.tensor(rows, device=device, dtype=torch.int32)
+
         self.cand = torch.arange(n_sink, n_sink + self.num_cands, device=device,
-                                 dtype=torch.int32)[None]
-        self.ncand = torch.tensor([self.num_cands], device=device, dtype=torch.int32)
-        # GPU chunk pool: sink + local + a cache of 4x the selected chunks; chunk -> pool page
-        pool_pages = n_sink + n_local + 4 * s.topk
-        shape = (pool_pages, s.chunk, s.num_kv_heads, s.head_dim)
-        self.k_pool = torch.randn(shape, device=device, dtype=s.dtype)
-        self.v_pool = torch.randn(shape, device=device, dtype=s.dtype)
-        self.chunk_to_page = torch.randint(n_sink + n_local, pool_pages, (num_chunks,),
-                                           device=device, dtype=torch.int32)
-        self.sink_pages = torch.arange(n_sink, device=device, dtype=torch.int32)[None]
-        self.local_pages = torch.arange(n_sink, n_sink + n_local, device=device,
+                                 dtype=torch.int32)[None]  # the middle chunks, in order
+        self.ncand = i32(self.num_cands)
+        self.head_table = torch.arange(n_sink, device=device, dtype=torch.int32)[None]
+        self.head_pages = i32(n_sink)
+        self.local_table = torch.arange(num_chunks - n_local, num_chunks, device=device,
                                         dtype=torch.int32)[None]
+        self.local_tokens = i32(s.local)
         self.q = torch.randn(1, s.num_q_heads, s.head_dim, device=device, dtype=s.dtype)
         self.cos, self.sin = cos, sin
-        self.n_sink, self.n_local = n_sink, n_local
 
-    def select(self):
-        return K.score_chunks(self.q, self.cand, self.ncand, self.s.topk, kmin=self.kmin,
-                              kmax=self.kmax, combine="sum")
+    def select(self, sort_block=None):
+        return K.select_scope_triton(
+            self.q, self.cand, self.ncand, self.head_table, self.head_pages,
+            self.local_table, self.local_tokens, self.s.topk, self.s.chunk, self.kmin,
+            self.kmax, None, "max", 1, sort_block)[:2]
 
-    def scope_tables(self, sel, num_sel):
-        chunks = self.cand.gather(1, sel.clamp_min(0).long())
-        mid = self.chunk_to_page[chunks.long()]
-        page_table = torch.cat([self.sink_pages, mid, self.local_pages], dim=1)
-        scope_lens = (self.s.sink + self.s.local + num_sel * self.s.chunk).to(torch.int32)
-        return page_table, scope_lens
+    def select_unfused(self):
+        """The previous engine path: scorer, torch combine + top-k, torch table assembly."""
+        sel, nsel = K.score_chunks_triton(self.q, self.cand, self.ncand, self.s.topk,
+                                          kmin=self.kmin, kmax=self.kmax, combine="max")
+        pages = self.cand.gather(1, sel.clamp_min(0).long())
+        return K.assemble_scope_ref(self.head_table, self.head_pages, pages, nsel,
+                                    self.local_table, self.local_tokens, self.s.chunk)
+
+    def scores(self):
+        return K.chunk_scores_triton(self.q, self.cand, self.ncand, kmin=self.kmin,
+                                     kmax=self.kmax, per_head=True)
 
     def attend(self, page_table, scope_lens):
         return K.decode_attention(self.q, self.k_pool, self.v_pool, page_table, scope_lens,
                                   self.cos, self.sin, self.s.head_dim ** -0.5)
 
     def step(self):
-        sel, num_sel = self.select()
-        return self.attend(*self.scope_tables(sel, num_sel))
+        return self.attend(*self.select())
+
+    def step_unfused(self):
+        return self.attend(*self.select_unfused())
 
     def bytes_read(self) -> dict[str, int]:
         s = self.s
@@ -239,6 +251,43 @@ def check_ops(device) -> list[tuple[str, float, bool]]:
                                combine=combine)
         same = torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
         results.append((f"score_chunks ({combine})", 0.0 if same else 1.0, same))
+    results.extend(check_select_scope(device, g))
+    return results
+
+
+def check_select_scope(device, g, n: int = 16351) -> list[tuple[str, float, bool]]:
+    """The fused selection at a 1M-token context's candidate count against its reference.
+    Float sums may round differently on the GPU, so a different choice between near-equal
+    scores passes: the error is the largest reference-score gap by which the kernel's worst
+    pick falls below the best chunk it left out (0 when the picks are identical)."""
+    s, results = Shape(), []
+    summ = torch.randn(n + 40, s.num_kv_heads, s.head_dim, generator=g, device=device)
+    kmin = (summ - 1).to(s.dtype)
+    kmax = (summ + torch.rand(summ.shape, generator=g, device=device)).to(s.dtype)
+    cand = torch.randperm(n + 40, generator=g, device=device)[:n].int()[None]
+    ncand = torch.tensor([n], device=device, dtype=torch.int32)
+    i32 = torch.int32
+    scope = (torch.tensor([[0]], device=device, dtype=i32), torch.tensor([1], device=device,
+             dtype=i32), torch.arange(n, n + 32, device=device, dtype=i32)[None],
+             torch.tensor([2048], device=device, dtype=i32))
+    for combine, reps in (("max", 1), ("sum", 1), ("max", 16)):
+        q = torch.randn(reps, s.num_q_heads, s.head_dim, generator=g, device=device,
+                        dtype=s.dtype)
+        args = (q, cand, ncand, *scope, s.topk, s.chunk, kmin, kmax, None, combine, reps)
+        out, ref = K.select_scope_triton(*args), K.select_scope_ref(*args)
+        scores = K.scope_scores_ref(q, cand, ncand, kmin, kmax, None, combine, reps)[0]
+        page_score = torch.full((n + 40,), float("-inf"), device=device)
+        page_score[cand[0].long()] = scores
+        picked = out[2][0].long()
+        left = torch.ones(n + 40, dtype=torch.bool, device=device)
+        left[picked] = False
+        gap = float((page_score[left].max() - page_score[picked].min()).clamp_min(0))
+        position = torch.full((n + 40,), -1, device=device, dtype=torch.long)
+        position[cand[0].long()] = torch.arange(n, device=device)
+        in_order = bool((position[picked].diff() > 0).all())  # original (context) order
+        ok = (int(out[3][0]) == s.topk and in_order and gap <= 1e-5 * float(scores.abs().max())
+              and torch.equal(out[1], ref[1]))
+        results.append((f"select_scope ({combine}, reps {reps}, {n} chunks)", gap, ok))
     return results
 
 
@@ -276,22 +325,25 @@ def ratio(a, b) -> str:
 
 def time_ours(ctx: int, s: Shape, bw: float, rep: int, cos, sin, device) -> dict:
     ours = OursDecode(ctx, s, cos, sin, device)
-    tables = ours.scope_tables(*ours.select())
+    tables = ours.select()
     b = ours.bytes_read()
-    return {
+    row = {
         "cands": ours.num_cands,
         "scorer": bench(ours.select, rep),
         "attn": bench(lambda: ours.attend(*tables), rep),
         "ours": bench(ours.step, rep),
         "ours_graph": bench_graph(ours.step, rep),
-        # the same step cut at each stage, each replayed as its own CUDA graph
-        "g_scores": bench_graph(lambda: K.chunk_scores(
-            ours.q, ours.cand, ours.ncand, kmin=ours.kmin, kmax=ours.kmax), rep),
+        "unfused_graph": bench_graph(ours.step_unfused, rep),
+        # the step cut at each stage, each replayed as its own CUDA graph
+        "g_scores": bench_graph(ours.scores, rep),
         "g_select": bench_graph(ours.select, rep),
-        "g_tables": bench_graph(lambda: ours.scope_tables(*ours.select()), rep),
         "g_attn": bench_graph(lambda: ours.attend(*tables), rep),
         "ours_floor": (b["scorer"] + b["attn"]) / bw * 1e3,
     }
+    for block in (256, 1024, 4096):  # candidates per sorted block of the top-k
+        if block < 2 * ours.num_cands:
+            row[f"g_select_{block}"] = bench_graph(lambda b=block: ours.select(b), rep)
+    return row
 
 
 def time_full(ctx: int, s: Shape, bw: float, rep: int, cos, sin, device) -> dict:
@@ -380,12 +432,18 @@ def main() -> None:
               f"| {ratio(r['topk'], best)} |")
     print("\n(a) total = scorer + top-k + scope table + decode, launched eagerly; the CUDA-graph "
           "column replays the same step (what the engine runs). Ratios use the graph time.\n")
-    print("CUDA-graph replay of the step cut at each stage (us):\n")
-    print("| context | scores kernel | + top-k | + scope table | decode alone | whole step |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("CUDA-graph replay of the step cut at each stage (us); the selection is the fused "
+          "scorer + combine + top-k + scope table, the unfused step is the previous engine "
+          "path (scorer, then torch combine, top-k and table):\n")
+    print("| context | scores kernel | selection | decode alone | whole step | floor "
+          "| step / floor | unfused step | selection, sort blocks of 256 / 1024 / 4096 |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in (r for r in rows if "error" not in r):
+        blocks = " / ".join(fmt_us(r.get(f"g_select_{b}", "-")) for b in (256, 1024, 4096))
         print(f"| {fmt_tokens(r['ctx'])} | {fmt_us(r['g_scores'])} | {fmt_us(r['g_select'])} "
-              f"| {fmt_us(r['g_tables'])} | {fmt_us(r['g_attn'])} | {fmt_us(r['ours_graph'])} |")
+              f"| {fmt_us(r['g_attn'])} | {fmt_us(r['ours_graph'])} | {fmt_us(r['ours_floor'])} "
+              f"| {ratio(r['ours_graph'], r['ours_floor'])} | {fmt_us(r['unfused_graph'])} "
+              f"| {blocks} |")
     print()
 
     ms, tflops = bench_prefill(s, device, args.rep)

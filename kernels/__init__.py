@@ -5,6 +5,7 @@ Ops (shapes in each function's docstring):
   - ``prefill_attention``: packed varlen queries, causal over the end of their scope.
   - ``store_kv``: write K/V into the paged cache and update the per-page key summaries.
   - ``score_chunks``: score candidate pages by their summaries, one top-k per sequence.
+  - ``select_scope``: scoring, top-k and the scope page table of one step, fused.
 
 The dispatchers below run Triton when the tensors are on CUDA (or ``TRITON_INTERPRET=1``
 is set) and the torch reference otherwise, so CPU inference works without Triton.
@@ -33,6 +34,12 @@ from .score_chunks import (
     score_chunks_triton,
     select_topk,
 )
+from .select_scope import (
+    assemble_scope_ref,
+    scope_scores_ref,
+    select_scope_ref,
+    select_scope_triton,
+)
 from .store_kv import chunk_summaries_ref, store_kv_ref, store_kv_triton
 
 __all__ = [
@@ -43,6 +50,8 @@ __all__ = [
     "score_chunks", "score_chunks_ref", "score_chunks_triton",
     "chunk_scores", "chunk_scores_ref", "chunk_scores_triton",
     "combine_head_scores", "select_topk",
+    "select_scope", "select_scope_ref", "select_scope_triton", "assemble_scope_ref",
+    "scope_scores_ref",
     "apply_rope_ref", "rope_tables", "gather_scope_ref",
 ]
 
@@ -89,3 +98,14 @@ def chunk_scores(q: torch.Tensor, cand_pages: torch.Tensor, num_cands: torch.Ten
     """Raw float32 scores ``[B, N]`` or ``[B, Hq, N]``; see ``chunk_scores_triton``."""
     fn = chunk_scores_triton if use_triton(q) else chunk_scores_ref
     return fn(q, cand_pages, num_cands, kmin, kmax, kmean, per_head)
+
+
+def select_scope(q: torch.Tensor, cand_pages: torch.Tensor, num_cands: torch.Tensor,
+                 head_table: torch.Tensor, head_pages: torch.Tensor, local_table: torch.Tensor,
+                 local_tokens: torch.Tensor, topk: int, chunk_size: int,
+                 kmin: torch.Tensor | None = None, kmax: torch.Tensor | None = None,
+                 kmean: torch.Tensor | None = None, combine: str = "max", reps: int = 1):
+    """``(table, lens, sel_pages, num_sel)`` of one layer's scope; see ``select_scope_ref``."""
+    fn = select_scope_triton if use_triton(q) else select_scope_ref
+    return fn(q, cand_pages, num_cands, head_table, head_pages, local_table, local_tokens,
+              topk, chunk_size, kmin, kmax, kmean, combine, reps)

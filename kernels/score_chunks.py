@@ -24,32 +24,34 @@ from __future__ import annotations
 
 import torch
 
-from ._triton_compat import check, next_pow2, tl, tl_sum, triton
+from ._triton_compat import check, next_pow2, tl, tl_max, tl_sum, triton
 
 COMBINE_MODES = ("sum", "max")
 
 
 @triton.jit
 def _score_chunks_kernel(
-    q_ptr, kmin_ptr, kmax_ptr, kmean_ptr, cand_ptr, num_cands_ptr, out_ptr,
-    max_cands,
+    q_ptr, kmin_ptr, kmax_ptr, kmean_ptr, cand_ptr, num_cands_ptr, out_ptr, pmax_ptr,
+    max_cands, reps,
     stride_qb, stride_qh,
     stride_sp, stride_sh,  # summaries [num_pages, Hkv, D]
     stride_cb,  # candidates [B, max_cands]
-    stride_ob, stride_oh,  # scores [B, N] (PER_HEAD=False) or [B, Hq, N]
+    stride_ob, stride_oh,  # scores [B * reps, N] (PER_HEAD=False) or [B * reps, Hq, N]
+    stride_pb, stride_ph,  # per-block max |score| [B * reps, Hq, num_blocks] (WRITE_PMAX)
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-    USE_MINMAX: tl.constexpr, PER_HEAD: tl.constexpr,
+    USE_MINMAX: tl.constexpr, PER_HEAD: tl.constexpr, WRITE_PMAX: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_b = tl.program_id(0)
+    pid_b = tl.program_id(0)  # query row; rows b * reps .. b * reps + reps - 1 share seq b
     pid_n = tl.program_id(1)
-    n_cands = tl.load(num_cands_ptr + pid_b)
+    seq = pid_b // reps
+    n_cands = tl.load(num_cands_ptr + seq)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     n_mask = offs_n < n_cands
     d_mask = offs_d < HEAD_DIM
     nd_mask = n_mask[:, None] & d_mask[None, :]
-    page = tl.load(cand_ptr + pid_b.to(tl.int64) * stride_cb + offs_n, mask=n_mask,
+    page = tl.load(cand_ptr + seq.to(tl.int64) * stride_cb + offs_n, mask=n_mask,
                    other=0).to(tl.int64)
     row = page[:, None] * stride_sp + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
 
@@ -74,6 +76,9 @@ def _score_chunks_kernel(
             if PER_HEAD:
                 tl.store(out_ptr + pid_b.to(tl.int64) * stride_ob + qh * stride_oh + offs_n,
                          tl.where(n_mask, s, float("-inf")), mask=offs_n < max_cands)
+                if WRITE_PMAX:
+                    tl.store(pmax_ptr + pid_b.to(tl.int64) * stride_pb + qh * stride_ph + pid_n,
+                             tl_max(tl.where(n_mask, tl.abs(s), 0.0), 0))
             else:
                 total += s
     if not PER_HEAD:
@@ -81,8 +86,10 @@ def _score_chunks_kernel(
                  tl.where(n_mask, total, float("-inf")), mask=offs_n < max_cands)
 
 
-def _check_score_inputs(q, cand_pages, num_cands, topk, kmin, kmax, kmean, combine) -> bool:
-    """Validates arguments; returns True for the min/max bound, False for the mean."""
+def _check_score_inputs(q, cand_pages, num_cands, topk, kmin, kmax, kmean, combine,
+                        reps: int = 1) -> bool:
+    """Validates arguments; returns True for the min/max bound, False for the mean.
+    ``q`` holds ``reps`` consecutive query rows per sequence of ``cand_pages``."""
     check(combine in COMBINE_MODES, f"combine must be one of {COMBINE_MODES}, got {combine!r}")
     check(topk >= 0, f"topk must be >= 0, got {topk}")
     use_minmax = kmin is not None or kmax is not None
@@ -100,10 +107,10 @@ def _check_score_inputs(q, cand_pages, num_cands, topk, kmin, kmax, kmean, combi
           f"num_q_heads {q.shape[1]} is not a multiple of num_kv_heads {summaries[0].shape[1]}")
     check(q.stride(-1) == 1, "q must be contiguous in head_dim")
     check(cand_pages.dtype == torch.int32 and cand_pages.dim() == 2
-          and cand_pages.shape[0] == q.shape[0] and cand_pages.stride(1) == 1,
-          f"cand_pages must be int32 [B, max_cands] with contiguous rows, got "
-          f"{cand_pages.dtype} {tuple(cand_pages.shape)}")
-    check(num_cands.dtype == torch.int32 and num_cands.shape == (q.shape[0],)
+          and cand_pages.shape[0] * reps == q.shape[0] and cand_pages.stride(1) == 1,
+          f"cand_pages must be int32 [B, max_cands] with contiguous rows and B * {reps} = "
+          f"{q.shape[0]} query rows, got {cand_pages.dtype} {tuple(cand_pages.shape)}")
+    check(num_cands.dtype == torch.int32 and num_cands.shape == (cand_pages.shape[0],)
           and num_cands.is_contiguous(), "num_cands must be contiguous int32 [B]")
     check(cand_pages.device == q.device and num_cands.device == q.device,
           "cand_pages / num_cands must be on q's device")
@@ -116,25 +123,38 @@ def chunk_scores_triton(q: torch.Tensor, cand_pages: torch.Tensor, num_cands: to
                         ) -> torch.Tensor:
     """Raw scores: float32 ``[B, max_cands]`` (summed over heads) or ``[B, Hq, max_cands]``
     (``per_head``); candidates at index >= ``num_cands[b]`` get ``-inf``."""
-    use_minmax = _check_score_inputs(q, cand_pages, num_cands, 0, kmin, kmax, kmean, "sum")
-    batch, num_q_heads, head_dim = q.shape
-    summ = kmin if use_minmax else kmean
-    num_kv_heads = summ.shape[1]
+    _check_score_inputs(q, cand_pages, num_cands, 0, kmin, kmax, kmean, "sum")
+    batch, num_q_heads, _ = q.shape
     max_cands = cand_pages.shape[1]
     shape = (batch, num_q_heads, max_cands) if per_head else (batch, max_cands)
     out = torch.empty(shape, dtype=torch.float32, device=q.device)
-    if batch == 0 or max_cands == 0:
-        return out
-    block_n = 64
-    _score_chunks_kernel[(batch, triton.cdiv(max_cands, block_n))](
-        q, summ, kmax if use_minmax else summ, summ, cand_pages, num_cands, out, max_cands,
+    launch_scorer(q, cand_pages, num_cands, kmin, kmax, kmean, out, None, 1)
+    return out
+
+
+SCORE_BLOCK_N = 64  # candidates per scorer program
+
+
+def launch_scorer(q, cand_pages, num_cands, kmin, kmax, kmean, out, pmax, reps) -> None:
+    """Launch the scorer: row r of ``q`` scores the candidates of sequence ``r // reps``
+    into ``out`` (``[rows, N]`` or per head ``[rows, Hq, N]``); with ``pmax`` (per head only)
+    it also writes each block's max ``|score|`` to ``pmax [rows, Hq, cdiv(N, 64)]``."""
+    rows, num_q_heads, head_dim = q.shape
+    summ = kmin if kmin is not None else kmean
+    max_cands = cand_pages.shape[1]
+    per_head = out.dim() == 3
+    if rows == 0 or max_cands == 0:
+        return
+    _score_chunks_kernel[(rows, triton.cdiv(max_cands, SCORE_BLOCK_N))](
+        q, summ, kmax if kmin is not None else summ, summ, cand_pages, num_cands, out,
+        pmax if pmax is not None else out, max_cands, reps,
         q.stride(0), q.stride(1), summ.stride(0), summ.stride(1), cand_pages.stride(0),
         out.stride(0), out.stride(1) if per_head else 0,
-        NUM_KV_HEADS=num_kv_heads, GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim,
-        USE_MINMAX=use_minmax, PER_HEAD=per_head,
-        BLOCK_N=block_n, BLOCK_D=next_pow2(head_dim), num_warps=4,
+        pmax.stride(0) if pmax is not None else 0, pmax.stride(1) if pmax is not None else 0,
+        NUM_KV_HEADS=summ.shape[1], GROUP=num_q_heads // summ.shape[1], HEAD_DIM=head_dim,
+        USE_MINMAX=kmin is not None, PER_HEAD=per_head, WRITE_PMAX=pmax is not None,
+        BLOCK_N=SCORE_BLOCK_N, BLOCK_D=next_pow2(head_dim), num_warps=4,
     )
-    return out
 
 
 def chunk_scores_ref(q: torch.Tensor, cand_pages: torch.Tensor, num_cands: torch.Tensor,

@@ -227,6 +227,68 @@ def test_scorer_rejects_bad_inputs():
         K.score_chunks_triton(q, cand.long(), nc, 3, kmean=kmean)
 
 
+# ----------------------------------------------------------------------------- select_scope
+
+
+def _scope_inputs(batch, reps, num_kv_heads, group, head_dim, dtype, gen, max_cands):
+    q, cand, nc, kmin, kmax, kmean = _scorer_inputs(
+        batch * reps, num_kv_heads, group, head_dim, dtype, dtype, gen,
+        num_cands=(0, 5, max_cands - 3), max_cands=max_cands)
+    cand, nc = cand[::reps].contiguous(), nc[:batch].contiguous()
+    nc[:] = torch.tensor([0, 5, max_cands - 3][:batch], dtype=torch.int32)
+    head_table = torch.randint(0, 90, (batch, 2), generator=gen).int()
+    head_pages = torch.tensor([0, 1, 2][:batch], dtype=torch.int32)
+    local_table = torch.randint(0, 90, (batch, 3), generator=gen).int()
+    local_tokens = torch.tensor([5, 9, 12][:batch], dtype=torch.int32)
+    return q, cand, nc, (kmin, kmax, kmean), (head_table, head_pages, local_table, local_tokens)
+
+
+@pytest.mark.parametrize("combine,reps,topk,max_cands", [
+    ("max", 1, 0, 70), ("max", 1, 1, 70), ("max", 1, 5, 600), ("max", 1, 70, 300),
+    ("max", 1, 300, 70), ("sum", 1, 5, 600), ("sum", 1, 64, 300), ("max", 3, 5, 600),
+    ("sum", 3, 17, 300)])
+@pytest.mark.parametrize("kind,dtype", [("minmax", torch.float32), ("mean", torch.bfloat16)])
+def test_select_scope_triton_matches_ref(combine, reps, topk, max_cands, kind, dtype):
+    """Scores, head combine, top-k over several sorted blocks, the table: one fused op."""
+    gen = torch.Generator().manual_seed(topk * 7 + reps + max_cands)
+    q, cand, nc, (kmin, kmax, kmean), scope = _scope_inputs(3, reps, 2, 4, 64, dtype, gen,
+                                                            max_cands)
+    summ = (kmin, kmax, None) if kind == "minmax" else (None, None, kmean)
+    args = (q, cand, nc, *scope, topk, 16, *summ, combine, reps)
+    out = K.select_scope_triton(*args)
+    ref = K.select_scope_ref(*args)
+    names = ("table", "lens", "sel_pages", "num_sel")
+    for name, a, b in zip(names, out, ref):
+        assert a.dtype == torch.int32 and torch.equal(a, b), name
+    table, lens, sel, nsel = ref
+    # independent check of row 2 against brute force over the combined scores
+    want = min(topk, int(nc[2]))
+    scores = K.scope_scores_ref(q, cand, nc, *summ, combine, reps)[2, :int(nc[2])]
+    best = sorted(scores.argsort(descending=True)[:want].tolist())
+    assert int(nsel[2]) == want and sel[2, :want].tolist() == cand[2, best].tolist()
+    row = scope[0][2, :2].tolist() + cand[2, best].tolist() + scope[2][2].tolist()
+    assert table[2, :len(row)].tolist() == row and int(lens[2]) == (2 + want) * 16 + 12
+
+
+def test_select_scope_ties_go_to_the_lower_index():
+    gen = torch.Generator().manual_seed(1)
+    q, cand, nc, (kmin, kmax, _), scope = _scope_inputs(3, 1, 2, 4, 64, torch.float32, gen, 600)
+    kmin, kmax = torch.zeros_like(kmin), torch.ones_like(kmax)  # every chunk scores the same
+    _, _, sel, nsel = K.select_scope_triton(q, cand, nc, *scope, 9, 16, kmin, kmax, None)
+    assert nsel.tolist() == [0, 5, 9]
+    assert sel[2].tolist() == cand[2, :9].tolist() and sel[1, :5].tolist() == cand[1, :5].tolist()
+
+
+def test_select_scope_rejects_bad_inputs():
+    gen = torch.Generator().manual_seed(2)
+    q, cand, nc, (kmin, kmax, _), scope = _scope_inputs(3, 2, 2, 4, 64, torch.float32, gen, 70)
+    with pytest.raises(ValueError, match="query rows"):
+        K.select_scope_triton(q, cand, nc, *scope, 4, 16, kmin, kmax, None, "max", 1)
+    with pytest.raises(ValueError, match="head_table"):
+        K.select_scope_triton(q, cand, nc, scope[0].long(), *scope[1:], 4, 16, kmin, kmax,
+                              None, "max", 2)
+
+
 # ----------------------------------------------------------------------------- packaging
 
 

@@ -111,11 +111,12 @@ class ReAttention(PagedAttention):
         self.summary = summary
         self.combine = combine
         shape = (pool.k.shape[0], pool.num_pages, pool.k.shape[3], pool.k.shape[4])
-        # Per layer, per page, per KV head summaries of the un-rotated keys (float32).
-        dev = pool.k.device
-        self.kmin = torch.zeros(shape, device=dev) if summary == "minmax" else None
-        self.kmax = torch.zeros(shape, device=dev) if summary == "minmax" else None
-        self.kmean = torch.zeros(shape, device=dev) if summary == "mean" else None
+        # Per layer, per page, per KV head summaries of the un-rotated keys, in the cache's
+        # dtype: min/max of bf16 keys are exact in bf16, and the scorer reads half the bytes.
+        kw = dict(device=pool.k.device, dtype=pool.k.dtype)
+        self.kmin = torch.zeros(shape, **kw) if summary == "minmax" else None
+        self.kmax = torch.zeros(shape, **kw) if summary == "minmax" else None
+        self.kmean = torch.zeros(shape, **kw) if summary == "mean" else None
         self.last_selection: dict[int, torch.Tensor] = {}  # layer -> selected pages (debug)
         self.stream = None  # the StreamTier when contexts may hold virtual pages
 
@@ -172,31 +173,24 @@ class ReAttention(PagedAttention):
         `streamed`: candidates may be virtual pages of the streaming tier; selected ones
         are mapped to the chunk-cache pages their K/V are fetched into."""
         kn, c, topk = self._kernels, self.cfg.chunk_size, self.cfg.topk
-        b, r = plan.num_cands.shape[0], plan.reps
         qr = q.index_select(0, plan.rep_index)  # [B*R, Hq, D] un-rotated
         kmin, kmax, kmean = self._summaries(layer_id)
-        cand = plan.cand_pages
-        if streamed:
-            kmin, kmax, cand = self.stream.gather_summaries(layer_id, cand, kmin, kmax)
-        cand = cand if r == 1 else cand.repeat_interleave(r, 0)
-        num = plan.num_cands if r == 1 else plan.num_cands.repeat_interleave(r, 0)
-        scores = kn.chunk_scores(qr, cand, num, kmin, kmax, kmean,
-                                 per_head=self.combine != "sum")
-        if self.combine != "sum":
-            scores = kn.combine_head_scores(scores, self.combine)
-        scores = scores.view(b, r, -1).amax(1)  # one selection per sequence
-        sel, nsel = kn.select_topk(scores, plan.num_cands, topk)
-        sel_pages = plan.cand_pages.gather(1, sel.clamp_min(0).long())  # [B, topk]
-        if streamed:
-            sel_pages = self.stream.resolve(layer_id, sel_pages, nsel)
-        s_w, l_w = plan.head_table.shape[1], plan.local_table.shape[1]
-        table = torch.zeros(b, s_w + topk + l_w, dtype=torch.int32, device=q.device)
-        table[:, :s_w] = plan.head_table
-        ar_k = torch.arange(topk, device=q.device)[None, :]
-        table.scatter_(1, plan.head_pages.long()[:, None] + ar_k, sel_pages)
-        ar_l = torch.arange(l_w, device=q.device)[None, :]
-        # Local pages go right after the selected ones (overwriting unused selection slots).
-        table.scatter_(1, (plan.head_pages + nsel).long()[:, None] + ar_l, plan.local_table)
-        lens = (plan.head_pages + nsel) * c + plan.local_tokens
-        self.last_selection[layer_id] = sel_pages[:, :]
-        return table, lens.to(torch.int32)
+        if not streamed:  # scoring, top-k and the table in one fused op (3 launches on GPU)
+            table, lens, sel_pages, _ = kn.select_scope(
+                qr, plan.cand_pages, plan.num_cands, plan.head_table, plan.head_pages,
+                plan.local_table, plan.local_tokens, topk, c, kmin, kmax, kmean,
+                self.combine, plan.reps)
+            self.last_selection[layer_id] = sel_pages
+            return table, lens
+        # Streamed: the scorer reads a summary table gathered for these candidates (rows
+        # indexed b * W + j); the selected rows map back to pages, then to cache pages.
+        kmin, kmax, rows = self.stream.gather_summaries(layer_id, plan.cand_pages, kmin, kmax)
+        _, _, sel_rows, nsel = kn.select_scope(
+            qr, rows, plan.num_cands, plan.head_table, plan.head_pages, plan.local_table,
+            plan.local_tokens, topk, c, kmin, kmax, kmean, self.combine, plan.reps)
+        sel_pages = (sel_rows if rows is plan.cand_pages  # nothing attached: rows are pages
+                     else plan.cand_pages.flatten()[sel_rows.clamp_min(0).long()])
+        sel_pages = self.stream.resolve(layer_id, sel_pages, nsel)
+        self.last_selection[layer_id] = sel_pages
+        return kn.assemble_scope_ref(plan.head_table, plan.head_pages, sel_pages, nsel,
+                                     plan.local_table, plan.local_tokens, c)

@@ -1,0 +1,299 @@
+"""One ReAttention selection step, fused: score the candidate chunks, combine the heads, take
+the top k, and write the scope page table ``[sink | selected chunks | local window]``.
+
+Three launches, no host sync, shape-static (CUDA-graph capturable):
+
+1. ``_score_chunks_kernel`` (score_chunks.py): per-head (or, for ``combine="sum"``, summed)
+   scores of every candidate, and for ``combine="max"`` each block's max ``|score|`` per
+   head, so that no second pass over the scores is needed to normalize them.
+2. ``_block_topk_kernel``, grid ``(B, num_blocks)``: normalizes and sums the heads of one
+   block of candidates, takes the max over a prefill piece's representative queries, packs
+   each (score, index) into one int64 that sorts by score then by lower index, and sorts
+   the block in descending order. Only a block's first ``KP >= topk`` entries can be in the
+   top k.
+3. ``_scope_table_kernel``, grid ``(B,)``: sorts the blocks' first ``KP`` entries, keeps the
+   first ``topk`` valid ones, re-sorts their indices ascending (original order), maps them
+   to pages and writes the scope table row and its length.
+
+Semantics: ``select_scope_ref``. Ties between equal combined scores go to the lower index
+here; ``torch.topk`` in the reference breaks them arbitrarily.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._triton_compat import INTERPRETED, check, next_pow2, tl, tl_max, tl_sum, triton
+from .score_chunks import (
+    SCORE_BLOCK_N,
+    _check_score_inputs,
+    chunk_scores_ref,
+    combine_head_scores,
+    launch_scorer,
+    select_topk,
+)
+
+_MAX_SORT_BLOCK = 8192
+_INT32_MIN = -2147483648
+
+
+@triton.jit
+def _sort_compiled(x, N: tl.constexpr, DESCENDING: tl.constexpr):
+    return tl.sort(x, descending=DESCENDING)
+
+
+@triton.jit
+def _sort_by_rank(x, N: tl.constexpr, DESCENDING: tl.constexpr):
+    # The interpreter cannot run tl.sort when triton was imported before TRITON_INTERPRET was
+    # set (see _triton_compat.py), so under it a [N] vector is sorted by ranks: O(N^2) work,
+    # only ever on the tests' small shapes.
+    i = tl.arange(0, N)
+    xi = x[:, None]
+    xj = x[None, :]
+    if DESCENDING:
+        first = xj > xi
+    else:
+        first = xj < xi
+    before = first | ((xj == xi) & (i[None, :] < i[:, None]))
+    rank = tl_sum(before.to(tl.int32), 1)
+    return tl_sum(tl.where(rank[:, None] == i[None, :], xi, 0), 0)
+
+
+_sort = _sort_by_rank if INTERPRETED else _sort_compiled
+
+
+@triton.jit
+def _block_topk_kernel(
+    scores_ptr, pmax_ptr, num_cands_ptr, out_ptr,
+    num_pblocks, num_q_heads,
+    stride_sr, stride_sh,  # scores [B * REPS, Hq, N] (MAX_COMBINE) or [B * REPS, N]
+    stride_pr, stride_ph,  # pmax [B * REPS, Hq, num_pblocks]
+    stride_ob,  # out [B, num_blocks * BLOCK] int64
+    REPS: tl.constexpr, MAX_COMBINE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr,
+    HEAD_TILE: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    n_cands = tl.load(num_cands_ptr + pid_b)
+    offs = pid_n * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < n_cands
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_h = tl.arange(0, HEAD_TILE)
+    best = tl.full([BLOCK], float("-inf"), tl.float32)
+    for r in range(REPS):
+        row = (pid_b * REPS + r).to(tl.int64)
+        if MAX_COMBINE:
+            # heads in tiles of HEAD_TILE: each tile's loads are issued together
+            comb = tl.full([BLOCK], 0.0, tl.float32)
+            for h0 in range(0, num_q_heads, HEAD_TILE):
+                h = h0 + offs_h
+                h_ok = h < num_q_heads
+                pm = tl.load(pmax_ptr + row * stride_pr + h[:, None] * stride_ph
+                             + offs_p[None, :],
+                             mask=h_ok[:, None] & (offs_p[None, :] < num_pblocks), other=0.0)
+                scale = tl.maximum(tl_max(pm, 1), 1e-30)  # [HEAD_TILE]
+                sc = tl.load(scores_ptr + row * stride_sr + h[:, None] * stride_sh
+                             + offs[None, :], mask=h_ok[:, None] & valid[None, :],
+                             other=float("-inf"))
+                sc = tl.where(h_ok[:, None], sc / scale[:, None], 0.0)
+                comb += tl_sum(sc, 0)
+        else:
+            comb = tl.load(scores_ptr + row * stride_sr + offs, mask=valid, other=float("-inf"))
+        best = tl.maximum(best, comb)
+    # (score, index) -> int64: the float's bits made order-preserving as int32, then the
+    # complement of the index, so that a descending sort puts equal scores lower index first
+    bits = best.to(tl.int32, bitcast=True)
+    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
+    low = ((tl.full([BLOCK], 1, tl.int64) << 32) - 1) - offs.to(tl.int64)
+    pad = tl.full([BLOCK], _INT32_MIN, tl.int32).to(tl.int64) << 32
+    packed = tl.where(valid, (key << 32) | low, pad)
+    packed = _sort(packed, BLOCK, True)
+    tl.store(out_ptr + pid_b.to(tl.int64) * stride_ob + pid_n * BLOCK + tl.arange(0, BLOCK),
+             packed)
+
+
+@triton.jit
+def _scope_table_kernel(
+    sorted_ptr, num_cands_ptr, cand_ptr, head_table_ptr, head_pages_ptr, local_table_ptr,
+    local_tokens_ptr, table_ptr, lens_ptr, sel_ptr, nsel_ptr,
+    num_blocks, topk, chunk_size, local_width, width,
+    stride_sb, stride_cb, stride_hb, stride_lb, stride_tb, stride_selb,
+    BLOCK: tl.constexpr, KP: tl.constexpr, M: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    b = tl.program_id(0)
+    m = tl.arange(0, M)
+    blk = m // KP
+    one = tl.full([M], 1, tl.int64)
+    pad = tl.full([M], _INT32_MIN, tl.int32).to(tl.int64) << 32
+    x = tl.load(sorted_ptr + b.to(tl.int64) * stride_sb + blk * BLOCK + m % KP,
+                mask=blk < num_blocks, other=0)
+    x = _sort(tl.where(blk < num_blocks, x, pad), M, True)
+    mask32 = (one << 32) - 1
+    idx = mask32 - (x & mask32)  # padding decodes to 2^32 - 1, never a valid index
+    n_cands = tl.load(num_cands_ptr + b)
+    valid = (m < topk) & (idx < n_cands)
+    nsel = tl_sum(valid.to(tl.int32), 0)
+    idx = _sort(tl.where(valid, idx, 2147483647), M, False)  # selected, in original order
+    keep = m < nsel
+    page = tl.load(cand_ptr + b.to(tl.int64) * stride_cb + idx, mask=keep, other=0)
+    head = tl.load(head_pages_ptr + b)
+    row = table_ptr + b.to(tl.int64) * stride_tb
+    tl.store(row + head + m, page, mask=keep)
+    tl.store(sel_ptr + b.to(tl.int64) * stride_selb + m, tl.where(keep, page, -1), mask=m < topk)
+    tl.store(nsel_ptr + b, nsel)
+    # the rest of the row: sink pages before the selection, local pages right after it, zeros
+    lo = head + nsel
+    hi = lo + local_width
+    for p0 in range(0, width, BLOCK_W):
+        p = p0 + tl.arange(0, BLOCK_W)
+        sink = tl.load(head_table_ptr + b.to(tl.int64) * stride_hb + p, mask=p < head, other=0)
+        loc = tl.load(local_table_ptr + b.to(tl.int64) * stride_lb + (p - lo),
+                      mask=(p >= lo) & (p < hi), other=0)
+        outside = (p < head) | (p >= lo)  # the selection itself is written above
+        tl.store(row + p, tl.where(p < head, sink, loc), mask=outside & (p < width))
+    tl.store(lens_ptr + b, lo * chunk_size + tl.load(local_tokens_ptr + b))
+
+
+def _check_scope_inputs(cand_pages, head_table, head_pages, local_table, local_tokens,
+                        chunk_size) -> None:
+    b = cand_pages.shape[0]
+    for name, t in (("head_table", head_table), ("local_table", local_table)):
+        check(t.dtype == torch.int32 and t.dim() == 2 and t.shape[0] == b and t.shape[1] >= 1
+              and t.stride(1) == 1, f"{name} must be int32 [B, >=1] with contiguous rows, got "
+              f"{t.dtype} {tuple(t.shape)}")
+    for name, t in (("head_pages", head_pages), ("local_tokens", local_tokens)):
+        check(t.dtype == torch.int32 and t.shape == (b,) and t.is_contiguous(),
+              f"{name} must be contiguous int32 [B], got {t.dtype} {tuple(t.shape)}")
+    check(chunk_size >= 1, f"chunk_size must be >= 1, got {chunk_size}")
+
+
+def select_scope_triton(q: torch.Tensor, cand_pages: torch.Tensor, num_cands: torch.Tensor,
+                        head_table: torch.Tensor, head_pages: torch.Tensor,
+                        local_table: torch.Tensor, local_tokens: torch.Tensor, topk: int,
+                        chunk_size: int, kmin: torch.Tensor | None = None,
+                        kmax: torch.Tensor | None = None, kmean: torch.Tensor | None = None,
+                        combine: str = "max", reps: int = 1, sort_block: int | None = None):
+    """Triton ``select_scope``; see ``select_scope_ref`` for the semantics.
+    ``sort_block`` (a power of two >= the top-k rounded up) overrides the candidates per
+    sorted block, for tuning."""
+    use_minmax = _check_score_inputs(q, cand_pages, num_cands, topk, kmin, kmax, kmean,
+                                     combine, reps)
+    _check_scope_inputs(cand_pages, head_table, head_pages, local_table, local_tokens,
+                        chunk_size)
+    dev = q.device
+    batch, n = cand_pages.shape
+    rows, num_q_heads, _ = q.shape
+    s_w, l_w = head_table.shape[1], local_table.shape[1]
+    width = s_w + topk + l_w
+    table = torch.empty(batch, width, dtype=torch.int32, device=dev)
+    lens = torch.empty(batch, dtype=torch.int32, device=dev)
+    sel = torch.empty(batch, topk, dtype=torch.int32, device=dev)
+    nsel = torch.empty(batch, dtype=torch.int32, device=dev)
+    if batch == 0:
+        return table, lens, sel, nsel
+    kp = max(16, next_pow2(topk))
+    block = sort_block or min(_MAX_SORT_BLOCK, max(kp, 256, next_pow2(triton.cdiv(n, 16))))
+    check(block >= kp and block == next_pow2(block),
+          f"sort_block must be a power of two >= {kp}, got {block}")
+    num_blocks = triton.cdiv(n, block)
+    packed = torch.empty(batch, max(1, num_blocks * block), dtype=torch.int64, device=dev)
+    if n:
+        per_head = combine != "sum"
+        num_pblocks = triton.cdiv(n, SCORE_BLOCK_N)
+        scores = torch.empty((rows, num_q_heads, n) if per_head else (rows, n),
+                             dtype=torch.float32, device=dev)
+        pmax = (torch.empty(rows, num_q_heads, num_pblocks, dtype=torch.float32, device=dev)
+                if per_head else None)
+        launch_scorer(q, cand_pages, num_cands, kmin if use_minmax else None,
+                      kmax if use_minmax else None, None if use_minmax else kmean, scores,
+                      pmax, reps)
+        _block_topk_kernel[(batch, num_blocks)](
+            scores, pmax if per_head else scores, num_cands, packed,
+            num_pblocks, num_q_heads,
+            scores.stride(0), scores.stride(1) if per_head else 0,
+            pmax.stride(0) if per_head else 0, pmax.stride(1) if per_head else 0,
+            packed.stride(0),
+            REPS=reps, MAX_COMBINE=per_head, BLOCK=block,
+            BLOCK_P=max(2, next_pow2(num_pblocks)),
+            HEAD_TILE=max(1, min(next_pow2(num_q_heads), 8192 // block)),
+            num_warps=8 if block >= 2048 else 4,
+        )
+    m = max(kp, next_pow2(num_blocks) * kp)
+    _scope_table_kernel[(batch,)](
+        packed, num_cands, cand_pages, head_table, head_pages, local_table, local_tokens,
+        table, lens, sel, nsel,
+        num_blocks, topk, chunk_size, l_w, width,
+        packed.stride(0), cand_pages.stride(0), head_table.stride(0), local_table.stride(0),
+        table.stride(0), sel.stride(0) if topk else 0,
+        BLOCK=block, KP=kp, M=m, BLOCK_W=max(16, min(256, next_pow2(width))),
+        num_warps=8 if m >= 2048 else 4,
+    )
+    return table, lens, sel, nsel
+
+
+def assemble_scope_ref(head_table: torch.Tensor, head_pages: torch.Tensor,
+                       sel_pages: torch.Tensor, num_sel: torch.Tensor,
+                       local_table: torch.Tensor, local_tokens: torch.Tensor,
+                       chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scope page table ``[B, S + K + L]``: row b is ``head_table[b, :head_pages[b]]``, then
+    ``sel_pages[b, :num_sel[b]]``, then all of ``local_table[b]``, then zeros; its length
+    in tokens is ``(head_pages + num_sel) * chunk_size + local_tokens``."""
+    b, s_w = head_table.shape
+    topk, l_w = sel_pages.shape[1], local_table.shape[1]
+    p = torch.arange(s_w + topk + l_w, device=head_table.device)[None, :].expand(b, -1)
+    head = head_pages.long()[:, None]
+    lo = head + num_sel.long()[:, None]
+    sel = torch.cat([sel_pages, sel_pages.new_zeros(b, 1)], 1)
+    table = torch.where(
+        p < head, head_table.gather(1, p.clamp(max=s_w - 1)),
+        torch.where(p < lo, sel.gather(1, (p - head).clamp(0, topk)),
+                    torch.where(p < lo + l_w, local_table.gather(1, (p - lo).clamp(0, l_w - 1)),
+                                0)))
+    lens = lo[:, 0] * chunk_size + local_tokens
+    return table.to(torch.int32), lens.to(torch.int32)
+
+
+def scope_scores_ref(q: torch.Tensor, cand_pages: torch.Tensor, num_cands: torch.Tensor,
+                     kmin=None, kmax=None, kmean=None, combine: str = "max",
+                     reps: int = 1) -> torch.Tensor:
+    """Combined scores ``[B, N]`` (``-inf`` past ``num_cands``): per-head scores of each
+    query row, combined over heads by ``combine``, max over a sequence's ``reps`` rows."""
+    cand = cand_pages if reps == 1 else cand_pages.repeat_interleave(reps, 0)
+    num = num_cands if reps == 1 else num_cands.repeat_interleave(reps, 0)
+    scores = chunk_scores_ref(q, cand, num, kmin, kmax, kmean, per_head=combine != "sum")
+    if combine != "sum":
+        scores = combine_head_scores(scores, combine)
+    return scores.view(cand_pages.shape[0], reps, -1).amax(1)
+
+
+def select_scope_ref(q: torch.Tensor, cand_pages: torch.Tensor, num_cands: torch.Tensor,
+                     head_table: torch.Tensor, head_pages: torch.Tensor,
+                     local_table: torch.Tensor, local_tokens: torch.Tensor, topk: int,
+                     chunk_size: int, kmin: torch.Tensor | None = None,
+                     kmax: torch.Tensor | None = None, kmean: torch.Tensor | None = None,
+                     combine: str = "max", reps: int = 1):
+    """Select one layer's scope for each sequence (torch).
+
+    Args:
+        q: ``[B * reps, Hq, D]`` un-rotated queries, ``reps`` consecutive rows per sequence
+            (a prefill piece's representative queries; 1 for decode).
+        cand_pages, num_cands, kmin, kmax, kmean, combine: as in ``score_chunks_ref``.
+        head_table: int32 ``[B, S]`` sink pages, ``head_pages [B]`` of them valid.
+        local_table: int32 ``[B, L]`` local-window pages (every entry is copied);
+            local_tokens: int32 ``[B]`` tokens in them.
+        topk, chunk_size: chunks to select; tokens per chunk.
+    Returns:
+        ``(table [B, S + topk + L], lens [B], sel_pages [B, topk], num_sel [B])``, all int32:
+        the scope page table and length (``assemble_scope_ref``), and the selected pages
+        in original order, ``-1`` after the first ``num_sel = min(topk, num_cands)``.
+    """
+    _check_score_inputs(q, cand_pages, num_cands, topk, kmin, kmax, kmean, combine, reps)
+    _check_scope_inputs(cand_pages, head_table, head_pages, local_table, local_tokens,
+                        chunk_size)
+    scores = scope_scores_ref(q, cand_pages, num_cands, kmin, kmax, kmean, combine, reps)
+    sel, nsel = select_topk(scores, num_cands, topk)
+    pages = cand_pages.gather(1, sel.clamp_min(0).long()) if cand_pages.shape[1] else sel
+    sel_pages = torch.where(sel >= 0, pages, -1).to(torch.int32)
+    table, lens = assemble_scope_ref(head_table, head_pages, sel_pages, nsel, local_table,
+                                     local_tokens, chunk_size)
+    return table, lens, sel_pages, nsel

@@ -27,7 +27,7 @@ for step in ${STEPS:-check offline niah}; do
                     --lengths 16K 32K 64K 128K 1M --full-lengths 4K 16K 32K --trials 10 \
                     --long-from 256K --long-trials 1 --tasks passkey \
                     --json "$OUT/niah.json" --png "$OUT/niah.png" 2>&1 | tee "$OUT/niah.txt" ;;
-        e2e8b) timeout 300 python3 benchmarks/bench_e2e.py --model 8b --contexts 32K 128K 512K ${E2E_FLAGS:-} \
+        e2e8b) timeout ${E2E8B_TIMEOUT:-300} python3 benchmarks/bench_e2e.py --model 8b --contexts 32K 128K 512K ${E2E_FLAGS:-} \
                     --json "$OUT/e2e_8b.json" 2>&1 | tee "$OUT/bench_e2e_8b.txt" ;;
         e2e1b) timeout ${E2E1B_TIMEOUT:-400} python3 benchmarks/bench_e2e.py --model 1b \
                     --contexts 32K 128K 1M --prefill 1M ${E2E_FLAGS:-} --json "$OUT/e2e_1b.json" 2>&1 \
@@ -48,8 +48,12 @@ for step in ${STEPS:-check offline niah}; do
                 timeout ${VARIANT_TIMEOUT:-160} python3 benchmarks/niah.py --device cuda --dtype float32 \
                     --modes reattn --lengths 64K --trials 10 --tasks passkey $v 2>&1 | grep -v clean_up
             done 2>&1 | tee "$OUT/niah_variants64.txt" ;;
-        attention) timeout 300 python3 benchmarks/bench_attention.py 2>&1 | tee "$OUT/bench_attention.txt" ;;
+        attention) timeout ${ATTN_TIMEOUT:-300} python3 benchmarks/bench_attention.py 2>&1 \
+                    | tee "$OUT/bench_attention.txt" ;;
+        stream) timeout ${STREAM_TIMEOUT:-500} python3 benchmarks/bench_stream.py --device cuda \
+                    --tokens ${STREAM_TOKENS:-1M} --decode 16 --repeats 2 --dir /tmp/stream_store \
+                    --json "$OUT/stream.json" 2>&1 | tee "$OUT/bench_stream.txt" ;;
     esac
 done
 tail -n 12 "$OUT"/check_gpu.txt "$OUT"/bench_offline.txt "$OUT"/niah*.txt \
-    "$OUT"/bench_e2e*.txt "$OUT"/niah_variants64.txt 2>/dev/null
+    "$OUT"/bench_e2e*.txt "$OUT"/niah_variants64.txt "$OUT"/bench_stream.txt 2>/dev/null

@@ -6,6 +6,7 @@ Ops (shapes in each function's docstring):
   - ``store_kv``: write K/V into the paged cache and update the per-page key summaries.
   - ``score_chunks``: score candidate pages by their summaries, one top-k per sequence.
   - ``select_scope``: scoring, top-k and the scope page table of one step, fused.
+  - ``rms_norm_triton``: RMSNorm with the residual add fused in (the model uses it on GPUs).
 
 The dispatchers below run Triton when the tensors are on CUDA (or ``TRITON_INTERPRET=1``
 is set) and the torch reference otherwise, so CPU inference works without Triton.
@@ -24,6 +25,7 @@ from .decode_attention import (
     gather_scope_ref,
 )
 from .prefill_attention import prefill_attention_ref, prefill_attention_triton
+from .rms_norm import rms_norm_ref, rms_norm_triton
 from .rope import apply_rope_ref, rope_tables
 from .score_chunks import (
     COMBINE_MODES,
@@ -52,7 +54,7 @@ __all__ = [
     "combine_head_scores", "select_topk",
     "select_scope", "select_scope_ref", "select_scope_triton", "assemble_scope_ref",
     "scope_scores_ref",
-    "apply_rope_ref", "rope_tables", "gather_scope_ref",
+    "apply_rope_ref", "rope_tables", "gather_scope_ref", "rms_norm_ref", "rms_norm_triton",
 ]
 
 

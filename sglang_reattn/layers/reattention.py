@@ -173,7 +173,8 @@ class ReAttention(PagedAttention):
         `streamed`: candidates may be virtual pages of the streaming tier; selected ones
         are mapped to the chunk-cache pages their K/V are fetched into."""
         kn, c, topk = self._kernels, self.cfg.chunk_size, self.cfg.topk
-        qr = q.index_select(0, plan.rep_index)  # [B*R, Hq, D] un-rotated
+        # [B*R, Hq, D] un-rotated; decode (one query per sequence, R = 1) scores q itself
+        qr = q if plan.reps == 1 else q.index_select(0, plan.rep_index)
         kmin, kmax, kmean = self._summaries(layer_id)
         if not streamed:  # scoring, top-k and the table in one fused op (3 launches on GPU)
             table, lens, sel_pages, _ = kn.select_scope(

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sglang_reattn import kernels
 from sglang_reattn.models.config import ModelConfig
 
 
@@ -31,12 +32,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Same op order as transformers' LlamaRMSNorm so fp32 results match bit for bit.
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """``norm(x)``; with ``residual``: ``(norm(x + residual), x + residual)``.
+        The torch path keeps transformers' LlamaRMSNorm op order (fp32 results match bit for
+        bit); on a GPU one Triton launch replaces its ~8 element-wise kernels."""
+        if x.is_cuda and x.dim() == 2 and x.stride(1) == 1 and kernels.HAS_TRITON:
+            return kernels.rms_norm_triton(x, self.weight, self.eps, residual)
+        return kernels.rms_norm_ref(x, self.weight, self.eps, residual)
 
 
 class Attention(nn.Module):
@@ -88,9 +90,18 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, backend: AttentionBackend, batch: Any) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), backend, batch)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None,
+                backend: AttentionBackend, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's input, or the last layer's MLP output; the residual stream before
+        it) -> (this layer's MLP output, the stream before it): each residual add is fused
+        into the norm that follows it."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, backend, batch)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class CausalLM(nn.Module):
@@ -107,10 +118,10 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, backend: AttentionBackend,
                 batch: Any) -> torch.Tensor:
         """input_ids [T] -> final hidden states [T, hidden] (after the last norm)."""
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            x = layer(x, backend, batch)
-        return self.norm(x)
+            x, residual = layer(x, residual, backend, batch)
+        return self.norm(x, residual)[0] if residual is not None else self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> float32 logits [N, vocab]."""

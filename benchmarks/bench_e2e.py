@@ -128,7 +128,7 @@ def fill_context(eng, n: int) -> SimpleNamespace:
             pool[layer, idx] = block
     eng.attn.pages_loaded(idx)
     ids = torch.randint(100, 40000, (n + 1,), generator=torch.Generator().manual_seed(1))
-    return SimpleNamespace(pages=pages, num_computed=n, all_ids=ids.tolist())
+    return SimpleNamespace(pages=pages, num_computed=n, all_ids=ids.tolist(), streamed=False)
 
 
 def decode_tokens(eng, req, steps: int) -> float:

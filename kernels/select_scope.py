@@ -34,7 +34,6 @@ from .score_chunks import (
 )
 
 _MAX_SORT_BLOCK = 8192
-_INT32_MIN = -2147483648
 
 
 @triton.jit
@@ -105,7 +104,7 @@ def _block_topk_kernel(
     bits = best.to(tl.int32, bitcast=True)
     key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
     low = ((tl.full([BLOCK], 1, tl.int64) << 32) - 1) - offs.to(tl.int64)
-    pad = tl.full([BLOCK], _INT32_MIN, tl.int32).to(tl.int64) << 32
+    pad = tl.full([BLOCK], -2147483648, tl.int32).to(tl.int64) << 32
     packed = tl.where(valid, (key << 32) | low, pad)
     packed = _sort(packed, BLOCK, True)
     tl.store(out_ptr + pid_b.to(tl.int64) * stride_ob + pid_n * BLOCK + tl.arange(0, BLOCK),
@@ -124,7 +123,7 @@ def _scope_table_kernel(
     m = tl.arange(0, M)
     blk = m // KP
     one = tl.full([M], 1, tl.int64)
-    pad = tl.full([M], _INT32_MIN, tl.int32).to(tl.int64) << 32
+    pad = tl.full([M], -2147483648, tl.int32).to(tl.int64) << 32
     x = tl.load(sorted_ptr + b.to(tl.int64) * stride_sb + blk * BLOCK + m % KP,
                 mask=blk < num_blocks, other=0)
     x = _sort(tl.where(blk < num_blocks, x, pad), M, True)

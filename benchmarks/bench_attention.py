@@ -145,9 +145,9 @@ class OursDecode:
         return K.chunk_scores_triton(self.q, self.cand, self.ncand, kmin=self.kmin,
                                      kmax=self.kmax, per_head=True)
 
-    def attend(self, page_table, scope_lens):
+    def attend(self, page_table, scope_lens, num_splits=None):
         return K.decode_attention(self.q, self.k_pool, self.v_pool, page_table, scope_lens,
-                                  self.cos, self.sin, self.s.head_dim ** -0.5)
+                                  self.cos, self.sin, self.s.head_dim ** -0.5, num_splits)
 
     def step(self):
         return self.attend(*self.select())
@@ -343,6 +343,10 @@ def time_ours(ctx: int, s: Shape, bw: float, rep: int, cos, sin, device) -> dict
         "g_attn": bench_graph(lambda: ours.attend(*tables), rep),
         "ours_floor": (b["scorer"] + b["attn"]) / bw * 1e3,
     }
+    if ctx == 1 << 20:  # decode over the same 8K scope with other split counts
+        for splits in (8, 16, 64):
+            row[f"g_attn_splits_{splits}"] = bench_graph(
+                lambda n=splits: ours.attend(*tables, num_splits=n), rep)
     kp = triton.next_power_of_2(s.topk)
     for block in (256, 1024, 4096):  # candidates per block of the top-k's first pass
         blocks = triton.cdiv(ours.num_cands, block)

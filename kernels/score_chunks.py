@@ -14,10 +14,11 @@ ONE selection per sequence (decision 3 of the design), so a fetched chunk serves
 - ``combine="max"``: each head's scores divided by that head's max ``|score|`` over the
   valid candidates, then summed, so that no single head with a large query norm dominates.
 
-Kernel ``_score_chunks_kernel``, grid ``(B, cdiv(max_cands, BLOCK_N))``: one pass over the
-candidates' summaries (memory-bound), one program per block of candidates looping over the
-KV heads. The top-k is ``torch.topk`` on the small score matrix; everything is shape-static,
-so the whole op is CUDA-graph capturable.
+Kernel ``_score_chunks_kernel``, grid ``(B, cdiv(max_cands, BLOCK_N), Hkv or 1)``: one pass
+over the candidates' summaries (memory-bound), one program per block of candidates and KV
+head (per-head scores) or per block looping over the KV heads (summed scores). Here the
+top-k is ``torch.topk`` on the small score matrix (select_scope.py fuses it instead);
+everything is shape-static, so the whole op is CUDA-graph capturable.
 """
 
 from __future__ import annotations
@@ -31,19 +32,26 @@ COMBINE_MODES = ("sum", "max")
 
 @triton.jit
 def _score_chunks_kernel(
-    q_ptr, kmin_ptr, kmax_ptr, kmean_ptr, cand_ptr, num_cands_ptr, out_ptr, pmax_ptr,
+    q_ptr, kmin_ptr, kmax_ptr, kmean_ptr, cand_ptr, num_cands_ptr, out_ptr, scale_ptr,
     max_cands, reps,
     stride_qb, stride_qh,
     stride_sp, stride_sh,  # summaries [num_pages, Hkv, D]
     stride_cb,  # candidates [B, max_cands]
     stride_ob, stride_oh,  # scores [B * reps, N] (PER_HEAD=False) or [B * reps, Hq, N]
-    stride_pb, stride_ph,  # per-block max |score| [B * reps, Hq, num_blocks] (WRITE_PMAX)
+    stride_scb,  # max |score| per row and head [B * reps, Hq] (WRITE_SCALE; zeroed first)
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-    USE_MINMAX: tl.constexpr, PER_HEAD: tl.constexpr, WRITE_PMAX: tl.constexpr,
+    USE_MINMAX: tl.constexpr, PER_HEAD: tl.constexpr, WRITE_SCALE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_b = tl.program_id(0)  # query row; rows b * reps .. b * reps + reps - 1 share seq b
     pid_n = tl.program_id(1)
+    # per head: one KV head per program (axis 2); summed: this program loops over all heads
+    if PER_HEAD:
+        h_lo = tl.program_id(2)
+        h_hi = h_lo + 1
+    else:
+        h_lo = 0
+        h_hi = NUM_KV_HEADS
     seq = pid_b // reps
     n_cands = tl.load(num_cands_ptr + seq)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -56,7 +64,7 @@ def _score_chunks_kernel(
     row = page[:, None] * stride_sp + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
 
     total = tl.full([BLOCK_N], 0.0, tl.float32)
-    for h in range(NUM_KV_HEADS):
+    for h in range(h_lo, h_hi):
         if USE_MINMAX:
             mn = tl.load(kmin_ptr + row + h * stride_sh, mask=nd_mask, other=0.0).to(tl.float32)
             mx = tl.load(kmax_ptr + row + h * stride_sh, mask=nd_mask, other=0.0).to(tl.float32)
@@ -76,9 +84,9 @@ def _score_chunks_kernel(
             if PER_HEAD:
                 tl.store(out_ptr + pid_b.to(tl.int64) * stride_ob + qh * stride_oh + offs_n,
                          tl.where(n_mask, s, float("-inf")), mask=offs_n < max_cands)
-                if WRITE_PMAX:
-                    tl.store(pmax_ptr + pid_b.to(tl.int64) * stride_pb + qh * stride_ph + pid_n,
-                             tl_max(tl.where(n_mask, tl.abs(s), 0.0), 0))
+                if WRITE_SCALE:
+                    tl.atomic_max(scale_ptr + pid_b.to(tl.int64) * stride_scb + qh,
+                                  tl_max(tl.where(n_mask, tl.abs(s), 0.0), 0))
             else:
                 total += s
     if not PER_HEAD:
@@ -135,24 +143,26 @@ def chunk_scores_triton(q: torch.Tensor, cand_pages: torch.Tensor, num_cands: to
 SCORE_BLOCK_N = 64  # candidates per scorer program
 
 
-def launch_scorer(q, cand_pages, num_cands, kmin, kmax, kmean, out, pmax, reps) -> None:
+def launch_scorer(q, cand_pages, num_cands, kmin, kmax, kmean, out, scale, reps) -> None:
     """Launch the scorer: row r of ``q`` scores the candidates of sequence ``r // reps``
-    into ``out`` (``[rows, N]`` or per head ``[rows, Hq, N]``); with ``pmax`` (per head only)
-    it also writes each block's max ``|score|`` to ``pmax [rows, Hq, cdiv(N, 64)]``."""
+    into ``out`` (``[rows, N]`` or per head ``[rows, Hq, N]``); with ``scale`` (per head
+    only, zero-filled) it also leaves each row's and head's max ``|score|`` in
+    ``scale [rows, Hq]``."""
     rows, num_q_heads, head_dim = q.shape
     summ = kmin if kmin is not None else kmean
     max_cands = cand_pages.shape[1]
     per_head = out.dim() == 3
     if rows == 0 or max_cands == 0:
         return
-    _score_chunks_kernel[(rows, triton.cdiv(max_cands, SCORE_BLOCK_N))](
+    grid = (rows, triton.cdiv(max_cands, SCORE_BLOCK_N), summ.shape[1] if per_head else 1)
+    _score_chunks_kernel[grid](
         q, summ, kmax if kmin is not None else summ, summ, cand_pages, num_cands, out,
-        pmax if pmax is not None else out, max_cands, reps,
+        scale if scale is not None else out, max_cands, reps,
         q.stride(0), q.stride(1), summ.stride(0), summ.stride(1), cand_pages.stride(0),
         out.stride(0), out.stride(1) if per_head else 0,
-        pmax.stride(0) if pmax is not None else 0, pmax.stride(1) if pmax is not None else 0,
+        scale.stride(0) if scale is not None else 0,
         NUM_KV_HEADS=summ.shape[1], GROUP=num_q_heads // summ.shape[1], HEAD_DIM=head_dim,
-        USE_MINMAX=kmin is not None, PER_HEAD=per_head, WRITE_PMAX=pmax is not None,
+        USE_MINMAX=kmin is not None, PER_HEAD=per_head, WRITE_SCALE=scale is not None,
         BLOCK_N=SCORE_BLOCK_N, BLOCK_D=next_pow2(head_dim), num_warps=4,
     )
 

@@ -1,17 +1,19 @@
 """One ReAttention selection step, fused: score the candidate chunks, combine the heads, take
 the top k, and write the scope page table ``[sink | selected chunks | local window]``.
 
-Three launches, no host sync, shape-static (CUDA-graph capturable):
+Four launches (five with ``combine="max"``'s zero fill), no host sync, shape-static
+(CUDA-graph capturable):
 
 1. ``_score_chunks_kernel`` (score_chunks.py): per-head (or, for ``combine="sum"``, summed)
-   scores of every candidate, and for ``combine="max"`` each block's max ``|score|`` per
-   head, so that no second pass over the scores is needed to normalize them.
-2. ``_block_topk_kernel``, grid ``(B, num_blocks)``: normalizes and sums the heads of one
-   block of candidates, takes the max over a prefill piece's representative queries, packs
-   each (score, index) into one int64 that orders by score then by lower index, and keeps
-   the block's ``KP`` best (``KP`` = topk rounded up to a power of two; only those can be
-   in the top k).
-3. ``_scope_table_kernel``, grid ``(B,)``: the ``KP`` best of all blocks' picks, of which the
+   scores of every candidate; for ``combine="max"`` it also folds each head's max
+   ``|score|`` into a ``[rows, Hq]`` buffer with atomic max, so the normalization needs no
+   second pass over the summaries.
+2. ``_combine_kernel``, grid ``(B, cdiv(N, 256))``: normalizes and sums the heads, takes the
+   max over a prefill piece's representative queries, and packs each (score, index) into
+   one int64 that orders by score, then by lower index.
+3. ``_block_topk_kernel``, grid ``(B, num_blocks)``: each block's ``KP`` best keys (``KP`` =
+   topk rounded up to a power of two; only those can be in the top k).
+4. ``_scope_table_kernel``, grid ``(B,)``: the ``KP`` best of all blocks' picks, of which the
    first ``topk`` valid ones are kept, their indices re-sorted ascending (original order),
    mapped to pages, and the scope table row and its length written.
 
@@ -25,9 +27,8 @@ from __future__ import annotations
 
 import torch
 
-from ._triton_compat import INTERPRETED, check, next_pow2, tl, tl_max, tl_sum, triton
+from ._triton_compat import INTERPRETED, check, next_pow2, tl, tl_sum, triton
 from .score_chunks import (
-    SCORE_BLOCK_N,
     _check_score_inputs,
     chunk_scores_ref,
     combine_head_scores,
@@ -89,38 +90,31 @@ _topk = _topk_by_sort if INTERPRETED or not hasattr(tl, "topk") else _topk_built
 
 
 @triton.jit
-def _block_topk_kernel(
-    scores_ptr, pmax_ptr, num_cands_ptr, out_ptr,
-    num_pblocks, num_q_heads,
+def _combine_kernel(
+    scores_ptr, scale_ptr, num_cands_ptr, keys_ptr,
+    max_cands, num_q_heads,
     stride_sr, stride_sh,  # scores [B * REPS, Hq, N] (MAX_COMBINE) or [B * REPS, N]
-    stride_pr, stride_ph,  # pmax [B * REPS, Hq, num_pblocks]
-    stride_ob,  # out [B, num_blocks * KP] int64: each block's KP best, best first
-    REPS: tl.constexpr, MAX_COMBINE: tl.constexpr, BLOCK: tl.constexpr, KP: tl.constexpr,
-    BLOCK_P: tl.constexpr, HEAD_TILE: tl.constexpr,
+    stride_scr,  # scale [B * REPS, Hq]: max |score| of each row and head
+    stride_kb,  # keys [B, N] int64
+    REPS: tl.constexpr, MAX_COMBINE: tl.constexpr, BLOCK: tl.constexpr,
+    HEAD_TILE: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     pid_n = tl.program_id(1)
     n_cands = tl.load(num_cands_ptr + pid_b)
     offs = pid_n * BLOCK + tl.arange(0, BLOCK)
     valid = offs < n_cands
-    offs_p = tl.arange(0, BLOCK_P)
     offs_h = tl.arange(0, HEAD_TILE)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
     for r in range(REPS):
         row = (pid_b * REPS + r).to(tl.int64)
         if MAX_COMBINE:
-            # heads in tiles of HEAD_TILE: each tile's loads are issued together
             comb = tl.full([BLOCK], 0.0, tl.float32)
-            for h0 in range(0, num_q_heads, HEAD_TILE):
+            for h0 in range(0, num_q_heads, HEAD_TILE):  # heads in tiles, loads issued together
                 h = h0 + offs_h
                 h_ok = h < num_q_heads
-                scale = tl.full([HEAD_TILE], 1e-30, tl.float32)
-                for p0 in range(0, num_pblocks, BLOCK_P):
-                    pm = tl.load(pmax_ptr + row * stride_pr + h[:, None] * stride_ph
-                                 + (p0 + offs_p)[None, :],
-                                 mask=h_ok[:, None] & ((p0 + offs_p)[None, :] < num_pblocks),
-                                 other=0.0)
-                    scale = tl.maximum(scale, tl_max(pm, 1))  # [HEAD_TILE]
+                scale = tl.load(scale_ptr + row * stride_scr + h, mask=h_ok, other=1.0)
+                scale = tl.maximum(scale, 1e-30)
                 sc = tl.load(scores_ptr + row * stride_sr + h[:, None] * stride_sh
                              + offs[None, :], mask=h_ok[:, None] & valid[None, :],
                              other=float("-inf"))
@@ -130,13 +124,30 @@ def _block_topk_kernel(
             comb = tl.load(scores_ptr + row * stride_sr + offs, mask=valid, other=float("-inf"))
         best = tl.maximum(best, comb)
     # (score, index) -> int64: the float's bits made order-preserving as int32, then the
-    # complement of the index, so that a descending sort puts equal scores lower index first
+    # complement of the index, so that larger keys are better and equal scores prefer the
+    # lower index; past num_cands the smallest key (its index decodes as 2^32 - 1)
     bits = best.to(tl.int32, bitcast=True)
     key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
     low = ((tl.full([BLOCK], 1, tl.int64) << 32) - 1) - offs.to(tl.int64)
     pad = tl.full([BLOCK], -2147483648, tl.int32).to(tl.int64) << 32
-    packed = _topk(tl.where(valid, (key << 32) | low, pad), BLOCK, KP)
-    tl.store(out_ptr + pid_b.to(tl.int64) * stride_ob + pid_n * KP + tl.arange(0, KP), packed)
+    tl.store(keys_ptr + pid_b.to(tl.int64) * stride_kb + offs,
+             tl.where(valid, (key << 32) | low, pad), mask=offs < max_cands)
+
+
+@triton.jit
+def _block_topk_kernel(
+    keys_ptr, out_ptr, max_cands,
+    stride_kb, stride_ob,  # keys [B, N]; out [B, num_blocks * KP], each block's best first
+    BLOCK: tl.constexpr, KP: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs = pid_n * BLOCK + tl.arange(0, BLOCK)
+    pad = tl.full([BLOCK], -2147483648, tl.int32).to(tl.int64) << 32
+    x = tl.load(keys_ptr + pid_b.to(tl.int64) * stride_kb + offs, mask=offs < max_cands,
+                other=0)
+    best = _topk(tl.where(offs < max_cands, x, pad), BLOCK, KP)
+    tl.store(out_ptr + pid_b.to(tl.int64) * stride_ob + pid_n * KP + tl.arange(0, KP), best)
 
 
 @triton.jit
@@ -226,22 +237,24 @@ def select_scope_triton(q: torch.Tensor, cand_pages: torch.Tensor, num_cands: to
     best = torch.empty(batch, max(1, num_blocks * kp), dtype=torch.int64, device=dev)
     if n:
         per_head = combine != "sum"
-        num_pblocks = triton.cdiv(n, SCORE_BLOCK_N)
         scores = torch.empty((rows, num_q_heads, n) if per_head else (rows, n),
                              dtype=torch.float32, device=dev)
-        pmax = (torch.empty(rows, num_q_heads, num_pblocks, dtype=torch.float32, device=dev)
-                if per_head else None)
+        scale = (torch.zeros(rows, num_q_heads, dtype=torch.float32, device=dev)
+                 if per_head else None)
         launch_scorer(q, cand_pages, num_cands, kmin if use_minmax else None,
                       kmax if use_minmax else None, None if use_minmax else kmean, scores,
-                      pmax, reps)
-        _block_topk_kernel[(batch, num_blocks)](
-            scores, pmax if per_head else scores, num_cands, best,
-            num_pblocks, num_q_heads,
+                      scale, reps)
+        keys = torch.empty(batch, n, dtype=torch.int64, device=dev)
+        cb = 256
+        _combine_kernel[(batch, triton.cdiv(n, cb))](
+            scores, scale if per_head else scores, num_cands, keys, n, num_q_heads,
             scores.stride(0), scores.stride(1) if per_head else 0,
-            pmax.stride(0) if per_head else 0, pmax.stride(1) if per_head else 0,
-            best.stride(0),
-            REPS=reps, MAX_COMBINE=per_head, BLOCK=block, KP=kp, BLOCK_P=256,
-            HEAD_TILE=max(1, min(next_pow2(num_q_heads), 8192 // block)),
+            scale.stride(0) if per_head else 0, keys.stride(0),
+            REPS=reps, MAX_COMBINE=per_head, BLOCK=cb,
+            HEAD_TILE=max(1, min(next_pow2(num_q_heads), 32)), num_warps=4,
+        )
+        _block_topk_kernel[(batch, num_blocks)](
+            keys, best, n, keys.stride(0), best.stride(0), BLOCK=block, KP=kp,
             num_warps=8 if block >= 2048 else 4,
         )
     m = max(kp, next_pow2(num_blocks) * kp)

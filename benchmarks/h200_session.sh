@@ -24,7 +24,7 @@ cd /tmp && cp -r "$OLDPWD/benchmarks" /tmp/benchmarks
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader | tee "$OUT/gpu.txt"
 for step in ${STEPS:-check offline niah}; do
     case $step in
-        check) timeout 300 python3 benchmarks/check_gpu.py 2>&1 | tee "$OUT/check_gpu.txt" ;;
+        check) timeout ${CHECK_TIMEOUT:-300} python3 benchmarks/check_gpu.py 2>&1 | tee "$OUT/check_gpu.txt" ;;
         offline) timeout 400 python3 benchmarks/bench_offline.py --device cuda --batch-sizes 1 32 \
                     --prompt-len 256 --gen-len 128 --repeats ${OFFLINE_REPEATS:-3} 2>&1 | tee "$OUT/bench_offline.txt" ;;
         niah) timeout ${NIAH_TIMEOUT:-300} python3 benchmarks/niah.py --device cuda --dtype float32 \

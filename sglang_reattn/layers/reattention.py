@@ -130,10 +130,10 @@ class ReAttention(PagedAttention):
         kmin, kmax, kmean = self._kernels.chunk_summaries_ref(self.pool.k[layer_id], pages, full)
         smin, smax, smean = self._summaries(layer_id)
         if smin is not None:
-            smin[pages] = kmin
-            smax[pages] = kmax
+            smin[pages] = kmin.to(smin.dtype)
+            smax[pages] = kmax.to(smax.dtype)
         if smean is not None:
-            smean[pages] = kmean
+            smean[pages] = kmean.to(smean.dtype)
 
     def pages_loaded(self, pages: torch.Tensor) -> None:
         """Summaries of whole pages, every layer (chunks loaded from the disk tier)."""

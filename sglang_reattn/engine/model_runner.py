@@ -194,21 +194,47 @@ class ModelRunner:
                                        p.rep_index[:bs], 1, True)
         return out
 
+    @staticmethod
+    def _pages_cpu(r: Request) -> torch.Tensor:
+        """`r.pages` as an int32 CPU tensor, kept on the request and extended as decode
+        appends pages: converting a million-token context's page list (16K Python ints)
+        every step cost about a millisecond."""
+        t = getattr(r, "_pages_cpu", None)
+        n = len(r.pages)
+        if t is None or t.numel() > n or (n and int(t[0]) != r.pages[0]):
+            t = torch.tensor(r.pages, dtype=torch.int32)
+        elif t.numel() < n:
+            t = torch.cat([t, torch.tensor(r.pages[t.numel():], dtype=torch.int32)])
+        r._pages_cpu = t
+        return t
+
     def _fill_plan(self, reqs: list[Request], gbs: int) -> None:
-        bs = len(reqs)
-        host = build_scope_plan(self.reattn, [r.pages for r in reqs],
-                                [r.num_computed for r in reqs], [1] * bs, torch.device("cpu"))
-        p = self._plan
-        for name in ("head_table", "cand_pages", "local_table"):
-            src, dst = getattr(host, name), getattr(p, name)
-            assert src.shape[1] <= dst.shape[1], f"{name} wider than the captured graph"
+        """The decode step's ScopePlan (as `build_scope_plan` lays it out) into the graph's
+        static buffers."""
+        cfg, c, bs, p = self.reattn, self.page_size, len(reqs), self._plan
+        parts, ltoks = [], []
+        for r in reqs:
+            sink_p, local_p, total = plan_geometry(cfg, r.num_computed, 1)
+            pages = self._pages_cpu(r)
+            parts.append((pages[:sink_p], pages[sink_p:local_p], pages[local_p:total]))
+            ltoks.append(r.num_computed + 1 - local_p * c)
+        for k, name in enumerate(("head_table", "cand_pages", "local_table")):
+            dst = getattr(p, name)
+            width = max(1, max(part[k].numel() for part in parts))
+            assert width <= dst.shape[1], f"{name} wider than the captured graph"
+            src = torch.zeros(bs, width, dtype=torch.int32)
+            for i, part in enumerate(parts):
+                src[i, : part[k].numel()] = part[k]
             dst[:gbs].zero_()
-            dst[:bs, : src.shape[1]].copy_(src, non_blocking=True)
+            dst[:bs, :width].copy_(src, non_blocking=True)
+        counts = torch.tensor([[part[0].numel(), part[1].numel(), t]
+                               for part, t in zip(parts, ltoks)], dtype=torch.int32)
         for name in ("head_pages", "num_cands"):
             getattr(p, name)[:gbs].zero_()
-            getattr(p, name)[:bs].copy_(getattr(host, name), non_blocking=True)
+        p.head_pages[:bs].copy_(counts[:, 0], non_blocking=True)
+        p.num_cands[:bs].copy_(counts[:, 1], non_blocking=True)
         p.local_tokens[:gbs].fill_(1)
-        p.local_tokens[:bs].copy_(host.local_tokens, non_blocking=True)
+        p.local_tokens[:bs].copy_(counts[:, 2], non_blocking=True)
 
     def _needs_select(self, reqs: list[Request]) -> bool:
         if self.reattn is None:

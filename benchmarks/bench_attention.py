@@ -252,6 +252,14 @@ def check_ops(device) -> list[tuple[str, float, bool]]:
         same = torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
         results.append((f"score_chunks ({combine})", 0.0 if same else 1.0, same))
     results.extend(check_select_scope(device, g))
+    for dtype in (torch.bfloat16, torch.float16):  # the model's fused add + RMSNorm
+        x = torch.randn(5, 4096, generator=g, device=device).to(dtype)
+        r = torch.randn(5, 4096, generator=g, device=device).to(dtype)
+        w = (1 + 0.1 * torch.randn(4096, generator=g, device=device)).to(dtype)
+        (o, t), (ro, rt) = K.rms_norm_triton(x, w, 1e-5, r), K.rms_norm_ref(x, w, 1e-5, r)
+        err = max((o.float() - ro.float()).abs().max().item(),
+                  (t.float() - rt.float()).abs().max().item())
+        results.append((f"rms_norm + residual ({dtype})", err, err < 4e-2))
     return results
 
 

@@ -73,7 +73,9 @@ def model_dir(name: str) -> str:
            "eos_token_id": 2, **SHAPES[name]}
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f)
-    src = resolve_model_path(None)
+    # BENCH_TOKENIZER_DIR: a folder with the default model's tokenizer files (lets a GPU
+    # run without the 98 MB GGUF); otherwise they come from the default model
+    src = os.environ.get("BENCH_TOKENIZER_DIR") or resolve_model_path(None)
     for fn in os.listdir(src):
         if fn.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
             shutil.copy(os.path.join(src, fn), path)

@@ -11,13 +11,13 @@ Four launches (five with ``combine="max"``'s zero fill), no host sync, shape-sta
 2. ``_combine_kernel``, grid ``(B, cdiv(N, 256))``: normalizes and sums the heads, takes the
    max over a prefill piece's representative queries, and packs each (score, index) into
    one int64 that orders by score, then by lower index.
-3. ``_block_sort_kernel``, grid ``(B, num_blocks)``: sorts each block of keys, best first.
-4. ``_scope_table_kernel``, grid ``(B,)``: sorts the first ``KP`` keys of every block (``KP``
-   = topk rounded up to a power of two; no other key can be in the top k), keeps the first
-   ``topk`` valid ones, re-sorts their indices ascending (original order), maps them to
-   pages and writes the scope table row and its length.
+3. ``_block_topk_kernel``, grid ``(B, num_blocks)``: each block's ``KP`` best keys (``KP`` =
+   topk rounded up to a power of two; only those can be in the top k).
+4. ``_scope_table_kernel``, grid ``(B,)``: the ``KP`` best of all blocks' picks, of which the
+   first ``topk`` valid ones are kept, their indices re-sorted ascending (original order),
+   mapped to pages, and the scope table row and its length written.
 
-Sorting is ``tl.sort`` (bitonic); the interpreter ranks instead (see ``_sort_by_rank``).
+Top-k uses ``tl.topk`` where this Triton has it, else ``tl.sort``; the interpreter ranks.
 
 Semantics: ``select_scope_ref``. Ties between equal combined scores go to the lower index
 here; ``torch.topk`` in the reference breaks them arbitrarily.
@@ -62,6 +62,31 @@ def _sort_by_rank(x, N: tl.constexpr, DESCENDING: tl.constexpr):
 
 
 _sort = _sort_by_rank if INTERPRETED else _sort_compiled
+
+
+@triton.jit
+def _first(x, N: tl.constexpr, K: tl.constexpr):
+    """The first K of a [N] vector (N, K powers of two)."""
+    if N == K:
+        out = x
+    else:
+        rows = tl.reshape(x, [N // K, K])
+        out = tl_sum(tl.where(tl.arange(0, N // K)[:, None] == 0, rows, 0), 0)
+    return out
+
+
+@triton.jit
+def _topk_builtin(x, N: tl.constexpr, K: tl.constexpr):
+    return tl.topk(x, K)  # bitonic: sorts runs of K and merges them, halving as it goes
+
+
+@triton.jit
+def _topk_by_sort(x, N: tl.constexpr, K: tl.constexpr):
+    return _first(_sort(x, N, True), N, K)
+
+
+# The K largest of a [N] vector, largest first.
+_topk = _topk_by_sort if INTERPRETED or not hasattr(tl, "topk") else _topk_builtin
 
 
 @triton.jit
@@ -110,10 +135,10 @@ def _combine_kernel(
 
 
 @triton.jit
-def _block_sort_kernel(
+def _block_topk_kernel(
     keys_ptr, out_ptr, max_cands,
-    stride_kb, stride_ob,  # keys [B, N]; out [B, num_blocks * BLOCK], each block best first
-    BLOCK: tl.constexpr,
+    stride_kb, stride_ob,  # keys [B, N]; out [B, num_blocks * KP], each block's best first
+    BLOCK: tl.constexpr, KP: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -121,31 +146,31 @@ def _block_sort_kernel(
     pad = tl.full([BLOCK], -2147483648, tl.int32).to(tl.int64) << 32
     x = tl.load(keys_ptr + pid_b.to(tl.int64) * stride_kb + offs, mask=offs < max_cands,
                 other=0)
-    x = _sort(tl.where(offs < max_cands, x, pad), BLOCK, True)
-    tl.store(out_ptr + pid_b.to(tl.int64) * stride_ob + offs, x)
+    best = _topk(tl.where(offs < max_cands, x, pad), BLOCK, KP)
+    tl.store(out_ptr + pid_b.to(tl.int64) * stride_ob + pid_n * KP + tl.arange(0, KP), best)
 
 
 @triton.jit
 def _scope_table_kernel(
-    sorted_ptr, num_cands_ptr, cand_ptr, head_table_ptr, head_pages_ptr, local_table_ptr,
+    best_ptr, num_cands_ptr, cand_ptr, head_table_ptr, head_pages_ptr, local_table_ptr,
     local_tokens_ptr, table_ptr, lens_ptr, sel_ptr, nsel_ptr,
-    num_blocks, topk, chunk_size, local_width, width,
-    stride_sb, stride_cb, stride_hb, stride_lb, stride_tb, stride_selb,
-    BLOCK: tl.constexpr, KP: tl.constexpr, M: tl.constexpr, BLOCK_W: tl.constexpr,
+    num_best, topk, chunk_size, local_width, width,
+    stride_bb, stride_cb, stride_hb, stride_lb, stride_tb, stride_selb,
+    KP: tl.constexpr, M: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     b = tl.program_id(0)
     m = tl.arange(0, M)
-    blk = m // KP  # the first KP keys of each sorted block
     pad = tl.full([M], -2147483648, tl.int32).to(tl.int64) << 32
-    x = tl.load(sorted_ptr + b.to(tl.int64) * stride_sb + blk * BLOCK + m % KP,
-                mask=blk < num_blocks, other=0)
-    x = _sort(tl.where(blk < num_blocks, x, pad), M, True)
-    mask32 = (tl.full([M], 1, tl.int64) << 32) - 1
+    x = tl.load(best_ptr + b.to(tl.int64) * stride_bb + m, mask=m < num_best, other=0)
+    x = _topk(tl.where(m < num_best, x, pad), M, KP)  # [KP], best first
+    j = tl.arange(0, KP)
+    mask32 = (tl.full([KP], 1, tl.int64) << 32) - 1
     idx = mask32 - (x & mask32)  # padding decodes to 2^32 - 1, never a valid index
     n_cands = tl.load(num_cands_ptr + b)
-    valid = (m < topk) & (idx < n_cands)
+    valid = (j < topk) & (idx < n_cands)
     nsel = tl_sum(valid.to(tl.int32), 0)
-    idx = _sort(tl.where(valid, idx, 2147483647), M, False)  # selected, in original order
+    idx = _sort(tl.where(valid, idx, 2147483647), KP, False)  # selected, in original order
+    m = j
     keep = m < nsel
     page = tl.load(cand_ptr + b.to(tl.int64) * stride_cb + idx, mask=keep, other=0)
     head = tl.load(head_pages_ptr + b)
@@ -204,13 +229,12 @@ def select_scope_triton(q: torch.Tensor, cand_pages: torch.Tensor, num_cands: to
     if batch == 0:
         return table, lens, sel, nsel
     kp = max(16, next_pow2(topk))
-    # the first pass sorts blocks of candidates; the last sorts the KP best of each block:
-    # at most 16 blocks up to 16 * 8192 candidates (8M tokens of 64-token chunks)
-    block = sort_block or min(_MAX_SORT_BLOCK, max(kp, 256, next_pow2(triton.cdiv(n, 16))))
+    # candidates per block of the first pass: fixed sizes keep recompiles few as contexts grow
+    block = sort_block or max(kp, 256 if n <= 4096 else 1024 if n <= 16384 else 4096)
     check(block >= kp and block == next_pow2(block),
           f"sort_block must be a power of two >= {kp}, got {block}")
     num_blocks = triton.cdiv(n, block)
-    ranked = torch.empty(batch, max(1, num_blocks * block), dtype=torch.int64, device=dev)
+    best = torch.empty(batch, max(1, num_blocks * kp), dtype=torch.int64, device=dev)
     if n:
         per_head = combine != "sum"
         scores = torch.empty((rows, num_q_heads, n) if per_head else (rows, n),
@@ -229,18 +253,18 @@ def select_scope_triton(q: torch.Tensor, cand_pages: torch.Tensor, num_cands: to
             REPS=reps, MAX_COMBINE=per_head, BLOCK=cb,
             HEAD_TILE=max(1, min(next_pow2(num_q_heads), 32)), num_warps=4,
         )
-        _block_sort_kernel[(batch, num_blocks)](
-            keys, ranked, n, keys.stride(0), ranked.stride(0), BLOCK=block,
+        _block_topk_kernel[(batch, num_blocks)](
+            keys, best, n, keys.stride(0), best.stride(0), BLOCK=block, KP=kp,
             num_warps=8 if block >= 2048 else 4,
         )
     m = max(kp, next_pow2(num_blocks) * kp)
     _scope_table_kernel[(batch,)](
-        ranked, num_cands, cand_pages, head_table, head_pages, local_table, local_tokens,
+        best, num_cands, cand_pages, head_table, head_pages, local_table, local_tokens,
         table, lens, sel, nsel,
-        num_blocks, topk, chunk_size, l_w, width,
-        ranked.stride(0), cand_pages.stride(0), head_table.stride(0), local_table.stride(0),
+        num_blocks * kp, topk, chunk_size, l_w, width,
+        best.stride(0), cand_pages.stride(0), head_table.stride(0), local_table.stride(0),
         table.stride(0), sel.stride(0) if topk else 0,
-        BLOCK=block, KP=kp, M=m, BLOCK_W=max(16, min(256, next_pow2(width))),
+        KP=kp, M=m, BLOCK_W=max(16, min(256, next_pow2(width))),
         num_warps=8 if m >= 2048 else 4,
     )
     return table, lens, sel, nsel

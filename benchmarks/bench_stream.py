@@ -96,7 +96,11 @@ def main() -> None:
             doc = ids_of(n, 1, vocab)
             questions = [ids_of(24, 10 + i, vocab) for i in range(args.repeats + 2)]
             res["prefill_s"], _ = ttft(eng, doc + questions[0])
+            print(f"# prefill: TTFT {res['prefill_s']:.2f} s", flush=True)
+            t = time.perf_counter()
             eng.store_tier.flush()
+            print(f"# store written behind, flushed {time.perf_counter() - t:.1f} s later",
+                  flush=True)
             scope = eng.reattn.scope_tokens
             hw = (torch.cuda.get_device_name(0) if eng.device.type == "cuda"
                   else f"{platform.machine()} CPU, {torch.get_num_threads()} threads")
@@ -106,10 +110,13 @@ def main() -> None:
                            kv_host_cache_size=args.host_cache, kv_resident_max_tokens=scope)
         with Engine(args.model_path, **stream_opts) as eng:
             res["streamed_ttft_s"], res["streamed_cached"] = ttft(eng, doc + questions[1])
+            print(f"# streamed after restart: TTFT {res['streamed_ttft_s']:.2f} s, cached "
+                  f"{res['streamed_cached']:,}", flush=True)
             before = eng.stats()
             rates = [decode_rate(eng, doc + q, args.decode) for q in questions[2:]]
             after = eng.stats()
             res["streamed_tok_s"] = statistics.median(rates)
+            print(f"# streamed decode {res['streamed_tok_s']:.1f} tok/s", flush=True)
             d = {k: after.get(k, 0) - before.get(k, 0) for k in after
                  if isinstance(after.get(k), (int, float))}
             hits, misses = d.get("chunk_cache_hits", 0), d.get("chunk_cache_misses", 0)
@@ -122,6 +129,7 @@ def main() -> None:
 
         with Engine(args.model_path, **common) as eng:
             res["resident_ttft_s"], res["resident_cached"] = ttft(eng, doc + questions[1])
+            print(f"# resident after restart: TTFT {res['resident_ttft_s']:.2f} s", flush=True)
             rates = [decode_rate(eng, doc + q, args.decode) for q in questions[2:]]
             res["resident_tok_s"] = statistics.median(rates)
     finally:

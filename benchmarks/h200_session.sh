@@ -2,6 +2,8 @@
 # One H200 session (run through the device tool from the repo root), second of two calls:
 #   call 1: carry .gguf (first part only) -> copied to /root/gguf/
 #   call 2: carry .gguf (second part) and .whl -> this script
+# Steps that need only the tokenizer (attention, e2e8b, e2e1b) can run in one call without the
+# GGUF: carry a folder of the default model's tokenizer files and set BENCH_TOKENIZER_DIR.
 # Installs the carried wheels and this package, rebuilds the default model's GGUF, then
 # checks kernels and engine against references and runs the benchmarks. Tables go to $OUT.
 set -uo pipefail

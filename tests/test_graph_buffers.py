@@ -23,3 +23,20 @@ def test_static_buffer_decode_matches_eager(tiny_llama):
         out = [o["output_ids"] for o in eng.generate(input_ids=prompts, sampling_params=params)]
         one = eng.generate(input_ids=prompts[0], sampling_params=params)["output_ids"]
     assert out == ref and one == ref[0]
+
+
+def test_page_tensor_follows_the_page_list():
+    """The runner's cached int32 copy of a request's pages: extended on append, rebuilt
+    when the list is replaced or shrinks, always equal to the list."""
+    from types import SimpleNamespace
+
+    from sglang_reattn.engine.model_runner import ModelRunner
+
+    r = SimpleNamespace(pages=[5, 9, 2])
+    seen = ModelRunner._pages_cpu(r)
+    assert seen.tolist() == [5, 9, 2]
+    r.pages.append(7)  # decode appends in place
+    assert ModelRunner._pages_cpu(r).tolist() == [5, 9, 2, 7]
+    for new_pages in ([5, 9, 2, 7, 1], [6, 9, 2, 7, 1, 4], [6, 9, 2, 7, 1, 5], [8], [], [5, 6]):
+        r.pages = list(new_pages)
+        assert ModelRunner._pages_cpu(r).tolist() == new_pages

@@ -198,13 +198,16 @@ class ModelRunner:
     def _pages_cpu(r: Request) -> torch.Tensor:
         """`r.pages` as an int32 CPU tensor, kept on the request and extended as decode
         appends pages: converting a million-token context's page list (16K Python ints)
-        every step cost about a millisecond."""
+        every step cost about a millisecond. A running request's list only grows at its
+        end; a list that shrank or whose first or last cached page changed is re-read."""
         t = getattr(r, "_pages_cpu", None)
-        n = len(r.pages)
-        if t is None or t.numel() > n or (n and int(t[0]) != r.pages[0]):
+        n, m = len(r.pages), 0 if t is None else t.numel()
+        # rebuilt when the list no longer extends the cached prefix (freed, replaced)
+        if t is None or m > n or (m and (int(t[0]) != r.pages[0]
+                                         or int(t[-1]) != r.pages[m - 1])):
             t = torch.tensor(r.pages, dtype=torch.int32)
-        elif t.numel() < n:
-            t = torch.cat([t, torch.tensor(r.pages[t.numel():], dtype=torch.int32)])
+        elif m < n:
+            t = torch.cat([t, torch.tensor(r.pages[m:], dtype=torch.int32)])
         r._pages_cpu = t
         return t
 

@@ -36,8 +36,6 @@ from .score_chunks import (
     select_topk,
 )
 
-_MAX_SORT_BLOCK = 8192
-
 
 @triton.jit
 def _sort_compiled(x, N: tl.constexpr, DESCENDING: tl.constexpr):

@@ -17,6 +17,7 @@ from sglang_reattn.layers.reattention import (
     build_scope_plan,
     completed_pages,
     plan_geometry,
+    split_scope,
 )
 from sglang_reattn.models.llama import CausalLM
 
@@ -214,13 +215,8 @@ class ModelRunner:
     def _fill_plan(self, reqs: list[Request], gbs: int) -> None:
         """The decode step's ScopePlan (as `build_scope_plan` lays it out) into the graph's
         static buffers."""
-        cfg, c, bs, p = self.reattn, self.page_size, len(reqs), self._plan
-        parts, ltoks = [], []
-        for r in reqs:
-            sink_p, local_p, total = plan_geometry(cfg, r.num_computed, 1)
-            pages = self._pages_cpu(r)
-            parts.append((pages[:sink_p], pages[sink_p:local_p], pages[local_p:total]))
-            ltoks.append(r.num_computed + 1 - local_p * c)
+        bs, p = len(reqs), self._plan
+        parts = [split_scope(self.reattn, self._pages_cpu(r), r.num_computed, 1) for r in reqs]
         for k, name in enumerate(("head_table", "cand_pages", "local_table")):
             dst = getattr(p, name)
             width = max(1, max(part[k].numel() for part in parts))
@@ -230,8 +226,8 @@ class ModelRunner:
                 src[i, : part[k].numel()] = part[k]
             dst[:gbs].zero_()
             dst[:bs, :width].copy_(src, non_blocking=True)
-        counts = torch.tensor([[part[0].numel(), part[1].numel(), t]
-                               for part, t in zip(parts, ltoks)], dtype=torch.int32)
+        counts = torch.tensor([[head.numel(), cand.numel(), ltok]
+                               for head, cand, _, ltok in parts], dtype=torch.int32)
         for name in ("head_pages", "num_cands"):
             getattr(p, name)[:gbs].zero_()
         p.head_pages[:bs].copy_(counts[:, 0], non_blocking=True)

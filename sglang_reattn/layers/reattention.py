@@ -52,6 +52,14 @@ def plan_geometry(cfg: ReAttnConfig, cached: int, new: int) -> tuple[int, int, i
     return sink_p, local_p, total
 
 
+def split_scope(cfg: ReAttnConfig, pages, cached: int, new: int):
+    """One sequence's pages (a list or a tensor) -> (sink, candidates, local window, tokens
+    in the local window), as slices of `pages`."""
+    sink_p, local_p, total = plan_geometry(cfg, cached, new)
+    return (pages[:sink_p], pages[sink_p:local_p], pages[local_p:total],
+            cached + new - local_p * cfg.chunk_size)
+
+
 def completed_pages(page_lists: list[list[int]], cached: list[int], q_lens: list[int],
                     chunk_size: int) -> list[int]:
     """Pages whose last slot is written by this step (their summaries become final)."""
@@ -63,14 +71,8 @@ def completed_pages(page_lists: list[list[int]], cached: list[int], q_lens: list
 def build_scope_plan(cfg: ReAttnConfig, page_lists: list[list[int]], cached: list[int],
                      q_lens: list[int], device: torch.device, min_widths=(1, 1, 1)
                      ) -> ScopePlan:
-    heads, cands, locals_, ltoks = [], [], [], []
-    c = cfg.chunk_size
-    for pages, s, n in zip(page_lists, cached, q_lens):
-        sink_p, local_p, total = plan_geometry(cfg, s, n)
-        heads.append(pages[:sink_p])
-        cands.append(pages[sink_p:local_p])
-        locals_.append(pages[local_p:total])
-        ltoks.append(s + n - local_p * c)
+    heads, cands, locals_, ltoks = zip(*(split_scope(cfg, pages, s, n)
+                                         for pages, s, n in zip(page_lists, cached, q_lens)))
     reps = 1 if max(q_lens) == 1 else REP_QUERIES
     rep_index, start = [], 0
     for n in q_lens:
@@ -176,7 +178,7 @@ class ReAttention(PagedAttention):
         # [B*R, Hq, D] un-rotated; decode (one query per sequence, R = 1) scores q itself
         qr = q if plan.reps == 1 else q.index_select(0, plan.rep_index)
         kmin, kmax, kmean = self._summaries(layer_id)
-        if not streamed:  # scoring, top-k and the table in one fused op (3 launches on GPU)
+        if not streamed:  # scoring, top-k and the table in one fused op (5 launches on GPU)
             table, lens, sel_pages, _ = kn.select_scope(
                 qr, plan.cand_pages, plan.num_cands, plan.head_table, plan.head_pages,
                 plan.local_table, plan.local_tokens, topk, c, kmin, kmax, kmean,

@@ -39,6 +39,7 @@ from .score_chunks import (
 from .select_scope import (
     assemble_scope_ref,
     scope_scores_ref,
+    map_pages,
     select_scope_ref,
     select_scope_triton,
 )
@@ -52,7 +53,7 @@ __all__ = [
     "score_chunks", "score_chunks_ref", "score_chunks_triton",
     "chunk_scores", "chunk_scores_ref", "chunk_scores_triton",
     "combine_head_scores", "select_topk",
-    "select_scope", "select_scope_ref", "select_scope_triton", "assemble_scope_ref",
+    "select_scope", "select_scope_ref", "select_scope_triton", "assemble_scope_ref", "map_pages",
     "scope_scores_ref",
     "apply_rope_ref", "rope_tables", "gather_scope_ref", "rms_norm_ref", "rms_norm_triton",
 ]
@@ -106,8 +107,9 @@ def select_scope(q: torch.Tensor, cand_pages: torch.Tensor, num_cands: torch.Ten
                  head_table: torch.Tensor, head_pages: torch.Tensor, local_table: torch.Tensor,
                  local_tokens: torch.Tensor, topk: int, chunk_size: int,
                  kmin: torch.Tensor | None = None, kmax: torch.Tensor | None = None,
-                 kmean: torch.Tensor | None = None, combine: str = "max", reps: int = 1):
+                 kmean: torch.Tensor | None = None, combine: str = "max", reps: int = 1,
+                 page_map: torch.Tensor | None = None, map_base: int = 0):
     """``(table, lens, sel_pages, num_sel)`` of one layer's scope; see ``select_scope_ref``."""
     fn = select_scope_triton if use_triton(q) else select_scope_ref
     return fn(q, cand_pages, num_cands, head_table, head_pages, local_table, local_tokens,
-              topk, chunk_size, kmin, kmax, kmean, combine, reps)
+              topk, chunk_size, kmin, kmax, kmean, combine, reps, page_map, map_base)

@@ -64,31 +64,40 @@ def _score_chunks_kernel(
     row = page[:, None] * stride_sp + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
 
     total = tl.full([BLOCK_N], 0.0, tl.float32)
-    for h in range(h_lo, h_hi):
-        if USE_MINMAX:
-            mn = tl.load(kmin_ptr + row + h * stride_sh, mask=nd_mask, other=0.0).to(tl.float32)
-            mx = tl.load(kmax_ptr + row + h * stride_sh, mask=nd_mask, other=0.0).to(tl.float32)
-        else:
-            mean = tl.load(kmean_ptr + row + h * stride_sh, mask=nd_mask,
-                           other=0.0).to(tl.float32)
-        for g in tl.static_range(GROUP):
-            qh = h * GROUP + g
-            qv = tl.load(q_ptr + pid_b.to(tl.int64) * stride_qb + qh * stride_qh + offs_d,
-                         mask=d_mask, other=0.0).to(tl.float32)
+    # A block wholly past this sequence's candidates (the width is padded to a captured
+    # maximum) reads nothing: it only marks its scores -inf.
+    if pid_n * BLOCK_N < n_cands:
+        for h in range(h_lo, h_hi):
             if USE_MINMAX:
-                # max(q*min, q*max) per channel = q * (max if q >= 0 else min)
-                bound = tl.where(qv[None, :] >= 0, mx, mn)
-                s = tl_sum(bound * qv[None, :], 1)
+                mn = tl.load(kmin_ptr + row + h * stride_sh, mask=nd_mask,
+                             other=0.0).to(tl.float32)
+                mx = tl.load(kmax_ptr + row + h * stride_sh, mask=nd_mask,
+                             other=0.0).to(tl.float32)
             else:
-                s = tl_sum(mean * qv[None, :], 1)
-            if PER_HEAD:
-                tl.store(out_ptr + pid_b.to(tl.int64) * stride_ob + qh * stride_oh + offs_n,
-                         tl.where(n_mask, s, float("-inf")), mask=offs_n < max_cands)
-                if WRITE_SCALE:
-                    tl.atomic_max(scale_ptr + pid_b.to(tl.int64) * stride_scb + qh,
-                                  tl_max(tl.where(n_mask, tl.abs(s), 0.0), 0))
-            else:
-                total += s
+                mean = tl.load(kmean_ptr + row + h * stride_sh, mask=nd_mask,
+                               other=0.0).to(tl.float32)
+            for g in tl.static_range(GROUP):
+                qh = h * GROUP + g
+                qv = tl.load(q_ptr + pid_b.to(tl.int64) * stride_qb + qh * stride_qh + offs_d,
+                             mask=d_mask, other=0.0).to(tl.float32)
+                if USE_MINMAX:
+                    # max(q*min, q*max) per channel = q * (max if q >= 0 else min)
+                    bound = tl.where(qv[None, :] >= 0, mx, mn)
+                    s = tl_sum(bound * qv[None, :], 1)
+                else:
+                    s = tl_sum(mean * qv[None, :], 1)
+                if PER_HEAD:
+                    tl.store(out_ptr + pid_b.to(tl.int64) * stride_ob + qh * stride_oh + offs_n,
+                             tl.where(n_mask, s, float("-inf")), mask=offs_n < max_cands)
+                    if WRITE_SCALE:
+                        tl.atomic_max(scale_ptr + pid_b.to(tl.int64) * stride_scb + qh,
+                                      tl_max(tl.where(n_mask, tl.abs(s), 0.0), 0))
+                else:
+                    total += s
+    elif PER_HEAD:
+        for qh in range(h_lo * GROUP, h_hi * GROUP):
+            tl.store(out_ptr + pid_b.to(tl.int64) * stride_ob + qh * stride_oh + offs_n,
+                     tl.full([BLOCK_N], float("-inf"), tl.float32), mask=offs_n < max_cands)
     if not PER_HEAD:
         tl.store(out_ptr + pid_b.to(tl.int64) * stride_ob + offs_n,
                  tl.where(n_mask, total, float("-inf")), mask=offs_n < max_cands)

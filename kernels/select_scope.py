@@ -134,7 +134,7 @@ def _combine_kernel(
 
 @triton.jit
 def _block_topk_kernel(
-    keys_ptr, out_ptr, max_cands,
+    keys_ptr, num_cands_ptr, out_ptr, max_cands,
     stride_kb, stride_ob,  # keys [B, N]; out [B, num_blocks * KP], each block's best first
     BLOCK: tl.constexpr, KP: tl.constexpr,
 ):
@@ -142,19 +142,22 @@ def _block_topk_kernel(
     pid_n = tl.program_id(1)
     offs = pid_n * BLOCK + tl.arange(0, BLOCK)
     pad = tl.full([BLOCK], -2147483648, tl.int32).to(tl.int64) << 32
-    x = tl.load(keys_ptr + pid_b.to(tl.int64) * stride_kb + offs, mask=offs < max_cands,
-                other=0)
-    best = _topk(tl.where(offs < max_cands, x, pad), BLOCK, KP)
-    tl.store(out_ptr + pid_b.to(tl.int64) * stride_ob + pid_n * KP + tl.arange(0, KP), best)
+    out = out_ptr + pid_b.to(tl.int64) * stride_ob + pid_n * KP + tl.arange(0, KP)
+    if pid_n * BLOCK < tl.load(num_cands_ptr + pid_b):
+        x = tl.load(keys_ptr + pid_b.to(tl.int64) * stride_kb + offs, mask=offs < max_cands,
+                    other=0)
+        tl.store(out, _topk(tl.where(offs < max_cands, x, pad), BLOCK, KP))
+    else:  # wholly past the sequence's candidates (a padded width): no sort
+        tl.store(out, tl.full([KP], -2147483648, tl.int32).to(tl.int64) << 32)
 
 
 @triton.jit
 def _scope_table_kernel(
     best_ptr, num_cands_ptr, cand_ptr, head_table_ptr, head_pages_ptr, local_table_ptr,
-    local_tokens_ptr, table_ptr, lens_ptr, sel_ptr, nsel_ptr,
-    num_best, topk, chunk_size, local_width, width,
+    local_tokens_ptr, table_ptr, lens_ptr, sel_ptr, nsel_ptr, map_ptr,
+    num_best, topk, chunk_size, local_width, width, map_base,
     stride_bb, stride_cb, stride_hb, stride_lb, stride_tb, stride_selb,
-    KP: tl.constexpr, M: tl.constexpr, BLOCK_W: tl.constexpr,
+    KP: tl.constexpr, M: tl.constexpr, BLOCK_W: tl.constexpr, HAS_MAP: tl.constexpr,
 ):
     b = tl.program_id(0)
     m = tl.arange(0, M)
@@ -173,7 +176,12 @@ def _scope_table_kernel(
     page = tl.load(cand_ptr + b.to(tl.int64) * stride_cb + idx, mask=keep, other=0)
     head = tl.load(head_pages_ptr + b)
     row = table_ptr + b.to(tl.int64) * stride_tb
-    tl.store(row + head + m, page, mask=keep)
+    if HAS_MAP:  # pages from map_base on are virtual: the table gets their mapped page
+        virt = keep & (page >= map_base)
+        mapped = tl.load(map_ptr + (page - map_base), mask=virt, other=0)
+        tl.store(row + head + m, tl.where(virt, tl.maximum(mapped, 0), page), mask=keep)
+    else:
+        tl.store(row + head + m, page, mask=keep)
     tl.store(sel_ptr + b.to(tl.int64) * stride_selb + m, tl.where(keep, page, -1), mask=m < topk)
     tl.store(nsel_ptr + b, nsel)
     # the rest of the row: sink pages before the selection, local pages right after it, zeros
@@ -190,7 +198,7 @@ def _scope_table_kernel(
 
 
 def _check_scope_inputs(cand_pages, head_table, head_pages, local_table, local_tokens,
-                        chunk_size) -> None:
+                        chunk_size, page_map=None) -> None:
     b = cand_pages.shape[0]
     for name, t in (("head_table", head_table), ("local_table", local_table)):
         check(t.dtype == torch.int32 and t.dim() == 2 and t.shape[0] == b and t.shape[1] >= 1
@@ -200,6 +208,9 @@ def _check_scope_inputs(cand_pages, head_table, head_pages, local_table, local_t
         check(t.dtype == torch.int32 and t.shape == (b,) and t.is_contiguous(),
               f"{name} must be contiguous int32 [B], got {t.dtype} {tuple(t.shape)}")
     check(chunk_size >= 1, f"chunk_size must be >= 1, got {chunk_size}")
+    check(page_map is None or (page_map.dtype == torch.int32 and page_map.dim() == 1
+                               and page_map.is_contiguous()),
+          "page_map must be a contiguous int32 vector")
 
 
 def select_scope_triton(q: torch.Tensor, cand_pages: torch.Tensor, num_cands: torch.Tensor,
@@ -207,14 +218,15 @@ def select_scope_triton(q: torch.Tensor, cand_pages: torch.Tensor, num_cands: to
                         local_table: torch.Tensor, local_tokens: torch.Tensor, topk: int,
                         chunk_size: int, kmin: torch.Tensor | None = None,
                         kmax: torch.Tensor | None = None, kmean: torch.Tensor | None = None,
-                        combine: str = "max", reps: int = 1, sort_block: int | None = None):
+                        combine: str = "max", reps: int = 1, page_map: torch.Tensor | None = None,
+                        map_base: int = 0, sort_block: int | None = None):
     """Triton ``select_scope``; see ``select_scope_ref`` for the semantics.
     ``sort_block`` (a power of two >= the top-k rounded up) overrides the candidates per
     sorted block, for tuning."""
     use_minmax = _check_score_inputs(q, cand_pages, num_cands, topk, kmin, kmax, kmean,
                                      combine, reps)
     _check_scope_inputs(cand_pages, head_table, head_pages, local_table, local_tokens,
-                        chunk_size)
+                        chunk_size, page_map)
     dev = q.device
     batch, n = cand_pages.shape
     rows, num_q_heads, _ = q.shape
@@ -252,17 +264,17 @@ def select_scope_triton(q: torch.Tensor, cand_pages: torch.Tensor, num_cands: to
             HEAD_TILE=max(1, min(next_pow2(num_q_heads), 32)), num_warps=4,
         )
         _block_topk_kernel[(batch, num_blocks)](
-            keys, best, n, keys.stride(0), best.stride(0), BLOCK=block, KP=kp,
+            keys, num_cands, best, n, keys.stride(0), best.stride(0), BLOCK=block, KP=kp,
             num_warps=8 if block >= 2048 else 4,
         )
     m = max(kp, next_pow2(num_blocks) * kp)
     _scope_table_kernel[(batch,)](
         best, num_cands, cand_pages, head_table, head_pages, local_table, local_tokens,
-        table, lens, sel, nsel,
-        num_blocks * kp, topk, chunk_size, l_w, width,
+        table, lens, sel, nsel, page_map if page_map is not None else nsel,
+        num_blocks * kp, topk, chunk_size, l_w, width, map_base,
         best.stride(0), cand_pages.stride(0), head_table.stride(0), local_table.stride(0),
         table.stride(0), sel.stride(0) if topk else 0,
-        KP=kp, M=m, BLOCK_W=max(16, min(256, next_pow2(width))),
+        KP=kp, M=m, BLOCK_W=max(16, min(256, next_pow2(width))), HAS_MAP=page_map is not None,
         num_warps=8 if m >= 2048 else 4,
     )
     return table, lens, sel, nsel
@@ -290,6 +302,17 @@ def assemble_scope_ref(head_table: torch.Tensor, head_pages: torch.Tensor,
     return table.to(torch.int32), lens.to(torch.int32)
 
 
+def map_pages(pages: torch.Tensor, page_map: torch.Tensor | None, map_base: int
+              ) -> torch.Tensor:
+    """Pages with the virtual ones (``>= map_base``) replaced by ``page_map[page -
+    map_base]``, or by page 0 where that is ``-1``; ``-1`` entries stay."""
+    if page_map is None:
+        return pages
+    virt = pages >= map_base
+    mapped = page_map[torch.where(virt, pages - map_base, 0).long()].clamp_min(0)
+    return torch.where(virt, mapped, pages).to(pages.dtype)
+
+
 def scope_scores_ref(q: torch.Tensor, cand_pages: torch.Tensor, num_cands: torch.Tensor,
                      kmin=None, kmax=None, kmean=None, combine: str = "max",
                      reps: int = 1) -> torch.Tensor:
@@ -308,7 +331,8 @@ def select_scope_ref(q: torch.Tensor, cand_pages: torch.Tensor, num_cands: torch
                      local_table: torch.Tensor, local_tokens: torch.Tensor, topk: int,
                      chunk_size: int, kmin: torch.Tensor | None = None,
                      kmax: torch.Tensor | None = None, kmean: torch.Tensor | None = None,
-                     combine: str = "max", reps: int = 1):
+                     combine: str = "max", reps: int = 1, page_map: torch.Tensor | None = None,
+                     map_base: int = 0):
     """Select one layer's scope for each sequence (torch).
 
     Args:
@@ -319,6 +343,10 @@ def select_scope_ref(q: torch.Tensor, cand_pages: torch.Tensor, num_cands: torch
         local_table: int32 ``[B, L]`` local-window pages (every entry is copied);
             local_tokens: int32 ``[B]`` tokens in them.
         topk, chunk_size: chunks to select; tokens per chunk.
+        page_map, map_base: optional int32 map of virtual pages (candidates ``>= map_base``;
+            the streaming tier's) to the pages holding them: the table gets
+            ``page_map[page - map_base]``, or page 0 where that is ``-1`` (not resident: the
+            caller sees it in ``sel_pages``, which keep the candidates' own pages).
     Returns:
         ``(table [B, S + topk + L], lens [B], sel_pages [B, topk], num_sel [B])``, all int32:
         the scope page table and length (``assemble_scope_ref``), and the selected pages
@@ -326,11 +354,12 @@ def select_scope_ref(q: torch.Tensor, cand_pages: torch.Tensor, num_cands: torch
     """
     _check_score_inputs(q, cand_pages, num_cands, topk, kmin, kmax, kmean, combine, reps)
     _check_scope_inputs(cand_pages, head_table, head_pages, local_table, local_tokens,
-                        chunk_size)
+                        chunk_size, page_map)
     scores = scope_scores_ref(q, cand_pages, num_cands, kmin, kmax, kmean, combine, reps)
     sel, nsel = select_topk(scores, num_cands, topk)
     pages = cand_pages.gather(1, sel.clamp_min(0).long()) if cand_pages.shape[1] else sel
     sel_pages = torch.where(sel >= 0, pages, -1).to(torch.int32)
-    table, lens = assemble_scope_ref(head_table, head_pages, sel_pages, nsel, local_table,
-                                     local_tokens, chunk_size)
+    table, lens = assemble_scope_ref(head_table, head_pages,
+                                     map_pages(sel_pages, page_map, map_base), nsel,
+                                     local_table, local_tokens, chunk_size)
     return table, lens, sel_pages, nsel

@@ -279,6 +279,29 @@ def test_select_scope_ties_go_to_the_lower_index():
     assert sel[2].tolist() == cand[2, :9].tolist() and sel[1, :5].tolist() == cand[1, :5].tolist()
 
 
+@pytest.mark.parametrize("topk", [5, 17])
+def test_select_scope_maps_virtual_pages(topk):
+    """Candidates from map_base on are virtual (the streaming tier's): the table holds the
+    page each maps to (page 0 where the map says -1, not resident), while sel_pages keep
+    the candidates' own pages; same as the reference, and as mapping the unmapped table."""
+    gen = torch.Generator().manual_seed(30 + topk)
+    q, cand, nc, (kmin, kmax, _), scope = _scope_inputs(3, 1, 2, 4, 64, torch.float32, gen, 300)
+    base = 150
+    page_map = torch.randint(400, 500, (kmin.shape[0] - base,), generator=gen).int()
+    page_map[::4] = -1
+    args = (q, cand, nc, *scope, topk, 16, kmin, kmax, None, "max", 1)
+    out = K.select_scope_triton(*args, page_map, base)
+    ref = K.select_scope_ref(*args, page_map, base)
+    for name, a, b in zip(("table", "lens", "sel_pages", "num_sel"), out, ref):
+        assert torch.equal(a, b), name
+    plain = K.select_scope_ref(*args)
+    assert torch.equal(out[2], plain[2]) and torch.equal(out[1], plain[1])
+    sel = plain[2][2, :topk]
+    assert (sel >= base).any() and (sel < base).any()
+    mapped = [p if p < base else max(int(page_map[p - base]), 0) for p in sel.tolist()]
+    assert out[0][2, 2:2 + topk].tolist() == mapped
+
+
 def test_select_scope_rejects_bad_inputs():
     gen = torch.Generator().manual_seed(2)
     q, cand, nc, (kmin, kmax, _), scope = _scope_inputs(3, 2, 2, 4, 64, torch.float32, gen, 70)

@@ -71,6 +71,9 @@ class EngineArgs:
     # A stored prefix longer than this streams; None: only when it does not fit the pool.
     kv_resident_max_tokens: int | None = None
     disable_kv_prefetch: bool = False  # no background loads of the previous selection
+    # Streamed tokens whose chunk summaries can be attached at once (summed over running
+    # requests); their summary rows are allocated up front (1/chunk of their KV bytes).
+    kv_stream_max_tokens: int = 2 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -130,6 +133,10 @@ class EngineArgs:
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             raise InvalidArgument(
                 f"--kv-chunk-cache-pages must be a non-negative integer, got {n!r}")
+        m = self.kv_stream_max_tokens
+        if not isinstance(m, int) or isinstance(m, bool) or m < 1:
+            raise InvalidArgument(
+                f"--kv-stream-max-tokens must be a positive integer, got {m!r}")
         if self.kv_resident_max_tokens is not None and (
                 not isinstance(self.kv_resident_max_tokens, int)
                 or self.kv_resident_max_tokens < 0):

@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from sglang_reattn import Engine
-from sglang_reattn.engine.stream_tier import ChunkCache, HostCache, StreamFault, StreamTier
+from sglang_reattn.engine.stream_tier import (
+    ChunkCache,
+    HostCache,
+    StreamFault,
+    StreamFull,
+    StreamTier,
+)
 from sglang_reattn.errors import ContextTooLong, InvalidArgument
 from sglang_reattn.kv_store import chunk_hashes
 
@@ -172,6 +178,25 @@ def test_streamed_context_equals_resident(stored, tiny_llama):
             assert s["kv_pages_free"] == pool_pages - 24  # all but the cache given back
             assert s["stream_attached_chunks"] == 0
     assert outs[True] == want and outs[False] == want
+
+
+def test_streamed_decode_in_the_graph_path_equals_resident(stored, tiny_llama):
+    """Decode steps of a streamed context through the CUDA-graph path's static buffers
+    (replayed eagerly on the CPU): the selection is mapped on the device through the page
+    map, misses are fetched and the step replayed; the tokens equal the resident answer."""
+    store, want = stored
+    with Engine(tiny_llama, kv_store_path=store, **SMALL, **OPTS) as eng:
+        eng._call(lambda: eng.runner._capture(2))
+        assert {k for k in eng.runner.graphs if k[1] == "stream"} == {(1, "stream"),
+                                                                      (2, "stream")}
+        out = eng.generate(input_ids=DOC + QUESTION, sampling_params=GREEDY)
+        s = eng.stats()
+        assert out["output_ids"] == want
+        # every decode step after the first token ran from the graph buffers; with a
+        # 24-page cache for 18 selected of 47 chunks some steps missed and replayed
+        assert s["stream_graph_steps"] == GREEDY["max_new_tokens"] - 1
+        assert 0 < s["stream_graph_replays"] and s["chunk_cache_evictions"] > 0
+        assert s["stream_attached_chunks"] == 0
 
 
 def test_streaming_counts_misses_then_hits(stored, tiny_llama):
@@ -476,12 +501,19 @@ class _FakeTier:
                 del self.held[c]
 
 
-def _tier_for_test():
+def _tier_for_test(slots: int = 8):
+    from types import SimpleNamespace
+
     from sglang_reattn.layers.attention import KVPool
 
     pool = KVPool(2, 10, 4, 2, 8, torch.float32, torch.device("cpu"))
     store = _FakeStore((2, 2, 8))
-    return StreamTier(_FakeTier(store), pool, None, [8, 9], 0, prefetch=False), store
+    # ReAttention's part the tier uses: summary rows past the pool's, and the page map
+    attn = SimpleNamespace(num_virtual=slots, kmin=torch.zeros(2, 10 + slots, 2, 8),
+                           kmax=torch.zeros(2, 10 + slots, 2, 8),
+                           page_map=torch.full((2, slots), -1, dtype=torch.int32),
+                           invalidate_rotated=lambda idx: None)
+    return StreamTier(_FakeTier(store), pool, attn, [8, 9], 0, prefetch=False), store
 
 
 def test_summary_slots_are_shared_and_kept_while_idle():
@@ -491,18 +523,22 @@ def test_summary_slots_are_shared_and_kept_while_idle():
     assert store.reads == [["c1", "c2", "c3"], ["c4"]]
     assert a[1:] == b[:2] and all(tier.is_virtual(p) for p in a + b)
     assert [tier.chunk_of(p) for p in b] == ["c2", "c3", "c4"]
-    assert tier.smin[1, b[2] - tier.base].unique().tolist() == [4.0]
+    assert tier.attn.kmin[1, b[2]].unique().tolist() == [4.0]  # virtual page = its row
     tier.release(a)
     assert tier.counters()["stream_attached_chunks"] == 3  # c2, c3, c4 (c1 idle)
     assert tier.attach(["c1"]) == a[:1] and store.reads[-1] == ["c4"]  # reused
     tier.release(b + a[:1])
     assert tier.counters()["stream_attached_chunks"] == 0
-    # Slot pressure reuses idle slots, least recently released first, before growing.
-    n = tier.smin.shape[1]
+    # Slot pressure reuses idle slots, least recently released first; past the fixed
+    # number of slots, StreamFull and nothing attached.
+    n = tier.attn.num_virtual
     fresh = tier.attach([f"c{i}" for i in range(100, 100 + n - 2)])
-    assert tier.smin.shape[1] == n and len(set(fresh)) == n - 2
+    assert len(set(fresh)) == n - 2 and max(fresh) < tier.base + n
     assert [tier.chunk_of(p) for p in tier.attach(["c3", "c1"])] == ["c3", "c1"]
     assert store.reads[-1] == ["c3"]  # c2 and c3 were the oldest idle ones: c3 reloaded
+    with pytest.raises(StreamFull, match="kv-stream-max-tokens"):
+        tier.attach(["c7"])
+    assert tier.counters()["stream_attached_chunks"] == n and tier.tier.held.get("c7") is None
     tier.forget_idle()
     with pytest.raises(AssertionError, match="released twice"):
         tier.release(a[:1] * 3)
@@ -529,15 +565,42 @@ def test_attached_chunks_are_held_in_the_store_while_referenced():
     assert tier.counters()["stream_attached_chunks"] == 1
 
 
-def test_gathered_summaries_match_per_candidate_lookup():
-    tier, _ = _tier_for_test()
-    virt = tier.attach(["c5", "c6"])
-    kmin = torch.randn(10, 2, 8)
-    kmax = kmin + 1
-    cand = torch.tensor([[1, virt[0], 3], [virt[1], 2, 0]], dtype=torch.int32)
-    mn, mx, idx = tier.gather_summaries(1, cand, kmin, kmax)
-    for (b, w), i in zip([(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)], idx.flatten()):
-        page = int(cand[b, w])
-        want_mn = tier.smin[1, page - tier.base] if page >= tier.base else kmin[page]
-        want_mx = tier.smax[1, page - tier.base] if page >= tier.base else kmax[page]
-        assert torch.equal(mn[i], want_mn) and torch.equal(mx[i], want_mx)
+def test_page_map_follows_the_chunk_cache():
+    """The host page map (slot -> chunk-cache page per layer) tracks fills, evictions,
+    forgotten fills and freed slots; sync_map brings the device copy up to date; settle
+    passes a selection whose chunks are all cached, and fetches the rest."""
+    import numpy as np
+
+    tier, _ = _tier_for_test(slots=4)
+    kv = {}
+    tier.fetch = lambda layer, ids, prefetch=False: [kv.setdefault((c, layer), (
+        torch.full((4, 2, 8), float(int(c[1:]))), torch.zeros(4, 2, 8))) for c in ids]
+    v = tier.attach(["c1", "c2", "c3"])
+    slot = [p - tier.base for p in v]
+    assert (tier.vmap == -1).all()
+    tier.resolve(1, torch.tensor([[v[0], 5, v[1]]], dtype=torch.int32), torch.tensor([3]))
+    p1, p2 = tier.cache.page_of(1, "c1"), tier.cache.page_of(1, "c2")
+    assert tier.vmap[1, slot[0]] == p1 and tier.vmap[1, slot[1]] == p2
+    assert (tier.vmap[0] == -1).all() and tier.vmap[1, slot[2]] == -1
+    tier.sync_map()
+    assert torch.equal(tier.attn.page_map, torch.from_numpy(tier.vmap))
+    # c3 evicts the least recently used of layer 1 (c1), which now maps to nothing
+    tier.resolve(1, torch.tensor([[v[2], v[1]]], dtype=torch.int32), torch.tensor([2]))
+    assert tier.vmap[1, slot[0]] == -1 and tier.vmap[1, slot[2]] == p1
+    assert torch.equal(tier.pool.k[1, p1], torch.full((4, 2, 8), 3.0))
+    # settle: layer 1's selection is cached, layer 0's is not: fetched, then it passes
+    sel = np.full((2, 1, 2), -1, dtype=np.int64)
+    sel[1, 0] = [v[1], v[2]]
+    sel[0, 0] = [v[0], 7]
+    hits = tier.cache.hits
+    assert not tier.settle(sel)
+    assert tier.vmap[0, slot[0]] >= 0 and tier.cache.hits == hits + 2
+    assert tier.settle(sel) and tier.cache.hits == hits + 5
+    tier.sync_map()
+    assert torch.equal(tier.attn.page_map, torch.from_numpy(tier.vmap))
+    # a freed (idle, then reused) slot forgets its pages in every layer
+    tier.release(v)
+    tier.forget_idle()
+    assert (tier.vmap == -1).all()
+    w = tier.attach(["c2"])  # still cached in both layers under its new slot
+    assert tier.vmap[1, w[0] - tier.base] == p2

@@ -115,9 +115,11 @@ class Engine(NamedContexts):
         self.rope = RopeTable(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, self.device,
                               initial=scope_max + c)
         if self.reattn is not None:
+            virtual = -(-args.kv_stream_max_tokens // c) if streaming else 0
             self.attn = ReAttention(self.pool, self.rope, cfg.num_heads, cfg.head_dim,
                                     self.reattn, args.reattn_summary, args.reattn_combine,
-                                    use_triton=use_triton, rot_limit=scope_max)
+                                    use_triton=use_triton, rot_limit=scope_max,
+                                    num_virtual=virtual)
         else:
             self.attn = PagedAttention(self.pool, self.rope, cfg.num_heads, cfg.head_dim,
                                        cfg.sliding_window, use_triton=use_triton,
@@ -204,6 +206,10 @@ class Engine(NamedContexts):
                 budget = int(free * self.args.mem_fraction_static)
             else:
                 budget = _CPU_KV_BUDGET
+            if self.args.streaming and not self.args.disable_reattn:
+                # the streaming tier's summary rows: min and max per streamed chunk, as many
+                # bytes as one token's K and V
+                budget -= bpt * self.args.kv_stream_max_tokens // c
             tokens = max(budget // bpt, 2 * want)
         return max(tokens // c, (want + c - 1) // c) + 2
 

@@ -50,8 +50,11 @@ class ModelRunner:
         # (padded batch size, with selection) -> graph. With ReAttention two sets are
         # captured: steps where every context fits in the scope replay the plain one, which
         # is exactly equivalent and skips the per-layer scoring.
-        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[tuple[int, bool | str], torch.cuda.CUDAGraph] = {}
         self.graph_bs: list[int] = []
+        # Graphs of streamed decode steps (when ReAttention has virtual summary rows): the
+        # plan's candidates then span pool and virtual pages.
+        self._splan: ScopePlan | None = None
         if use_cuda_graph:
             self._capture(cuda_graph_max_bs)
 
@@ -112,10 +115,16 @@ class ModelRunner:
         """Run one step. `logit_rows` index the packed new tokens whose logits are
         returned ([len(logit_rows), vocab] float32)."""
         bs = len(reqs)
-        # Streamed steps fetch chunks on the host between layers: eager only.
-        if is_decode and self.graphs and bs <= self.graph_bs[-1] \
-                and not any(r.streamed for r in reqs):
-            return self._replay(reqs)[torch.tensor(logit_rows, device=self.device)]
+        if is_decode and self.graphs and bs <= self.graph_bs[-1]:
+            # Streamed contexts: the graph variant that maps virtual pages on the device.
+            if not any(r.streamed for r in reqs):
+                logits = self._replay(reqs)
+            elif self._splan is not None:
+                logits = self._replay_streamed(reqs)
+            else:
+                logits = None
+            if logits is not None:
+                return logits[torch.tensor(logit_rows, device=self.device)]
         input_ids, batch = self.build_batch(reqs, q_lens, is_decode)
         hidden = self.model(input_ids, self.attn, batch)
         rows = torch.tensor(logit_rows, dtype=torch.long, device=self.device)
@@ -146,9 +155,14 @@ class ModelRunner:
                 local_table=z(n, cfg.local // c + 2), local_tokens=torch.ones(
                     n, dtype=torch.int32, device=dev),
                 rep_index=torch.arange(n, device=dev), reps=1, needs_select=True)
-        self._logits: dict[tuple[int, bool], torch.Tensor] = {}
-        self._views: dict[tuple[int, bool], ForwardBatch] = {}
-        variants = (False, True) if self.reattn is not None else (False,)
+            if self.attn.num_virtual:  # candidates may also be any virtual page
+                self._splan = ScopePlan(**{**vars(self._plan), "cand_pages": z(
+                    n, self.max_pages + self.attn.num_virtual)})
+        self._logits: dict[tuple[int, bool | str], torch.Tensor] = {}
+        self._views: dict[tuple[int, bool | str], ForwardBatch] = {}
+        self._sel_out: dict[int, list[torch.Tensor]] = {}
+        variants = (False,) if self.reattn is None else (
+            (False, True, "stream") if self._splan is not None else (False, True))
         with torch.inference_mode():
             for select in variants:
                 for bs in reversed(sizes):
@@ -159,6 +173,9 @@ class ModelRunner:
                         return self.model.compute_logits(self.model(self._ids[:bs], self.attn, b))
 
                     self.graphs[bs, select], self._logits[bs, select] = self._record(run)
+                    if select == "stream":  # each layer's selection: the graph's outputs
+                        self._sel_out[bs] = [self.attn.last_selection[i]
+                                             for i in range(self.pool.k.shape[0])]
         if dev.type == "cuda":
             torch.cuda.synchronize()
         self.graph_bs = sizes
@@ -184,12 +201,13 @@ class ModelRunner:
             out = run()
         return g, out
 
-    def _view(self, bs: int, select: bool) -> ForwardBatch:
+    def _view(self, bs: int, select: bool | str) -> ForwardBatch:
         b = self._batch
         out = ForwardBatch(True, b.slot_mapping[:bs], b.page_table[:bs], b.scope_lens[:bs],
-                           b.cu_q_lens[: bs + 1], 1, q_lens_host=[1] * bs, in_graph=True)
+                           b.cu_q_lens[: bs + 1], 1, q_lens_host=[1] * bs, in_graph=True,
+                           streamed=select == "stream")
         if select:
-            p = self._plan
+            p = self._splan if select == "stream" else self._plan
             out.scope_plan = ScopePlan(p.head_table[:bs], p.head_pages[:bs], p.cand_pages[:bs],
                                        p.num_cands[:bs], p.local_table[:bs], p.local_tokens[:bs],
                                        p.rep_index[:bs], 1, True)
@@ -212,10 +230,10 @@ class ModelRunner:
         r._pages_cpu = t
         return t
 
-    def _fill_plan(self, reqs: list[Request], gbs: int) -> None:
+    def _fill_plan(self, reqs: list[Request], gbs: int, p: ScopePlan) -> None:
         """The decode step's ScopePlan (as `build_scope_plan` lays it out) into the graph's
-        static buffers."""
-        bs, p = len(reqs), self._plan
+        static buffers `p`."""
+        bs = len(reqs)
         parts = [split_scope(self.reattn, self._pages_cpu(r), r.num_computed, 1) for r in reqs]
         for k, name in enumerate(("head_table", "cand_pages", "local_table")):
             dst = getattr(p, name)
@@ -244,10 +262,10 @@ class ModelRunner:
                 return True
         return False
 
-    def _replay(self, reqs: list[Request]) -> torch.Tensor:
+    def _fill_inputs(self, reqs: list[Request], gbs: int, select: bool | str) -> None:
+        """The step's token ids, slots, lengths and page table or scope plan into the
+        static buffers of the graphs of padded batch size `gbs`."""
         bs = len(reqs)
-        gbs = self.graph_bs[bisect.bisect_left(self.graph_bs, bs)]
-        select = self._needs_select(reqs)
         c = self.page_size
         # Build on the host as plain lists, then one tensor each: per-element tensor writes
         # cost more than the whole decode step at batch 32.
@@ -260,13 +278,14 @@ class ModelRunner:
             ids[i] = r.all_ids[pos]
             slots[i] = r.pages[pos // c] * c + pos % c
             scope[i] = pos + 1
-            rows.append(r.pages[: pos // c + 1])
+            if not select:
+                rows.append(r.pages[: pos // c + 1])
         b = self._batch
         self._ids[:gbs].copy_(torch.tensor(ids, dtype=torch.long), non_blocking=True)
         b.slot_mapping[:gbs].copy_(torch.tensor(slots, dtype=torch.int64), non_blocking=True)
         b.scope_lens[:gbs].copy_(torch.tensor(scope, dtype=torch.int32), non_blocking=True)
-        if select:
-            self._fill_plan(reqs, gbs)  # the scope comes from the per-layer selection
+        if select:  # the scope comes from the per-layer selection
+            self._fill_plan(reqs, gbs, self._splan if select == "stream" else self._plan)
         else:
             width = max(len(p) for p in rows)
             table = torch.zeros(gbs, width, dtype=torch.int32)
@@ -279,5 +298,48 @@ class ModelRunner:
             done = completed_pages(pages_full(reqs), [r.num_computed for r in reqs], [1] * bs,
                                    c)
             self._views[gbs, select].completed_pages = torch.tensor(done, dtype=torch.long)
+
+    def _replay(self, reqs: list[Request]) -> torch.Tensor:
+        bs = len(reqs)
+        gbs = self.graph_bs[bisect.bisect_left(self.graph_bs, bs)]
+        select = self._needs_select(reqs)
+        self._fill_inputs(reqs, gbs, select)
         self.graphs[gbs, select].replay()
         return self._logits[gbs, select][:bs]
+
+    def _replay_streamed(self, reqs: list[Request]) -> torch.Tensor | None:
+        """A decode step with streamed contexts, replayed from the graph that maps virtual
+        pages through the device page map. After the replay every layer's selection is
+        read back: when some selected chunk was not in the chunk cache (its page read as
+        page 0), the chunks are fetched and the step replays, with the summaries of the
+        pages it writes restored first (a replay's running min/max must not keep what a
+        discarded one wrote). Each replay makes at least the lowest layer that missed
+        exact, so at most L + 1 replays. None: did not settle (run it eagerly)."""
+        bs, tier = len(reqs), self.attn.stream
+        gbs = self.graph_bs[bisect.bisect_left(self.graph_bs, bs)]
+        self._fill_inputs(reqs, gbs, "stream")
+        c = self.page_size
+        written = torch.tensor([r.pages[r.num_computed // c] for r in reqs], device=self.device)
+        kmin, kmax = self.attn.kmin, self.attn.kmax
+        saved = kmin[:, written].clone(), kmax[:, written].clone()
+        num_layers = self.pool.k.shape[0]
+        graph = self.graphs[gbs, "stream"]
+        try:
+            for attempt in range(num_layers + 1):
+                if attempt:
+                    kmin[:, written], kmax[:, written] = saved
+                tier.sync_map()
+                graph.replay()
+                outs = (self._sel_out[gbs] if self.device.type == "cuda" else
+                        [self.attn.last_selection[i] for i in range(num_layers)])
+                if tier.settle(torch.stack(outs)[:, :bs].cpu().numpy()):
+                    tier.stats["stream_graph_steps"] += 1
+                    tier.stats["stream_graph_replays"] += attempt
+                    return self._logits[gbs, "stream"][:bs]
+        except BaseException:
+            kmin[:, written], kmax[:, written] = saved
+            raise
+        kmin[:, written], kmax[:, written] = saved
+        logger.warning("streamed graph step did not settle in %d replays; running it eagerly",
+                       num_layers + 1)
+        return None

@@ -17,7 +17,7 @@ from sglang_reattn.engine.model_runner import ModelRunner
 from sglang_reattn.engine.radix_cache import RadixCache
 from sglang_reattn.engine.request import Request, State
 from sglang_reattn.engine.sampler import sample, top_logprobs
-from sglang_reattn.engine.stream_tier import StreamFault
+from sglang_reattn.engine.stream_tier import StreamFault, StreamFull
 from sglang_reattn.layers.attention import KVPool
 
 logger = logging.getLogger(__name__)
@@ -232,9 +232,13 @@ class Scheduler:
         except StreamFault as e:
             self._report_fault(e)
             return
+        except StreamFull as e:  # stays resident while it can
+            logger.warning("%s", e)
+            return
         self.pool.free([r.pages[i] for i in idx])
         for i, v in zip(idx, virtual):
             r.pages[i] = v
+        r._pages_cpu = None  # the runner's copy of the list (pages changed mid-list)
         self.stream.stats["stream_spilled_chunks"] += len(idx)
 
     def _cannot_admit(self, r: Request) -> bool:
@@ -293,6 +297,9 @@ class Scheduler:
             virtual = self.stream.attach([stored[i - have] for i in middle])
         except StreamFault as e:
             self._report_fault(e)
+            return None, matched
+        except StreamFull as e:  # not streamed: loaded whole if the pool can hold it
+            logger.warning("%s", e)
             return None, matched
         pages = self.pool.allocate(len(real))
         if self.store.load([stored[i - have] for i in real], pages) < len(real):

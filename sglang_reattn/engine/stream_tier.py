@@ -3,9 +3,9 @@
 A streamed request keeps only its sink and local-window pages (and the pages it computes
 itself) in the pool. Its other stored chunks are *virtual pages*: ids `num_pages + slot`
 in the request's page list, whose per-layer min/max key summaries were loaded in bulk from
-the store into `smin`/`smax` [L, slots, Hkv, D]. ReAttention scores real and virtual
-candidates alike; the chunks it selects in a layer are then mapped to pages of the
-*chunk cache*:
+the store into ReAttention's summary rows past the pool's pages (a fixed number of slots,
+`--kv-stream-max-tokens`). ReAttention scores real and virtual candidates alike; the
+chunks it selects in a layer are then mapped to pages of the *chunk cache*:
 
     GPU chunk cache  (ChunkCache: pool pages set aside, an LRU per layer)
       <- host tier   (HostCache: (chunk, layer) -> K/V, pinned on CUDA, LRU by bytes)
@@ -16,6 +16,12 @@ chunk Y's layer-1 K/V. The identity of a cached block is its chunk id (a chained
 the tokens and namespace), so sequences sharing a stored prefix share cache entries.
 
 Summary slots are shared by requests over the same chunks and kept while idle.
+
+Eager steps map a layer's selection on the host (`resolve`: one sync per layer). CUDA-graph
+decode steps map it on the device through `page_map` [L, slots] (the chunk-cache page of
+each slot's chunk in each layer, -1 when not cached), mirrored on the host: after a
+replay, `settle` reads every layer's selection back; chunks that were not cached are
+fetched and the step is replayed (the scheduler never sees the discarded replay).
 
 After every step the chunks each streamed request selected, per layer, are its prefetch
 hint: for the requests the next step is expected to run, blocks held by the host tier are
@@ -42,6 +48,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 
+import numpy as np
 import torch
 
 from sglang_reattn.engine.store_tier import _from_numpy, serve_queue
@@ -61,6 +68,10 @@ class StreamFault(Exception):
     @property
     def corrupt(self) -> bool:
         return isinstance(self.cause, CorruptBlock)
+
+
+class StreamFull(RuntimeError):
+    """Every summary slot of the streaming tier is referenced."""
 
 
 class HostCache:
@@ -142,11 +153,21 @@ class ChunkCache:
     Each layer has its own map and its own free list over the same pages, so a page holds
     unrelated chunks in different layers. Engine thread only."""
 
-    def __init__(self, num_layers: int, pages: Sequence[int]) -> None:
+    def __init__(self, num_layers: int, pages: Sequence[int], on_change=None) -> None:
         self.pages = list(pages)
         self._maps: list[OrderedDict[Hashable, int]] = [OrderedDict() for _ in range(num_layers)]
         self._free = [self.pages[::-1] for _ in range(num_layers)]
         self.hits = self.misses = self.evictions = 0
+        # on_change(layer, key, page or None): a key was mapped to a page or unmapped
+        self._on_change = on_change or (lambda layer, key, page: None)
+
+    def touch(self, layer: int, keys: Sequence[Hashable]) -> None:
+        """Cached `keys` (one layer, one step) become most recently used; each distinct
+        one counts as a hit."""
+        m = self._maps[layer]
+        for key in keys:
+            m.move_to_end(key)
+        self.hits += len(set(keys))
 
     def page_of(self, layer: int, key: Hashable) -> int | None:
         """The page holding `key` in `layer` (no LRU update), or None."""
@@ -183,6 +204,7 @@ class ChunkCache:
                     self.forget(layer, [k for k, _ in fills])
                     raise
                 m[key] = page
+                self._on_change(layer, key, page)
                 fills.append((key, page))
             seen.add(key)
             out.append(page)
@@ -195,6 +217,7 @@ class ChunkCache:
         for key in m:
             if key not in protected:
                 self.evictions += 1
+                self._on_change(layer, key, None)
                 return m.pop(key)
         raise RuntimeError(f"chunk cache of {len(self.pages)} pages is smaller than one "
                            f"step's selection of {len(protected)} chunks")
@@ -209,6 +232,7 @@ class ChunkCache:
         for key in keys:
             page = m.pop(key, None)
             if page is not None:
+                self._on_change(layer, key, None)
                 self._free[layer].append(page)
 
 
@@ -225,18 +249,23 @@ class StreamTier:
         num_layers, _, _, hkv, d = pool.k.shape
         self.num_layers = num_layers
         self._shape = (num_layers, hkv, d)
-        self.smin = torch.zeros(num_layers, 0, hkv, d, device=pool.k.device)
-        self.smax = torch.zeros_like(self.smin)
+        # Virtual page base + s keeps its summaries in ReAttention's rows base + s.
+        slots = attn.num_virtual
+        assert slots > 0, "the streaming tier needs ReAttention's virtual summary rows"
+        # slot -> chunk-cache page of its chunk, per layer (-1: not cached): the host's
+        # copy, and the layers whose device copy (attn.page_map) is stale
+        self.vmap = np.full((num_layers, slots), -1, dtype=np.int32)
+        self._stale: set[int] = set()
         # Summary slots are shared by every request attaching the same chunk (reference
         # counted); a slot nobody references keeps its summary (`_idle`, LRU first) until
         # the slot is needed, so the next request over the same context (an ingest's next
         # piece, a follow-up question) reloads nothing.
-        self._slot_ids: list[str | None] = []
+        self._slot_ids: list[str | None] = [None] * slots
         self._slot_of: dict[str, int] = {}
-        self._refs: list[int] = []
-        self._free_slots: list[int] = []
+        self._refs: list[int] = [0] * slots
+        self._free_slots: list[int] = list(range(slots - 1, -1, -1))
         self._idle: OrderedDict[int, None] = OrderedDict()
-        self.cache = ChunkCache(num_layers, cache_pages)
+        self.cache = ChunkCache(num_layers, cache_pages, self._on_cache)
         self.host = HostCache(host_bytes)
         self._pin = pool.k.device.type == "cuda"
         self._stats_lock = threading.Lock()  # `fetch` runs on the engine and prefetch threads
@@ -245,7 +274,9 @@ class StreamTier:
                       "stream_store_bytes": 0, "stream_device_bytes": 0,
                       "stream_prefetch_reads": 0, "stream_device_prefetches": 0,
                       "stream_prefetch_hits": 0,
-                      "stream_faults": 0, "stream_spilled_chunks": 0}
+                      "stream_faults": 0, "stream_spilled_chunks": 0,
+                      # graph decode steps, and their replays after a chunk-cache miss
+                      "stream_graph_steps": 0, "stream_graph_replays": 0}
         # layer -> [(batch row, chunk)] selected by the step in progress
         self._selected: dict[int, list[tuple[int, str]]] = {}
         # CUDA: chunk-cache fills ahead of a step run on a side stream; the step's first
@@ -267,11 +298,19 @@ class StreamTier:
 
     def attach(self, chunk_ids: list[str]) -> list[int]:
         """Virtual pages of stored chunks: summaries not attached yet are read from the
-        store in bulk. Raises StreamFault (nothing attached) when one cannot be read.
+        store in bulk. Raises StreamFault (nothing attached) when one cannot be read, and
+        StreamFull (nothing attached) when the summary slots cannot take the new ones.
         Attached chunks are held in the store (safe from this process's evictions) until
         their last reference is released."""
         unique = list(dict.fromkeys(chunk_ids))
         new = [c for c in unique if c not in self._slot_of]
+        revived = sum(1 for c in unique if c in self._slot_of
+                      and self._slot_of[c] in self._idle)  # idle slots these take back
+        room = len(self._free_slots) + len(self._idle) - revived
+        if len(new) > room:
+            raise StreamFull(
+                f"streaming tier: {len(new)} more chunks do not fit its {len(self._slot_ids)} "
+                f"summary slots ({room} free); raise --kv-stream-max-tokens")
         # Held before being read: what is read now stays readable while attached.
         hold = [c for c in unique if c not in self._slot_of or not self._refs[self._slot_of[c]]]
         self.tier.hold(hold)
@@ -299,13 +338,18 @@ class StreamTier:
                 self._idle.pop(slot, None)
         if new:
             slots = self._alloc_slots(len(new))
-            t = torch.from_numpy(s).to(self.smin.device)
-            idx = torch.tensor(slots, device=self.smin.device)
-            self.smin[:, idx] = t[:, :, 0].transpose(0, 1)
-            self.smax[:, idx] = t[:, :, 1].transpose(0, 1)
+            kmin, kmax = self.attn.kmin, self.attn.kmax
+            t = torch.from_numpy(s).to(kmin.device)
+            idx = torch.tensor(slots, device=kmin.device) + self.base
+            kmin[:, idx] = t[:, :, 0].transpose(0, 1).to(kmin.dtype)
+            kmax[:, idx] = t[:, :, 1].transpose(0, 1).to(kmax.dtype)
             for slot, cid in zip(slots, new):
                 self._slot_ids[slot] = cid
                 self._slot_of[cid] = slot
+                for layer in range(self.num_layers):  # maybe cached under an earlier slot
+                    page = self.cache.page_of(layer, cid)
+                    self.vmap[layer, slot] = -1 if page is None else page
+            self._stale.update(range(self.num_layers))
         fresh = set(new)
         for cid in chunk_ids:
             if cid in fresh:
@@ -316,21 +360,10 @@ class StreamTier:
         return [self.base + self._slot_of[c] for c in chunk_ids]
 
     def _alloc_slots(self, n: int) -> list[int]:
-        """n slots: never used ones, then idle ones (least recently released first),
-        then the table grows."""
+        """n slots (`attach` checked that they exist): never used ones, then idle ones
+        (least recently released first)."""
         while len(self._free_slots) < n and self._idle:
             self._free_idle_slot()
-        short = n - len(self._free_slots)
-        if short > 0:
-            old = len(self._slot_ids)
-            new = max(old * 2, old + short, 64)
-            grow = torch.zeros(self.num_layers, new - old, *self._shape[1:],
-                               device=self.smin.device)
-            self.smin = torch.cat([self.smin, grow], 1)
-            self.smax = torch.cat([self.smax, grow], 1)
-            self._slot_ids.extend([None] * (new - old))
-            self._refs.extend([0] * (new - old))
-            self._free_slots.extend(range(new - 1, old - 1, -1))
         out = self._free_slots[-n:][::-1]
         del self._free_slots[len(self._free_slots) - n:]
         return out
@@ -369,6 +402,8 @@ class StreamTier:
         del self._slot_of[self._slot_ids[slot]]
         self._slot_ids[slot] = None
         self._free_slots.append(slot)
+        self.vmap[:, slot] = -1
+        self._stale.update(range(self.num_layers))
 
     def chunk_of(self, page: int) -> str:
         cid = self._slot_ids[page - self.base]
@@ -377,21 +412,51 @@ class StreamTier:
 
     # ------------------------------------------------------------------ per layer
 
-    def gather_summaries(self, layer: int, cand: torch.Tensor, kmin: torch.Tensor,
-                         kmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Candidates [B, W] of real and virtual pages -> (min [B*W, Hkv, D], max, index
-        [B, W] into them): one summary table the scorer reads like the pool's."""
-        if not self._slot_ids:  # nothing attached yet: only real pages
-            return kmin, kmax, cand
-        virt = cand >= self.base
-        real = torch.where(virt, 0, cand).long()
-        slot = torch.where(virt, cand - self.base, 0).long()
-        sel = virt[..., None, None]
-        mn = torch.where(sel, self.smin[layer][slot], kmin[real])
-        mx = torch.where(sel, self.smax[layer][slot], kmax[real])
-        b, w = cand.shape
-        idx = torch.arange(b * w, device=cand.device, dtype=torch.int32).view(b, w)
-        return mn.flatten(0, 1), mx.flatten(0, 1), idx
+    def _on_cache(self, layer: int, key: Hashable, page: int | None) -> None:
+        slot = self._slot_of.get(key)
+        if slot is not None:
+            self.vmap[layer, slot] = -1 if page is None else page
+            self._stale.add(layer)
+
+    def sync_map(self) -> None:
+        """Before a graph step: the device page map (attn.page_map) catches up with the
+        host's, and the step waits for chunk-cache fills made ahead on the side stream."""
+        if self._ahead is not None:
+            torch.cuda.current_stream().wait_event(self._ahead)
+            self._ahead = None
+        if self._stale:
+            layers = sorted(self._stale)
+            self._stale.clear()
+            src = torch.from_numpy(self.vmap[layers])
+            self.attn.page_map[torch.tensor(layers)] = src.to(self.attn.page_map.device)
+
+    def settle(self, sel_pages: np.ndarray) -> bool:
+        """After a graph step that mapped its selection through the page map: `sel_pages`
+        [L, B, K] (the selected candidates per layer, -1 padded). True when every virtual
+        one was cached (they become most recently used); else the missing chunks are
+        fetched into the cache and False: the step must be replayed."""
+        ok = True
+        for layer in range(self.num_layers):
+            sel = sel_pages[layer].ravel()
+            slots = sel[sel >= self.base] - self.base
+            if not slots.size:
+                continue
+            keys = [self._slot_ids[s] for s in slots.tolist()]
+            if (self.vmap[layer, slots] >= 0).all():
+                self.cache.touch(layer, keys)
+                continue
+            ok = False
+            _, fills = self.cache.acquire(layer, keys)
+            ahead = self._ahead_keys[layer]
+            if ahead:
+                self.stats["stream_prefetch_hits"] += len(ahead.intersection(keys))
+                ahead.clear()
+            try:
+                self._fill(layer, fills)
+            except StreamFault:
+                self.cache.forget(layer, [k for k, _ in fills])
+                raise
+        return ok
 
     def resolve(self, layer: int, sel_pages: torch.Tensor, nsel: torch.Tensor) -> torch.Tensor:
         """Selected pages [B, K] (the first nsel[b] of row b valid) with every virtual

@@ -104,7 +104,7 @@ class ReAttention(PagedAttention):
 
     def __init__(self, pool: KVPool, rope: RopeTable, num_heads: int, head_dim: int,
                  cfg: ReAttnConfig, summary: str = "minmax", combine: str = "max",
-                 use_triton: bool = False, rot_limit: int = 0) -> None:
+                 use_triton: bool = False, rot_limit: int = 0, num_virtual: int = 0) -> None:
         super().__init__(pool, rope, num_heads, head_dim, None, use_triton, rot_limit)
         from sglang_reattn import kernels
 
@@ -112,10 +112,18 @@ class ReAttention(PagedAttention):
         self.cfg = cfg
         self.summary = summary
         self.combine = combine
-        shape = (pool.k.shape[0], pool.num_pages, pool.k.shape[3], pool.k.shape[4])
         # Per layer, per page, per KV head summaries of the un-rotated keys, in the cache's
         # dtype: min/max of bf16 keys are exact in bf16, and the scorer reads half the bytes.
+        # `num_virtual` more rows hold the streaming tier's virtual pages (pool.num_pages + s
+        # is slot s), so candidates index one table whether resident or streamed; and
+        # `page_map` [L, num_virtual] maps each slot to the chunk-cache page holding its
+        # chunk in that layer (-1: none), for selections mapped on the device.
+        self.num_virtual = num_virtual
+        shape = (pool.k.shape[0], pool.num_pages + num_virtual, pool.k.shape[3],
+                 pool.k.shape[4])
         kw = dict(device=pool.k.device, dtype=pool.k.dtype)
+        self.page_map = (torch.full((shape[0], num_virtual), -1, dtype=torch.int32,
+                                    device=pool.k.device) if num_virtual else None)
         self.kmin = torch.zeros(shape, **kw) if summary == "minmax" else None
         self.kmax = torch.zeros(shape, **kw) if summary == "minmax" else None
         self.kmean = torch.zeros(shape, **kw) if summary == "mean" else None
@@ -166,33 +174,36 @@ class ReAttention(PagedAttention):
             return self.attend_scope(layer_id, q, batch, batch.page_table, batch.scope_lens,
                                      batch.pages_host, batch.scope_lens_host)
         # Virtual pages are never read: the selection always runs and maps them to pages.
-        table, lens = self.select(layer_id, q, plan, batch.streamed)
+        table, lens = self.select(layer_id, q, plan, batch.streamed, batch.in_graph)
         return self.attend_scope(layer_id, q, batch, table, lens, None, None)
 
-    def select(self, layer_id: int, q: torch.Tensor, plan: ScopePlan, streamed: bool = False
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def select(self, layer_id: int, q: torch.Tensor, plan: ScopePlan, streamed: bool = False,
+               in_graph: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (scope page table [B, W] int32, scope lengths [B] int32) for this layer.
         `streamed`: candidates may be virtual pages of the streaming tier; selected ones
-        are mapped to the chunk-cache pages their K/V are fetched into."""
+        are mapped to the chunk-cache pages their K/V are (eager) or were (`in_graph`)
+        fetched into."""
         kn, c, topk = self._kernels, self.cfg.chunk_size, self.cfg.topk
         # [B*R, Hq, D] un-rotated; decode (one query per sequence, R = 1) scores q itself
         qr = q if plan.reps == 1 else q.index_select(0, plan.rep_index)
         kmin, kmax, kmean = self._summaries(layer_id)
-        if not streamed:  # scoring, top-k and the table in one fused op (5 launches on GPU)
+        # Virtual candidates (streamed) have summaries like any page. Not streamed, or in a
+        # CUDA graph: scoring, top-k and the table in one fused op (5 launches on GPU); in
+        # the graph the table maps virtual pages to the chunk-cache pages holding them on
+        # the device (the runner replays the step when one was not cached). Streamed and
+        # eager: the selection is mapped, and fetched, on the host.
+        if not streamed or in_graph:
             table, lens, sel_pages, _ = kn.select_scope(
                 qr, plan.cand_pages, plan.num_cands, plan.head_table, plan.head_pages,
                 plan.local_table, plan.local_tokens, topk, c, kmin, kmax, kmean,
-                self.combine, plan.reps)
-            self.last_selection[layer_id] = sel_pages
+                self.combine, plan.reps, self.page_map[layer_id] if streamed else None,
+                self.pool.num_pages)
+            self.last_selection[layer_id] = sel_pages  # candidates' own pages
             return table, lens
-        # Streamed: the scorer reads a summary table gathered for these candidates (rows
-        # indexed b * W + j); the selected rows map back to pages, then to cache pages.
-        kmin, kmax, rows = self.stream.gather_summaries(layer_id, plan.cand_pages, kmin, kmax)
-        _, _, sel_rows, nsel = kn.select_scope(
-            qr, rows, plan.num_cands, plan.head_table, plan.head_pages, plan.local_table,
-            plan.local_tokens, topk, c, kmin, kmax, kmean, self.combine, plan.reps)
-        sel_pages = (sel_rows if rows is plan.cand_pages  # nothing attached: rows are pages
-                     else plan.cand_pages.flatten()[sel_rows.clamp_min(0).long()])
+        _, _, sel_pages, nsel = kn.select_scope(
+            qr, plan.cand_pages, plan.num_cands, plan.head_table, plan.head_pages,
+            plan.local_table, plan.local_tokens, topk, c, kmin, kmax, kmean, self.combine,
+            plan.reps)
         sel_pages = self.stream.resolve(layer_id, sel_pages, nsel)
         self.last_selection[layer_id] = sel_pages
         return kn.assemble_scope_ref(plan.head_table, plan.head_pages, sel_pages, nsel,

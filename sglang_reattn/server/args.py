@@ -88,6 +88,9 @@ _HELP = {
                           "memory on CUDA), e.g. 4GiB; 0: none",
     "kv_resident_max_tokens": "a stored prefix longer than this streams (default: only "
                               "one that does not fit in the KV pool)",
+    "kv_stream_max_tokens": "streamed tokens whose chunk summaries fit at once, over all "
+                            "running requests (their summaries are allocated at start-up: "
+                            "1/chunk-size of their KV bytes)",
     "disable_kv_prefetch": "do not load the previous step's selection ahead in the "
                            "background",
     "max_request_bytes": "HTTP bodies larger than this get 413",
@@ -118,7 +121,7 @@ def _group_of(name: str) -> str:
     if name.startswith("kv_store_") or name == "disable_kv_store":
         return "disk tier (--kv-store-*)"
     if name in ("kv_chunk_cache_pages", "kv_host_cache_size", "kv_resident_max_tokens",
-                "disable_kv_prefetch"):
+                "kv_stream_max_tokens", "disable_kv_prefetch"):
         return "streaming tier"
     return "SGLang-compatible options"
 

@@ -150,6 +150,9 @@ def main() -> None:
     print(f"| decode tok/s, streamed / resident | {res['streamed_tok_s']:.1f} / "
           f"{res['resident_tok_s']:.1f} ({res['streamed_tok_s'] / res['resident_tok_s']:.0%}) |")
     print(f"| chunk-cache hit rate while decoding | {res['chunk_cache_hit_rate']:.1%} |")
+    c = res["streamed_counters"]
+    print(f"| streamed decode steps from the CUDA graph / replayed after a miss | "
+          f"{c.get('stream_graph_steps', 0)} / {c.get('stream_graph_replays', 0)} |")
     print(f"| bytes read from the store per token | {res['store_bytes_per_token'] / 1e6:.2f} MB |")
     print(f"| bytes copied into the chunk cache per token | "
           f"{res['device_bytes_per_token'] / 1e6:.2f} MB |")

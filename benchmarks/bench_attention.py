@@ -131,7 +131,7 @@ class OursDecode:
         return K.select_scope_triton(
             self.q, self.cand, self.ncand, self.head_table, self.head_pages,
             self.local_table, self.local_tokens, self.s.topk, self.s.chunk, self.kmin,
-            self.kmax, None, "max", 1, sort_block)[:2]
+            self.kmax, None, "max", 1, sort_block=sort_block)[:2]
 
     def select_unfused(self):
         """The previous engine path: scorer, torch combine + top-k, torch table assembly."""

@@ -76,6 +76,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--chunked-prefill-size", type=int, default=2048)
     ap.add_argument("--reattn-chunk-size", type=int, default=64)
+    ap.add_argument("--codec", default=None, help="store codec (default: the engine's)")
     ap.add_argument("--dir", default=None, help="where the store goes (default: a temp dir)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -88,7 +89,8 @@ def main() -> None:
     common = dict(device=args.device, dtype=args.dtype, log_level="warning",
                   kv_store_path=store, chunked_prefill_size=args.chunked_prefill_size,
                   reattn_chunk_size=args.reattn_chunk_size,
-                  max_total_tokens=n + 8192, context_length=n + 4096)
+                  max_total_tokens=n + 8192, context_length=n + 4096,
+                  **({"kv_store_codec": args.codec} if args.codec else {}))
     res: dict = {"tokens": n, "cache_pages": args.cache_pages}
     try:
         with Engine(args.model_path, **common) as eng:
@@ -138,7 +140,7 @@ def main() -> None:
     print(json.dumps(res))
     print(f"\nhardware: {hw}; default model unless --model-path, {dtype}; document "
           f"{n:,} tokens, scope {scope:,}; chunk cache {args.cache_pages} pages; decode "
-          f"{args.decode} tokens, median of {args.repeats}; store on local disk, page cache warm")
+          f"{args.decode} tokens, median of {args.repeats}; store on local disk ({args.codec or 'default codec'}), page cache warm")
     print("| measure | value |\n|---|---|")
     print(f"| TTFT, prefill again | {res['prefill_s']:.2f} s |")
     print(f"| TTFT after restart, streamed (cached {res['streamed_cached']:,} tokens) | "

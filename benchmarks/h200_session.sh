@@ -57,7 +57,7 @@ for step in ${STEPS:-check offline niah}; do
         attention) timeout ${ATTN_TIMEOUT:-300} python3 benchmarks/bench_attention.py 2>&1 \
                     | tee "$OUT/bench_attention.txt" ;;
         stream) timeout ${STREAM_TIMEOUT:-500} python3 benchmarks/bench_stream.py --device cuda \
-                    --tokens ${STREAM_TOKENS:-1M} --decode 16 --repeats 2 --dir /tmp/stream_store \
+                    --tokens ${STREAM_TOKENS:-1M} --decode 16 --repeats 2 --dir /tmp/stream_store ${STREAM_FLAGS:-} \
                     --json "$OUT/stream.json" 2>&1 | tee "$OUT/bench_stream.txt" ;;
     esac
 done

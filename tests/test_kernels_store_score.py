@@ -96,6 +96,13 @@ def test_store_kv_optional_summaries():
     torch.testing.assert_close(kmean[1], k[:8].mean(0))
     torch.testing.assert_close(kmean[2], k[8:].mean(0))
     assert (kmean[0] == 0).all() and (kmean[3] == 0).all()
+    # summary tables may hold rows past the cache's pages (the streaming tier's): untouched
+    kmin, kmax = torch.full((7, 2, 64), 5.0), torch.full((7, 2, 64), 5.0)
+    K.store_kv_triton(k, v, kc, vc, slots, kmin, kmax)
+    torch.testing.assert_close(kmin[1], torch.minimum(k[:8].amin(0), torch.tensor(5.0)))
+    assert (kmax[4:] == 5).all() and (kmin[4:] == 5).all()
+    with pytest.raises(ValueError, match="Hkv, D"):
+        K.store_kv_triton(k, v, kc, vc, slots, kmin[:3], kmax[:3])
     kc2, vc2 = torch.zeros_like(kc), torch.zeros_like(kc)
     K.store_kv_triton(k, v, kc2, vc2, slots)  # no summaries
     assert torch.equal(kc, kc2) and torch.equal(vc, vc2)

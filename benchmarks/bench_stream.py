@@ -140,7 +140,8 @@ def main() -> None:
     print(json.dumps(res))
     print(f"\nhardware: {hw}; default model unless --model-path, {dtype}; document "
           f"{n:,} tokens, scope {scope:,}; chunk cache {args.cache_pages} pages; decode "
-          f"{args.decode} tokens, median of {args.repeats}; store on local disk ({args.codec or 'default codec'}), page cache warm")
+          f"{args.decode} tokens, median of {args.repeats}; store on local disk "
+          f"({args.codec or 'default codec'}), page cache warm")
     print("| measure | value |\n|---|---|")
     print(f"| TTFT, prefill again | {res['prefill_s']:.2f} s |")
     print(f"| TTFT after restart, streamed (cached {res['streamed_cached']:,} tokens) | "

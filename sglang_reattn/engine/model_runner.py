@@ -324,6 +324,7 @@ class ModelRunner:
         saved = kmin[:, written].clone(), kmax[:, written].clone()
         num_layers = self.pool.k.shape[0]
         graph = self.graphs[gbs, "stream"]
+        settled = False
         try:
             for attempt in range(num_layers + 1):
                 if attempt:
@@ -332,14 +333,14 @@ class ModelRunner:
                 graph.replay()
                 outs = (self._sel_out[gbs] if self.device.type == "cuda" else
                         [self.attn.last_selection[i] for i in range(num_layers)])
-                if tier.settle(torch.stack(outs)[:, :bs].cpu().numpy()):
+                settled = tier.settle(torch.stack(outs)[:, :bs].cpu().numpy())
+                if settled:
                     tier.stats["stream_graph_steps"] += 1
                     tier.stats["stream_graph_replays"] += attempt
                     return self._logits[gbs, "stream"][:bs]
-        except BaseException:
-            kmin[:, written], kmax[:, written] = saved
-            raise
-        kmin[:, written], kmax[:, written] = saved
+        finally:
+            if not settled:  # a fault, or no replay settled: nothing of the step stays
+                kmin[:, written], kmax[:, written] = saved
         logger.warning("streamed graph step did not settle in %d replays; running it eagerly",
                        num_layers + 1)
         return None

@@ -446,16 +446,7 @@ class StreamTier:
                 self.cache.touch(layer, keys)
                 continue
             ok = False
-            _, fills = self.cache.acquire(layer, keys)
-            ahead = self._ahead_keys[layer]
-            if ahead:
-                self.stats["stream_prefetch_hits"] += len(ahead.intersection(keys))
-                ahead.clear()
-            try:
-                self._fill(layer, fills)
-            except StreamFault:
-                self.cache.forget(layer, [k for k, _ in fills])
-                raise
+            self._cache_in(layer, keys)
         return ok
 
     def resolve(self, layer: int, sel_pages: torch.Tensor, nsel: torch.Tensor) -> torch.Tensor:
@@ -475,11 +466,20 @@ class StreamTier:
             self._ahead = None
         if not keys:
             return sel_pages
+        pages = self._cache_in(layer, keys)
+        out = sel_pages.clone()
+        dev = sel_pages.device
+        out[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)] = torch.tensor(
+            pages, dtype=out.dtype, device=dev)
+        return out
+
+    def _cache_in(self, layer: int, keys: list[str]) -> list[int]:
+        """One layer's selected chunks into the chunk cache (fetching those not cached)
+        -> the page of each key."""
         pages, fills = self.cache.acquire(layer, keys)
         ahead = self._ahead_keys[layer]
         if ahead:
-            used = ahead.intersection(keys)
-            self.stats["stream_prefetch_hits"] += len(used)
+            self.stats["stream_prefetch_hits"] += len(ahead.intersection(keys))
             ahead.clear()  # those not read by this step were a wrong guess
         if fills:
             try:
@@ -487,11 +487,7 @@ class StreamTier:
             except StreamFault:
                 self.cache.forget(layer, [k for k, _ in fills])
                 raise
-        out = sel_pages.clone()
-        dev = sel_pages.device
-        out[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)] = torch.tensor(
-            pages, dtype=out.dtype, device=dev)
-        return out
+        return pages
 
     def _fill(self, layer: int, fills: list[tuple[str, int]]) -> None:
         self._write(layer, fills, self.fetch(layer, [k for k, _ in fills]))

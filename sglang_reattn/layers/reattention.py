@@ -187,23 +187,19 @@ class ReAttention(PagedAttention):
         # [B*R, Hq, D] un-rotated; decode (one query per sequence, R = 1) scores q itself
         qr = q if plan.reps == 1 else q.index_select(0, plan.rep_index)
         kmin, kmax, kmean = self._summaries(layer_id)
-        # Virtual candidates (streamed) have summaries like any page. Not streamed, or in a
-        # CUDA graph: scoring, top-k and the table in one fused op (5 launches on GPU); in
-        # the graph the table maps virtual pages to the chunk-cache pages holding them on
-        # the device (the runner replays the step when one was not cached). Streamed and
-        # eager: the selection is mapped, and fetched, on the host.
-        if not streamed or in_graph:
-            table, lens, sel_pages, _ = kn.select_scope(
-                qr, plan.cand_pages, plan.num_cands, plan.head_table, plan.head_pages,
-                plan.local_table, plan.local_tokens, topk, c, kmin, kmax, kmean,
-                self.combine, plan.reps, self.page_map[layer_id] if streamed else None,
-                self.pool.num_pages)
-            self.last_selection[layer_id] = sel_pages  # candidates' own pages
-            return table, lens
-        _, _, sel_pages, nsel = kn.select_scope(
+        # Virtual candidates (streamed) have summaries like any page. Scoring, top-k and the
+        # table are one fused op (5 launches on GPU). In a CUDA graph the table maps virtual
+        # pages to the chunk-cache pages holding them on the device (the runner replays the
+        # step when one was not cached); streamed and eager, the selection is mapped, and
+        # fetched, on the host.
+        on_device = streamed and in_graph
+        table, lens, sel_pages, nsel = kn.select_scope(
             qr, plan.cand_pages, plan.num_cands, plan.head_table, plan.head_pages,
             plan.local_table, plan.local_tokens, topk, c, kmin, kmax, kmean, self.combine,
-            plan.reps)
+            plan.reps, self.page_map[layer_id] if on_device else None, self.pool.num_pages)
+        if not streamed or in_graph:
+            self.last_selection[layer_id] = sel_pages  # candidates' own pages
+            return table, lens
         sel_pages = self.stream.resolve(layer_id, sel_pages, nsel)
         self.last_selection[layer_id] = sel_pages
         return kn.assemble_scope_ref(plan.head_table, plan.head_pages, sel_pages, nsel,

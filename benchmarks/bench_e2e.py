@@ -117,7 +117,17 @@ def matmul_flops(dev: torch.device) -> float:
     return 2 * n ** 3 / statistics.median(times[2:])
 
 
-def fill_context(eng, n: int) -> SimpleNamespace:
+class Context(SimpleNamespace):
+    """A filled context as the model runner reads a Request."""
+
+    def token_at(self, pos: int) -> int:
+        return self.all_ids[pos]
+
+    def ids_between(self, start: int, stop: int) -> list[int]:
+        return self.all_ids[start:stop]
+
+
+def fill_context(eng, n: int) -> Context:
     """Allocate pages for n tokens, random K/V, summaries; -> a request-like object."""
     c = eng.pool.page_size
     pages = eng.pool.allocate((n + c - 1) // c + 1)
@@ -130,7 +140,7 @@ def fill_context(eng, n: int) -> SimpleNamespace:
             pool[layer, idx] = block
     eng.attn.pages_loaded(idx)
     ids = torch.randint(100, 40000, (n + 1,), generator=torch.Generator().manual_seed(1))
-    return SimpleNamespace(pages=pages, num_computed=n, all_ids=ids.tolist(), streamed=False)
+    return Context(pages=pages, num_computed=n, all_ids=ids.tolist(), streamed=False)
 
 
 def decode_tokens(eng, req, steps: int) -> float:

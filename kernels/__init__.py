@@ -108,8 +108,9 @@ def select_scope(q: torch.Tensor, cand_pages: torch.Tensor, num_cands: torch.Ten
                  local_tokens: torch.Tensor, topk: int, chunk_size: int,
                  kmin: torch.Tensor | None = None, kmax: torch.Tensor | None = None,
                  kmean: torch.Tensor | None = None, combine: str = "max", reps: int = 1,
-                 page_map: torch.Tensor | None = None, map_base: int = 0):
-    """``(table, lens, sel_pages, num_sel)`` of one layer's scope; see ``select_scope_ref``."""
+                 page_map: torch.Tensor | None = None, map_base: int = 0, spare: int = 0):
+    """``(table, lens, sel_pages, num_sel)`` of one layer's scope, and with ``spare`` the
+    runners-up; see ``select_scope_ref``."""
     fn = select_scope_triton if use_triton(q) else select_scope_ref
     return fn(q, cand_pages, num_cands, head_table, head_pages, local_table, local_tokens,
-              topk, chunk_size, kmin, kmax, kmean, combine, reps, page_map, map_base)
+              topk, chunk_size, kmin, kmax, kmean, combine, reps, page_map, map_base, spare)

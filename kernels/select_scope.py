@@ -154,10 +154,11 @@ def _block_topk_kernel(
 @triton.jit
 def _scope_table_kernel(
     best_ptr, num_cands_ptr, cand_ptr, head_table_ptr, head_pages_ptr, local_table_ptr,
-    local_tokens_ptr, table_ptr, lens_ptr, sel_ptr, nsel_ptr, map_ptr,
-    num_best, topk, chunk_size, local_width, width, map_base,
-    stride_bb, stride_cb, stride_hb, stride_lb, stride_tb, stride_selb,
+    local_tokens_ptr, table_ptr, lens_ptr, sel_ptr, nsel_ptr, map_ptr, spare_ptr,
+    num_best, topk, chunk_size, local_width, width, map_base, num_spare,
+    stride_bb, stride_cb, stride_hb, stride_lb, stride_tb, stride_selb, stride_spb,
     KP: tl.constexpr, M: tl.constexpr, BLOCK_W: tl.constexpr, HAS_MAP: tl.constexpr,
+    HAS_SPARE: tl.constexpr,
 ):
     b = tl.program_id(0)
     m = tl.arange(0, M)
@@ -168,6 +169,12 @@ def _scope_table_kernel(
     mask32 = (tl.full([KP], 1, tl.int64) << 32) - 1
     idx = mask32 - (x & mask32)  # padding decodes to 2^32 - 1, never a valid index
     n_cands = tl.load(num_cands_ptr + b)
+    if HAS_SPARE:  # ranks topk .. topk + num_spare - 1: the runners-up, best first
+        ranked = (j >= topk) & (j < topk + num_spare)
+        ok = ranked & (idx < n_cands)
+        runner = tl.load(cand_ptr + b.to(tl.int64) * stride_cb + idx, mask=ok, other=0)
+        tl.store(spare_ptr + b.to(tl.int64) * stride_spb + (j - topk), tl.where(ok, runner, -1),
+                 mask=ranked)
     valid = (j < topk) & (idx < n_cands)
     nsel = tl_sum(valid.to(tl.int32), 0)
     idx = _sort(tl.where(valid, idx, 2147483647), KP, False)  # selected, in original order
@@ -219,7 +226,7 @@ def select_scope_triton(q: torch.Tensor, cand_pages: torch.Tensor, num_cands: to
                         chunk_size: int, kmin: torch.Tensor | None = None,
                         kmax: torch.Tensor | None = None, kmean: torch.Tensor | None = None,
                         combine: str = "max", reps: int = 1, page_map: torch.Tensor | None = None,
-                        map_base: int = 0, sort_block: int | None = None):
+                        map_base: int = 0, spare: int = 0, sort_block: int | None = None):
     """Triton ``select_scope``; see ``select_scope_ref`` for the semantics.
     ``sort_block`` (a power of two >= the top-k rounded up) overrides the candidates per
     sorted block, for tuning."""
@@ -236,9 +243,12 @@ def select_scope_triton(q: torch.Tensor, cand_pages: torch.Tensor, num_cands: to
     lens = torch.empty(batch, dtype=torch.int32, device=dev)
     sel = torch.empty(batch, topk, dtype=torch.int32, device=dev)
     nsel = torch.empty(batch, dtype=torch.int32, device=dev)
+    check(spare >= 0, f"spare must be >= 0, got {spare}")
+    runners = torch.empty(batch, spare, dtype=torch.int32, device=dev)
+    out = (table, lens, sel, nsel) + ((runners,) if spare else ())
     if batch == 0:
-        return table, lens, sel, nsel
-    kp = max(16, next_pow2(topk))
+        return out
+    kp = max(16, next_pow2(topk + spare))
     # candidates per block of the first pass: fixed sizes keep recompiles few as contexts grow
     block = sort_block or max(kp, 256 if n <= 4096 else 1024 if n <= 16384 else 4096)
     check(block >= kp and block == next_pow2(block),
@@ -271,13 +281,14 @@ def select_scope_triton(q: torch.Tensor, cand_pages: torch.Tensor, num_cands: to
     _scope_table_kernel[(batch,)](
         best, num_cands, cand_pages, head_table, head_pages, local_table, local_tokens,
         table, lens, sel, nsel, page_map if page_map is not None else nsel,
-        num_blocks * kp, topk, chunk_size, l_w, width, map_base,
+        runners if spare else nsel,
+        num_blocks * kp, topk, chunk_size, l_w, width, map_base, spare,
         best.stride(0), cand_pages.stride(0), head_table.stride(0), local_table.stride(0),
-        table.stride(0), sel.stride(0) if topk else 0,
+        table.stride(0), sel.stride(0) if topk else 0, runners.stride(0) if spare else 0,
         KP=kp, M=m, BLOCK_W=max(16, min(256, next_pow2(width))), HAS_MAP=page_map is not None,
-        num_warps=8 if m >= 2048 else 4,
+        HAS_SPARE=spare > 0, num_warps=8 if m >= 2048 else 4,
     )
-    return table, lens, sel, nsel
+    return out
 
 
 def assemble_scope_ref(head_table: torch.Tensor, head_pages: torch.Tensor,
@@ -332,7 +343,7 @@ def select_scope_ref(q: torch.Tensor, cand_pages: torch.Tensor, num_cands: torch
                      chunk_size: int, kmin: torch.Tensor | None = None,
                      kmax: torch.Tensor | None = None, kmean: torch.Tensor | None = None,
                      combine: str = "max", reps: int = 1, page_map: torch.Tensor | None = None,
-                     map_base: int = 0):
+                     map_base: int = 0, spare: int = 0):
     """Select one layer's scope for each sequence (torch).
 
     Args:
@@ -347,10 +358,14 @@ def select_scope_ref(q: torch.Tensor, cand_pages: torch.Tensor, num_cands: torch
             the streaming tier's) to the pages holding them: the table gets
             ``page_map[page - map_base]``, or page 0 where that is ``-1`` (not resident: the
             caller sees it in ``sel_pages``, which keep the candidates' own pages).
+        spare: also return the pages of the candidates ranked just below the top k (the
+            streaming tier loads them ahead of the steps likely to select them).
     Returns:
         ``(table [B, S + topk + L], lens [B], sel_pages [B, topk], num_sel [B])``, all int32:
         the scope page table and length (``assemble_scope_ref``), and the selected pages
         in original order, ``-1`` after the first ``num_sel = min(topk, num_cands)``.
+        With ``spare`` > 0 a fifth, ``runners [B, spare]``: the candidates ranked ``topk``
+        to ``topk + spare - 1``, best first (their own pages), then ``-1``.
     """
     _check_score_inputs(q, cand_pages, num_cands, topk, kmin, kmax, kmean, combine, reps)
     _check_scope_inputs(cand_pages, head_table, head_pages, local_table, local_tokens,
@@ -362,4 +377,23 @@ def select_scope_ref(q: torch.Tensor, cand_pages: torch.Tensor, num_cands: torch
     table, lens = assemble_scope_ref(head_table, head_pages,
                                      map_pages(sel_pages, page_map, map_base), nsel,
                                      local_table, local_tokens, chunk_size)
-    return table, lens, sel_pages, nsel
+    if not spare:
+        return table, lens, sel_pages, nsel
+    return table, lens, sel_pages, nsel, runners_up(scores, cand_pages, num_cands, topk, spare)
+
+
+def runners_up(scores: torch.Tensor, cand_pages: torch.Tensor, num_cands: torch.Tensor,
+               topk: int, spare: int) -> torch.Tensor:
+    """Pages of the candidates ranked ``topk .. topk + spare - 1`` by ``scores [B, N]``,
+    best first; ``-1`` where a row has fewer candidates."""
+    b, n = scores.shape
+    out = torch.full((b, spare), -1, dtype=torch.int32, device=scores.device)
+    k = min(n, topk + spare)
+    if k <= topk:
+        return out
+    masked = torch.where(torch.arange(n, device=scores.device)[None, :] < num_cands[:, None],
+                         scores, float("-inf"))
+    idx = masked.topk(k, dim=1).indices[:, topk:]
+    ok = idx < num_cands[:, None].long()
+    out[:, : k - topk] = torch.where(ok, cand_pages.gather(1, idx), -1).to(torch.int32)
+    return out

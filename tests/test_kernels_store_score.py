@@ -309,6 +309,32 @@ def test_select_scope_maps_virtual_pages(topk):
     assert out[0][2, 2:2 + topk].tolist() == mapped
 
 
+@pytest.mark.parametrize("topk,spare,max_cands", [(5, 11, 600), (17, 3, 300), (62, 66, 1500),
+                                                (4, 8, 70)])
+def test_select_scope_runners_up(topk, spare, max_cands):
+    """`spare` adds the pages of the candidates ranked just below the top k, best first
+    (-1 where a row has fewer), without changing the selection; same as the reference and
+    as ranking the combined scores by brute force."""
+    gen = torch.Generator().manual_seed(50 + topk + spare)
+    q, cand, nc, (kmin, kmax, _), scope = _scope_inputs(3, 1, 2, 4, 64, torch.float32, gen,
+                                                        max_cands)
+    args = (q, cand, nc, *scope, topk, 16, kmin, kmax, None, "max", 1, None, 0)
+    out = K.select_scope_triton(*args, spare)
+    ref = K.select_scope_ref(*args, spare)
+    plain = K.select_scope_ref(*args)
+    assert len(out) == len(ref) == 5
+    for name, a, b, c in zip(("table", "lens", "sel_pages", "num_sel"), out, ref, plain):
+        assert torch.equal(a, b) and torch.equal(a, c), name
+    assert out[4].dtype == torch.int32 and out[4].shape == (3, spare)
+    assert torch.equal(out[4], ref[4])
+    scores = K.scope_scores_ref(q, cand, nc, kmin, kmax, None, "max", 1)
+    for b in range(3):
+        n = int(nc[b])
+        order = scores[b, :n].argsort(descending=True).tolist()
+        want = cand[b, order[topk:topk + spare]].tolist()
+        assert out[4][b].tolist() == want + [-1] * (spare - len(want))
+
+
 def test_select_scope_rejects_bad_inputs():
     gen = torch.Generator().manual_seed(2)
     q, cand, nc, (kmin, kmax, _), scope = _scope_inputs(3, 2, 2, 4, 64, torch.float32, gen, 70)

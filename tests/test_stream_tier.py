@@ -199,6 +199,26 @@ def test_streamed_decode_in_the_graph_path_equals_resident(stored, tiny_llama):
         assert s["stream_attached_chunks"] == 0
 
 
+def test_runners_up_are_loaded_ahead_and_save_replays(stored, tiny_llama):
+    """Streamed graph decode with the runners-up (the chunks ranked just below each layer's
+    top k) loaded ahead: the same tokens, prefetched blocks read by later steps, and fewer
+    replays than without loading ahead (48 pages: room for the selection and 15 spares)."""
+    store, want = stored
+    opts = dict(SMALL, kv_chunk_cache_pages=48, max_total_tokens=16 * 68)
+    got = {}
+    for ahead in (False, True):
+        with Engine(tiny_llama, kv_store_path=store, disable_kv_prefetch=not ahead, **opts,
+                    **OPTS) as eng:
+            eng._call(lambda: eng.runner._capture(1))
+            assert eng.attn.spare == (15 if ahead else 0)
+            out = eng.generate(input_ids=DOC + QUESTION, sampling_params=GREEDY)
+            assert out["output_ids"] == want
+            got[ahead] = eng.stats()
+    assert got[True]["stream_device_prefetches"] > 0 and got[True]["stream_prefetch_hits"] > 0
+    assert got[False]["stream_prefetch_hits"] == 0
+    assert got[True]["stream_graph_replays"] < got[False]["stream_graph_replays"]
+
+
 def test_streaming_counts_misses_then_hits(stored, tiny_llama):
     store, want = stored
     big = dict(SMALL, kv_chunk_cache_pages=200, max_total_tokens=16 * 240,
@@ -224,15 +244,15 @@ def test_streaming_counts_misses_then_hits(stored, tiny_llama):
 def test_streamed_output_depends_on_the_fetched_chunks(stored, tiny_llama, monkeypatch):
     """The equality above is not vacuous: chunks fetched as zeros change the answer."""
     store, want = stored
-    real_fill = StreamTier._fill
+    real_write = StreamTier._write
 
-    def zero_fill(self, layer, fills):
-        real_fill(self, layer, fills)
+    def zero_write(self, layer, fills, kv):  # on demand and loaded ahead alike
+        real_write(self, layer, fills, kv)
         idx = torch.tensor([p for _, p in fills])
         self.pool.k[layer, idx] = 0.0
         self.pool.v[layer, idx] = 0.0
 
-    monkeypatch.setattr(StreamTier, "_fill", zero_fill)
+    monkeypatch.setattr(StreamTier, "_write", zero_write)
     with Engine(tiny_llama, kv_store_path=store, **SMALL, **OPTS) as eng:
         out = eng.generate(input_ids=DOC + QUESTION, sampling_params=GREEDY)
     assert out["output_ids"] != want

@@ -116,10 +116,17 @@ class Engine(NamedContexts):
                               initial=scope_max + c)
         if self.reattn is not None:
             virtual = -(-args.kv_stream_max_tokens // c) if streaming else 0
+            # runners-up loaded ahead: up to twice the top-k rounded to a power of two (the
+            # selection kernel's sort width), and at most half the chunk cache's room past
+            # one selection (more evicts blocks a drifting selection comes back to)
+            topk = self.reattn.topk
+            spare = 0 if args.disable_kv_prefetch else max(0, min(
+                (1 << (2 * topk - 1).bit_length()) - topk,
+                (args.kv_chunk_cache_pages - topk) // 2))
             self.attn = ReAttention(self.pool, self.rope, cfg.num_heads, cfg.head_dim,
                                     self.reattn, args.reattn_summary, args.reattn_combine,
                                     use_triton=use_triton, rot_limit=scope_max,
-                                    num_virtual=virtual)
+                                    num_virtual=virtual, spare=spare)
         else:
             self.attn = PagedAttention(self.pool, self.rope, cfg.num_heads, cfg.head_dim,
                                        cfg.sliding_window, use_triton=use_triton,

@@ -73,7 +73,7 @@ class ModelRunner:
         cu = [0]
         for r, n in zip(reqs, q_lens):
             start = r.num_computed
-            ids.extend(r.all_ids[start:start + n])
+            ids.extend(r.ids_between(start, start + n))
             slots.extend(self._slots(r, start, n))
             total = start + n
             scope.append(total)
@@ -161,6 +161,7 @@ class ModelRunner:
         self._logits: dict[tuple[int, bool | str], torch.Tensor] = {}
         self._views: dict[tuple[int, bool | str], ForwardBatch] = {}
         self._sel_out: dict[int, list[torch.Tensor]] = {}
+        self._spare_out: dict[int, list[torch.Tensor]] = {}
         variants = (False,) if self.reattn is None else (
             (False, True, "stream") if self._splan is not None else (False, True))
         with torch.inference_mode():
@@ -174,8 +175,10 @@ class ModelRunner:
 
                     self.graphs[bs, select], self._logits[bs, select] = self._record(run)
                     if select == "stream":  # each layer's selection: the graph's outputs
-                        self._sel_out[bs] = [self.attn.last_selection[i]
-                                             for i in range(self.pool.k.shape[0])]
+                        layers = range(self.pool.k.shape[0])
+                        self._sel_out[bs] = [self.attn.last_selection[i] for i in layers]
+                        if self.attn.spare:
+                            self._spare_out[bs] = [self.attn.last_runners[i] for i in layers]
         if dev.type == "cuda":
             torch.cuda.synchronize()
         self.graph_bs = sizes
@@ -275,7 +278,7 @@ class ModelRunner:
         rows: list[list[int]] = []
         for i, r in enumerate(reqs):
             pos = r.num_computed
-            ids[i] = r.all_ids[pos]
+            ids[i] = r.token_at(pos)
             slots[i] = r.pages[pos // c] * c + pos % c
             scope[i] = pos + 1
             if not select:
@@ -307,6 +310,16 @@ class ModelRunner:
         self.graphs[gbs, select].replay()
         return self._logits[gbs, select][:bs]
 
+    def _graph_selection(self, gbs: int) -> list[tuple[torch.Tensor, ...]]:
+        """Per layer, the stream graph's selected pages (and runners-up) outputs."""
+        layers = range(self.pool.k.shape[0])
+        if self.device.type == "cuda":
+            sel, spare = self._sel_out[gbs], self._spare_out.get(gbs)
+        else:  # the eager stand-in re-ran the step: this replay's tensors
+            sel = [self.attn.last_selection[i] for i in layers]
+            spare = [self.attn.last_runners[i] for i in layers] if self.attn.spare else None
+        return [(s,) if spare is None else (s, r) for s, r in zip(sel, spare or sel)]
+
     def _replay_streamed(self, reqs: list[Request]) -> torch.Tensor | None:
         """A decode step with streamed contexts, replayed from the graph that maps virtual
         pages through the device page map. After the replay every layer's selection is
@@ -331,9 +344,12 @@ class ModelRunner:
                     kmin[:, written], kmax[:, written] = saved
                 tier.sync_map()
                 graph.replay()
-                outs = (self._sel_out[gbs] if self.device.type == "cuda" else
-                        [self.attn.last_selection[i] for i in range(num_layers)])
-                settled = tier.settle(torch.stack(outs)[:, :bs].cpu().numpy())
+                # one read-back of every layer's selection (and runners-up): [L, B, K (+ R)]
+                back = torch.stack([torch.cat(o, 1) if len(o) > 1 else o[0]
+                                    for o in self._graph_selection(gbs)])[:, :bs].cpu().numpy()
+                topk = self.reattn.topk
+                settled = tier.settle(back[..., :topk],
+                                      back[..., topk:] if self.attn.spare else None)
                 if settled:
                     tier.stats["stream_graph_steps"] += 1
                     tier.stats["stream_graph_replays"] += attempt

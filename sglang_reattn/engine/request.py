@@ -64,7 +64,22 @@ class Request:
 
     @property
     def all_ids(self) -> list[int]:
+        """Prompt and output ids, concatenated: a copy (O(length)); per-step code reads
+        `token_at` / `ids_between` instead."""
         return self.prompt_ids + self.output_ids
+
+    def token_at(self, pos: int) -> int:
+        n = len(self.prompt_ids)
+        return self.prompt_ids[pos] if pos < n else self.output_ids[pos - n]
+
+    def ids_between(self, start: int, stop: int) -> list[int]:
+        """all_ids[start:stop] without building all_ids (0 <= start <= stop)."""
+        n = len(self.prompt_ids)
+        if stop <= n:
+            return self.prompt_ids[start:stop]
+        if start >= n:
+            return self.output_ids[start - n:stop - n]
+        return self.prompt_ids[start:] + self.output_ids[:stop - n]
 
     @property
     def num_tokens(self) -> int:

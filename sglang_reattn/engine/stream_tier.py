@@ -23,8 +23,10 @@ each slot's chunk in each layer, -1 when not cached), mirrored on the host: afte
 replay, `settle` reads every layer's selection back; chunks that were not cached are
 fetched and the step is replayed (the scheduler never sees the discarded replay).
 
-After every step the chunks each streamed request selected, per layer, are its prefetch
-hint: for the requests the next step is expected to run, blocks held by the host tier are
+After every step the chunks each streamed request selected, per layer, and the runners-up
+ranked just below them (ReAttention's `spare`: the chunks a drifting selection most likely
+takes next), are its prefetch hint: for the requests the next step is expected to run,
+blocks held by the host tier are
 copied into the chunk cache right away (on a side stream on CUDA, waited for by the next
 step's first fetch); blocks in neither tier are read from LMDB into the host tier by a
 background thread. A block that fails its checksum is never cached nor served: the fetch
@@ -413,6 +415,8 @@ class StreamTier:
     # ------------------------------------------------------------------ per layer
 
     def _on_cache(self, layer: int, key: Hashable, page: int | None) -> None:
+        if page is None:
+            self._ahead_keys[layer].discard(key)
         slot = self._slot_of.get(key)
         if slot is not None:
             self.vmap[layer, slot] = -1 if page is None else page
@@ -430,29 +434,48 @@ class StreamTier:
             src = torch.from_numpy(self.vmap[layers])
             self.attn.page_map[torch.tensor(layers)] = src.to(self.attn.page_map.device)
 
-    def settle(self, sel_pages: np.ndarray) -> bool:
+    def _picks(self, pages: np.ndarray) -> tuple[list[int], list[str]]:
+        """Virtual entries of a [B, K] page array -> (their rows, their chunks)."""
+        rows, cols = np.nonzero(pages >= self.base)
+        return rows.tolist(), [self._slot_ids[p - self.base] for p in pages[rows, cols].tolist()]
+
+    def settle(self, sel_pages: np.ndarray, runners: np.ndarray | None = None) -> bool:
         """After a graph step that mapped its selection through the page map: `sel_pages`
-        [L, B, K] (the selected candidates per layer, -1 padded). True when every virtual
-        one was cached (they become most recently used); else the missing chunks are
-        fetched into the cache and False: the step must be replayed."""
+        [L, B, K] (the selected candidates per layer, -1 padded) and, with ReAttention's
+        `spare`, the runners-up [L, B, R]. True when every virtual selected one was cached
+        (they become most recently used; they and the runners-up are the step's prefetch
+        hint); else the missing chunks are fetched into the cache and False: the step must
+        be replayed."""
         ok = True
         for layer in range(self.num_layers):
-            sel = sel_pages[layer].ravel()
-            slots = sel[sel >= self.base] - self.base
-            if not slots.size:
-                continue
-            keys = [self._slot_ids[s] for s in slots.tolist()]
-            if (self.vmap[layer, slots] >= 0).all():
-                self.cache.touch(layer, keys)
-                continue
-            ok = False
-            self._cache_in(layer, keys)
+            rows, keys = self._picks(sel_pages[layer])
+            if keys:
+                slots = sel_pages[layer][sel_pages[layer] >= self.base] - self.base
+                if (self.vmap[layer, slots] >= 0).all():
+                    self.cache.touch(layer, keys)
+                    self._ahead_read(layer, keys)
+                else:
+                    ok = False
+                    self._cache_in(layer, keys)
+            if runners is not None:
+                more = self._picks(runners[layer])
+                rows, keys = rows + more[0], keys + more[1]
+            self._selected[layer] = list(zip(rows, keys))
         return ok
 
-    def resolve(self, layer: int, sel_pages: torch.Tensor, nsel: torch.Tensor) -> torch.Tensor:
+    def _ahead_read(self, layer: int, keys: list[str]) -> None:
+        """Chunks loaded ahead into the cache that a step has now read: prefetch hits."""
+        ahead = self._ahead_keys[layer]
+        if ahead:
+            used = ahead.intersection(keys)
+            self.stats["stream_prefetch_hits"] += len(used)
+            ahead.difference_update(used)
+
+    def resolve(self, layer: int, sel_pages: torch.Tensor, nsel: torch.Tensor,
+                runners: torch.Tensor | None = None) -> torch.Tensor:
         """Selected pages [B, K] (the first nsel[b] of row b valid) with every virtual
         page replaced by the chunk-cache page now holding that chunk's layer K/V. Host
-        sync: streamed steps run eagerly."""
+        sync: streamed steps run eagerly. `runners` [B, R]: the runners-up (hints)."""
         rows, cols, keys = [], [], []
         for b, (row, n) in enumerate(zip(sel_pages.tolist(), nsel.tolist())):
             for j in range(n):
@@ -461,6 +484,8 @@ class StreamTier:
                     cols.append(j)
                     keys.append(self.chunk_of(row[j]))
         self._selected[layer] = list(zip(rows, keys))
+        if runners is not None:
+            self._selected[layer] += list(zip(*self._picks(runners.cpu().numpy())))
         if self._ahead is not None:
             torch.cuda.current_stream().wait_event(self._ahead)
             self._ahead = None
@@ -477,10 +502,7 @@ class StreamTier:
         """One layer's selected chunks into the chunk cache (fetching those not cached)
         -> the page of each key."""
         pages, fills = self.cache.acquire(layer, keys)
-        ahead = self._ahead_keys[layer]
-        if ahead:
-            self.stats["stream_prefetch_hits"] += len(ahead.intersection(keys))
-            ahead.clear()  # those not read by this step were a wrong guess
+        self._ahead_read(layer, keys)
         if fills:
             try:
                 self._fill(layer, fills)

@@ -104,7 +104,8 @@ class ReAttention(PagedAttention):
 
     def __init__(self, pool: KVPool, rope: RopeTable, num_heads: int, head_dim: int,
                  cfg: ReAttnConfig, summary: str = "minmax", combine: str = "max",
-                 use_triton: bool = False, rot_limit: int = 0, num_virtual: int = 0) -> None:
+                 use_triton: bool = False, rot_limit: int = 0, num_virtual: int = 0,
+                 spare: int = 0) -> None:
         super().__init__(pool, rope, num_heads, head_dim, None, use_triton, rot_limit)
         from sglang_reattn import kernels
 
@@ -119,6 +120,9 @@ class ReAttention(PagedAttention):
         # `page_map` [L, num_virtual] maps each slot to the chunk-cache page holding its
         # chunk in that layer (-1: none), for selections mapped on the device.
         self.num_virtual = num_virtual
+        # Streamed selections also report the `spare` candidates ranked just below the top
+        # k: the streaming tier loads them ahead of the steps likely to select them.
+        self.spare = spare if num_virtual else 0
         shape = (pool.k.shape[0], pool.num_pages + num_virtual, pool.k.shape[3],
                  pool.k.shape[4])
         kw = dict(device=pool.k.device, dtype=pool.k.dtype)
@@ -128,6 +132,7 @@ class ReAttention(PagedAttention):
         self.kmax = torch.zeros(shape, **kw) if summary == "minmax" else None
         self.kmean = torch.zeros(shape, **kw) if summary == "mean" else None
         self.last_selection: dict[int, torch.Tensor] = {}  # layer -> selected pages (debug)
+        self.last_runners: dict[int, torch.Tensor] = {}  # layer -> runners-up (streamed)
         self.stream = None  # the StreamTier when contexts may hold virtual pages
 
     def _summaries(self, layer_id: int):
@@ -193,14 +198,19 @@ class ReAttention(PagedAttention):
         # step when one was not cached); streamed and eager, the selection is mapped, and
         # fetched, on the host.
         on_device = streamed and in_graph
-        table, lens, sel_pages, nsel = kn.select_scope(
+        spare = self.spare if streamed else 0
+        table, lens, sel_pages, nsel, *runners = kn.select_scope(
             qr, plan.cand_pages, plan.num_cands, plan.head_table, plan.head_pages,
             plan.local_table, plan.local_tokens, topk, c, kmin, kmax, kmean, self.combine,
-            plan.reps, self.page_map[layer_id] if on_device else None, self.pool.num_pages)
+            plan.reps, self.page_map[layer_id] if on_device else None, self.pool.num_pages,
+            spare)
+        runners = runners[0] if runners else None
+        if runners is not None:
+            self.last_runners[layer_id] = runners
         if not streamed or in_graph:
             self.last_selection[layer_id] = sel_pages  # candidates' own pages
             return table, lens
-        sel_pages = self.stream.resolve(layer_id, sel_pages, nsel)
+        sel_pages = self.stream.resolve(layer_id, sel_pages, nsel, runners)
         self.last_selection[layer_id] = sel_pages
         return kn.assemble_scope_ref(plan.head_table, plan.head_pages, sel_pages, nsel,
                                      plan.local_table, plan.local_tokens, c)

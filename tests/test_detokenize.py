@@ -22,3 +22,14 @@ def test_incremental_text_equals_one_shot_decode(default_engine):
         assert r.text == full or (full.endswith("\ufffd") and full.startswith(r.text))
         update_text(r, tok, final=True)
         assert r.text == full
+
+
+def test_tokens_view_slices_like_all_ids():
+    r = Request("x", [1, 2, 3, 4], SamplingParams.from_dict({}), LogprobOptions(), "", None)
+    r.output_ids = [5, 6]
+    view = r.tokens
+    assert len(view) == 6 and view[-1] == 6 and view[2] == 3
+    for a in range(7):
+        for b in range(a, 8):
+            assert view[a:b] == r.all_ids[a:b] == r.ids_between(a, min(b, 6))
+    assert [r.token_at(i) for i in range(6)] == r.all_ids

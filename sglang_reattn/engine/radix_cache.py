@@ -78,9 +78,12 @@ class RadixCache:
             node = child
         return MatchResult(pages, node)
 
-    def insert(self, token_ids: list[int], pages: list[int], namespace: str = "") -> InsertResult:
-        """Insert the full chunks of `token_ids` backed by `pages` (one page per chunk)."""
-        node = self._root(namespace)
+    def insert(self, token_ids: list[int], pages: list[int], namespace: str = "",
+               after: TreeNode | None = None) -> InsertResult:
+        """Insert the full chunks of `token_ids` backed by `pages` (one page per chunk).
+        `after`: a node of the tree; `token_ids` and `pages` are then the chunks that follow
+        its path (a growing sequence extends its own path without walking it again)."""
+        node = self._root(namespace) if after is None else after
         out_pages: list[int] = []
         dups: list[int] = []
         now = time.monotonic()
@@ -102,6 +105,15 @@ class RadixCache:
         while node is not None:
             node.lock_ref += 1
             node = node.parent
+
+    @staticmethod
+    def move_lock(old: TreeNode, new: TreeNode) -> None:
+        """dec_lock(old) then inc_lock(new), where `new` is `old` or below it: only the
+        nodes between them change."""
+        while new is not old:
+            assert new is not None, "move_lock: the new node is not below the old one"
+            new.lock_ref += 1
+            new = new.parent
 
     @staticmethod
     def dec_lock(node: TreeNode) -> None:

@@ -49,6 +49,7 @@ class Request:
     num_saved: int = 0  # leading full chunks already handed to the disk tier
     streamed: bool = False  # `pages` holds virtual pages of the streaming tier
     stream_hint: dict = field(default_factory=dict)  # layer -> chunks its last step selected
+    store_ids: list = field(default_factory=list)  # disk-tier ids of its leading whole chunks
     finish_reason: dict[str, Any] | None = None
     aborted: bool = False
     text: str = ""
@@ -67,6 +68,11 @@ class Request:
         """Prompt and output ids, concatenated: a copy (O(length)); per-step code reads
         `token_at` / `ids_between` instead."""
         return self.prompt_ids + self.output_ids
+
+    @property
+    def tokens(self) -> "Tokens":
+        """all_ids as a view: slices without building the whole list."""
+        return Tokens(self)
 
     def token_at(self, pos: int) -> int:
         n = len(self.prompt_ids)
@@ -93,3 +99,24 @@ class Request:
     @property
     def wants_input_logprobs(self) -> bool:
         return self.logprob.return_logprob and 0 <= self.logprob.logprob_start_len
+
+
+class Tokens:
+    """A request's prompt and output ids as one read-only sequence, sliced and indexed
+    without concatenating them (per-step code of million-token contexts)."""
+
+    def __init__(self, r: Request) -> None:
+        self._r = r
+
+    def __len__(self) -> int:
+        return self._r.num_tokens
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            start, stop, step = i.indices(len(self))
+            assert step == 1, "Tokens: only contiguous slices"
+            return self._r.ids_between(start, max(start, stop))
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(i)
+        return self._r.token_at(i % n)

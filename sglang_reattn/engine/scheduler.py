@@ -18,6 +18,7 @@ from sglang_reattn.engine.radix_cache import RadixCache
 from sglang_reattn.engine.request import Request, State
 from sglang_reattn.engine.sampler import sample, top_logprobs
 from sglang_reattn.engine.stream_tier import StreamFault, StreamFull
+from sglang_reattn.kv_store import chunk_hashes
 from sglang_reattn.layers.attention import KVPool
 
 logger = logging.getLogger(__name__)
@@ -107,23 +108,49 @@ class Scheduler:
             # Virtual pages never enter the tree; what this process computed past the
             # stored prefix still goes to the disk tier (its pages are real).
             if self.store is not None and n_full > r.num_saved:
-                self.store.save(r.all_ids, r.pages[:n_full], r.num_saved, r.namespace)
-                r.num_saved = n_full
+                self._save(r, n_full)
             return
         if n_full <= r.num_tree_pages:
             return
-        res = self.cache.insert(r.all_ids[: n_full * self.c], r.pages[:n_full], r.namespace)
+        c, have, node = self.c, r.num_tree_pages, r.tree_node
+        if node is not None and node.depth == have:
+            # Extend the request's own path: O(new chunks), not O(context), per chunk a
+            # long generation completes.
+            res = self.cache.insert(r.ids_between(have * c, n_full * c), r.pages[have:n_full],
+                                    r.namespace, after=node)
+        else:
+            res = self.cache.insert(r.ids_between(0, n_full * c), r.pages[:n_full],
+                                    r.namespace)
+            have = 0
         # Pages that another request cached first: switch to the tree's copy, free ours.
         self.pool.free(res.duplicates)
-        r.pages[:n_full] = res.pages
-        if r.tree_node is not None:
-            self.cache.dec_lock(r.tree_node)
-        self.cache.inc_lock(res.node)
+        r.pages[have:n_full] = res.pages
+        if node is not None and res.node.depth > node.depth and have:
+            self.cache.move_lock(node, res.node)
+        else:
+            if node is not None:
+                self.cache.dec_lock(node)
+            self.cache.inc_lock(res.node)
         r.tree_node = res.node
         r.num_tree_pages = n_full
         if self.store is not None:
-            self.store.save(r.all_ids, r.pages[:n_full], r.num_saved, r.namespace)
-            r.num_saved = n_full
+            self._save(r, n_full)
+
+    def _store_ids(self, r: Request, n: int) -> list[str]:
+        """Disk-tier ids of r's first n whole chunks: a chained hash, computed once per
+        request and extended as it grows (never re-hashed from the start)."""
+        have = r.store_ids
+        if len(have) < n:
+            c = self.c
+            have.extend(chunk_hashes(r.ids_between(len(have) * c, n * c), c, r.namespace,
+                                     have[-1] if have else None))
+        return have[:n]
+
+    def _save(self, r: Request, n_full: int) -> None:
+        """Chunks [num_saved, n_full) of r to the disk tier (written behind)."""
+        self.store.save(r.tokens, r.pages[:n_full], r.num_saved, r.namespace,
+                        self._store_ids(r, n_full))
+        r.num_saved = n_full
 
     # ------------------------------------------------------------------ admission
 
@@ -144,7 +171,8 @@ class Scheduler:
         """Continue the radix match with chunks from the disk tier: load them into fresh
         pages and insert them into the tree, as if this process had computed them."""
         have = len(matched)
-        stored = self.store.lookup(ids, r.namespace, have, limit // self.c)
+        stored = self.store.lookup(ids, r.namespace, have, limit // self.c,
+                                   self._store_ids(r, limit // self.c))
         if not stored or not self._ensure_free(len(stored)):
             return matched
         pages = self.pool.allocate(len(stored))
@@ -220,10 +248,9 @@ class Scheduler:
         if not idx or self.store.readonly:
             return
         if n_full > r.num_saved:
-            self.store.save(r.all_ids, r.pages[:n_full], r.num_saved, r.namespace)
-            r.num_saved = n_full
+            self._save(r, n_full)
         self.store.flush()
-        ids = self.store.chunk_ids(r.all_ids[: n_full * c], r.namespace)
+        ids = self._store_ids(r, n_full)
         chosen = [ids[i] for i in idx]
         if not all(self.store.store.has_many(chosen)):  # a failed write: stay resident
             return
@@ -268,7 +295,8 @@ class Scheduler:
         def stored_after(have: int) -> tuple[list[str], int, int]:
             """Stored chunks after the first `have`, the stored prefix's length in chunks,
             and the pages the rest of the prompt and one decode page need."""
-            stored = self.store.lookup(ids, r.namespace, have, limit // c)
+            stored = self.store.lookup(ids, r.namespace, have, limit // c,
+                                       self._store_ids(r, limit // c))
             return stored, have + len(stored), (len(ids) + c) // c - have - len(stored)
 
         have = len(matched)

@@ -145,12 +145,17 @@ class StoreTier:
 
     # ------------------------------------------------------------------ write behind
 
-    def save(self, token_ids: list[int], pages: list[int], first: int, namespace: str) -> None:
+    def save(self, token_ids, pages: list[int], first: int, namespace: str,
+             ids: list[str] | None = None) -> None:
         """Persist full chunks [first, len(pages)) of a sequence whose chunk i lives in
-        pages[i]. Engine thread: copies the K/V out now, the writer thread stores them."""
+        pages[i]. Engine thread: copies the K/V out now, the writer thread stores them.
+        `token_ids`: a list or anything sliced like one (only the saved chunks are read);
+        `ids`: the chunks' ids when the caller has them (else hashed from the start)."""
         if self.readonly or first >= len(pages):
             return
-        ids = chunk_hashes(token_ids[: len(pages) * self.c], self.c, namespace)
+        if ids is None:
+            ids = chunk_hashes(token_ids[: len(pages) * self.c], self.c, namespace)
+        assert len(ids) >= len(pages), "save: fewer ids than pages"
         # `_known` remembers chunks seen stored; any removal (eviction, delete) by any
         # process sharing the store bumps removed_total, and then it is forgotten.
         removed = self.store.removed_total()
@@ -246,11 +251,15 @@ class StoreTier:
         """Store ids of the sequence's whole chunks."""
         return chunk_hashes(token_ids, self.c, namespace)
 
-    def lookup(self, token_ids: list[int], namespace: str, start: int, stop: int) -> list[str]:
-        """Ids of the stored chunks [start, start + n) of the sequence, n maximal <= stop."""
+    def lookup(self, token_ids: list[int], namespace: str, start: int, stop: int,
+               ids: list[str] | None = None) -> list[str]:
+        """Ids of the stored chunks [start, start + n) of the sequence, n maximal <= stop
+        (`ids`: the sequence's chunk ids when the caller has them)."""
         if stop <= start:
             return []
-        ids = chunk_hashes(token_ids[: stop * self.c], self.c, namespace)[start:stop]
+        if ids is None:
+            ids = chunk_hashes(token_ids[: stop * self.c], self.c, namespace)
+        ids = ids[start:stop]
         out: list[str] = []
         for cid, there in zip(ids, self.store.has_many(ids)):
             if not there or cid in self._bad:

@@ -488,7 +488,8 @@ def test_prompt_longer_than_the_pool_spills_to_the_store(tmp_path, tiny_llama, l
 
 
 class _FakeStore:
-    """get_summaries like ChunkStore's: float32 [n, L, 2, Hkv, D], value = chunk number."""
+    """get_summaries like ChunkStore's: int8 [n, L, 2, Hkv, D] and scales [n, L, 2, Hkv]
+    (dequantize=False), dequantized value = chunk number."""
 
     def __init__(self, shape) -> None:
         self.shape, self.reads, self.gone = shape, [], set()
@@ -496,10 +497,13 @@ class _FakeStore:
     def has_many(self, ids):
         return [c not in self.gone for c in ids]
 
-    def get_summaries(self, ids):
+    def get_summaries(self, ids, dequantize=True):
+        assert not dequantize, "the tier dequantizes on the device"
         self.reads.append(list(ids))
-        return torch.stack([torch.full((self.shape[0], 2) + self.shape[1:],
-                                       float(int(c[1:]))) for c in ids]).numpy()
+        q = torch.ones((len(ids), self.shape[0], 2) + self.shape[1:], dtype=torch.int8)
+        scales = torch.stack([torch.full((self.shape[0], 2, self.shape[1]), float(int(c[1:])))
+                              for c in ids])
+        return q.numpy(), scales.numpy()
 
 
 class _FakeTier:

@@ -171,6 +171,10 @@ class ChunkCache:
             m.move_to_end(key)
         self.hits += len(set(keys))
 
+    def items(self, layer: int) -> list[tuple[Hashable, int]]:
+        """(key, page) of one layer, least recently used first."""
+        return list(self._maps[layer].items())
+
     def page_of(self, layer: int, key: Hashable) -> int | None:
         """The page holding `key` in `layer` (no LRU update), or None."""
         return self._maps[layer].get(key)
@@ -318,10 +322,10 @@ class StreamTier:
         self.tier.hold(hold)
         s = None
         try:
-            if new:
-                s = self.store.get_summaries(new)  # float32 [n, L, 2, Hkv, D]
-                assert s.shape[1:] == (self.num_layers, 2) + self._shape[1:], \
-                    f"stored summary shape {s.shape[1:]} does not match the model"
+            if new:  # int8 [n, L, 2, Hkv, D] and float32 scales [n, L, 2, Hkv]
+                s = self.store.get_summaries(new, dequantize=False)
+                assert s[0].shape[1:] == (self.num_layers, 2) + self._shape[1:], \
+                    f"stored summary shape {s[0].shape[1:]} does not match the model"
             # Idle summaries were read earlier, maybe before an eviction: still there?
             idle = [c for c in hold if c in self._slot_of]
             gone = [c for c, there in zip(idle, self.store.has_many(idle) if idle else [])
@@ -340,17 +344,16 @@ class StreamTier:
                 self._idle.pop(slot, None)
         if new:
             slots = self._alloc_slots(len(new))
-            kmin, kmax = self.attn.kmin, self.attn.kmax
-            t = torch.from_numpy(s).to(kmin.device)
-            idx = torch.tensor(slots, device=kmin.device) + self.base
-            kmin[:, idx] = t[:, :, 0].transpose(0, 1).to(kmin.dtype)
-            kmax[:, idx] = t[:, :, 1].transpose(0, 1).to(kmax.dtype)
+            self._put_summaries(slots, *s)
             for slot, cid in zip(slots, new):
                 self._slot_ids[slot] = cid
                 self._slot_of[cid] = slot
-                for layer in range(self.num_layers):  # maybe cached under an earlier slot
-                    page = self.cache.page_of(layer, cid)
-                    self.vmap[layer, slot] = -1 if page is None else page
+            self.vmap[:, slots] = -1
+            fresh = set(new)
+            for layer in range(self.num_layers):  # maybe cached under an earlier slot
+                for cid, page in self.cache.items(layer):
+                    if cid in fresh:
+                        self.vmap[layer, self._slot_of[cid]] = page
             self._stale.update(range(self.num_layers))
         fresh = set(new)
         for cid in chunk_ids:
@@ -360,6 +363,22 @@ class StreamTier:
         self.stats["stream_summaries_reused"] += len(chunk_ids) - len(new)
         self.tier.touch(chunk_ids)
         return [self.base + self._slot_of[c] for c in chunk_ids]
+
+    def _put_summaries(self, slots: list[int], q: np.ndarray, scales: np.ndarray,
+                       batch: int = 4096) -> None:
+        """Quantized summaries (int8 [n, L, 2, Hkv, D], scales [n, L, 2, Hkv]) into the
+        summary rows of `slots`: copied as int8 (a quarter of the float32 bytes) and
+        dequantized on the device, in batches of chunks."""
+        kmin, kmax = self.attn.kmin, self.attn.kmax
+        dev = kmin.device
+        for lo in range(0, len(slots), batch):
+            hi = min(lo + batch, len(slots))
+            tq = torch.from_numpy(q[lo:hi]).to(dev)
+            ts = torch.from_numpy(scales[lo:hi]).to(dev)
+            t = (tq.float() * ts[..., None]).transpose(0, 1)  # [L, n, 2, Hkv, D]
+            idx = torch.tensor(slots[lo:hi], device=dev) + self.base
+            kmin[:, idx] = t[:, :, 0].to(kmin.dtype)
+            kmax[:, idx] = t[:, :, 1].to(kmax.dtype)
 
     def _alloc_slots(self, n: int) -> list[int]:
         """n slots (`attach` checked that they exist): never used ones, then idle ones

@@ -81,11 +81,13 @@ def timers(out: dict):
     from sglang_reattn.engine import model_runner, scheduler, store_tier, stream_tier
     from sglang_reattn.kv_store import store
 
-    targets = [(stream_tier.StreamTier, ("attach", "fetch", "_write", "resolve", "settle")),
-               (store_tier.StoreTier, ("lookup", "load")),
+    targets = [(stream_tier.StreamTier, ("attach", "fetch", "_write", "resolve", "settle",
+                                         "sync_map", "prefetch", "end_step")),
+               (store_tier.StoreTier, ("lookup", "load", "save")),
                (store.ChunkStore, ("get_summaries", "get_kv_many")),
-               (scheduler.Scheduler, ("_admit", "_run_prefill", "_run_decode")),
-               (model_runner.ModelRunner, ("forward",))]
+               (scheduler.Scheduler, ("_admit", "_run_prefill", "_run_decode", "_spill",
+                                      "_sample_and_emit")),
+               (model_runner.ModelRunner, ("forward", "_fill_inputs"))]
     saved = []
     for cls, names in targets:
         for name in names:
@@ -142,7 +144,11 @@ def main() -> None:
         if args.profile:
             q = ids_of(24, 99, eng.model_config.vocab_size)
             decode_rate(eng, doc + q, 2)  # the question's prefill, outside the profile
-            profile_run(eng, lambda: 16 / decode_rate(eng, doc + q, 17), 16, label)
+            with timers({}) as parts:
+                profile_run(eng, lambda: 16 / decode_rate(eng, doc + q, 17), 16, label)
+            for key, (sec, calls) in sorted(parts.items(), key=lambda x: -x[1][0]):
+                print(f"  {label}: {sec / 16 * 1e3:8.2f} ms/step in {calls / 16:5.1f} calls/step "
+                      f"of {key}")
 
     try:
         plain = {k: v for k, v in common.items() if k not in ("kv_store_path", "kv_store_codec")}

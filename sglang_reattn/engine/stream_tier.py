@@ -153,35 +153,66 @@ class ChunkCache:
     """Per-layer LRU map chunk key -> pool page over one fixed set of pages.
 
     Each layer has its own map and its own free list over the same pages, so a page holds
-    unrelated chunks in different layers. Engine thread only."""
+    unrelated chunks in different layers. Recency is a stamp per (layer, page) from one
+    counter (every access takes the next value), so a whole step's hits, every layer at
+    once, are stamped with one numpy assignment (`touch_pages`). Engine thread only."""
 
     def __init__(self, num_layers: int, pages: Sequence[int], on_change=None) -> None:
         self.pages = list(pages)
-        self._maps: list[OrderedDict[Hashable, int]] = [OrderedDict() for _ in range(num_layers)]
+        self._maps: list[dict[Hashable, int]] = [{} for _ in range(num_layers)]
         self._free = [self.pages[::-1] for _ in range(num_layers)]
+        # page -> its position in `pages`; per (layer, position): key and last-use stamp
+        self._pos = np.full(max(self.pages, default=-1) + 1, -1, dtype=np.int64)
+        self._pos[self.pages] = np.arange(len(self.pages))
+        self._key: list[list[Hashable | None]] = [[None] * len(self.pages)
+                                                  for _ in range(num_layers)]
+        self._stamp = np.zeros((num_layers, len(self.pages)), dtype=np.int64)
+        self._clock = 0
         self.hits = self.misses = self.evictions = 0
         # on_change(layer, key, page or None): a key was mapped to a page or unmapped
         self._on_change = on_change or (lambda layer, key, page: None)
+
+    def _use(self, layer: int, page: int) -> None:
+        self._clock += 1
+        self._stamp[layer, self._pos[page]] = self._clock
 
     def touch(self, layer: int, keys: Sequence[Hashable]) -> None:
         """Cached `keys` (one layer, one step) become most recently used; each distinct
         one counts as a hit."""
         m = self._maps[layer]
         for key in keys:
-            m.move_to_end(key)
+            self._use(layer, m[key])
         self.hits += len(set(keys))
 
-    def items(self, layer: int) -> list[tuple[Hashable, int]]:
-        """(key, page) of one layer, least recently used first."""
-        return list(self._maps[layer].items())
+    def touch_pages(self, layers: np.ndarray, pages: np.ndarray, distinct: bool = False
+                    ) -> None:
+        """Many layers' cached pages at once (`layers[i]`'s `pages[i]`, in access order)
+        become most recently used; each distinct (layer, page) counts as a hit
+        (`distinct`: the caller knows there are no repeats)."""
+        n = len(pages)
+        if not n:
+            return
+        self._stamp[layers, self._pos[pages]] = self._clock + 1 + np.arange(n)
+        self._clock += n
+        self.hits += n if distinct else len(np.unique(layers * len(self._pos) + pages))
 
     def page_of(self, layer: int, key: Hashable) -> int | None:
         """The page holding `key` in `layer` (no LRU update), or None."""
         return self._maps[layer].get(key)
 
+    def _order(self, layer: int) -> list[int]:
+        """Positions of the layer's mapped pages, least recently used first."""
+        keys = self._key[layer]
+        used = [i for i, k in enumerate(keys) if k is not None]
+        return sorted(used, key=lambda i: self._stamp[layer, i])
+
     def keys(self, layer: int) -> list[Hashable]:
         """Keys of one layer, least recently used first."""
-        return list(self._maps[layer])
+        return [self._key[layer][i] for i in self._order(layer)]
+
+    def items(self, layer: int) -> list[tuple[Hashable, int]]:
+        """(key, page) of one layer (any order)."""
+        return list(self._maps[layer].items())
 
     def acquire(self, layer: int, keys: Sequence[Hashable], count: bool = True
                 ) -> tuple[list[int], list[tuple[Hashable, int]]]:
@@ -199,7 +230,6 @@ class ChunkCache:
         for key in keys:
             page = m.get(key)
             if page is not None:
-                m.move_to_end(key)
                 if key not in seen and count:  # a key repeated in one call counts once
                     self.hits += 1
             else:
@@ -210,8 +240,10 @@ class ChunkCache:
                     self.forget(layer, [k for k, _ in fills])
                     raise
                 m[key] = page
+                self._key[layer][self._pos[page]] = key
                 self._on_change(layer, key, page)
                 fills.append((key, page))
+            self._use(layer, page)
             seen.add(key)
             out.append(page)
         return out, fills
@@ -219,14 +251,19 @@ class ChunkCache:
     def _take(self, layer: int, protected: set) -> int:
         if self._free[layer]:
             return self._free[layer].pop()
-        m = self._maps[layer]
-        for key in m:
-            if key not in protected:
-                self.evictions += 1
-                self._on_change(layer, key, None)
-                return m.pop(key)
-        raise RuntimeError(f"chunk cache of {len(self.pages)} pages is smaller than one "
-                           f"step's selection of {len(protected)} chunks")
+        keys = self._key[layer]
+        stamps = self._stamp[layer].astype(np.float64)
+        stamps[[i for i, k in enumerate(keys) if k is None or k in protected]] = np.inf
+        i = int(np.argmin(stamps))
+        if stamps[i] == np.inf:
+            raise RuntimeError(f"chunk cache of {len(self.pages)} pages is smaller than one "
+                               f"step's selection of {len(protected)} chunks")
+        key = keys[i]
+        page = self._maps[layer].pop(key)
+        keys[i] = None
+        self.evictions += 1
+        self._on_change(layer, key, None)
+        return page
 
     def clear(self) -> None:
         for layer in range(len(self._maps)):
@@ -238,6 +275,7 @@ class ChunkCache:
         for key in keys:
             page = m.pop(key, None)
             if page is not None:
+                self._key[layer][self._pos[page]] = None
                 self._on_change(layer, key, None)
                 self._free[layer].append(page)
 
@@ -289,7 +327,8 @@ class StreamTier:
         # fetch makes the compute stream wait for them.
         self._side = torch.cuda.Stream(pool.k.device) if self._pin else None
         self._ahead: torch.cuda.Event | None = None
-        self._ahead_keys: list[set[str]] = [set() for _ in range(num_layers)]  # not yet read
+        # (layer, slot) loaded into the chunk cache ahead of a step and not read yet
+        self._loaded_ahead = np.zeros((num_layers, slots), dtype=bool)
         self._q: queue.Queue | None = None
         if prefetch:
             self._q = queue.Queue()
@@ -409,7 +448,7 @@ class StreamTier:
         every cached block and idle summary goes."""
         self.cache.clear()
         self.host.clear()
-        self._ahead_keys = [set() for _ in range(self.num_layers)]
+        self._loaded_ahead[:] = False
         self.forget_idle()
 
     def forget_idle(self) -> None:
@@ -424,6 +463,7 @@ class StreamTier:
         self._slot_ids[slot] = None
         self._free_slots.append(slot)
         self.vmap[:, slot] = -1
+        self._loaded_ahead[:, slot] = False
         self._stale.update(range(self.num_layers))
 
     def chunk_of(self, page: int) -> str:
@@ -434,9 +474,9 @@ class StreamTier:
     # ------------------------------------------------------------------ per layer
 
     def _on_cache(self, layer: int, key: Hashable, page: int | None) -> None:
-        if page is None:
-            self._ahead_keys[layer].discard(key)
         slot = self._slot_of.get(key)
+        if page is None and slot is not None:
+            self._loaded_ahead[layer, slot] = False
         if slot is not None:
             self.vmap[layer, slot] = -1 if page is None else page
             self._stale.add(layer)
@@ -462,33 +502,37 @@ class StreamTier:
         """After a graph step that mapped its selection through the page map: `sel_pages`
         [L, B, K] (the selected candidates per layer, -1 padded) and, with ReAttention's
         `spare`, the runners-up [L, B, R]. True when every virtual selected one was cached
-        (they become most recently used; they and the runners-up are the step's prefetch
-        hint); else the missing chunks are fetched into the cache and False: the step must
-        be replayed."""
-        ok = True
-        for layer in range(self.num_layers):
-            rows, keys = self._picks(sel_pages[layer])
-            if keys:
-                slots = sel_pages[layer][sel_pages[layer] >= self.base] - self.base
-                if (self.vmap[layer, slots] >= 0).all():
-                    self.cache.touch(layer, keys)
-                    self._ahead_read(layer, keys)
-                else:
-                    ok = False
-                    self._cache_in(layer, keys)
-            if runners is not None:
-                more = self._picks(runners[layer])
-                rows, keys = rows + more[0], keys + more[1]
-            self._selected[layer] = list(zip(rows, keys))
-        return ok
+        (they become most recently used, all layers in one numpy pass); else the missing
+        chunks are fetched into the cache and False: the step must be replayed. The
+        step's prefetch hint: its runners-up that are not cached (the selected ones are)."""
+        layers, _, _ = np.nonzero(sel_pages >= self.base)
+        slots = sel_pages[sel_pages >= self.base] - self.base
+        pages = self.vmap[layers, slots]
+        hit = pages >= 0
+        missed = np.unique(layers[~hit]).tolist()
+        # layers that missed: fetched (and stamped) by _cache_in; the others stamped here
+        keep = np.isin(layers, missed, invert=True) if missed else slice(None)
+        self.cache.touch_pages(layers[keep], pages[keep], distinct=sel_pages.shape[1] == 1)
+        self._ahead_read(layers[keep], slots[keep])
+        for layer in missed:
+            self._cache_in(layer, [self._slot_ids[s] for s in slots[layers == layer].tolist()])
+        self._selected = {}
+        if runners is not None:
+            rl, rb, _ = np.nonzero(runners >= self.base)
+            rs = runners[runners >= self.base] - self.base
+            cold = self.vmap[rl, rs] < 0
+            for layer, row, slot in zip(rl[cold].tolist(), rb[cold].tolist(),
+                                        rs[cold].tolist()):
+                self._selected.setdefault(layer, []).append((row, self._slot_ids[slot]))
+        return not missed
 
-    def _ahead_read(self, layer: int, keys: list[str]) -> None:
+    def _ahead_read(self, layers: np.ndarray, slots: np.ndarray) -> None:
         """Chunks loaded ahead into the cache that a step has now read: prefetch hits."""
-        ahead = self._ahead_keys[layer]
-        if ahead:
-            used = ahead.intersection(keys)
-            self.stats["stream_prefetch_hits"] += len(used)
-            ahead.difference_update(used)
+        used = self._loaded_ahead[layers, slots]
+        if used.any():
+            self.stats["stream_prefetch_hits"] += int(np.count_nonzero(
+                np.unique(layers[used] * self._loaded_ahead.shape[1] + slots[used])))
+            self._loaded_ahead[layers[used], slots[used]] = False
 
     def resolve(self, layer: int, sel_pages: torch.Tensor, nsel: torch.Tensor,
                 runners: torch.Tensor | None = None) -> torch.Tensor:
@@ -521,7 +565,8 @@ class StreamTier:
         """One layer's selected chunks into the chunk cache (fetching those not cached)
         -> the page of each key."""
         pages, fills = self.cache.acquire(layer, keys)
-        self._ahead_read(layer, keys)
+        slots = np.array([self._slot_of[k] for k in keys if k in self._slot_of], dtype=np.int64)
+        self._ahead_read(np.full(len(slots), layer), slots)
         if fills:
             try:
                 self._fill(layer, fills)
@@ -630,7 +675,7 @@ class StreamTier:
         else:
             self._write(layer, fills, [kv[k] for k, _ in fills])
         self.stats["stream_device_prefetches"] += len(fills)
-        self._ahead_keys[layer].update(k for k, _ in fills)
+        self._loaded_ahead[layer, [self._slot_of[k] for k, _ in fills if k in self._slot_of]] = True
 
     def _prefetch_loop(self) -> None:
         serve_queue(self._q, self._prefetch_one)

@@ -79,6 +79,7 @@ def timers(out: dict):
     """Wall time spent in the streamed TTFT's main parts (`--profile`): the methods below,
     wrapped for the duration, accumulate seconds and calls into `out`."""
     from sglang_reattn.engine import model_runner, scheduler, store_tier, stream_tier
+    from sglang_reattn.layers import reattention
     from sglang_reattn.kv_store import store
 
     targets = [(stream_tier.StreamTier, ("attach", "fetch", "_write", "resolve", "settle",
@@ -87,7 +88,8 @@ def timers(out: dict):
                (store.ChunkStore, ("get_summaries", "get_kv_many")),
                (scheduler.Scheduler, ("_admit", "_run_prefill", "_run_decode", "_spill",
                                       "_sample_and_emit")),
-               (model_runner.ModelRunner, ("forward", "_fill_inputs"))]
+               (model_runner.ModelRunner, ("forward", "_fill_inputs")),
+               (reattention.ReAttention, ("pages_loaded",))]
     saved = []
     for cls, names in targets:
         for name in names:

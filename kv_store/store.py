@@ -281,23 +281,39 @@ class ChunkStore:
         float32 per-row scales [n, L, n_desc, H]) for dequantizing on the GPU. All chunks
         must share one summary shape.
         """
+        n = len(chunk_ids)
+        out: list[np.ndarray] = []  # int8 q [n, *shape] and float32 scales [n, *shape[:-1]]
+
         def read(txn):
-            parts = []
-            for chunk_id in chunk_ids:
+            head = None
+            for i, chunk_id in enumerate(chunk_ids):
                 cid = bytes.fromhex(chunk_id)
                 block = txn.get(cid, db=self.dbs.summaries)
                 if block is None:
                     if txn.get(cid, db=self.dbs.headers) is None:
                         raise ChunkNotFound(chunk_id)
                     raise CorruptBlock(chunk_id, None, "summary", "block missing")
-                parts.append(split_summary(codecs.decode_block(block, chunk_id, None, "summary")))
-            return parts
+                raw = codecs.decode_block(block, chunk_id, None, "summary", copy=False)
+                if head is None:  # the first block's framing: every chunk must share it
+                    q0, s0 = split_summary(bytes(raw))
+                    size, cut = len(raw), len(raw) - q0.nbytes
+                    head = bytes(raw[: cut - s0.nbytes])
+                    out[:] = [np.empty((n,) + q0.shape, np.int8),
+                              np.empty((n,) + s0.shape, np.float32)]
+                    q_bytes = out[0].reshape(n, -1).view(np.uint8)
+                    s_bytes = out[1].reshape(n, -1).view(np.uint8)
+                elif len(raw) != size or raw[: len(head)] != head:
+                    raise StoreError(f"summary of {chunk_id}: its shape differs from the "
+                                     "first chunk's (one model per store)")
+                buf = np.frombuffer(raw, np.uint8)
+                s_bytes[i] = buf[len(head):cut]
+                q_bytes[i] = buf[cut:]
 
-        parts = self._read(read)
-        if not parts:
+        if n:
+            self._read(read)
+        if not out:
             return np.empty((0,), np.float32) if dequantize else (np.empty((0,), np.int8), np.empty((0,), np.float32))
-        q = np.stack([p[0] for p in parts])
-        s = np.stack([p[1] for p in parts])
+        q, s = out
         return q.astype(np.float32) * s[..., None] if dequantize else (q, s)
 
     def iter_headers(

@@ -581,15 +581,23 @@ class StreamTier:
     def _write(self, layer: int, fills: list[tuple[str, int]], kv: list) -> None:
         dev = self.pool.k.device
         idx = torch.tensor([p for _, p in fills], device=dev)
-        # Each (pinned) host block is copied on its own, asynchronously, and stacked on the
-        # device: stacking on the host first would copy into pageable memory (synchronous).
-        k = torch.stack([a.to(dev, non_blocking=True) for a, _ in kv])
-        v = torch.stack([b.to(dev, non_blocking=True) for _, b in kv])
+        # The blocks are stacked on the host into one pinned staging buffer each for K and
+        # V, then copied asynchronously (two copies per layer, not two per block; the
+        # caching host allocator keeps the buffer until its copy is done).
+        k, v = (self._stacked([pair[i] for pair in kv]).to(dev, non_blocking=True)
+                for i in (0, 1))
         self.pool.k[layer, idx] = k
         self.pool.v[layer, idx] = v
         self.stats["stream_device_bytes"] += 2 * k.numel() * k.element_size()
         # Keys reached these pages outside `store`: no rotated copy of them is valid.
         self.attn.invalidate_rotated(idx)
+
+    def _stacked(self, blocks: list[torch.Tensor]) -> torch.Tensor:
+        if not self._pin:
+            return torch.stack(blocks)
+        out = torch.empty((len(blocks),) + tuple(blocks[0].shape), dtype=blocks[0].dtype,
+                          pin_memory=True)
+        return torch.stack(blocks, out=out)
 
     def fetch(self, layer: int, chunk_ids: list[str], prefetch: bool = False
               ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -613,16 +621,17 @@ class StreamTier:
             self.stats["stream_prefetch_reads" if prefetch else "stream_store_reads"] += \
                 len(missing)
             self.stats["stream_store_bytes"] += k.nbytes + v.nbytes
+        # One host tensor per batch read (pinned on CUDA, for async copies): its blocks are
+        # views of it, so a batch's memory is freed once the host tier dropped all of them.
         dtype = self.pool.k.dtype
+        kt, vt = (_from_numpy(x, dtype) for x in (k, v))
+        if self._pin:
+            kt, vt = kt.pin_memory(), vt.pin_memory()
         for j, i in enumerate(missing):
-            pair = tuple(self._host_tensor(_from_numpy(x[j], dtype)) for x in (k, v))
+            pair = (kt[j], vt[j])
             self.host.put((chunk_ids[i], layer), *pair)
             out[i] = pair
         return out
-
-    def _host_tensor(self, t: torch.Tensor) -> torch.Tensor:
-        # Own the memory (not a view of the whole batch read); pinned for async H2D copies.
-        return t.pin_memory() if self._pin else t.clone()
 
     # ------------------------------------------------------------------ prefetch
 

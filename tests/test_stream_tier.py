@@ -241,6 +241,34 @@ def test_streaming_counts_misses_then_hits(stored, tiny_llama):
         assert second["stream_summaries_reused"] == first["stream_summaries_reused"] + 48
 
 
+@pytest.mark.parametrize("busy_steps", [1, 100])
+def test_decode_spill_waits_for_the_writer_without_blocking(stored, tiny_llama, monkeypatch,
+                                                            busy_steps):
+    """A chunk leaving the local window while the writer is still busy with it stays in
+    its page (the step does not wait) and is spilled by a later step once published; the
+    answer is the same either way."""
+    from sglang_reattn.engine.store_tier import StoreTier
+
+    store, want = stored
+    real = StoreTier.pending
+    calls = []
+
+    def pending(self, ids):
+        calls.append(list(ids))
+        return len(calls) <= busy_steps or real(self, ids)
+
+    monkeypatch.setattr(StoreTier, "pending", pending)
+    with Engine(tiny_llama, kv_store_path=store, **SMALL, **OPTS) as eng:
+        out = eng.generate(input_ids=DOC + QUESTION, sampling_params=GREEDY)
+        s = eng.stats()
+    assert out["output_ids"] == want
+    # asked again every step while busy, about the same chunk
+    assert len(calls) == 2 if busy_steps == 1 else len(calls) > 2
+    assert all(c == calls[0] for c in calls)
+    # the one chunk that left the local window: spilled a step late, or never (still busy)
+    assert s["stream_spilled_chunks"] == (1 if busy_steps == 1 else 0)
+
+
 def test_streamed_output_depends_on_the_fetched_chunks(stored, tiny_llama, monkeypatch):
     """The equality above is not vacuous: chunks fetched as zeros change the answer."""
     store, want = stored

@@ -50,6 +50,7 @@ class Request:
     streamed: bool = False  # `pages` holds virtual pages of the streaming tier
     stream_hint: dict = field(default_factory=dict)  # layer -> chunks its last step selected
     store_ids: list = field(default_factory=list)  # disk-tier ids of its leading whole chunks
+    spill_due: bool = False  # streamed decode: chunks left the local window, not spilled yet
     finish_reason: dict[str, Any] | None = None
     aborted: bool = False
     text: str = ""

@@ -234,7 +234,7 @@ class Scheduler:
         local_p = max(cfg.sink // c, max(0, num_computed - cfg.local) // c)
         return min(local_p, num_computed // c)
 
-    def _spill(self, r: Request) -> None:
+    def _spill(self, r: Request, wait: bool = True) -> None:
         """Between steps of a streamed request (its prefill pieces, its decode steps):
         completed chunks that the next step will see as middle chunks are written to the
         store (synchronously: they must be readable before the step that may select
@@ -243,15 +243,29 @@ class Scheduler:
         c = self.c
         n_full = r.num_computed // c
         sink_p = self.reattn.sink // c
-        idx = [i for i in range(max(sink_p, r.num_tree_pages), self._middle_end(r.num_computed))
-               if not self.stream.is_virtual(r.pages[i])]
+        # the middle pages not yet virtual: those since the last spill (scanned from the
+        # end, so a long context's decode step does not walk all its pages)
+        lo = max(sink_p, r.num_tree_pages)
+        idx = []
+        for i in range(self._middle_end(r.num_computed) - 1, lo - 1, -1):
+            if self.stream.is_virtual(r.pages[i]):
+                break
+            idx.append(i)
+        idx.reverse()
         if not idx or self.store.readonly:
             return
         if n_full > r.num_saved:
             self._save(r, n_full)
-        self.store.flush()
         ids = self._store_ids(r, n_full)
         chosen = [ids[i] for i in idx]
+        # A decode step does not wait for the writer (it may be busy with other work, such
+        # as touching a whole context's chunks): the chunks stay in their pages until they
+        # are published, and a later step spills them.
+        r.spill_due = not wait and self.store.pending(chosen)
+        if r.spill_due:
+            return
+        if wait:
+            self.store.flush()
         if not all(self.store.store.has_many(chosen)):  # a failed write: stay resident
             return
         try:
@@ -548,9 +562,10 @@ class Scheduler:
         for r in ready:
             # A chunk left the local window: spilled like a prefill's (a failed write is
             # tried again when the next one leaves, not every step).
-            if (r.streamed and r in self.running
-                    and self._middle_end(r.num_computed) > self._middle_end(r.num_computed - 1)):
-                self._spill(r)
+            if r.streamed and r in self.running and (
+                    r.spill_due
+                    or self._middle_end(r.num_computed) > self._middle_end(r.num_computed - 1)):
+                self._spill(r, wait=False)
         self._prefetch()
 
     def _preempt(self, exclude: Request) -> bool:

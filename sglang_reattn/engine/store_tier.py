@@ -245,6 +245,11 @@ class StoreTier:
         """Wait until everything queued so far is written (tests, shutdown)."""
         self._q.join()
 
+    def pending(self, chunk_ids: list[str]) -> bool:
+        """Whether any of these chunks is still queued for the writer."""
+        with self._lock:
+            return any(c in self._pending for c in chunk_ids)
+
     # ------------------------------------------------------------------ reuse
 
     def chunk_ids(self, token_ids: list[int], namespace: str) -> list[str]:

@@ -61,17 +61,36 @@ def ttft(eng, ids: list[int]) -> tuple[float, int]:
     return time.perf_counter() - t, out["meta_info"]["cached_tokens"]
 
 
+GAPS: list[float] = []  # seconds between streamed tokens of the last decode_rate call
+
+
 def decode_rate(eng, ids: list[int], n: int) -> float:
     params = {"max_new_tokens": n, "temperature": 0, "ignore_eos": True}
     first = last = None
     got = 0
+    GAPS.clear()
     for out in eng.generate(input_ids=ids, sampling_params=params, stream=True):
         now = time.perf_counter()
         got = out["meta_info"]["completion_tokens"]
         if first is None:
             first, at_first = now, got
+        else:
+            GAPS.append(now - last)
         last = now
     return (got - at_first) / (last - first)
+
+
+def rates_of(eng, doc: list[int], questions: list[list[int]], n: int, label: str) -> float:
+    """Median decode tok/s over the questions; prints the step-time spread."""
+    rates, gaps = [], []
+    for q in questions:
+        rates.append(decode_rate(eng, doc + q, n))
+        gaps.extend(GAPS)
+    g = sorted(gaps)
+    print(f"# {label} decode: {statistics.median(rates):.1f} tok/s; per token median "
+          f"{g[len(g) // 2] * 1e3:.2f} ms, p90 {g[int(len(g) * 0.9)] * 1e3:.2f} ms, max "
+          f"{g[-1] * 1e3:.1f} ms", flush=True)
+    return statistics.median(rates)
 
 
 @contextlib.contextmanager
@@ -187,10 +206,8 @@ def main() -> None:
             print(f"# streamed after restart: TTFT {res['streamed_ttft_s']:.2f} s, cached "
                   f"{res['streamed_cached']:,}", flush=True)
             before = eng.stats()
-            rates = [decode_rate(eng, doc + q, args.decode) for q in questions[2:]]
+            res["streamed_tok_s"] = rates_of(eng, doc, questions[2:], args.decode, "streamed")
             after = eng.stats()
-            res["streamed_tok_s"] = statistics.median(rates)
-            print(f"# streamed decode {res['streamed_tok_s']:.1f} tok/s", flush=True)
             d = {k: after.get(k, 0) - before.get(k, 0) for k in after
                  if isinstance(after.get(k), (int, float))}
             hits, misses = d.get("chunk_cache_hits", 0), d.get("chunk_cache_misses", 0)
@@ -205,8 +222,7 @@ def main() -> None:
         with Engine(args.model_path, **common) as eng:
             res["resident_ttft_s"], res["resident_cached"] = ttft(eng, doc + questions[1])
             print(f"# resident after restart: TTFT {res['resident_ttft_s']:.2f} s", flush=True)
-            rates = [decode_rate(eng, doc + q, args.decode) for q in questions[2:]]
-            res["resident_tok_s"] = statistics.median(rates)
+            res["resident_tok_s"] = rates_of(eng, doc, questions[2:], args.decode, "resident")
             profiled(eng, "resident decode")
     finally:
         shutil.rmtree(root, ignore_errors=True)

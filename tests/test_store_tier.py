@@ -113,3 +113,31 @@ def test_named_context_api(tmp_path, tiny_llama):
     with Engine(tiny_llama, **OPTS) as no_store:
         with pytest.raises(InvalidRequest, match="--kv-store-path"):
             no_store.list_contexts()
+
+
+def test_last_used_marks_wait_for_an_idle_engine(tmp_path, monkeypatch):
+    """Touches (LRU bookkeeping of loaded chunks) are held back while the engine is busy,
+    handed to the writer once it is idle, or once the oldest waited TOUCH_DEFER_S."""
+    from sglang_reattn.engine import store_tier
+    from sglang_reattn.kv_store import synthetic
+    from sglang_reattn.layers.attention import KVPool
+
+    pool = KVPool(2, 4, 8, 1, 8, torch.float16, torch.device("cpu"))
+    fp = synthetic.tiny_fingerprint(chunk_size=8)
+    tier = store_tier.StoreTier(str(tmp_path / "s"), fp, "64MiB", "raw", pool, lambda p: None)
+    sent = []
+    real_put = tier._q.put
+    monkeypatch.setattr(tier._q, "put", lambda item: sent.append(item))
+    tier.idle_work(busy=True)
+    tier.touch(["a", "b"])
+    tier.touch(["c"])
+    tier.idle_work(busy=True)
+    assert sent == []  # busy, and the first mark is fresh
+    tier.idle_work(busy=False)
+    assert sent == [("touch", ["a", "b", "c"])]
+    monkeypatch.setattr(store_tier, "TOUCH_DEFER_S", 0.0)
+    tier.idle_work(busy=True)
+    tier.touch(["d"])  # busy, but held back longer than the bound (0 s)
+    assert sent[-1] == ("touch", ["d"])
+    monkeypatch.setattr(tier._q, "put", real_put)
+    tier.close()

@@ -442,12 +442,16 @@ class Scheduler:
         prefill = [r for r in self.running if r.in_prefill]
         if prefill:
             self._run_prefill(prefill)
-            return True
-        decode = [r for r in self.running if not r.in_prefill]
-        if decode:
+        else:
+            decode = [r for r in self.running if not r.in_prefill]
+            if not decode:
+                if self.store is not None:
+                    self.store.idle_work(busy=False)
+                return False
             self._run_decode(decode)
-            return True
-        return False
+        if self.store is not None:
+            self.store.idle_work(busy=bool(self.running or self.waiting))
+        return True
 
     def _drop_aborted(self) -> None:
         for r in [r for r in self.running if r.aborted]:

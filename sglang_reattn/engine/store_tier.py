@@ -22,6 +22,7 @@ import os
 import queue
 import re
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -94,6 +95,8 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
+TOUCH_DEFER_S = 10.0  # longest a last-used mark waits for an idle engine
+
 def _from_numpy(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     t = torch.from_numpy(np.ascontiguousarray(a))
     return t.view(dtype) if dtype == torch.bfloat16 else t.to(dtype)
@@ -128,6 +131,9 @@ class StoreTier:
         self.on_loaded = on_loaded  # (pages tensor) -> None: refresh summaries
         self._lock = threading.Lock()
         self._pending: set[str] = set()  # queued for the writer, not yet committed
+        self._touch_buf: list[str] = []  # marks held back while the engine is busy
+        self._touch_since = 0.0
+        self.busy = False
         self._known: set[str] = set()  # seen stored (valid while removed_total holds)
         self._removed = -1
         self._bad: set[str] = set()  # corrupt chunks a read-only tier cannot drop
@@ -190,9 +196,29 @@ class StoreTier:
         self._q.put(("put", records))
 
     def touch(self, chunk_ids: list[str]) -> None:
-        """Mark chunks as just used (root first), behind: loaded chunks, used contexts."""
-        if chunk_ids and not self.readonly:
-            self._q.put(("touch", list(chunk_ids)))
+        """Mark chunks as just used (root first), behind: loaded chunks, used contexts.
+        While requests run (`busy`) the marks are held back, up to TOUCH_DEFER_S seconds:
+        the writer's LRU bookkeeping (tens of microseconds of Python per chunk: about a
+        second for a million-token context) would otherwise contend for the interpreter
+        with the steps it follows."""
+        if not chunk_ids or self.readonly:
+            return
+        with self._lock:
+            if not self._touch_buf:
+                self._touch_since = time.monotonic()
+            self._touch_buf.extend(chunk_ids)
+        self.idle_work(self.busy)
+
+    def idle_work(self, busy: bool) -> None:
+        """Between engine steps: hand held-back marks to the writer when the engine is
+        idle, or when the oldest has waited TOUCH_DEFER_S."""
+        self.busy = busy
+        with self._lock:
+            if not self._touch_buf or (
+                    busy and time.monotonic() - self._touch_since < TOUCH_DEFER_S):
+                return
+            ids, self._touch_buf = self._touch_buf, []
+        self._q.put(("touch", ids))
 
     def hold(self, chunk_ids: list[str]) -> None:
         """Keep chunks in use from this process's evictions until `release` (in memory
@@ -243,6 +269,7 @@ class StoreTier:
 
     def flush(self) -> None:
         """Wait until everything queued so far is written (tests, shutdown)."""
+        self.idle_work(False)
         self._q.join()
 
     def pending(self, chunk_ids: list[str]) -> bool:
@@ -346,6 +373,7 @@ class StoreTier:
                     logger.warning("kv store: could not restore context %r: %s", old.name, e)
 
     def close(self) -> None:
+        self.idle_work(False)
         self._q.put(None)
         self._writer.join(timeout=60)
         self.store.close()

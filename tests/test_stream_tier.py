@@ -269,6 +269,32 @@ def test_decode_spill_waits_for_the_writer_without_blocking(stored, tiny_llama, 
     assert s["stream_spilled_chunks"] == (1 if busy_steps == 1 else 0)
 
 
+def test_loaded_chunks_are_marked_used_after_the_request(stored, tiny_llama, monkeypatch):
+    """The last-used marks of a streamed request's chunks (attached and loaded at its
+    admission) reach the writer once the engine is idle, not while the request runs."""
+    from sglang_reattn.engine.store_tier import StoreTier
+
+    store, want = stored
+    queued = []  # (requests running or waiting, marks) each time marks went to the writer
+    real = StoreTier.idle_work
+    sched = None
+
+    def idle_work(self, busy):
+        n = len(self._touch_buf)
+        real(self, busy)
+        if n and not self._touch_buf and sched is not None:
+            queued.append((len(sched.running) + len(sched.waiting), n))
+
+    monkeypatch.setattr(StoreTier, "idle_work", idle_work)
+    with Engine(tiny_llama, kv_store_path=store, **SMALL, **OPTS) as eng:
+        sched = eng.scheduler
+        assert eng.generate(input_ids=DOC + QUESTION, sampling_params=GREEDY)[
+            "output_ids"] == want
+        eng.store_tier.flush()
+    assert queued and all(active == 0 for active, _ in queued)
+    assert sum(n for _, n in queued) >= 47  # at least the 47 attached middle chunks
+
+
 def test_streamed_output_depends_on_the_fetched_chunks(stored, tiny_llama, monkeypatch):
     """The equality above is not vacuous: chunks fetched as zeros change the answer."""
     store, want = stored

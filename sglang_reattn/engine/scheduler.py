@@ -437,6 +437,8 @@ class Scheduler:
 
     def step(self) -> bool:
         """Plan and run one step. Returns False when there was nothing to do."""
+        if self.store is not None:  # what admission loads is marked used only when idle
+            self.store.busy = bool(self.running or self.waiting)
         self._drop_aborted()
         self._admit()
         prefill = [r for r in self.running if r.in_prefill]

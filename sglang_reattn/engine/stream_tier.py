@@ -254,8 +254,8 @@ class ChunkCache:
         keys = self._key[layer]
         stamps = self._stamp[layer].astype(np.float64)
         stamps[[i for i, k in enumerate(keys) if k is None or k in protected]] = np.inf
-        i = int(np.argmin(stamps))
-        if stamps[i] == np.inf:
+        i = int(np.argmin(stamps)) if len(stamps) else 0
+        if not len(stamps) or stamps[i] == np.inf:
             raise RuntimeError(f"chunk cache of {len(self.pages)} pages is smaller than one "
                                f"step's selection of {len(protected)} chunks")
         key = keys[i]
@@ -589,8 +589,9 @@ class StreamTier:
         self.pool.k[layer, idx] = k
         self.pool.v[layer, idx] = v
         self.stats["stream_device_bytes"] += 2 * k.numel() * k.element_size()
-        # Keys reached these pages outside `store`: no rotated copy of them is valid.
-        self.attn.invalidate_rotated(idx)
+        # Keys reached these pages outside `store`: no rotated copy of them is valid (the
+        # host's page list: reading `idx` back would sync the device, once per layer).
+        self.attn.invalidate_rotated(torch.tensor([p for _, p in fills]))
 
     def _stacked(self, blocks: list[torch.Tensor]) -> torch.Tensor:
         if not self._pin:

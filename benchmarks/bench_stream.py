@@ -1,7 +1,12 @@
 """A stored context served after a restart: prefill again vs streamed from the disk tier.
 
-    python benchmarks/bench_stream.py [--model-path P] [--device cpu|cuda] [--tokens 16K]
-        [--cache-pages 256] [--decode 32] [--repeats 3]
+    python benchmarks/bench_stream.py [--model-path P | --shape 8b] [--device cpu|cuda]
+        [--tokens 16K] [--cache-pages 256] [--capped] [--decode 32] [--repeats 3]
+
+`--shape 8b --capped --cache-pages 512` is the capped-cache case of the disk-tier issue: a
+Llama-3.1-8B-shaped context (random weights) decoded through a 4 GiB chunk cache (8 MiB per
+page), the streamed engine's KV pool sized to that cache plus its sink, local window and
+a prefill piece.
 
 Four engines, one after the other (each a restart; the operating system's page cache
 stays warm):
@@ -41,6 +46,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_e2e as E2E  # noqa: E402
 from bench_e2e import profile_run  # noqa: E402
 
 
@@ -132,6 +138,16 @@ def timers(out: dict):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model-path", default=None)
+    ap.add_argument("--shape", choices=sorted(E2E.SHAPES), default=None,
+                    help="random weights of bench_e2e's shape (8b, 1b, tiny) instead of a model; "
+                         "its scope (sink 64, top-95, local 2048, chunk 64)")
+    ap.add_argument("--skip-baseline", action="store_true",
+                    help="no engine without a store: the TTFT ratios use the prefill that "
+                         "writes the store (saves a prefill when decode is what is measured)")
+    ap.add_argument("--capped", action="store_true",
+                    help="size the streamed engine's KV pool to its chunk cache, sink, local "
+                         "window and a prefill piece (the GPU's KV budget capped well below "
+                         "the context) instead of the whole context")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--tokens", default="16K", help="document length")
@@ -153,10 +169,14 @@ def main() -> None:
     n = parse_size(args.tokens)
     root = tempfile.mkdtemp(prefix="bench_stream_", dir=args.dir)
     store = f"{root}/store"
+    model = args.model_path
+    shape = dict(reattn_chunk_size=args.reattn_chunk_size)
+    if args.shape:
+        model = E2E.model_dir(args.shape)
+        shape = dict(E2E.SCOPE, load_format="dummy")
     common = dict(device=args.device, dtype=args.dtype, log_level="warning",
                   kv_store_path=store, chunked_prefill_size=args.chunked_prefill_size,
-                  reattn_chunk_size=args.reattn_chunk_size,
-                  max_total_tokens=n + 8192, context_length=n + 4096,
+                  max_total_tokens=n + 8192, context_length=n + 4096, **shape,
                   **({"kv_store_codec": args.codec} if args.codec else {}))
     res: dict = {"tokens": n, "cache_pages": args.cache_pages}
     def profiled(eng, label: str) -> None:
@@ -171,14 +191,17 @@ def main() -> None:
 
     try:
         plain = {k: v for k, v in common.items() if k not in ("kv_store_path", "kv_store_codec")}
-        with Engine(args.model_path, **plain, disable_kv_store=True) as eng:
+        with Engine(model, **plain, disable_kv_store=True) as eng:
             vocab = eng.model_config.vocab_size
             doc = ids_of(n, 1, vocab)
             questions = [ids_of(24, 10 + i, vocab) for i in range(args.repeats + 2)]
-            res["baseline_prefill_s"], _ = ttft(eng, doc + questions[0])
-            print(f"# prefill without a store: TTFT {res['baseline_prefill_s']:.2f} s", flush=True)
-        with Engine(args.model_path, **common) as eng:
+            if not args.skip_baseline:
+                res["baseline_prefill_s"], _ = ttft(eng, doc + questions[0])
+                print(f"# prefill without a store: TTFT {res['baseline_prefill_s']:.2f} s",
+                      flush=True)
+        with Engine(model, **common) as eng:
             res["prefill_s"], _ = ttft(eng, doc + questions[0])
+            res.setdefault("baseline_prefill_s", res["prefill_s"])
             print(f"# prefill: TTFT {res['prefill_s']:.2f} s", flush=True)
             t = time.perf_counter()
             eng.store_tier.flush()
@@ -191,12 +214,17 @@ def main() -> None:
 
         stream_opts = dict(common, kv_chunk_cache_pages=args.cache_pages,
                            kv_host_cache_size=args.host_cache, kv_resident_max_tokens=scope)
+        if args.capped:  # the cache, sink + local window + a prefill piece, and slack
+            c = common["reattn_chunk_size"]
+            resident = scope + args.chunked_prefill_size + 4 * c
+            stream_opts["max_total_tokens"] = args.cache_pages * c + resident
+            res["streamed_pool_tokens"] = stream_opts["max_total_tokens"]
         # A first streamed engine compiles the kernel variants of streamed prefill (as a
         # restarted server finds them in Triton's on-disk cache); nothing else carries over.
-        with Engine(args.model_path, **stream_opts) as eng:
+        with Engine(model, **stream_opts) as eng:
             t, _ = ttft(eng, doc + ids_of(24, 98, vocab))
             print(f"# warm-up engine (kernel compiles): streamed TTFT {t:.2f} s", flush=True)
-        with Engine(args.model_path, **stream_opts) as eng:
+        with Engine(model, **stream_opts) as eng:
             if args.profile:  # bound at start-up, so wrapped on the instance
                 loaded = eng.store_tier.on_loaded
 
@@ -227,7 +255,7 @@ def main() -> None:
                                         if k.startswith(("stream_", "chunk_cache", "host_cache"))}
             profiled(eng, "streamed decode")
 
-        with Engine(args.model_path, **common) as eng:
+        with Engine(model, **common) as eng:
             res["resident_ttft_s"], res["resident_cached"] = ttft(eng, doc + questions[1])
             print(f"# resident after restart: TTFT {res['resident_ttft_s']:.2f} s", flush=True)
             res["resident_tok_s"] = rates_of(eng, doc, questions[2:], args.decode, "resident")
@@ -236,13 +264,18 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
 
     print(json.dumps(res))
-    print(f"\nhardware: {hw}; default model unless --model-path, {dtype}; document "
+    what = (f"random weights of the {args.shape} shape" if args.shape else
+            args.model_path or "default model")
+    pool = (f"; streamed KV pool {res['streamed_pool_tokens']:,} tokens" if args.capped
+            else "")
+    print(f"\nhardware: {hw}; {what}, {dtype}{pool}; document "
           f"{n:,} tokens, scope {scope:,}; chunk cache {args.cache_pages} pages; decode "
           f"{args.decode} tokens, median of {args.repeats}; store on local disk "
           f"({args.codec or 'default codec'}), page cache warm")
     print("| measure | value |\n|---|---|")
     base = res["baseline_prefill_s"]
-    print(f"| TTFT, prefill again (no store) | {base:.2f} s |")
+    how = "the store-writing prefill: --skip-baseline" if args.skip_baseline else "no store"
+    print(f"| TTFT, prefill again ({how}) | {base:.2f} s |")
     print(f"| TTFT, prefill with the store written behind | {res['prefill_s']:.2f} s "
           f"({res['prefill_s'] / base:.2f}x the baseline) |")
     print(f"| TTFT after restart, streamed (cached {res['streamed_cached']:,} tokens) | "

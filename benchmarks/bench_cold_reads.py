@@ -8,7 +8,9 @@ heads, head dim 64, 64-token chunks, bf16; raw codec) is written once. Before ea
 measurement its files are dropped from the page cache (posix_fadvise DONTNEED, which needs
 no privileges), then: the K/V of 33 consecutive chunks in every layer (a streamed request's
 sink and local window), of 62 random chunks in every layer (one question's selections),
-and every chunk's summary (the bulk load of a streamed context). Median of `--repeats`.
+and every chunk's summary (the bulk load of a streamed context); and the 33 chunks again
+through `StoreTier.read_layers`, which reads layers ahead on reader threads. Median of
+`--repeats`.
 """
 
 from __future__ import annotations
@@ -22,8 +24,11 @@ import tempfile
 import time
 
 import numpy as np
+import torch
 
+from sglang_reattn.engine.store_tier import READERS, StoreTier
 from sglang_reattn.kv_store import ChunkStore, _env, synthetic
+from sglang_reattn.layers.attention import KVPool
 
 
 def drop_page_cache(path: str) -> None:
@@ -77,6 +82,16 @@ def main() -> None:
                         run()
                         times.setdefault(name, []).append(time.perf_counter() - t)
                     s.close()
+                    # the same 33 chunks as a load reads them: layers ahead on threads
+                    pool = KVPool(30, 2, 64, 3, 64, torch.bfloat16, torch.device("cpu"))
+                    drop_page_cache(path)
+                    tier = StoreTier(path, fp, "0", "raw", pool, lambda p: None, readonly=True)
+                    t = time.perf_counter()
+                    for _ in tier.read_layers(ids[n // 5:n // 5 + 33]):
+                        pass
+                    name = f"33 consecutive chunks x 30 layers, {READERS} reader threads"
+                    times.setdefault(name, []).append(time.perf_counter() - t)
+                    tier.close()
                 rows[readahead] = {k: statistics.median(v) for k, v in times.items()}
         finally:
             _env.lmdb.open = real_open

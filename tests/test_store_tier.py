@@ -141,3 +141,34 @@ def test_last_used_marks_wait_for_an_idle_engine(tmp_path, monkeypatch):
     assert sent[-1] == ("touch", ["d"])
     monkeypatch.setattr(tier._q, "put", real_put)
     tier.close()
+
+
+def test_read_layers_reads_ahead_in_order_and_raises_in_order(tmp_path):
+    """Layers read ahead on reader threads come back in layer order, equal to plain reads;
+    a corrupt block surfaces when its layer is reached, after the layers before it."""
+    from sglang_reattn.engine.store_tier import StoreTier
+    from sglang_reattn.kv_store import CorruptBlock, synthetic
+    from sglang_reattn.layers.attention import KVPool
+    from sglang_reattn.testing import flip_kv_byte
+
+    fp = synthetic.tiny_fingerprint(num_layers=6, num_kv_heads=2, head_dim=8, chunk_size=4)
+    pool = KVPool(6, 4, 4, 2, 8, torch.float16, torch.device("cpu"))
+    path = str(tmp_path / "s")
+    tier = StoreTier(path, fp, "64MiB", "raw", pool, lambda p: None)
+    recs = synthetic.make_chain(fp, 5, seed=2)
+    tier.store.put_chunks(recs)
+    ids = [r.chunk_id for r in recs]
+    got = list(tier.read_layers(ids))
+    assert [layer for layer, _ in got] == list(range(6))
+    for layer, (k, v) in got:
+        want_k, want_v = tier.store.get_kv_many(ids, layer)
+        assert (k == want_k).all() and (v == want_v).all()
+    tier.close()
+    flip_kv_byte(path, ids[2], 3)
+    tier = StoreTier(path, fp, "64MiB", "raw", pool, lambda p: None)
+    seen = []
+    with pytest.raises(CorruptBlock) as e:
+        for layer, _ in tier.read_layers(ids):
+            seen.append(layer)
+    assert seen == [0, 1, 2] and e.value.chunk_id == ids[2]
+    tier.close()

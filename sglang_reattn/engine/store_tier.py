@@ -23,7 +23,9 @@ import queue
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -96,6 +98,8 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
 
 
 TOUCH_DEFER_S = 10.0  # longest a last-used mark waits for an idle engine
+READERS = 8  # threads reading layers ahead in a load
+READ_AHEAD_BYTES = 1 << 30  # most K/V bytes of layers read ahead at once
 
 def _from_numpy(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     t = torch.from_numpy(np.ascontiguousarray(a))
@@ -132,6 +136,7 @@ class StoreTier:
         self._lock = threading.Lock()
         self._pending: set[str] = set()  # queued for the writer, not yet committed
         self._touch_buf: list[str] = []  # marks held back while the engine is busy
+        self._readers: ThreadPoolExecutor | None = None  # read_layers' threads
         self._touch_since = 0.0
         self.busy = False
         self._known: set[str] = set()  # seen stored (valid while removed_total holds)
@@ -304,9 +309,8 @@ class StoreTier:
         corrupt block is reported and its chunk dropped from the store (recomputed)."""
         n = len(chunk_ids)
         try:
-            for layer in range(self.pool.k.shape[0]):
-                k, v = self.store.get_kv_many(chunk_ids[:n], layer)
-                idx = torch.tensor(pages[:n], device=self.pool.k.device)
+            idx = torch.tensor(pages[:n], device=self.pool.k.device)
+            for layer, (k, v) in self.read_layers(chunk_ids[:n]):
                 self.pool.k[layer, idx] = _from_numpy(k, self.pool.k.dtype).to(self.pool.k.device)
                 self.pool.v[layer, idx] = _from_numpy(v, self.pool.v.dtype).to(self.pool.v.device)
                 self.stats["store_bytes_loaded"] += k.nbytes + v.nbytes
@@ -324,6 +328,34 @@ class StoreTier:
             self.stats["store_chunks_loaded"] += n
             self.touch(chunk_ids[:n])
         return n
+
+    def read_layers(self, chunk_ids: list[str]):
+        """(layer, (k, v)) of every layer of these chunks, in layer order. Layers are read
+        ahead on a pool of reader threads (a window bounded by READ_AHEAD_BYTES): blocks
+        not in the page cache come from disk several at a time, as page faults and
+        checksums run outside the interpreter lock. Errors surface in layer order."""
+        num_layers = self.pool.k.shape[0]
+        per_layer = 2 * len(chunk_ids) * self.pool.k[0, 0].numel() * self.pool.k.element_size()
+        window = max(1, min(READERS, READ_AHEAD_BYTES // max(per_layer, 1)))
+        if window == 1 or num_layers == 1:
+            for layer in range(num_layers):
+                yield layer, self.store.get_kv_many(chunk_ids, layer)
+            return
+        if self._readers is None:
+            self._readers = ThreadPoolExecutor(READERS, thread_name_prefix="kv-store-reader")
+        ahead: deque = deque()
+        nxt = 0
+        try:
+            while nxt < num_layers or ahead:
+                while nxt < num_layers and len(ahead) < window:
+                    ahead.append((nxt, self._readers.submit(self.store.get_kv_many,
+                                                            chunk_ids, nxt)))
+                    nxt += 1
+                layer, fut = ahead.popleft()
+                yield layer, fut.result()
+        finally:
+            for _, fut in ahead:  # stopped early (an error): reads not started are dropped
+                fut.cancel()
 
     def drop_corrupt(self, chunk_id: str) -> None:
         """Take a chunk that failed its checksum out of use: deleted with its subtree
@@ -376,6 +408,8 @@ class StoreTier:
         self.idle_work(False)
         self._q.put(None)
         self._writer.join(timeout=60)
+        if self._readers is not None:
+            self._readers.shutdown(wait=True)
         self.store.close()
 
     def gauges(self) -> dict[str, Any]:

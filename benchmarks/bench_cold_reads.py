@@ -8,9 +8,10 @@ heads, head dim 64, 64-token chunks, bf16; raw codec) is written once. Before ea
 measurement its files are dropped from the page cache (posix_fadvise DONTNEED, which needs
 no privileges), then: the K/V of 33 consecutive chunks in every layer (a streamed request's
 sink and local window), of 62 random chunks in every layer (one question's selections),
-and every chunk's summary (the bulk load of a streamed context); and the 33 chunks again
-through `StoreTier.read_layers`, which reads layers ahead on reader threads. Median of
-`--repeats`.
+and every chunk's summary (the bulk load of a streamed context); then the 33 chunks again
+through `StoreTier.read_layers`, which reads layers ahead on reader threads, and 62 random
+chunks per layer through `StoreTier.get_kv`, which splits one layer's read over them.
+Median of `--repeats`.
 """
 
 from __future__ import annotations
@@ -90,6 +91,16 @@ def main() -> None:
                     for _ in tier.read_layers(ids[n // 5:n // 5 + 33]):
                         pass
                     name = f"33 consecutive chunks x 30 layers, {READERS} reader threads"
+                    times.setdefault(name, []).append(time.perf_counter() - t)
+                    tier.close()
+                    # a question's selections as a streamed prefill fetches them: one layer
+                    # at a time, each layer's read split over the reader threads
+                    drop_page_cache(path)
+                    tier = StoreTier(path, fp, "0", "raw", pool, lambda p: None, readonly=True)
+                    t = time.perf_counter()
+                    for layer in range(30):
+                        tier.get_kv([ids[i] for i in rng.choice(n, 62, replace=False)], layer)
+                    name = "62 random chunks x 30 layers, each layer split over reader threads"
                     times.setdefault(name, []).append(time.perf_counter() - t)
                     tier.close()
                 rows[readahead] = {k: statistics.median(v) for k, v in times.items()}

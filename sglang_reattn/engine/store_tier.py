@@ -100,6 +100,7 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
 TOUCH_DEFER_S = 10.0  # longest a last-used mark waits for an idle engine
 READERS = 8  # threads reading layers ahead in a load
 READ_AHEAD_BYTES = 1 << 30  # most K/V bytes of layers read ahead at once
+SPLIT_MIN = 8  # chunks per reader thread at least, when one layer's read is split
 
 def _from_numpy(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     t = torch.from_numpy(np.ascontiguousarray(a))
@@ -329,6 +330,23 @@ class StoreTier:
             self.touch(chunk_ids[:n])
         return n
 
+    def _reader_pool(self) -> ThreadPoolExecutor:
+        if self._readers is None:
+            self._readers = ThreadPoolExecutor(READERS, thread_name_prefix="kv-store-reader")
+        return self._readers
+
+    def get_kv(self, chunk_ids: list[str], layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """ChunkStore.get_kv_many, with many chunks split over the reader threads (blocks
+        not in the page cache come from disk several at a time)."""
+        parts = min(READERS, len(chunk_ids) // SPLIT_MIN)
+        if parts < 2:
+            return self.store.get_kv_many(chunk_ids, layer)
+        bounds = [len(chunk_ids) * i // parts for i in range(parts + 1)]
+        futs = [self._reader_pool().submit(self.store.get_kv_many, chunk_ids[a:b], layer)
+                for a, b in zip(bounds, bounds[1:])]
+        got = [f.result() for f in futs]  # the first failing part's error, in order
+        return (np.concatenate([k for k, _ in got]), np.concatenate([v for _, v in got]))
+
     def read_layers(self, chunk_ids: list[str]):
         """(layer, (k, v)) of every layer of these chunks, in layer order. Layers are read
         ahead on a pool of reader threads (a window bounded by READ_AHEAD_BYTES): blocks
@@ -341,15 +359,14 @@ class StoreTier:
             for layer in range(num_layers):
                 yield layer, self.store.get_kv_many(chunk_ids, layer)
             return
-        if self._readers is None:
-            self._readers = ThreadPoolExecutor(READERS, thread_name_prefix="kv-store-reader")
+        readers = self._reader_pool()
         ahead: deque = deque()
         nxt = 0
         try:
             while nxt < num_layers or ahead:
                 while nxt < num_layers and len(ahead) < window:
-                    ahead.append((nxt, self._readers.submit(self.store.get_kv_many,
-                                                            chunk_ids, nxt)))
+                    ahead.append((nxt, readers.submit(self.store.get_kv_many, chunk_ids,
+                                                      nxt)))
                     nxt += 1
                 layer, fut = ahead.popleft()
                 yield layer, fut.result()

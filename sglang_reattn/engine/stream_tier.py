@@ -615,7 +615,7 @@ class StreamTier:
         if not missing:
             return out
         try:
-            k, v = self.store.get_kv_many([chunk_ids[i] for i in missing], layer)
+            k, v = self.tier.get_kv([chunk_ids[i] for i in missing], layer)
         except (CorruptBlock, ChunkNotFound) as e:
             raise StreamFault(e.chunk_id, e) from e
         with self._stats_lock:

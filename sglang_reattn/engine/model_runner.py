@@ -310,15 +310,17 @@ class ModelRunner:
         self.graphs[gbs, select].replay()
         return self._logits[gbs, select][:bs]
 
-    def _graph_selection(self, gbs: int) -> list[tuple[torch.Tensor, ...]]:
-        """Per layer, the stream graph's selected pages (and runners-up) outputs."""
+    def _graph_selection(self, gbs: int) -> torch.Tensor:
+        """[L, gbs, topk (+ spare)]: each layer's selected pages from the stream graph's
+        outputs, followed by its runners-up."""
         layers = range(self.pool.k.shape[0])
         if self.device.type == "cuda":
             sel, spare = self._sel_out[gbs], self._spare_out.get(gbs)
         else:  # the eager stand-in re-ran the step: this replay's tensors
             sel = [self.attn.last_selection[i] for i in layers]
             spare = [self.attn.last_runners[i] for i in layers] if self.attn.spare else None
-        return [(s,) if spare is None else (s, r) for s, r in zip(sel, spare or sel)]
+        return torch.stack(sel if spare is None else
+                           [torch.cat([s, r], 1) for s, r in zip(sel, spare)])
 
     def _replay_streamed(self, reqs: list[Request]) -> torch.Tensor | None:
         """A decode step with streamed contexts, replayed from the graph that maps virtual
@@ -335,7 +337,7 @@ class ModelRunner:
         written = torch.tensor([r.pages[r.num_computed // c] for r in reqs], device=self.device)
         kmin, kmax = self.attn.kmin, self.attn.kmax
         saved = kmin[:, written].clone(), kmax[:, written].clone()
-        num_layers = self.pool.k.shape[0]
+        num_layers, topk = self.pool.k.shape[0], self.reattn.topk
         graph = self.graphs[gbs, "stream"]
         settled = False
         try:
@@ -344,10 +346,8 @@ class ModelRunner:
                     kmin[:, written], kmax[:, written] = saved
                 tier.sync_map()
                 graph.replay()
-                # one read-back of every layer's selection (and runners-up): [L, B, K (+ R)]
-                back = torch.stack([torch.cat(o, 1) if len(o) > 1 else o[0]
-                                    for o in self._graph_selection(gbs)])[:, :bs].cpu().numpy()
-                topk = self.reattn.topk
+                # one read-back of every layer's selection (and runners-up)
+                back = self._graph_selection(gbs)[:, :bs].cpu().numpy()
                 settled = tier.settle(back[..., :topk],
                                       back[..., topk:] if self.attn.spare else None)
                 if settled:

@@ -114,23 +114,21 @@ class Scheduler:
             return
         c, have, node = self.c, r.num_tree_pages, r.tree_node
         if node is not None and node.depth == have:
-            # Extend the request's own path: O(new chunks), not O(context), per chunk a
-            # long generation completes.
+            # Extend the request's own path (from its namespace's root when it has none):
+            # O(new chunks), not O(context), per chunk a long generation completes.
             res = self.cache.insert(r.ids_between(have * c, n_full * c), r.pages[have:n_full],
                                     r.namespace, after=node)
+            self.cache.move_lock(node, res.node)
         else:
             res = self.cache.insert(r.ids_between(0, n_full * c), r.pages[:n_full],
                                     r.namespace)
+            if node is not None:
+                self.cache.dec_lock(node)
+            self.cache.inc_lock(res.node)
             have = 0
         # Pages that another request cached first: switch to the tree's copy, free ours.
         self.pool.free(res.duplicates)
         r.pages[have:n_full] = res.pages
-        if node is not None and res.node.depth > node.depth and have:
-            self.cache.move_lock(node, res.node)
-        else:
-            if node is not None:
-                self.cache.dec_lock(node)
-            self.cache.inc_lock(res.node)
         r.tree_node = res.node
         r.num_tree_pages = n_full
         if self.store is not None:
@@ -171,8 +169,7 @@ class Scheduler:
         """Continue the radix match with chunks from the disk tier: load them into fresh
         pages and insert them into the tree, as if this process had computed them."""
         have = len(matched)
-        stored = self.store.lookup(ids, r.namespace, have, limit // self.c,
-                                   self._store_ids(r, limit // self.c))
+        stored = self.store.lookup(self._store_ids(r, limit // self.c), have, limit // self.c)
         if not stored or not self._ensure_free(len(stored)):
             return matched
         pages = self.pool.allocate(len(stored))
@@ -309,8 +306,7 @@ class Scheduler:
         def stored_after(have: int) -> tuple[list[str], int, int]:
             """Stored chunks after the first `have`, the stored prefix's length in chunks,
             and the pages the rest of the prompt and one decode page need."""
-            stored = self.store.lookup(ids, r.namespace, have, limit // c,
-                                       self._store_ids(r, limit // c))
+            stored = self.store.lookup(self._store_ids(r, limit // c), have, limit // c)
             return stored, have + len(stored), (len(ids) + c) // c - have - len(stored)
 
         have = len(matched)
@@ -437,8 +433,7 @@ class Scheduler:
 
     def step(self) -> bool:
         """Plan and run one step. Returns False when there was nothing to do."""
-        if self.store is not None:  # what admission loads is marked used only when idle
-            self.store.busy = bool(self.running or self.waiting)
+        self._store_idle_work()  # busy from here when requests wait: admission loads
         self._drop_aborted()
         self._admit()
         prefill = [r for r in self.running if r.in_prefill]
@@ -447,13 +442,17 @@ class Scheduler:
         else:
             decode = [r for r in self.running if not r.in_prefill]
             if not decode:
-                if self.store is not None:
-                    self.store.idle_work(busy=False)
+                self._store_idle_work(ran=False)
                 return False
             self._run_decode(decode)
-        if self.store is not None:
-            self.store.idle_work(busy=bool(self.running or self.waiting))
+        self._store_idle_work()
         return True
+
+    def _store_idle_work(self, ran: bool = True) -> None:
+        """The disk tier's deferred work (StoreTier.touch) waits while requests run or
+        wait; `ran=False`: nothing could run, the engine is idle."""
+        if self.store is not None:
+            self.store.idle_work(busy=ran and bool(self.running or self.waiting))
 
     def _drop_aborted(self) -> None:
         for r in [r for r in self.running if r.aborted]:

@@ -39,7 +39,6 @@ from sglang_reattn.kv_store import (
     CorruptBlock,
     StoreError,
     StoreFull,
-    chunk_hashes,
 )
 from sglang_reattn.kv_store import fingerprint as fpmod
 
@@ -102,6 +101,7 @@ READERS = 8  # threads reading layers ahead in a load
 READ_AHEAD_BYTES = 1 << 30  # most K/V bytes of layers read ahead at once
 SPLIT_MIN = 8  # chunks per reader thread at least, when one layer's read is split
 
+
 def _from_numpy(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     t = torch.from_numpy(np.ascontiguousarray(a))
     return t.view(dtype) if dtype == torch.bfloat16 else t.to(dtype)
@@ -158,15 +158,13 @@ class StoreTier:
     # ------------------------------------------------------------------ write behind
 
     def save(self, token_ids, pages: list[int], first: int, namespace: str,
-             ids: list[str] | None = None) -> None:
+             ids: list[str]) -> None:
         """Persist full chunks [first, len(pages)) of a sequence whose chunk i lives in
-        pages[i]. Engine thread: copies the K/V out now, the writer thread stores them.
-        `token_ids`: a list or anything sliced like one (only the saved chunks are read);
-        `ids`: the chunks' ids when the caller has them (else hashed from the start)."""
+        pages[i] and has store id ids[i]. Engine thread: copies the K/V out now, the writer
+        thread stores them. `token_ids`: a list or anything sliced like one (only the saved
+        chunks are read)."""
         if self.readonly or first >= len(pages):
             return
-        if ids is None:
-            ids = chunk_hashes(token_ids[: len(pages) * self.c], self.c, namespace)
         assert len(ids) >= len(pages), "save: fewer ids than pages"
         # `_known` remembers chunks seen stored; any removal (eviction, delete) by any
         # process sharing the store bumps removed_total, and then it is forgotten.
@@ -285,18 +283,11 @@ class StoreTier:
 
     # ------------------------------------------------------------------ reuse
 
-    def chunk_ids(self, token_ids: list[int], namespace: str) -> list[str]:
-        """Store ids of the sequence's whole chunks."""
-        return chunk_hashes(token_ids, self.c, namespace)
-
-    def lookup(self, token_ids: list[int], namespace: str, start: int, stop: int,
-               ids: list[str] | None = None) -> list[str]:
-        """Ids of the stored chunks [start, start + n) of the sequence, n maximal <= stop
-        (`ids`: the sequence's chunk ids when the caller has them)."""
+    def lookup(self, ids: list[str], start: int, stop: int) -> list[str]:
+        """Of a sequence's chunk ids, those of its stored chunks [start, start + n), n
+        maximal <= stop."""
         if stop <= start:
             return []
-        if ids is None:
-            ids = chunk_hashes(token_ids[: stop * self.c], self.c, namespace)
         ids = ids[start:stop]
         out: list[str] = []
         for cid, there in zip(ids, self.store.has_many(ids)):

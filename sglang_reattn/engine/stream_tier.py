@@ -176,14 +176,6 @@ class ChunkCache:
         self._clock += 1
         self._stamp[layer, self._pos[page]] = self._clock
 
-    def touch(self, layer: int, keys: Sequence[Hashable]) -> None:
-        """Cached `keys` (one layer, one step) become most recently used; each distinct
-        one counts as a hit."""
-        m = self._maps[layer]
-        for key in keys:
-            self._use(layer, m[key])
-        self.hits += len(set(keys))
-
     def touch_pages(self, layers: np.ndarray, pages: np.ndarray, distinct: bool = False
                     ) -> None:
         """Many layers' cached pages at once (`layers[i]`'s `pages[i]`, in access order)
@@ -475,18 +467,22 @@ class StreamTier:
 
     def _on_cache(self, layer: int, key: Hashable, page: int | None) -> None:
         slot = self._slot_of.get(key)
-        if page is None and slot is not None:
-            self._loaded_ahead[layer, slot] = False
         if slot is not None:
             self.vmap[layer, slot] = -1 if page is None else page
             self._stale.add(layer)
+            if page is None:
+                self._loaded_ahead[layer, slot] = False
+
+    def _wait_ahead(self) -> None:
+        """The compute stream waits for chunk-cache fills made ahead on the side stream."""
+        if self._ahead is not None:
+            torch.cuda.current_stream().wait_event(self._ahead)
+            self._ahead = None
 
     def sync_map(self) -> None:
         """Before a graph step: the device page map (attn.page_map) catches up with the
         host's, and the step waits for chunk-cache fills made ahead on the side stream."""
-        if self._ahead is not None:
-            torch.cuda.current_stream().wait_event(self._ahead)
-            self._ahead = None
+        self._wait_ahead()
         if self._stale:
             layers = sorted(self._stale)
             self._stale.clear()
@@ -505,8 +501,9 @@ class StreamTier:
         (they become most recently used, all layers in one numpy pass); else the missing
         chunks are fetched into the cache and False: the step must be replayed. The
         step's prefetch hint: its runners-up that are not cached (the selected ones are)."""
-        layers, _, _ = np.nonzero(sel_pages >= self.base)
-        slots = sel_pages[sel_pages >= self.base] - self.base
+        virtual = sel_pages >= self.base
+        layers, _, _ = np.nonzero(virtual)
+        slots = sel_pages[virtual] - self.base
         pages = self.vmap[layers, slots]
         hit = pages >= 0
         missed = np.unique(layers[~hit]).tolist()
@@ -518,8 +515,9 @@ class StreamTier:
             self._cache_in(layer, [self._slot_ids[s] for s in slots[layers == layer].tolist()])
         self._selected = {}
         if runners is not None:
-            rl, rb, _ = np.nonzero(runners >= self.base)
-            rs = runners[runners >= self.base] - self.base
+            virtual = runners >= self.base
+            rl, rb, _ = np.nonzero(virtual)
+            rs = runners[virtual] - self.base
             cold = self.vmap[rl, rs] < 0
             for layer, row, slot in zip(rl[cold].tolist(), rb[cold].tolist(),
                                         rs[cold].tolist()):
@@ -549,9 +547,7 @@ class StreamTier:
         self._selected[layer] = list(zip(rows, keys))
         if runners is not None:
             self._selected[layer] += list(zip(*self._picks(runners.cpu().numpy())))
-        if self._ahead is not None:
-            torch.cuda.current_stream().wait_event(self._ahead)
-            self._ahead = None
+        self._wait_ahead()
         if not keys:
             return sel_pages
         pages = self._cache_in(layer, keys)
@@ -580,7 +576,8 @@ class StreamTier:
 
     def _write(self, layer: int, fills: list[tuple[str, int]], kv: list) -> None:
         dev = self.pool.k.device
-        idx = torch.tensor([p for _, p in fills], device=dev)
+        pages = torch.tensor([p for _, p in fills])
+        idx = pages.to(dev)
         # The blocks are stacked on the host into one pinned staging buffer each for K and
         # V, then copied asynchronously (two copies per layer, not two per block; the
         # caching host allocator keeps the buffer until its copy is done).
@@ -590,8 +587,8 @@ class StreamTier:
         self.pool.v[layer, idx] = v
         self.stats["stream_device_bytes"] += 2 * k.numel() * k.element_size()
         # Keys reached these pages outside `store`: no rotated copy of them is valid (the
-        # host's page list: reading `idx` back would sync the device, once per layer).
-        self.attn.invalidate_rotated(torch.tensor([p for _, p in fills]))
+        # host's copy of the pages: reading `idx` back would sync the device per layer).
+        self.attn.invalidate_rotated(pages)
 
     def _stacked(self, blocks: list[torch.Tensor]) -> torch.Tensor:
         if not self._pin:

@@ -91,8 +91,8 @@ _HELP = {
     "kv_stream_max_tokens": "streamed tokens whose chunk summaries fit at once, over all "
                             "running requests (their summaries are allocated at start-up: "
                             "1/chunk-size of their KV bytes)",
-    "disable_kv_prefetch": "do not load the previous step's selection ahead in the "
-                           "background",
+    "disable_kv_prefetch": "do not load chunks ahead (the previous step's selection and "
+                           "its runners-up) in the background",
     "max_request_bytes": "HTTP bodies larger than this get 413",
     "shutdown_timeout": "seconds in-flight requests get to finish on SIGTERM before abort",
     "enable_metrics": "accepted for SGLang compatibility; /metrics is always on",

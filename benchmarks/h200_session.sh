@@ -60,6 +60,8 @@ for step in ${STEPS:-check offline niah}; do
         stream) timeout ${STREAM_TIMEOUT:-560} python3 benchmarks/bench_stream.py --device cuda \
                     --tokens ${STREAM_TOKENS:-1M} --decode ${STREAM_DECODE:-64} --repeats 2 --dir /tmp/stream_store ${STREAM_FLAGS:-} \
                     --json "$OUT/stream.json" 2>&1 | tee "$OUT/bench_stream.txt" ;;
+        coldreads) timeout 120 python3 benchmarks/bench_cold_reads.py --dir /tmp 2>&1 \
+                    | tee "$OUT/bench_cold_reads.txt" ;;
         stream8b) timeout ${STREAM_TIMEOUT:-580} python3 benchmarks/bench_stream.py --device cuda \
                     --shape 8b --tokens ${STREAM_TOKENS:-256K} --cache-pages ${CACHE_PAGES:-512} --capped \
                     --skip-baseline --codec raw --decode ${STREAM_DECODE:-64} --repeats 2 \
@@ -68,4 +70,4 @@ for step in ${STEPS:-check offline niah}; do
     esac
 done
 tail -n 12 "$OUT"/check_gpu.txt "$OUT"/bench_offline.txt "$OUT"/niah*.txt \
-    "$OUT"/bench_e2e*.txt "$OUT"/niah_variants64.txt "$OUT"/bench_stream*.txt 2>/dev/null
+    "$OUT"/bench_e2e*.txt "$OUT"/niah_variants64.txt "$OUT"/bench_stream*.txt "$OUT"/bench_cold_reads.txt 2>/dev/null

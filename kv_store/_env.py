@@ -27,7 +27,7 @@ from .errors import StoreError, StoreFull
 
 logger = logging.getLogger(__name__)
 
-DB_NAMES = ("meta", "headers", "kv", "summaries", "lru", "children", "contexts")
+DB_NAMES = ("meta", "headers", "kv", "summaries", "lru", "children", "contexts", "used")
 _MIN_MAP = 1 << 20
 
 
@@ -74,11 +74,16 @@ class Env:
         # between our open and this call turns into MapResizedError: adopt, retry.
         for _ in range(8):
             try:
-                return [self.env.open_db(n.encode(), create=not self.readonly)
-                        for n in DB_NAMES]
+                return [self._open_db(n) for n in DB_NAMES]
             except lmdb.MapResizedError:
                 self.env.set_mapsize(0)  # no transaction of ours is open yet
         raise StoreError(f"map of {self.path} keeps changing size while opening it")
+
+    def _open_db(self, name: str):
+        try:
+            return self.env.open_db(name.encode(), create=not self.readonly)
+        except lmdb.NotFoundError:  # readonly, a store of another format: its version says
+            return None
 
     def check(self, write: bool) -> None:
         if getattr(self, "env", None) is None:

@@ -9,6 +9,7 @@ Databases (keys are raw bytes; a chunk id is its 32-byte digest)::
     kv        id || u16 BE layer      -> framed K|V block of that layer
     summaries id                      -> framed quantized summary
     lru       u64 BE time_ns || id    -> b""   (unpinned chunks only, oldest first)
+    used      id                      -> u64 LE time_ns of its last use (every chunk)
     children  parent id || child id   -> b""
     contexts  name utf-8              -> encoded ContextInfo
     meta      name                    -> value (format, fingerprint, counters)
@@ -40,6 +41,7 @@ class Dbs(NamedTuple):
     lru: object
     children: object
     contexts: object
+    used: object
 
 
 def kv_key(cid: bytes, layer: int) -> bytes:
@@ -60,8 +62,17 @@ def add_counter(txn, dbs: Dbs, name: bytes, delta: int) -> None:
 
 
 def read_header(txn, dbs: Dbs, cid: bytes) -> ChunkHeader | None:
+    """The chunk's header, with its last use from the ``used`` index (a touch writes only
+    that index, not the header)."""
     v = txn.get(cid, db=dbs.headers)
-    return None if v is None else decode_header(cid.hex(), v)
+    if v is None:
+        return None
+    h = decode_header(cid.hex(), v)
+    u = txn.get(cid, db=dbs.used)
+    if u is None:  # (a chunk published before its index entry cannot be seen: one txn)
+        return h
+    ts = _U64.unpack(u)[0]
+    return dataclasses.replace(h, last_used=ts / 1e9, lru_key=lru_key(ts, cid))
 
 
 def require_header(txn, dbs: Dbs, cid: bytes) -> ChunkHeader:
@@ -91,14 +102,22 @@ def subtree(txn, dbs: Dbs, root: bytes) -> list[bytes]:
     return out
 
 
-def set_touch(txn, dbs: Dbs, h: ChunkHeader, ts_ns: int, now: float) -> None:
-    """Move an existing chunk to the young end of the LRU order."""
-    cid = bytes.fromhex(h.chunk_id)
-    new_key = lru_key(ts_ns, cid)
-    if h.pin_count == 0:
-        txn.delete(h.lru_key, db=dbs.lru)
-        txn.put(new_key, b"", db=dbs.lru)
-    write_header(txn, dbs, dataclasses.replace(h, last_used=now, lru_key=new_key))
+def set_used(txn, dbs: Dbs, cid: bytes, ts_ns: int) -> None:
+    """A new chunk's last use (its LRU entry is the caller's)."""
+    txn.put(cid, _U64.pack(ts_ns), db=dbs.used)
+
+
+def set_touch(txn, dbs: Dbs, cid: bytes, ts_ns: int) -> bool:
+    """Move a stored chunk to the young end of the LRU order (a pinned one, which has no
+    LRU entry, only gets the new time). A few small writes and no header rewrite: a
+    million-token context is 16K chunks. False when the chunk is not stored."""
+    u = txn.get(cid, db=dbs.used)
+    if u is None:
+        return False
+    if txn.delete(lru_key(_U64.unpack(u)[0], cid), db=dbs.lru):
+        txn.put(lru_key(ts_ns, cid), b"", db=dbs.lru)
+    set_used(txn, dbs, cid, ts_ns)
+    return True
 
 
 def add_pins(txn, dbs: Dbs, start: bytes | None, delta: int) -> None:
@@ -131,7 +150,10 @@ def remove_chunks(txn, dbs: Dbs, ids: Iterable[bytes], num_layers: int) -> Remov
         except CorruptBlock:
             h = None
             freed += _sizes(txn, dbs, cid, num_layers)
-            _drop_lru_by_scan(txn, dbs, cid)
+            u = txn.get(cid, db=dbs.used)
+            if u is None or not txn.delete(lru_key(_U64.unpack(u)[0], cid), db=dbs.lru):
+                _drop_lru_by_scan(txn, dbs, cid)
+        txn.delete(cid, db=dbs.used)
         if h is not None:
             freed += h.stored_bytes
             txn.delete(h.lru_key, db=dbs.lru)

@@ -36,7 +36,7 @@ from .writes import PreparedChunk, prepare_chunk
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: last uses in their own index (touches rewrite no header)
 _HEADROOM = 64 << 20  # map ceiling = 2 * capacity + this (LMDB page and B-tree overhead)
 
 
@@ -186,15 +186,12 @@ class ChunkStore:
             if freed < over:
                 raise StoreFull(self._full_message(txn, need, freed))
         for i, cid in enumerate(existing):
-            try:
-                h = ix.read_header(txn, dbs, cid)
-            except CorruptBlock:  # reported by the next read of it; a put is no read
-                continue
-            if h is not None:
-                ix.set_touch(txn, dbs, h, now_ns - i, now)
+            ix.set_touch(txn, dbs, cid, now_ns - i)
         for i, p in enumerate(batch.values()):
-            key = ix.lru_key(now_ns - len(existing) - i, p.cid)
+            ts = now_ns - len(existing) - i
+            key = ix.lru_key(ts, p.cid)
             ix.write_header(txn, dbs, p.header(now, key))
+            ix.set_used(txn, dbs, p.cid, ts)
             for layer, block in enumerate(p.blocks):
                 txn.put(ix.kv_key(p.cid, layer), block, db=dbs.kv)
             txn.put(p.cid, p.summary, db=dbs.summaries)
@@ -358,16 +355,11 @@ class ChunkStore:
         """Mark chunks as just used (writes). Give a chain root first: later ids get
         slightly older stamps, so eviction takes deeper chunks first. Missing ids are
         skipped; returns how many were touched."""
-        now, now_ns = time.time(), time.time_ns()
+        now_ns = time.time_ns()
+        keys = [bytes.fromhex(c) for c in chunk_ids]
 
         def txn_fn(txn):
-            n = 0
-            for i, chunk_id in enumerate(chunk_ids):
-                h = ix.read_header(txn, self.dbs, bytes.fromhex(chunk_id))
-                if h is not None:
-                    ix.set_touch(txn, self.dbs, h, now_ns - i, now)
-                    n += 1
-            return n
+            return sum(ix.set_touch(txn, self.dbs, cid, now_ns - i) for i, cid in enumerate(keys))
 
         return self._write(txn_fn)
 

@@ -64,6 +64,25 @@ def test_touch_protects(tmp_path):
         assert not any(s.has_many([r.chunk_id for r in b]))
 
 
+def test_a_pinned_chunk_touched_rejoins_the_lru_at_its_last_use(tmp_path):
+    """A touch of a pinned chunk only records the time; unpinned, the chunk is as young as
+    that touch, so an older unpinned chain goes first."""
+    fp = tiny_fingerprint()
+    per = chunk_bytes(tmp_path, fp)
+    a, b, c = (make_chain(fp, 5, seed=i) for i in range(3))
+    with ChunkStore(tmp_path / "s", fp, 10 * per + per // 2) as s:
+        s.put_chunks(a)
+        s.put_context("a", a[-1].chunk_id, 5 * 64, pinned=True)
+        s.put_chunks(b)
+        s.touch([r.chunk_id for r in a])
+        s.pin_context("a", False)
+        assert check_tree(s) == {r.chunk_id for r in a + b}
+        s.put_chunks(c)
+        assert all(s.has_many([r.chunk_id for r in a]))
+        assert not any(s.has_many([r.chunk_id for r in b]))
+        assert s.touch(["00" * 32]) == 0
+
+
 def test_pinned_survive_and_store_full(tmp_path):
     fp = tiny_fingerprint()
     per = chunk_bytes(tmp_path, fp)

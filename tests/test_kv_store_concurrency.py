@@ -167,7 +167,7 @@ def grow_map(path: str) -> None:
 def test_open_adopts_a_map_grown_since_the_environment_was_opened(tmp_path):
     """The open race seen in CI: another process grows the map between lmdb.open and the
     open_db transaction; opening adopts the new size instead of failing."""
-    from sglang_reattn.kv_store._env import Env
+    from sglang_reattn.kv_store._env import DB_NAMES, Env
 
     path = str(tmp_path / "store")
     env = Env(path, False, 1 << 20)
@@ -178,6 +178,6 @@ def test_open_adopts_a_map_grown_since_the_environment_was_opened(tmp_path):
         assert p.exitcode == 0
         small = env.env.info()["map_size"]
         dbs = env._open_dbs()  # the same step __init__ runs right after lmdb.open
-        assert len(dbs) == 7 and env.map_size() > small
+        assert len(dbs) == len(DB_NAMES) and env.map_size() > small
     finally:
         env.close()

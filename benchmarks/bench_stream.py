@@ -8,8 +8,8 @@ Llama-3.1-8B-shaped context (random weights) decoded through a 4 GiB chunk cache
 page), the streamed engine's KV pool sized to that cache plus its sink, local window and
 a prefill piece.
 
-Four engines, one after the other (each a restart; the operating system's page cache
-stays warm):
+Four engines, one after the other (each a restart; the operating system's page cache is
+left alone: how much of the store it holds shows in the major page faults reported):
 
 0. **baseline**: no store at all; the document and a question are prefilled. Time to first
    token = a full prefill, the baseline of the TTFT ratios.
@@ -37,6 +37,7 @@ import contextlib
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import sys
@@ -48,6 +49,19 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_e2e as E2E  # noqa: E402
 from bench_e2e import profile_run  # noqa: E402
+
+from sglang_reattn.engine.model_runner import MAX_STREAM_REPLAYS  # noqa: E402
+
+
+def major_faults() -> int:
+    """This process's page faults that read from disk so far (store blocks not cached)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_majflt
+
+
+def page_cache_gib() -> float:
+    with open("/proc/meminfo") as f:
+        kb = next((int(line.split()[1]) for line in f if line.startswith("Cached:")), 0)
+    return kb / 2 ** 20
 
 
 def parse_size(text: str) -> int:
@@ -235,17 +249,21 @@ def main() -> None:
                           f"call of StoreTier.on_loaded ({pages.numel()} pages)", flush=True)
 
                 eng.store_tier.on_loaded = on_loaded
+            res["page_cache_before_streamed_gib"] = page_cache_gib()
+            faults = major_faults()
             with timers({}) if args.profile else contextlib.nullcontext() as parts:
                 res["streamed_ttft_s"], res["streamed_cached"] = ttft(eng, doc + questions[1])
+            res["streamed_ttft_major_faults"] = major_faults() - faults
             if args.profile:
                 eng.store_tier.on_loaded = loaded  # the TTFT's only
             for key, (sec, calls) in sorted((parts or {}).items(), key=lambda x: -x[1][0]):
                 print(f"  streamed TTFT: {sec * 1e3:9.1f} ms in {calls:5d} calls of {key}")
             print(f"# streamed after restart: TTFT {res['streamed_ttft_s']:.2f} s, cached "
                   f"{res['streamed_cached']:,}", flush=True)
-            before = eng.stats()
+            before, faults = eng.stats(), major_faults()
             res["streamed_tok_s"] = rates_of(eng, doc, questions[2:], args.decode, "streamed")
             after = eng.stats()
+            res["streamed_decode_major_faults"] = major_faults() - faults
             d = {k: after.get(k, 0) - before.get(k, 0) for k in after
                  if isinstance(after.get(k), (int, float))}
             hits, misses = d.get("chunk_cache_hits", 0), d.get("chunk_cache_misses", 0)
@@ -273,7 +291,8 @@ def main() -> None:
     print(f"\nhardware: {hw}; {what}, {dtype}{pool}; document "
           f"{n:,} tokens, scope {scope:,}; chunk cache {args.cache_pages} pages; decode "
           f"{args.decode} tokens, median of {args.repeats}; store on local disk "
-          f"({args.codec or 'default codec'}), page cache warm")
+          f"({args.codec or 'default codec'}); page cache "
+          f"{res['page_cache_before_streamed_gib']:.1f} GiB before the streamed TTFT")
     print("| measure | value |\n|---|---|")
     base = res["baseline_prefill_s"]
     how = "the store-writing prefill: --skip-baseline" if args.skip_baseline else "no store"
@@ -288,8 +307,12 @@ def main() -> None:
           f"{res['resident_tok_s']:.1f} ({res['streamed_tok_s'] / res['resident_tok_s']:.0%}) |")
     print(f"| chunk-cache hit rate while decoding | {res['chunk_cache_hit_rate']:.1%} |")
     c = res["streamed_counters"]
-    print(f"| streamed decode steps from the CUDA graph / replayed after a miss | "
-          f"{c.get('stream_graph_steps', 0)} / {c.get('stream_graph_replays', 0)} |")
+    print(f"| streamed decode steps from the CUDA graph / replays after a miss / run eagerly "
+          f"after {MAX_STREAM_REPLAYS} replays | {c.get('stream_graph_steps', 0)} / "
+          f"{c.get('stream_graph_replays', 0)} / {c.get('stream_graph_eager', 0)} |")
+    print(f"| major page faults (blocks read from disk, not the page cache): streamed TTFT / "
+          f"decode | {res['streamed_ttft_major_faults']:,} / "
+          f"{res['streamed_decode_major_faults']:,} |")
     print(f"| blocks loaded ahead into the chunk cache / read by a later step | "
           f"{c.get('stream_device_prefetches', 0)} / {c.get('stream_prefetch_hits', 0)} |")
     print(f"| bytes read from the store per token | {res['store_bytes_per_token'] / 1e6:.2f} MB |")

@@ -194,9 +194,26 @@ def test_streamed_decode_in_the_graph_path_equals_resident(stored, tiny_llama):
         assert out["output_ids"] == want
         # every decode step after the first token ran from the graph buffers; with a
         # 24-page cache for 18 selected of 47 chunks some steps missed and replayed
-        assert s["stream_graph_steps"] == GREEDY["max_new_tokens"] - 1
+        assert s["stream_graph_steps"] + s["stream_graph_eager"] == GREEDY["max_new_tokens"] - 1
         assert 0 < s["stream_graph_replays"] and s["chunk_cache_evictions"] > 0
         assert s["stream_attached_chunks"] == 0
+
+
+def test_a_graph_step_still_missing_after_the_replay_cap_runs_eagerly(stored, tiny_llama,
+                                                                       monkeypatch):
+    """With no replays allowed, every streamed graph step that missed runs eagerly: the
+    tokens are the resident answer's and the counters add up."""
+    from sglang_reattn.engine import model_runner
+
+    monkeypatch.setattr(model_runner, "MAX_STREAM_REPLAYS", 0)
+    store, want = stored
+    with Engine(tiny_llama, kv_store_path=store, **SMALL, **OPTS) as eng:
+        eng._call(lambda: eng.runner._capture(1))
+        out = eng.generate(input_ids=DOC + QUESTION, sampling_params=GREEDY)
+        s = eng.stats()
+    assert out["output_ids"] == want
+    assert s["stream_graph_eager"] > 0 and s["stream_graph_replays"] == 0
+    assert s["stream_graph_steps"] + s["stream_graph_eager"] == GREEDY["max_new_tokens"] - 1
 
 
 def test_runners_up_are_loaded_ahead_and_save_replays(stored, tiny_llama):
@@ -566,6 +583,9 @@ class _FakeTier:
 
     def touch(self, ids) -> None:
         pass
+
+    def get_summaries(self, ids) -> list:
+        return [self.store.get_summaries(ids, dequantize=False)] if ids else []
 
     def hold(self, ids) -> None:
         for c in ids:

@@ -24,6 +24,9 @@ from sglang_reattn.models.llama import CausalLM
 logger = logging.getLogger(__name__)
 
 
+MAX_STREAM_REPLAYS = 2  # a streamed graph step missing after this many replays runs eagerly
+
+
 def pages_full(reqs: list[Request]) -> list[list[int]]:
     return [r.pages for r in reqs]
 
@@ -329,7 +332,10 @@ class ModelRunner:
         page 0), the chunks are fetched and the step replays, with the summaries of the
         pages it writes restored first (a replay's running min/max must not keep what a
         discarded one wrote). Each replay makes at least the lowest layer that missed
-        exact, so at most L + 1 replays. None: did not settle (run it eagerly)."""
+        exact, but a layer that changed its input may then select other uncached chunks:
+        after MAX_STREAM_REPLAYS the step runs eagerly instead (each layer's selection
+        fetched before its attention: one more pass, whatever the misses). None: did not
+        settle (run it eagerly)."""
         bs, tier = len(reqs), self.attn.stream
         gbs = self.graph_bs[bisect.bisect_left(self.graph_bs, bs)]
         self._fill_inputs(reqs, gbs, "stream")
@@ -341,7 +347,7 @@ class ModelRunner:
         graph = self.graphs[gbs, "stream"]
         settled = False
         try:
-            for attempt in range(num_layers + 1):
+            for attempt in range(min(num_layers, MAX_STREAM_REPLAYS) + 1):
                 if attempt:
                     kmin[:, written], kmax[:, written] = saved
                 tier.sync_map()
@@ -357,6 +363,6 @@ class ModelRunner:
         finally:
             if not settled:  # a fault, or no replay settled: nothing of the step stays
                 kmin[:, written], kmax[:, written] = saved
-        logger.warning("streamed graph step did not settle in %d replays; running it eagerly",
-                       num_layers + 1)
+        tier.stats["stream_graph_eager"] += 1  # (the replays it made counted as replays)
+        tier.stats["stream_graph_replays"] += min(num_layers, MAX_STREAM_REPLAYS)
         return None

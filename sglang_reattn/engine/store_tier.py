@@ -97,9 +97,12 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
 
 
 TOUCH_DEFER_S = 10.0  # longest a last-used mark waits for an idle engine
-READERS = 8  # threads reading layers ahead in a load
+# Threads reading layers ahead in a load, and the parts of a split read: blocks not in the
+# page cache come in one page fault at a time per thread (the store's readahead is off),
+# so more threads keep more disk reads in flight (bench_cold_reads.py).
+READERS = 16
 READ_AHEAD_BYTES = 1 << 30  # most K/V bytes of layers read ahead at once
-SPLIT_MIN = 8  # chunks per reader thread at least, when one layer's read is split
+SPLIT_MIN = 4  # chunks per reader thread at least, when one layer's read is split
 
 
 def _from_numpy(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
@@ -337,6 +340,17 @@ class StoreTier:
                 for a, b in zip(bounds, bounds[1:])]
         got = [f.result() for f in futs]  # the first failing part's error, in order
         return (np.concatenate([k for k, _ in got]), np.concatenate([v for _, v in got]))
+
+    def get_summaries(self, chunk_ids: list[str], part: int = 2048) -> list:
+        """Quantized summaries of many chunks, (int8, scales) per part of `part` chunks in
+        order, the parts read on the reader threads (a million-token context's 16K
+        summaries are ~200 MB: from disk, one thread's page faults would serialize)."""
+        bounds = list(range(0, len(chunk_ids), part)) + [len(chunk_ids)]
+        if len(bounds) <= 2:
+            return [self.store.get_summaries(chunk_ids, dequantize=False)] if chunk_ids else []
+        futs = [self._reader_pool().submit(self.store.get_summaries, chunk_ids[a:b], False)
+                for a, b in zip(bounds, bounds[1:])]
+        return [f.result() for f in futs]  # the first failing part's error, in order
 
     def read_layers(self, chunk_ids: list[str]):
         """(layer, (k, v)) of every layer of these chunks, in layer order. Layers are read

@@ -311,8 +311,10 @@ class StreamTier:
                       "stream_prefetch_reads": 0, "stream_device_prefetches": 0,
                       "stream_prefetch_hits": 0,
                       "stream_faults": 0, "stream_spilled_chunks": 0,
-                      # graph decode steps, and their replays after a chunk-cache miss
-                      "stream_graph_steps": 0, "stream_graph_replays": 0}
+                      # graph decode steps, their replays after a chunk-cache miss, and
+                      # steps run eagerly after MAX_STREAM_REPLAYS replays still missed
+                      "stream_graph_steps": 0, "stream_graph_replays": 0,
+                      "stream_graph_eager": 0}
         # layer -> [(batch row, chunk)] selected by the step in progress
         self._selected: dict[int, list[tuple[int, str]]] = {}
         # CUDA: chunk-cache fills ahead of a step run on a side stream; the step's first
@@ -351,12 +353,13 @@ class StreamTier:
         # Held before being read: what is read now stays readable while attached.
         hold = [c for c in unique if c not in self._slot_of or not self._refs[self._slot_of[c]]]
         self.tier.hold(hold)
-        s = None
+        parts = []
         try:
-            if new:  # int8 [n, L, 2, Hkv, D] and float32 scales [n, L, 2, Hkv]
-                s = self.store.get_summaries(new, dequantize=False)
-                assert s[0].shape[1:] == (self.num_layers, 2) + self._shape[1:], \
-                    f"stored summary shape {s[0].shape[1:]} does not match the model"
+            # parts of int8 [n, L, 2, Hkv, D] and float32 scales [n, L, 2, Hkv]
+            parts = self.tier.get_summaries(new)
+            for q, _ in parts:
+                assert q.shape[1:] == (self.num_layers, 2) + self._shape[1:], \
+                    f"stored summary shape {q.shape[1:]} does not match the model"
             # Idle summaries were read earlier, maybe before an eviction: still there?
             idle = [c for c in hold if c in self._slot_of]
             gone = [c for c, there in zip(idle, self.store.has_many(idle) if idle else [])
@@ -375,7 +378,10 @@ class StreamTier:
                 self._idle.pop(slot, None)
         if new:
             slots = self._alloc_slots(len(new))
-            self._put_summaries(slots, *s)
+            at = 0
+            for q, scales in parts:
+                self._put_summaries(slots[at:at + len(q)], q, scales)
+                at += len(q)
             for slot, cid in zip(slots, new):
                 self._slot_ids[slot] = cid
                 self._slot_of[cid] = slot

@@ -60,6 +60,12 @@ for step in ${STEPS:-check offline niah}; do
         stream) timeout ${STREAM_TIMEOUT:-560} python3 benchmarks/bench_stream.py --device cuda \
                     --tokens ${STREAM_TOKENS:-1M} --decode ${STREAM_DECODE:-64} --repeats 2 --dir /tmp/stream_store ${STREAM_FLAGS:-} \
                     --json "$OUT/stream.json" 2>&1 | tee "$OUT/bench_stream.txt" ;;
+        disk) { echo "# this machine's disk, O_DIRECT (dd): 2 GiB written, read back in 1 MiB blocks, then"
+                echo "# 64K reads of 4 KiB one at a time (the latency of a page fault that misses)"
+                dd if=/dev/zero of=/tmp/ddtest bs=1M count=2048 oflag=direct 2>&1 | tail -1
+                dd if=/tmp/ddtest of=/dev/null bs=1M iflag=direct 2>&1 | tail -1
+                dd if=/tmp/ddtest of=/dev/null bs=4k count=65536 iflag=direct 2>&1 | tail -1
+                rm -f /tmp/ddtest; } | tee "$OUT/disk.txt" ;;
         coldreads) timeout 120 python3 benchmarks/bench_cold_reads.py --dir /tmp 2>&1 \
                     | tee "$OUT/bench_cold_reads.txt" ;;
         stream8b) timeout ${STREAM_TIMEOUT:-580} python3 benchmarks/bench_stream.py --device cuda \
@@ -70,4 +76,4 @@ for step in ${STEPS:-check offline niah}; do
     esac
 done
 tail -n 12 "$OUT"/check_gpu.txt "$OUT"/bench_offline.txt "$OUT"/niah*.txt \
-    "$OUT"/bench_e2e*.txt "$OUT"/niah_variants64.txt "$OUT"/bench_stream*.txt "$OUT"/bench_cold_reads.txt 2>/dev/null
+    "$OUT"/bench_e2e*.txt "$OUT"/niah_variants64.txt "$OUT"/bench_stream*.txt "$OUT"/bench_cold_reads.txt "$OUT"/disk.txt 2>/dev/null

@@ -315,15 +315,15 @@ def test_loaded_chunks_are_marked_used_after_the_request(stored, tiny_llama, mon
 def test_streamed_output_depends_on_the_fetched_chunks(stored, tiny_llama, monkeypatch):
     """The equality above is not vacuous: chunks fetched as zeros change the answer."""
     store, want = stored
-    real_write = StreamTier._write
+    real_write = StreamTier._write_pages
 
-    def zero_write(self, layer, fills, kv):  # on demand and loaded ahead alike
-        real_write(self, layer, fills, kv)
-        idx = torch.tensor([p for _, p in fills])
-        self.pool.k[layer, idx] = 0.0
-        self.pool.v[layer, idx] = 0.0
+    def zero_write(self, layers, pages, kv):  # on demand and loaded ahead alike
+        real_write(self, layers, pages, kv)
+        idx = torch.tensor(layers), torch.tensor(pages)
+        self.pool.k[idx] = 0.0
+        self.pool.v[idx] = 0.0
 
-    monkeypatch.setattr(StreamTier, "_write", zero_write)
+    monkeypatch.setattr(StreamTier, "_write_pages", zero_write)
     with Engine(tiny_llama, kv_store_path=store, **SMALL, **OPTS) as eng:
         out = eng.generate(input_ids=DOC + QUESTION, sampling_params=GREEDY)
     assert out["output_ids"] != want

@@ -581,20 +581,24 @@ class StreamTier:
         self._write(layer, fills, self.fetch(layer, [k for k, _ in fills]))
 
     def _write(self, layer: int, fills: list[tuple[str, int]], kv: list) -> None:
+        self._write_pages([layer] * len(fills), [p for _, p in fills], kv)
+
+    def _write_pages(self, layers: list[int], pages: list[int], kv: list) -> None:
+        """Blocks kv[i] into chunk-cache page pages[i] of layer layers[i]."""
         dev = self.pool.k.device
-        pages = torch.tensor([p for _, p in fills])
-        idx = pages.to(dev)
+        host_pages = torch.tensor(pages)
+        idx = (torch.tensor(layers).to(dev), host_pages.to(dev))
         # The blocks are stacked on the host into one pinned staging buffer each for K and
-        # V, then copied asynchronously (two copies per layer, not two per block; the
+        # V, then copied asynchronously (two copies per call, not two per block; the
         # caching host allocator keeps the buffer until its copy is done).
         k, v = (self._stacked([pair[i] for pair in kv]).to(dev, non_blocking=True)
                 for i in (0, 1))
-        self.pool.k[layer, idx] = k
-        self.pool.v[layer, idx] = v
+        self.pool.k[idx] = k
+        self.pool.v[idx] = v
         self.stats["stream_device_bytes"] += 2 * k.numel() * k.element_size()
         # Keys reached these pages outside `store`: no rotated copy of them is valid (the
-        # host's copy of the pages: reading `idx` back would sync the device per layer).
-        self.attn.invalidate_rotated(pages)
+        # host's copy of the pages: reading them back would sync the device).
+        self.attn.invalidate_rotated(host_pages.unique())
 
     def _stacked(self, blocks: list[torch.Tensor]) -> torch.Tensor:
         if not self._pin:
@@ -657,9 +661,10 @@ class StreamTier:
         host tier. Changes where a block comes from, never its value."""
         if self._q is None:
             return
-        for layer in sorted({layer for h in next_hints for layer in h}):
-            keys = [k for h in next_hints for k in h.get(layer, ())]
-            self._to_device(layer, list(dict.fromkeys(keys))[: len(self.cache.pages)])
+        self._to_device({
+            layer: list(dict.fromkeys(k for h in next_hints for k in h.get(layer, ())))[
+                : len(self.cache.pages)]
+            for layer in sorted({layer for h in next_hints for layer in h})})
         todo: dict[int, list[str]] = {}
         for hint in hints:
             for layer, keys in hint.items():
@@ -670,25 +675,35 @@ class StreamTier:
             if keys:
                 self._q.put((layer, list(dict.fromkeys(keys))))
 
-    def _to_device(self, layer: int, keys: list[str]) -> None:
-        pairs = [(k, self.host.peek((k, layer))) for k in keys
-                 if self.cache.page_of(layer, k) is None]
-        pairs = [(k, kv) for k, kv in pairs if kv is not None]
-        if not pairs:
+    def _to_device(self, keys_of: dict[int, list[str]]) -> None:
+        """Blocks the host tier holds of {layer: chunk ids} into the chunk cache, all
+        layers in one copy (on the side stream on CUDA)."""
+        layers, pages, kvs = [], [], []
+        for layer, keys in keys_of.items():
+            pairs = [(k, self.host.peek((k, layer))) for k in keys
+                     if self.cache.page_of(layer, k) is None]
+            kv = {k: pair for k, pair in pairs if pair is not None}
+            if not kv:
+                continue
+            _, fills = self.cache.acquire(layer, list(kv), count=False)
+            for k, p in fills:
+                layers.append(layer)
+                pages.append(p)
+                kvs.append(kv[k])
+            self._loaded_ahead[layer, [self._slot_of[k] for k, _ in fills
+                                       if k in self._slot_of]] = True
+        if not kvs:
             return
-        _, fills = self.cache.acquire(layer, [k for k, _ in pairs], count=False)
-        kv = dict(pairs)
         if self._side is not None:
             # The pages taken may still be read by the last step's queued kernels.
             self._side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self._side):
-                self._write(layer, fills, [kv[k] for k, _ in fills])
+                self._write_pages(layers, pages, kvs)
             self._ahead = torch.cuda.Event()
             self._ahead.record(self._side)
         else:
-            self._write(layer, fills, [kv[k] for k, _ in fills])
-        self.stats["stream_device_prefetches"] += len(fills)
-        self._loaded_ahead[layer, [self._slot_of[k] for k, _ in fills if k in self._slot_of]] = True
+            self._write_pages(layers, pages, kvs)
+        self.stats["stream_device_prefetches"] += len(kvs)
 
     def _prefetch_loop(self) -> None:
         serve_queue(self._q, self._prefetch_one)

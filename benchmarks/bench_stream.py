@@ -15,7 +15,8 @@ left alone: how much of the store it holds shows in the major page faults report
    token = a full prefill, the baseline of the TTFT ratios.
 1. **prefill**: a fresh LMDB store; the same prefill with the store filled behind (its
    TTFT shows what writing behind costs the prefill). Then a warm-up streamed engine
-   compiles the streamed kernel variants (a restarted server has them in Triton's cache).
+   compiles the streamed kernel variants of prefill and of graph and eager decode (a
+   restarted server has them in Triton's cache).
 2. **streamed**: a new engine with a chunk cache of `--cache-pages` pages and
    `--kv-resident-max-tokens` set to the scope, so only the sink and local window are
    loaded into the pool; the middle chunks' summaries are read in bulk and the chunks each
@@ -235,9 +236,15 @@ def main() -> None:
             res["streamed_pool_tokens"] = stream_opts["max_total_tokens"]
         # A first streamed engine compiles the kernel variants of streamed prefill (as a
         # restarted server finds them in Triton's on-disk cache); nothing else carries over.
+        # It decodes too: from its CUDA graphs, and eagerly (graphs set aside), the path of
+        # a streamed step that still misses after its replays.
         with Engine(model, **stream_opts) as eng:
             t, _ = ttft(eng, doc + ids_of(24, 98, vocab))
             print(f"# warm-up engine (kernel compiles): streamed TTFT {t:.2f} s", flush=True)
+            decode_rate(eng, doc + ids_of(24, 97, vocab), 4)
+            graphs, eng.runner.graphs = eng.runner.graphs, {}  # (the engine is idle)
+            decode_rate(eng, doc + ids_of(24, 96, vocab), 4)
+            eng.runner.graphs = graphs
         with Engine(model, **stream_opts) as eng:
             if args.profile:  # bound at start-up, so wrapped on the instance
                 loaded = eng.store_tier.on_loaded

@@ -247,13 +247,22 @@ class ChunkStore:
         k, v = self.get_kv_many([chunk_id], layer)
         return k[0], v[0]
 
-    def get_kv_many(self, chunk_ids: Sequence[str], layer: int) -> tuple[np.ndarray, np.ndarray]:
-        """K and V of one layer of many chunks, each [n, C, H, D], in one read transaction."""
+    def get_kv_many(self, chunk_ids: Sequence[str], layer: int, out: np.ndarray | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        """K and V of one layer of many chunks, each [n, C, H, D], in one read transaction.
+
+        out: where the blocks go, C-contiguous [n, 2, C, H, D] of the store's dtype (or any
+        dtype of the same bytes per block, e.g. a view of a pinned buffer); K and V come
+        back as views of it."""
         if not 0 <= layer < self.num_layers:
             raise IndexError(f"layer {layer} out of range [0, {self.num_layers})")
         n = len(chunk_ids)
-        out = np.empty((n, 2) + self.kv_shape, dtype=self.np_dtype)
+        if out is None:
+            out = np.empty((n, 2) + self.kv_shape, dtype=self.np_dtype)
         flat = out.reshape(n, -1).view(np.uint8)
+        want = 2 * int(np.prod(self.kv_shape)) * self.np_dtype.itemsize
+        if not out.flags.c_contiguous or flat.shape[1] != want:
+            raise ValueError(f"out must be C-contiguous with {want} bytes per chunk")
 
         def read(txn):
             for i, chunk_id in enumerate(chunk_ids):

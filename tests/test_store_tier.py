@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -174,26 +173,3 @@ def test_read_layers_reads_ahead_in_order_and_raises_in_order(tmp_path):
     assert seen == [0, 1, 2] and e.value.chunk_id == ids[2]
     tier.close()
 
-
-def test_summaries_read_in_parts_on_reader_threads(tmp_path):
-    """Summaries read in parts on the reader threads: the parts, in order, equal one plain
-    read of all of them; a missing chunk raises from its part."""
-    from sglang_reattn.engine.store_tier import StoreTier
-    from sglang_reattn.kv_store import ChunkNotFound, synthetic
-    from sglang_reattn.layers.attention import KVPool
-
-    fp = synthetic.tiny_fingerprint(num_layers=3, num_kv_heads=2, head_dim=8, chunk_size=4)
-    pool = KVPool(3, 4, 4, 2, 8, torch.float16, torch.device("cpu"))
-    tier = StoreTier(str(tmp_path / "s"), fp, "64MiB", "raw", pool, lambda p: None)
-    recs = synthetic.make_chain(fp, 11, seed=4)
-    tier.store.put_chunks(recs)
-    ids = [r.chunk_id for r in recs][::-1]
-    parts = tier.get_summaries(ids, part=3)
-    assert [len(q) for q, _ in parts] == [3, 3, 3, 2]
-    want_q, want_s = tier.store.get_summaries(ids, dequantize=False)
-    assert (np.concatenate([q for q, _ in parts]) == want_q).all()
-    assert (np.concatenate([s for _, s in parts]) == want_s).all()
-    assert tier.get_summaries([]) == []
-    with pytest.raises(ChunkNotFound):
-        tier.get_summaries(ids[:7] + ["00" * 32] + ids[7:], part=3)
-    tier.close()

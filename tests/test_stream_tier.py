@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -584,9 +585,6 @@ class _FakeTier:
     def touch(self, ids) -> None:
         pass
 
-    def get_summaries(self, ids) -> list:
-        return [self.store.get_summaries(ids, dequantize=False)] if ids else []
-
     def hold(self, ids) -> None:
         for c in ids:
             self.held[c] = self.held.get(c, 0) + 1
@@ -702,3 +700,45 @@ def test_page_map_follows_the_chunk_cache():
     assert (tier.vmap == -1).all()
     w = tier.attach(["c2"])  # still cached in both layers under its new slot
     assert tier.vmap[1, w[0] - tier.base] == p2
+
+
+def test_a_batch_reads_blocks_go_to_the_device_as_their_buffer():
+    """A demand fetch's blocks, the rows of one batch buffer in order, are copied as that
+    buffer; any other list of blocks (reordered, a subset, mixed batches) is stacked."""
+    from sglang_reattn.engine.stream_tier import _rows_of_one_buffer
+
+    buf = torch.randn(5, 2, 4, 2, 8)
+    other = torch.randn(5, 2, 4, 2, 8)
+    rows = [(buf[j, 0], buf[j, 1]) for j in range(5)]
+    assert _rows_of_one_buffer(rows) is buf
+    assert _rows_of_one_buffer(rows[::-1]) is None
+    assert _rows_of_one_buffer(rows[:4]) is None
+    assert _rows_of_one_buffer(rows[:4] + [(other[4, 0], other[4, 1])]) is None
+    assert _rows_of_one_buffer([(buf[0, 0], buf[1, 1])] + rows[1:]) is None
+    assert _rows_of_one_buffer([(torch.randn(4, 2, 8), torch.randn(4, 2, 8))]) is None
+
+
+def test_split_reads_fill_one_buffer_equal_to_plain_reads(tmp_path, monkeypatch):
+    """StoreTier.get_kv split over reader threads writes each part's rows of one buffer
+    (given or its own): K and V equal one plain read; a bad buffer is refused."""
+    from sglang_reattn.engine import store_tier
+    from sglang_reattn.engine.store_tier import StoreTier
+    from sglang_reattn.kv_store import synthetic
+    from sglang_reattn.layers.attention import KVPool
+
+    monkeypatch.setattr(store_tier, "SPLIT_MIN", 2)
+    fp = synthetic.tiny_fingerprint(num_layers=2, num_kv_heads=2, head_dim=8, chunk_size=4)
+    pool = KVPool(2, 4, 4, 2, 8, torch.float16, torch.device("cpu"))
+    tier = StoreTier(str(tmp_path / "s"), fp, "64MiB", "raw", pool, lambda p: None)
+    recs = synthetic.make_chain(fp, 9, seed=3)
+    tier.store.put_chunks(recs)
+    ids = [r.chunk_id for r in recs][::-1]
+    want_k, want_v = tier.store.get_kv_many(ids, 1)
+    out = torch.zeros(9, 2, 4, 2, 8, dtype=torch.float16)
+    for given in (None, out.numpy()):
+        k, v = tier.get_kv(ids, 1, given)
+        assert (k == want_k).all() and (v == want_v).all()
+    assert (out[:, 0].numpy() == want_k).all() and (out[:, 1].numpy() == want_v).all()
+    with pytest.raises(ValueError):
+        tier.store.get_kv_many(ids[:2], 1, np.zeros((2, 2, 4, 2, 7), np.float16))
+    tier.close()

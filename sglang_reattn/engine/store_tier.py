@@ -329,28 +329,23 @@ class StoreTier:
             self._readers = ThreadPoolExecutor(READERS, thread_name_prefix="kv-store-reader")
         return self._readers
 
-    def get_kv(self, chunk_ids: list[str], layer: int) -> tuple[np.ndarray, np.ndarray]:
-        """ChunkStore.get_kv_many, with many chunks split over the reader threads (blocks
-        not in the page cache come from disk several at a time)."""
+    def get_kv(self, chunk_ids: list[str], layer: int, out: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """ChunkStore.get_kv_many (into `out` [n, 2, C, H, D] if given), with many chunks
+        split over the reader threads, each filling its rows of one buffer (blocks not in
+        the page cache come from disk several at a time)."""
         parts = min(READERS, len(chunk_ids) // SPLIT_MIN)
         if parts < 2:
-            return self.store.get_kv_many(chunk_ids, layer)
+            return self.store.get_kv_many(chunk_ids, layer, out)
+        if out is None:
+            out = np.empty((len(chunk_ids), 2) + self.store.kv_shape, self.store.np_dtype)
         bounds = [len(chunk_ids) * i // parts for i in range(parts + 1)]
-        futs = [self._reader_pool().submit(self.store.get_kv_many, chunk_ids[a:b], layer)
+        futs = [self._reader_pool().submit(self.store.get_kv_many, chunk_ids[a:b], layer,
+                                           out[a:b])
                 for a, b in zip(bounds, bounds[1:])]
-        got = [f.result() for f in futs]  # the first failing part's error, in order
-        return (np.concatenate([k for k, _ in got]), np.concatenate([v for _, v in got]))
-
-    def get_summaries(self, chunk_ids: list[str], part: int = 2048) -> list:
-        """Quantized summaries of many chunks, (int8, scales) per part of `part` chunks in
-        order, the parts read on the reader threads (a million-token context's 16K
-        summaries are ~200 MB: from disk, one thread's page faults would serialize)."""
-        bounds = list(range(0, len(chunk_ids), part)) + [len(chunk_ids)]
-        if len(bounds) <= 2:
-            return [self.store.get_summaries(chunk_ids, dequantize=False)] if chunk_ids else []
-        futs = [self._reader_pool().submit(self.store.get_summaries, chunk_ids[a:b], False)
-                for a, b in zip(bounds, bounds[1:])]
-        return [f.result() for f in futs]  # the first failing part's error, in order
+        for f in futs:
+            f.result()  # the first failing part's error, in order
+        return out[:, 0], out[:, 1]
 
     def read_layers(self, chunk_ids: list[str]):
         """(layer, (k, v)) of every layer of these chunks, in layer order. Layers are read

@@ -53,10 +53,32 @@ from collections.abc import Hashable, Sequence
 import numpy as np
 import torch
 
-from sglang_reattn.engine.store_tier import _from_numpy, serve_queue
+from sglang_reattn.engine.store_tier import serve_queue
 from sglang_reattn.kv_store import ChunkNotFound, CorruptBlock, StoreError
 
 logger = logging.getLogger(__name__)
+
+
+def _as_numpy(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of a tensor's bytes (bf16 has no numpy dtype)."""
+    return t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def _rows_of_one_buffer(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
+    """The [n, 2, ...] buffer whose rows 0..n-1 are exactly these (K, V) blocks, in order
+    (a batch read's blocks), else None."""
+    k0 = kv[0][0]
+    base = k0._base
+    if (base is None or base.dim() != k0.dim() + 2 or base.shape[0] != len(kv)
+            or base.data_ptr() != k0.data_ptr() or not base.is_contiguous()):
+        return None
+    half = base[0, 0].numel() * base.element_size()
+    at = base.data_ptr()
+    for k, v in kv:
+        if k.data_ptr() != at or v.data_ptr() != at + half:
+            return None
+        at += 2 * half
+    return base
 
 
 class StreamFault(Exception):
@@ -353,13 +375,14 @@ class StreamTier:
         # Held before being read: what is read now stays readable while attached.
         hold = [c for c in unique if c not in self._slot_of or not self._refs[self._slot_of[c]]]
         self.tier.hold(hold)
-        parts = []
+        s = None
         try:
-            # parts of int8 [n, L, 2, Hkv, D] and float32 scales [n, L, 2, Hkv]
-            parts = self.tier.get_summaries(new)
-            for q, _ in parts:
-                assert q.shape[1:] == (self.num_layers, 2) + self._shape[1:], \
-                    f"stored summary shape {q.shape[1:]} does not match the model"
+            if new:  # int8 [n, L, 2, Hkv, D] and float32 scales [n, L, 2, Hkv]
+                # (on the calling thread: split over reader threads, the parts contended
+                # and took longer in all on the H200)
+                s = self.store.get_summaries(new, dequantize=False)
+                assert s[0].shape[1:] == (self.num_layers, 2) + self._shape[1:], \
+                    f"stored summary shape {s[0].shape[1:]} does not match the model"
             # Idle summaries were read earlier, maybe before an eviction: still there?
             idle = [c for c in hold if c in self._slot_of]
             gone = [c for c, there in zip(idle, self.store.has_many(idle) if idle else [])
@@ -378,10 +401,7 @@ class StreamTier:
                 self._idle.pop(slot, None)
         if new:
             slots = self._alloc_slots(len(new))
-            at = 0
-            for q, scales in parts:
-                self._put_summaries(slots[at:at + len(q)], q, scales)
-                at += len(q)
+            self._put_summaries(slots, *s)
             for slot, cid in zip(slots, new):
                 self._slot_ids[slot] = cid
                 self._slot_of[cid] = slot
@@ -588,24 +608,26 @@ class StreamTier:
         dev = self.pool.k.device
         host_pages = torch.tensor(pages)
         idx = (torch.tensor(layers).to(dev), host_pages.to(dev))
-        # The blocks are stacked on the host into one pinned staging buffer each for K and
-        # V, then copied asynchronously (two copies per call, not two per block; the
-        # caching host allocator keeps the buffer until its copy is done).
-        k, v = (self._stacked([pair[i] for pair in kv]).to(dev, non_blocking=True)
-                for i in (0, 1))
-        self.pool.k[idx] = k
-        self.pool.v[idx] = v
-        self.stats["stream_device_bytes"] += 2 * k.numel() * k.element_size()
+        # Blocks of one batch read, in order (a demand fetch): that buffer goes as it is.
+        # Else they are stacked on the host into one pinned staging buffer, then copied
+        # asynchronously (one copy per call, not two per block; the caching host allocator
+        # keeps the buffer until its copy is done).
+        host = _rows_of_one_buffer(kv)
+        kv_dev = (self._stacked(kv) if host is None else host).to(dev, non_blocking=True)
+        self.pool.k[idx] = kv_dev[:, 0]
+        self.pool.v[idx] = kv_dev[:, 1]
+        self.stats["stream_device_bytes"] += kv_dev.numel() * kv_dev.element_size()
         # Keys reached these pages outside `store`: no rotated copy of them is valid (the
         # host's copy of the pages: reading them back would sync the device).
         self.attn.invalidate_rotated(host_pages.unique())
 
-    def _stacked(self, blocks: list[torch.Tensor]) -> torch.Tensor:
-        if not self._pin:
-            return torch.stack(blocks)
-        out = torch.empty((len(blocks),) + tuple(blocks[0].shape), dtype=blocks[0].dtype,
-                          pin_memory=True)
-        return torch.stack(blocks, out=out)
+    def _stacked(self, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """(K, V) blocks -> [n, 2, C, Hkv, D] (pinned on CUDA)."""
+        k0 = kv[0][0]
+        out = torch.empty((len(kv), 2) + tuple(k0.shape), dtype=k0.dtype, pin_memory=self._pin)
+        torch.stack([k for k, _ in kv], out=out[:, 0])
+        torch.stack([v for _, v in kv], out=out[:, 1])
+        return out
 
     def fetch(self, layer: int, chunk_ids: list[str], prefetch: bool = False
               ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -621,22 +643,21 @@ class StreamTier:
                 out[i] = hit
         if not missing:
             return out
+        # One host tensor per batch read, read into directly (pinned on CUDA, for async
+        # copies): its blocks are views of it, so a batch's memory is freed once the host
+        # tier dropped all of them; a demand read's blocks go on to the device as one copy.
+        shape = (len(missing), 2) + tuple(self.pool.k.shape[2:])
+        buf = torch.empty(shape, dtype=self.pool.k.dtype, pin_memory=self._pin)
         try:
-            k, v = self.tier.get_kv([chunk_ids[i] for i in missing], layer)
+            self.tier.get_kv([chunk_ids[i] for i in missing], layer, _as_numpy(buf))
         except (CorruptBlock, ChunkNotFound) as e:
             raise StreamFault(e.chunk_id, e) from e
         with self._stats_lock:
             self.stats["stream_prefetch_reads" if prefetch else "stream_store_reads"] += \
                 len(missing)
-            self.stats["stream_store_bytes"] += k.nbytes + v.nbytes
-        # One host tensor per batch read (pinned on CUDA, for async copies): its blocks are
-        # views of it, so a batch's memory is freed once the host tier dropped all of them.
-        dtype = self.pool.k.dtype
-        kt, vt = (_from_numpy(x, dtype) for x in (k, v))
-        if self._pin:
-            kt, vt = kt.pin_memory(), vt.pin_memory()
+            self.stats["stream_store_bytes"] += buf.numel() * buf.element_size()
         for j, i in enumerate(missing):
-            pair = (kt[j], vt[j])
+            pair = (buf[j, 0], buf[j, 1])
             self.host.put((chunk_ids[i], layer), *pair)
             out[i] = pair
         return out

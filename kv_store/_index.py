@@ -69,7 +69,7 @@ def read_header(txn, dbs: Dbs, cid: bytes) -> ChunkHeader | None:
         return None
     h = decode_header(cid.hex(), v)
     u = txn.get(cid, db=dbs.used)
-    if u is None:  # (a chunk published before its index entry cannot be seen: one txn)
+    if u is None:  # (never in format 2: a chunk and its entry are written in one txn)
         return h
     ts = _U64.unpack(u)[0]
     return dataclasses.replace(h, last_used=ts / 1e9, lru_key=lru_key(ts, cid))

@@ -11,7 +11,8 @@ sink and local window), of 62 random chunks in every layer (one question's selec
 and every chunk's summary (the bulk load of a streamed context); then the 33 chunks again
 through `StoreTier.read_layers`, which reads layers ahead on reader threads, and 62 random
 chunks per layer through `StoreTier.get_kv`, which splits one layer's read over them (and
-the same warm, split and not). Median of `--repeats`.
+the same warm: split, not split, and as the tier chooses: split only while reads take
+major page faults). Median of `--repeats`.
 """
 
 from __future__ import annotations
@@ -99,7 +100,8 @@ def main() -> None:
                     tier = StoreTier(path, fp, "0", "raw", pool, lambda p: None, readonly=True)
                     t = time.perf_counter()
                     for layer in range(30):
-                        tier.get_kv([ids[i] for i in rng.choice(n, 62, replace=False)], layer)
+                        tier.get_kv([ids[i] for i in rng.choice(n, 62, replace=False)], layer,
+                                    split=True)
                     name = "62 random chunks x 30 layers, each layer split over reader threads"
                     times.setdefault(name, []).append(time.perf_counter() - t)
                     # warm (the page cache now holds them): split, and one read per layer
@@ -107,11 +109,11 @@ def main() -> None:
                              for _ in range(30)]
                     for layer in range(30):
                         tier.get_kv(picks[layer], layer)
-                    for name, read in (("split", tier.get_kv),
-                                       ("one read per layer", tier.store.get_kv_many)):
+                    for name, split in (("split", True), ("one read per layer", False),
+                                        ("the tier's choice", None)):
                         t = time.perf_counter()
                         for layer in range(30):
-                            read(picks[layer], layer)
+                            tier.get_kv(picks[layer], layer, split=split)
                         times.setdefault(f"62 random chunks x 30 layers, warm, {name}",
                                          []).append(time.perf_counter() - t)
                     tier.close()

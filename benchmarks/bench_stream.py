@@ -38,7 +38,6 @@ import contextlib
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import sys
@@ -52,11 +51,7 @@ import bench_e2e as E2E  # noqa: E402
 from bench_e2e import profile_run  # noqa: E402
 
 from sglang_reattn.engine.model_runner import MAX_STREAM_REPLAYS  # noqa: E402
-
-
-def major_faults() -> int:
-    """This process's page faults that read from disk so far (store blocks not cached)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_majflt
+from sglang_reattn.engine.store_tier import major_faults  # noqa: E402
 
 
 def page_cache_gib() -> float:

@@ -585,6 +585,9 @@ class _FakeTier:
     def touch(self, ids) -> None:
         pass
 
+    def get_summaries(self, ids):
+        return self.store.get_summaries(ids, dequantize=False)
+
     def hold(self, ids) -> None:
         for c in ids:
             self.held[c] = self.held.get(c, 0) + 1

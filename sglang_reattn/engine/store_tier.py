@@ -15,12 +15,14 @@ are touched (LRU) by the writer thread.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import queue
 import re
+import resource
 import threading
 import time
 from collections import deque
@@ -105,6 +107,11 @@ READ_AHEAD_BYTES = 1 << 30  # most K/V bytes of layers read ahead at once
 SPLIT_MIN = 4  # chunks per reader thread at least, when one layer's read is split
 
 
+def major_faults() -> int:
+    """This process's page faults that read from disk so far."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_majflt
+
+
 def _from_numpy(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     t = torch.from_numpy(np.ascontiguousarray(a))
     return t.view(dtype) if dtype == torch.bfloat16 else t.to(dtype)
@@ -141,6 +148,10 @@ class StoreTier:
         self._pending: set[str] = set()  # queued for the writer, not yet committed
         self._touch_buf: list[str] = []  # marks held back while the engine is busy
         self._readers: ThreadPoolExecutor | None = None  # read_layers' threads
+        # Whether the last bulk read took major page faults (blocks read from disk): then
+        # reads go over the reader threads, else on the calling thread (from the page
+        # cache the threads only add overhead). Assumed cold until a read says otherwise.
+        self.cold = True
         self._touch_since = 0.0
         self.busy = False
         self._known: set[str] = set()  # seen stored (valid while removed_total holds)
@@ -329,23 +340,44 @@ class StoreTier:
             self._readers = ThreadPoolExecutor(READERS, thread_name_prefix="kv-store-reader")
         return self._readers
 
-    def get_kv(self, chunk_ids: list[str], layer: int, out: np.ndarray | None = None
-               ) -> tuple[np.ndarray, np.ndarray]:
-        """ChunkStore.get_kv_many (into `out` [n, 2, C, H, D] if given), with many chunks
-        split over the reader threads, each filling its rows of one buffer (blocks not in
-        the page cache come from disk several at a time)."""
+    @contextlib.contextmanager
+    def _watch_faults(self):
+        """Around a bulk read: `cold` becomes whether it took major page faults (counted
+        for the whole process, so another thread's faults count too: a read is split for
+        nothing at worst)."""
+        before = major_faults()
+        try:
+            yield
+        finally:
+            self.cold = major_faults() > before
+
+    def get_summaries(self, chunk_ids: list[str]):
+        """ChunkStore.get_summaries (quantized: int8 and scales), noting whether the store
+        is being read from disk."""
+        with self._watch_faults():
+            return self.store.get_summaries(chunk_ids, dequantize=False)
+
+    def get_kv(self, chunk_ids: list[str], layer: int, out: np.ndarray | None = None,
+               split: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """ChunkStore.get_kv_many (into `out` [n, 2, C, H, D] if given). Many chunks are
+        split over the reader threads, each filling its rows of one buffer, when `split`
+        (default: when the store is being read from disk, `cold`): blocks not in the page
+        cache then come from disk several at a time."""
         parts = min(READERS, len(chunk_ids) // SPLIT_MIN)
-        if parts < 2:
-            return self.store.get_kv_many(chunk_ids, layer, out)
-        if out is None:
-            out = np.empty((len(chunk_ids), 2) + self.store.kv_shape, self.store.np_dtype)
-        bounds = [len(chunk_ids) * i // parts for i in range(parts + 1)]
-        futs = [self._reader_pool().submit(self.store.get_kv_many, chunk_ids[a:b], layer,
-                                           out[a:b])
-                for a, b in zip(bounds, bounds[1:])]
-        for f in futs:
-            f.result()  # the first failing part's error, in order
-        return out[:, 0], out[:, 1]
+        if not (self.cold if split is None else split):
+            parts = 1
+        with self._watch_faults():
+            if parts < 2:
+                return self.store.get_kv_many(chunk_ids, layer, out)
+            if out is None:
+                out = np.empty((len(chunk_ids), 2) + self.store.kv_shape, self.store.np_dtype)
+            bounds = [len(chunk_ids) * i // parts for i in range(parts + 1)]
+            futs = [self._reader_pool().submit(self.store.get_kv_many, chunk_ids[a:b], layer,
+                                               out[a:b])
+                    for a, b in zip(bounds, bounds[1:])]
+            for f in futs:
+                f.result()  # the first failing part's error, in order
+            return out[:, 0], out[:, 1]
 
     def read_layers(self, chunk_ids: list[str]):
         """(layer, (k, v)) of every layer of these chunks, in layer order. Layers are read
@@ -355,10 +387,13 @@ class StoreTier:
         num_layers = self.pool.k.shape[0]
         per_layer = 2 * len(chunk_ids) * self.pool.k[0, 0].numel() * self.pool.k.element_size()
         window = max(1, min(READERS, READ_AHEAD_BYTES // max(per_layer, 1)))
-        if window == 1 or num_layers == 1:
+        if window == 1 or num_layers == 1 or not self.cold:
+            faults = major_faults()
             for layer in range(num_layers):
                 yield layer, self.store.get_kv_many(chunk_ids, layer)
+            self.cold = major_faults() > faults
             return
+        faults = major_faults()
         readers = self._reader_pool()
         ahead: deque = deque()
         nxt = 0
@@ -370,6 +405,7 @@ class StoreTier:
                     nxt += 1
                 layer, fut = ahead.popleft()
                 yield layer, fut.result()
+            self.cold = major_faults() > faults
         finally:
             for _, fut in ahead:  # stopped early (an error): reads not started are dropped
                 fut.cancel()

@@ -380,7 +380,7 @@ class StreamTier:
             if new:  # int8 [n, L, 2, Hkv, D] and float32 scales [n, L, 2, Hkv]
                 # (on the calling thread: split over reader threads, the parts contended
                 # and took longer in all on the H200)
-                s = self.store.get_summaries(new, dequantize=False)
+                s = self.tier.get_summaries(new)
                 assert s[0].shape[1:] == (self.num_layers, 2) + self._shape[1:], \
                     f"stored summary shape {s[0].shape[1:]} does not match the model"
             # Idle summaries were read earlier, maybe before an eviction: still there?

@@ -27,7 +27,8 @@ left alone: how much of the store it holds shows in the major page faults report
    pool, then the same question and decode, for the decode baseline.
 
 Every ratio comes from one run of this script. Decode tok/s are timed from the first token
-to the last (greedy, EOS ignored), median of `--repeats`. `--profile` adds a kernel
+to the last (greedy, EOS ignored), median of `--repeats`; the four slowest steps of each
+engine are printed with the streaming counters and garbage collections that moved in them. `--profile` adds a kernel
 breakdown of 16 decode steps of the streamed and the resident engine.
 """
 
@@ -85,6 +86,8 @@ def decode_rate(eng, ids: list[int], n: int) -> float:
     first = last = None
     got = 0
     GAPS.clear()
+    STEPS.clear()
+    seen = step_counters(eng)
     for out in eng.generate(input_ids=ids, sampling_params=params, stream=True):
         now = time.perf_counter()
         got = out["meta_info"]["completion_tokens"]
@@ -92,20 +95,48 @@ def decode_rate(eng, ids: list[int], n: int) -> float:
             first, at_first = now, got
         else:
             GAPS.append(now - last)
+            STEPS.append(seen)
+        seen = step_counters(eng)
         last = now
+    for i in range(len(STEPS)):  # counters seen at each token -> what each gap did
+        after = STEPS[i + 1] if i + 1 < len(STEPS) else seen
+        STEPS[i] = {k: after[k] - v for k, v in STEPS[i].items() if after[k] != v}
     return (got - at_first) / (last - first)
+
+
+STEPS: list[dict] = []  # per gap of GAPS: the counters that moved in it
+STEP_KEYS = ("stream_graph_replays", "stream_graph_eager", "stream_store_reads",
+             "stream_prefetch_reads", "stream_spilled_chunks", "chunk_cache_misses",
+             "host_cache_hits", "store_chunks_written")
+
+
+def step_counters(eng) -> dict[str, int]:
+    """Streaming counters and garbage collections so far, read from the client thread
+    (plain attribute reads: no call into the engine)."""
+    import gc
+
+    c = dict(eng.stream_tier.counters() if eng.stream_tier is not None else {},
+             **(eng.store_tier.stats if eng.store_tier is not None else {}))
+    out = {k: c.get(k, 0) for k in STEP_KEYS}
+    out.update({f"gc_gen{i}": g["collections"] for i, g in enumerate(gc.get_stats())})
+    return out
 
 
 def rates_of(eng, doc: list[int], questions: list[list[int]], n: int, label: str) -> float:
     """Median decode tok/s over the questions; prints the step-time spread."""
-    rates, gaps = [], []
+    rates, gaps, steps = [], [], []
     for q in questions:
         rates.append(decode_rate(eng, doc + q, n))
         gaps.extend(GAPS)
+        steps.extend(STEPS)
     g = sorted(gaps)
     print(f"# {label} decode: {statistics.median(rates):.1f} tok/s; per token median "
           f"{g[len(g) // 2] * 1e3:.2f} ms, p90 {g[int(len(g) * 0.9)] * 1e3:.2f} ms, max "
           f"{g[-1] * 1e3:.1f} ms", flush=True)
+    # Approximate: a token's counters are read when the client gets it, a little after
+    # its step; a step's work can show in the gap before or after.
+    for gap, moved in sorted(zip(gaps, steps), key=lambda x: -x[0])[:4]:
+        print(f"#   slow step {gap * 1e3:7.1f} ms: {moved or 'no counter moved'}", flush=True)
     return statistics.median(rates)
 
 

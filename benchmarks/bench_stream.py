@@ -28,8 +28,9 @@ left alone: how much of the store it holds shows in the major page faults report
 
 Every ratio comes from one run of this script. Decode tok/s are timed from the first token
 to the last (greedy, EOS ignored), median of `--repeats`; the four slowest steps of each
-engine are printed with the streaming counters and garbage collections that moved in them. `--profile` adds a kernel
-breakdown of 16 decode steps of the streamed and the resident engine.
+engine are printed with the streaming counters and garbage collections that moved in them.
+`--profile` adds a kernel breakdown of 16 decode steps of the streamed and the resident
+engine.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from sglang_reattn.engine.request import LogprobOptions, Request
 from sglang_reattn.engine.sampling_params import SamplingParams
 from sglang_reattn.engine.scheduler import Scheduler
 from sglang_reattn.errors import ContextTooLong, EngineDead, InvalidArgument, InvalidRequest
+from sglang_reattn.kernels._triton_compat import next_pow2
 from sglang_reattn.layers.attention import KVPool, PagedAttention
 from sglang_reattn.layers.reattention import ReAttention
 from sglang_reattn.models import loader
@@ -121,8 +122,7 @@ class Engine(NamedContexts):
             # one selection (more evicts blocks a drifting selection comes back to)
             topk = self.reattn.topk
             spare = 0 if args.disable_kv_prefetch else max(0, min(
-                (1 << (2 * topk - 1).bit_length()) - topk,
-                (args.kv_chunk_cache_pages - topk) // 2))
+                next_pow2(2 * topk) - topk, (args.kv_chunk_cache_pages - topk) // 2))
             self.attn = ReAttention(self.pool, self.rope, cfg.num_heads, cfg.head_dim,
                                     self.reattn, args.reattn_summary, args.reattn_combine,
                                     use_triton=use_triton, rot_limit=scope_max,

@@ -216,9 +216,9 @@ class StoreTier:
     def touch(self, chunk_ids: list[str]) -> None:
         """Mark chunks as just used (root first), behind: loaded chunks, used contexts.
         While requests run (`busy`) the marks are held back, up to TOUCH_DEFER_S seconds:
-        the writer's LRU bookkeeping (tens of microseconds of Python per chunk: about a
-        second for a million-token context) would otherwise contend for the interpreter
-        with the steps it follows."""
+        the writer's LRU bookkeeping (a few microseconds of Python per chunk, 16K chunks
+        for a million-token context) would otherwise contend for the interpreter with the
+        steps it follows."""
         if not chunk_ids or self.readonly:
             return
         with self._lock:
@@ -388,24 +388,22 @@ class StoreTier:
         per_layer = 2 * len(chunk_ids) * self.pool.k[0, 0].numel() * self.pool.k.element_size()
         window = max(1, min(READERS, READ_AHEAD_BYTES // max(per_layer, 1)))
         if window == 1 or num_layers == 1 or not self.cold:
-            faults = major_faults()
-            for layer in range(num_layers):
-                yield layer, self.store.get_kv_many(chunk_ids, layer)
-            self.cold = major_faults() > faults
+            with self._watch_faults():
+                for layer in range(num_layers):
+                    yield layer, self.store.get_kv_many(chunk_ids, layer)
             return
-        faults = major_faults()
         readers = self._reader_pool()
         ahead: deque = deque()
         nxt = 0
         try:
-            while nxt < num_layers or ahead:
-                while nxt < num_layers and len(ahead) < window:
-                    ahead.append((nxt, readers.submit(self.store.get_kv_many, chunk_ids,
-                                                      nxt)))
-                    nxt += 1
-                layer, fut = ahead.popleft()
-                yield layer, fut.result()
-            self.cold = major_faults() > faults
+            with self._watch_faults():
+                while nxt < num_layers or ahead:
+                    while nxt < num_layers and len(ahead) < window:
+                        ahead.append((nxt, readers.submit(self.store.get_kv_many, chunk_ids,
+                                                          nxt)))
+                        nxt += 1
+                    layer, fut = ahead.popleft()
+                    yield layer, fut.result()
         finally:
             for _, fut in ahead:  # stopped early (an error): reads not started are dropped
                 fut.cancel()

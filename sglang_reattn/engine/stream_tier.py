@@ -53,15 +53,10 @@ from collections.abc import Hashable, Sequence
 import numpy as np
 import torch
 
-from sglang_reattn.engine.store_tier import serve_queue
+from sglang_reattn.engine.store_tier import _to_numpy, serve_queue
 from sglang_reattn.kv_store import ChunkNotFound, CorruptBlock, StoreError
 
 logger = logging.getLogger(__name__)
-
-
-def _as_numpy(t: torch.Tensor) -> np.ndarray:
-    """A numpy view of a tensor's bytes (bf16 has no numpy dtype)."""
-    return t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
 
 
 def _rows_of_one_buffer(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
@@ -649,7 +644,7 @@ class StreamTier:
         shape = (len(missing), 2) + tuple(self.pool.k.shape[2:])
         buf = torch.empty(shape, dtype=self.pool.k.dtype, pin_memory=self._pin)
         try:
-            self.tier.get_kv([chunk_ids[i] for i in missing], layer, _as_numpy(buf))
+            self.tier.get_kv([chunk_ids[i] for i in missing], layer, _to_numpy(buf))  # (a view)
         except (CorruptBlock, ChunkNotFound) as e:
             raise StreamFault(e.chunk_id, e) from e
         with self._stats_lock:

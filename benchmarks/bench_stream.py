@@ -101,14 +101,43 @@ def decode_rate(eng, ids: list[int], n: int) -> float:
         last = now
     for i in range(len(STEPS)):  # counters seen at each token -> what each gap did
         after = STEPS[i + 1] if i + 1 < len(STEPS) else seen
-        STEPS[i] = {k: after[k] - v for k, v in STEPS[i].items() if after[k] != v}
+        STEPS[i] = {k: round(after[k] - v, 1) for k, v in STEPS[i].items() if after[k] != v}
     return (got - at_first) / (last - first)
 
 
 STEPS: list[dict] = []  # per gap of GAPS: the counters that moved in it
 STEP_KEYS = ("stream_graph_replays", "stream_graph_eager", "stream_store_reads",
              "stream_prefetch_reads", "stream_spilled_chunks", "chunk_cache_misses",
-             "host_cache_hits", "store_chunks_written")
+             "host_cache_hits", "store_chunks_written", "store_touched_chunks",
+             "store_writer_ms")
+# What else can stall a step, counted from start-up on (`watch_stalls`): Triton kernels
+# compiled (with their names), and garbage collections' pauses.
+STALLS = {"triton_compiles": 0, "gc_ms": 0.0}
+COMPILED: list[str] = []
+
+
+def watch_stalls() -> None:
+    import gc
+
+    started = [0.0]
+
+    def on_gc(phase, info):
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            STALLS["gc_ms"] += (time.perf_counter() - started[0]) * 1e3
+
+    gc.callbacks.append(on_gc)
+    try:
+        from triton import knobs
+    except ImportError:  # an older Triton: compiles are not counted
+        return
+
+    def on_compile(*, fn, **_):
+        STALLS["triton_compiles"] += 1
+        COMPILED.append(fn.name)
+
+    knobs.runtime.jit_post_compile_hook = on_compile
 
 
 def step_counters(eng) -> dict[str, int]:
@@ -120,6 +149,7 @@ def step_counters(eng) -> dict[str, int]:
              **(eng.store_tier.stats if eng.store_tier is not None else {}))
     out = {k: c.get(k, 0) for k in STEP_KEYS}
     out.update({f"gc_gen{i}": g["collections"] for i, g in enumerate(gc.get_stats())})
+    out.update(triton_compiles=STALLS["triton_compiles"], gc_ms=round(STALLS["gc_ms"], 1))
     return out
 
 
@@ -205,6 +235,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="kernel breakdown of 16 decode steps, streamed and resident")
     args = ap.parse_args()
+    watch_stalls()
 
     from sglang_reattn import Engine
 
@@ -272,6 +303,7 @@ def main() -> None:
             graphs, eng.runner.graphs = eng.runner.graphs, {}  # (the engine is idle)
             decode_rate(eng, doc + ids_of(24, 96, vocab), 4)
             eng.runner.graphs = graphs
+        warm_compiles = len(COMPILED)
         with Engine(model, **stream_opts) as eng:
             if args.profile:  # bound at start-up, so wrapped on the instance
                 loaded = eng.store_tier.on_loaded
@@ -317,6 +349,9 @@ def main() -> None:
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
+    late = COMPILED[warm_compiles:]
+    print(f"# Triton kernels compiled after the warm-up engine: {len(late)}"
+          + (f" ({', '.join(sorted(set(late)))})" if late else ""))
     print(json.dumps(res))
     what = (f"random weights of the {args.shape} shape" if args.shape else
             args.model_path or "default model")

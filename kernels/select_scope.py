@@ -13,9 +13,11 @@ Four launches (five with ``combine="max"``'s zero fill), no host sync, shape-sta
    one int64 that orders by score, then by lower index.
 3. ``_block_topk_kernel``, grid ``(B, num_blocks)``: each block's ``KP`` best keys (``KP`` =
    topk rounded up to a power of two; only those can be in the top k).
-4. ``_scope_table_kernel``, grid ``(B,)``: the ``KP`` best of all blocks' picks, of which the
-   first ``topk`` valid ones are kept, their indices re-sorted ascending (original order),
-   mapped to pages, and the scope table row and its length written.
+4. ``_scope_table_kernel``, grid ``(B,)``: the ``KP`` best of the picks of the blocks that
+   hold candidates (merged up to 1024 keys at a time; blocks of a padded width past the
+   sequence's candidates are not read), of which the first ``topk`` valid ones are kept,
+   their indices re-sorted ascending (original order), mapped to pages, and the scope
+   table row and its length written.
 
 Top-k uses ``tl.topk`` where this Triton has it, else ``tl.sort``; the interpreter ranks.
 
@@ -157,18 +159,26 @@ def _scope_table_kernel(
     local_tokens_ptr, table_ptr, lens_ptr, sel_ptr, nsel_ptr, map_ptr, spare_ptr,
     num_best, topk, chunk_size, local_width, width, map_base, num_spare,
     stride_bb, stride_cb, stride_hb, stride_lb, stride_tb, stride_selb, stride_spb,
-    KP: tl.constexpr, M: tl.constexpr, BLOCK_W: tl.constexpr, HAS_MAP: tl.constexpr,
-    HAS_SPARE: tl.constexpr,
+    KP: tl.constexpr, M: tl.constexpr, BLOCK: tl.constexpr, BLOCK_W: tl.constexpr,
+    HAS_MAP: tl.constexpr, HAS_SPARE: tl.constexpr,
 ):
     b = tl.program_id(0)
+    n_cands = tl.load(num_cands_ptr + b)
+    # Only the first pass's blocks that hold candidates are merged (a padded width, such
+    # as a streamed graph's virtual pages, costs nothing here), M keys at a time into a
+    # running best KP.
+    end = tl.minimum((n_cands + BLOCK - 1) // BLOCK * KP, num_best)
     m = tl.arange(0, M)
-    pad = tl.full([M], -2147483648, tl.int32).to(tl.int64) << 32
-    x = tl.load(best_ptr + b.to(tl.int64) * stride_bb + m, mask=m < num_best, other=0)
-    x = _topk(tl.where(m < num_best, x, pad), M, KP)  # [KP], best first
     j = tl.arange(0, KP)
+    x = tl.full([KP], -2147483648, tl.int32).to(tl.int64) << 32
+    for m0 in range(0, end, M):
+        t = tl.load(best_ptr + b.to(tl.int64) * stride_bb + m0 + m, mask=m0 + m < end,
+                    other=0)
+        t = _topk(tl.where(m0 + m < end, t, tl.full([M], -2147483648, tl.int32).to(tl.int64)
+                           << 32), M, KP)
+        x = _topk(tl.reshape(tl.join(x, t), [2 * KP]), 2 * KP, KP)  # [KP], best first
     mask32 = (tl.full([KP], 1, tl.int64) << 32) - 1
     idx = mask32 - (x & mask32)  # padding decodes to 2^32 - 1, never a valid index
-    n_cands = tl.load(num_cands_ptr + b)
     if HAS_SPARE:  # ranks topk .. topk + num_spare - 1: the runners-up, best first
         ranked = (j >= topk) & (j < topk + num_spare)
         ok = ranked & (idx < n_cands)
@@ -277,7 +287,8 @@ def select_scope_triton(q: torch.Tensor, cand_pages: torch.Tensor, num_cands: to
             keys, num_cands, best, n, keys.stride(0), best.stride(0), BLOCK=block, KP=kp,
             num_warps=8 if block >= 2048 else 4,
         )
-    m = max(kp, next_pow2(num_blocks) * kp)
+    # keys merged per pass of the scope table: all of them up to 1024, else in tiles
+    m = max(kp, min(next_pow2(num_blocks) * kp, max(1024, kp)))
     _scope_table_kernel[(batch,)](
         best, num_cands, cand_pages, head_table, head_pages, local_table, local_tokens,
         table, lens, sel, nsel, page_map if page_map is not None else nsel,
@@ -285,7 +296,8 @@ def select_scope_triton(q: torch.Tensor, cand_pages: torch.Tensor, num_cands: to
         num_blocks * kp, topk, chunk_size, l_w, width, map_base, spare,
         best.stride(0), cand_pages.stride(0), head_table.stride(0), local_table.stride(0),
         table.stride(0), sel.stride(0) if topk else 0, runners.stride(0) if spare else 0,
-        KP=kp, M=m, BLOCK_W=max(16, min(256, next_pow2(width))), HAS_MAP=page_map is not None,
+        KP=kp, M=m, BLOCK=block, BLOCK_W=max(16, min(256, next_pow2(width))),
+        HAS_MAP=page_map is not None,
         HAS_SPARE=spare > 0, num_warps=8 if m >= 2048 else 4,
     )
     return out

@@ -277,6 +277,23 @@ def test_select_scope_triton_matches_ref(combine, reps, topk, max_cands, kind, d
     assert table[2, :len(row)].tolist() == row and int(lens[2]) == (2 + want) * 16 + 12
 
 
+@pytest.mark.parametrize("topk,sort_block,max_cands", [(9, 16, 1500), (40, 64, 2600),
+                                                     (3, 16, 300)])
+def test_select_scope_merges_blocks_in_tiles(topk, sort_block, max_cands):
+    """Small sort blocks: the first pass's picks (up to 163 blocks) exceed one 1024-key
+    merge tile, so the table merges them tile by tile, reading only the blocks that hold a
+    row's candidates (row 1 has 5 of a padded width). Same as the reference."""
+    gen = torch.Generator().manual_seed(70 + topk)
+    q, cand, nc, (kmin, kmax, _), scope = _scope_inputs(3, 1, 2, 4, 64, torch.float32, gen,
+                                                        max_cands)
+    args = (q, cand, nc, *scope, topk, 16, kmin, kmax, None, "max", 1)
+    out = K.select_scope_triton(*args, sort_block=sort_block)
+    ref = K.select_scope_ref(*args)
+    for name, a, b in zip(("table", "lens", "sel_pages", "num_sel"), out, ref):
+        assert torch.equal(a, b), name
+    assert int(out[3][2]) == topk
+
+
 def test_select_scope_ties_go_to_the_lower_index():
     gen = torch.Generator().manual_seed(1)
     q, cand, nc, (kmin, kmax, _), scope = _scope_inputs(3, 1, 2, 4, 64, torch.float32, gen, 600)

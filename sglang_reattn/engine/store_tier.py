@@ -163,7 +163,8 @@ class StoreTier:
         self._q: queue.Queue = queue.Queue()
         self.stats = {"store_chunks_written": 0, "store_chunks_loaded": 0,
                       "store_bytes_loaded": 0, "store_write_errors": 0,
-                      "store_full_errors": 0, "store_corrupt_blocks": 0}
+                      "store_full_errors": 0, "store_corrupt_blocks": 0,
+                      "store_touched_chunks": 0, "store_writer_ms": 0}
         self.last_full: StoreFull | None = None
         self._writer = threading.Thread(target=self._write_loop, name="kv-store-writer",
                                         daemon=True)
@@ -253,14 +254,18 @@ class StoreTier:
 
     def _write_one(self, item: tuple[str, Any]) -> None:
         kind, payload = item
+        t = time.perf_counter()
         try:
             if kind == "put":
                 self._put(payload)
             elif kind == "touch":
                 self.store.touch(payload)
+                self.stats["store_touched_chunks"] += len(payload)
                 self._restore_contexts()
         except (StoreError, ValueError) as e:
             logger.warning("kv store %s failed: %s", kind, e)
+        finally:
+            self.stats["store_writer_ms"] += round((time.perf_counter() - t) * 1e3)
 
     def _put(self, records: list[ChunkRecord]) -> None:
         try:

@@ -101,7 +101,8 @@ def decode_rate(eng, ids: list[int], n: int) -> float:
         last = now
     for i in range(len(STEPS)):  # counters seen at each token -> what each gap did
         after = STEPS[i + 1] if i + 1 < len(STEPS) else seen
-        STEPS[i] = {k: round(after[k] - v, 1) for k, v in STEPS[i].items() if after[k] != v}
+        STEPS[i] = {k: round(a - STEPS[i].get(k, 0), 1) for k, a in after.items()
+                    if a != STEPS[i].get(k, 0)}
     return (got - at_first) / (last - first)
 
 
@@ -150,14 +151,20 @@ def step_counters(eng) -> dict[str, int]:
     out = {k: c.get(k, 0) for k in STEP_KEYS}
     out.update({f"gc_gen{i}": g["collections"] for i, g in enumerate(gc.get_stats())})
     out.update(triton_compiles=STALLS["triton_compiles"], gc_ms=round(STALLS["gc_ms"], 1))
+    out.update({f"ms {k}": sec * 1e3 for k, (sec, _) in list(LIVE.items())})
     return out
+
+
+LIVE: dict = {}  # `timers` of the decode being measured (rates_of)
 
 
 def rates_of(eng, doc: list[int], questions: list[list[int]], n: int, label: str) -> float:
     """Median decode tok/s over the questions; prints the step-time spread."""
     rates, gaps, steps = [], [], []
     for q in questions:
-        rates.append(decode_rate(eng, doc + q, n))
+        with timers(LIVE):
+            rates.append(decode_rate(eng, doc + q, n))
+        LIVE.clear()
         gaps.extend(GAPS)
         steps.extend(STEPS)
     g = sorted(gaps)
@@ -167,24 +174,31 @@ def rates_of(eng, doc: list[int], questions: list[list[int]], n: int, label: str
     # Approximate: a token's counters are read when the client gets it, a little after
     # its step; a step's work can show in the gap before or after.
     for gap, moved in sorted(zip(gaps, steps), key=lambda x: -x[0])[:4]:
+        moved = {k: v for k, v in moved.items() if not k.startswith("ms ") or v >= 0.5}
         print(f"#   slow step {gap * 1e3:7.1f} ms: {moved or 'no counter moved'}", flush=True)
     return statistics.median(rates)
 
 
 @contextlib.contextmanager
 def timers(out: dict):
-    """Wall time spent in the streamed TTFT's main parts (`--profile`): the methods below,
-    wrapped for the duration, accumulate seconds and calls into `out`."""
+    """Wall time spent in the streamed engine's main parts: the methods below, wrapped for
+    the duration, accumulate seconds and calls into `out`, keyed `Class.method`, with
+    `@thread` appended off the engine thread (the prefetch and writer threads)."""
+    import threading
+
     from sglang_reattn.engine import model_runner, scheduler, store_tier, stream_tier
     from sglang_reattn.kv_store import store
 
     targets = [(stream_tier.StreamTier, ("attach", "fetch", "_write", "resolve", "settle",
-                                         "sync_map", "prefetch", "end_step")),
-               (store_tier.StoreTier, ("lookup", "load", "save")),
+                                         "sync_map", "prefetch", "end_step", "_to_device",
+                                         "_write_pages", "_prefetch_one")),
+               (store_tier.StoreTier, ("lookup", "load", "save", "_write_one")),
                (store.ChunkStore, ("get_summaries", "get_kv_many")),
                (scheduler.Scheduler, ("_admit", "_run_prefill", "_run_decode", "_spill",
                                       "_sample_and_emit")),
-               (model_runner.ModelRunner, ("forward", "_fill_inputs"))]
+               (model_runner.ModelRunner, ("forward", "_fill_inputs", "_replay_streamed"))]
+    if torch.cuda.is_available():
+        targets.append((torch.cuda.CUDAGraph, ("replay",)))
     saved = []
     for cls, names in targets:
         for name in names:
@@ -196,8 +210,10 @@ def timers(out: dict):
                 try:
                     return _f(*a, **k)
                 finally:
-                    s, n = out.get(_key, (0.0, 0))
-                    out[_key] = (s + time.perf_counter() - t, n + 1)
+                    th = threading.current_thread().name
+                    key = _key if th == "engine" else f"{_key}@{th}"
+                    s, n = out.get(key, (0.0, 0))
+                    out[key] = (s + time.perf_counter() - t, n + 1)
 
             setattr(cls, name, wrapped)
     try:

@@ -170,13 +170,13 @@ def _scope_table_kernel(
     end = tl.minimum((n_cands + BLOCK - 1) // BLOCK * KP, num_best)
     m = tl.arange(0, M)
     j = tl.arange(0, KP)
-    x = tl.full([KP], -2147483648, tl.int32).to(tl.int64) << 32
-    for m0 in range(0, end, M):
-        t = tl.load(best_ptr + b.to(tl.int64) * stride_bb + m0 + m, mask=m0 + m < end,
-                    other=0)
-        t = _topk(tl.where(m0 + m < end, t, tl.full([M], -2147483648, tl.int32).to(tl.int64)
-                           << 32), M, KP)
-        x = _topk(tl.reshape(tl.join(x, t), [2 * KP]), 2 * KP, KP)  # [KP], best first
+    pad = tl.full([M], -2147483648, tl.int32).to(tl.int64) << 32
+    best = best_ptr + b.to(tl.int64) * stride_bb
+    x = _topk(tl.where(m < end, tl.load(best + m, mask=m < end, other=0), pad), M, KP)
+    for m0 in range(M, end, M):  # [KP], best first
+        t = _topk(tl.where(m0 + m < end, tl.load(best + m0 + m, mask=m0 + m < end, other=0),
+                           pad), M, KP)
+        x = _topk(tl.reshape(tl.join(x, t), [2 * KP]), 2 * KP, KP)
     mask32 = (tl.full([KP], 1, tl.int64) << 32) - 1
     idx = mask32 - (x & mask32)  # padding decodes to 2^32 - 1, never a valid index
     if HAS_SPARE:  # ranks topk .. topk + num_spare - 1: the runners-up, best first
@@ -267,14 +267,17 @@ def select_scope_triton(q: torch.Tensor, cand_pages: torch.Tensor, num_cands: to
     best = torch.empty(batch, max(1, num_blocks * kp), dtype=torch.int64, device=dev)
     if n:
         per_head = combine != "sum"
-        scores = torch.empty((rows, num_q_heads, n) if per_head else (rows, n),
-                             dtype=torch.float32, device=dev)
+        # score and key rows padded to a multiple of 16 entries: aligned row strides let
+        # Triton vectorize the loads of the kernels that read them
+        n16 = -(-n // 16) * 16
+        scores = torch.empty((rows, num_q_heads, n16) if per_head else (rows, n16),
+                             dtype=torch.float32, device=dev)[..., :n]
         scale = (torch.zeros(rows, num_q_heads, dtype=torch.float32, device=dev)
                  if per_head else None)
         launch_scorer(q, cand_pages, num_cands, kmin if use_minmax else None,
                       kmax if use_minmax else None, None if use_minmax else kmean, scores,
                       scale, reps)
-        keys = torch.empty(batch, n, dtype=torch.int64, device=dev)
+        keys = torch.empty(batch, n16, dtype=torch.int64, device=dev)[:, :n]
         cb = 256
         _combine_kernel[(batch, triton.cdiv(n, cb))](
             scores, scale if per_head else scores, num_cands, keys, n, num_q_heads,

@@ -158,6 +158,31 @@ def step_counters(eng) -> dict[str, int]:
 LIVE: dict = {}  # `timers` of the decode being measured (rates_of)
 
 
+def cache_matches_store(eng) -> tuple[int, int]:
+    """Every block in the streamed engine's chunk cache against its stored copy, bit for
+    bit (the engine idle): (blocks checked, blocks that differ). Streaming changes where a
+    block comes from, never its value."""
+    import numpy as np
+
+    from sglang_reattn.engine.store_tier import _to_numpy
+
+    tier, store = eng.stream_tier, eng.store_tier.store
+    if eng.device.type == "cuda":
+        torch.cuda.synchronize()
+    checked = bad = 0
+    for layer in range(tier.num_layers):
+        items = tier.cache.items(layer)
+        if not items:
+            continue
+        pages = torch.tensor([p for _, p in items], device=eng.pool.k.device)
+        k, v = store.get_kv_many([key for key, _ in items], layer)
+        same = [(_to_numpy(t[layer, pages]) == want).reshape(len(items), -1).all(1)
+                for t, want in ((eng.pool.k, k), (eng.pool.v, v))]
+        checked += len(items)
+        bad += int(np.count_nonzero(~(same[0] & same[1])))
+    return checked, bad
+
+
 def rates_of(eng, doc: list[int], questions: list[list[int]], n: int, label: str) -> float:
     """Median decode tok/s over the questions; prints the step-time spread."""
     rates, gaps, steps = [], [], []
@@ -355,6 +380,9 @@ def main() -> None:
             res["device_bytes_per_token"] = d.get("stream_device_bytes", 0) / steps
             res["streamed_counters"] = {k: v for k, v in d.items()
                                         if k.startswith(("stream_", "chunk_cache", "host_cache"))}
+            res["cache_blocks_checked"], res["cache_blocks_wrong"] = cache_matches_store(eng)
+            print(f"# chunk cache against the store: {res['cache_blocks_wrong']} of "
+                  f"{res['cache_blocks_checked']:,} blocks differ", flush=True)
             profiled(eng, "streamed decode")
 
         with Engine(model, **common) as eng:
@@ -401,6 +429,8 @@ def main() -> None:
     print(f"| blocks loaded ahead into the chunk cache / read by a later step | "
           f"{c.get('stream_device_prefetches', 0)} / {c.get('stream_prefetch_hits', 0)} |")
     print(f"| bytes read from the store per token | {res['store_bytes_per_token'] / 1e6:.2f} MB |")
+    print(f"| chunk-cache blocks that differ from the store (after decode) | "
+          f"{res['cache_blocks_wrong']} of {res['cache_blocks_checked']:,} |")
     print(f"| bytes copied into the chunk cache per token | "
           f"{res['device_bytes_per_token'] / 1e6:.2f} MB |")
     if args.json:

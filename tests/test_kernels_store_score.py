@@ -277,12 +277,14 @@ def test_select_scope_triton_matches_ref(combine, reps, topk, max_cands, kind, d
     assert table[2, :len(row)].tolist() == row and int(lens[2]) == (2 + want) * 16 + 12
 
 
-@pytest.mark.parametrize("topk,sort_block,max_cands", [(9, 16, 1500), (40, 64, 2600),
-                                                     (3, 16, 300)])
-def test_select_scope_merges_blocks_in_tiles(topk, sort_block, max_cands):
-    """Small sort blocks: the first pass's picks (up to 163 blocks) exceed one 1024-key
-    merge tile, so the table merges them tile by tile, reading only the blocks that hold a
-    row's candidates (row 1 has 5 of a padded width). Same as the reference."""
+@pytest.mark.parametrize("topk,sort_block,max_cands,tile", [
+    (9, 16, 1500, 256), (40, 64, 2600, 256), (3, 16, 300, 64), (9, 16, 600, 4096)])
+def test_select_scope_merges_blocks_in_tiles(topk, sort_block, max_cands, tile, monkeypatch):
+    """Small sort blocks and merge tiles: the first pass's picks (up to 163 blocks) span
+    several tiles, which the table merges tile by tile, reading only the blocks that hold
+    a row's candidates (row 1 has 5 of a padded width: half a tile). Same as the
+    reference."""
+    monkeypatch.setitem(K.select_scope_triton.__globals__, "MERGE_TILE", tile)
     gen = torch.Generator().manual_seed(70 + topk)
     q, cand, nc, (kmin, kmax, _), scope = _scope_inputs(3, 1, 2, 4, 64, torch.float32, gen,
                                                         max_cands)

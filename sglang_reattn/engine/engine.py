@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import sys
 import threading
 import time
 import uuid
@@ -37,6 +38,7 @@ logger = logging.getLogger("sglang_reattn")
 
 _CPU_KV_BUDGET = 2 << 30
 _STREAMED_CONTEXT = 1 << 40  # context length when streaming: the store bounds it
+SWITCH_INTERVAL_S = 1e-4  # the interpreter's thread switch interval with a disk tier
 
 
 class Engine(NamedContexts):
@@ -160,6 +162,13 @@ class Engine(NamedContexts):
             logger.info("disk tier: %s%s", path,
                         " (read-only)" if args.kv_store_readonly else "")
         self.stream_tier = self._stream_tier() if streaming else None
+        if self.store_tier is not None:
+            # The disk tier's writer and prefetch threads run Python while the engine thread
+            # waits on the device. Each time the engine thread gives up the interpreter
+            # (a device sync, a copy) it then waits for one of them to yield it: up to the
+            # switch interval, 5 ms by default, so a decode step with a few syncs took 5-15
+            # ms more while they were busy (H200, default model at 1M tokens).
+            sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         self.scheduler = Scheduler(self.runner, self.pool, self.tokenizer, c,
                                    args.max_running_requests, args.chunked_prefill_size,
                                    use_radix=not args.disable_radix_cache,

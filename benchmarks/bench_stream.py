@@ -28,7 +28,8 @@ left alone: how much of the store it holds shows in the major page faults report
 
 Every ratio comes from one run of this script. Decode tok/s are timed from the first token
 to the last (greedy, EOS ignored), median of `--repeats`; the four slowest steps of each
-engine are printed with the streaming counters and garbage collections that moved in them.
+engine are printed with the streaming counters, Triton compiles and garbage collections
+that moved in them (and, with `--step-timers`, the time spent in the engine's parts).
 `--profile` adds a kernel breakdown of 16 decode steps of the streamed and the resident
 engine.
 """
@@ -155,7 +156,8 @@ def step_counters(eng) -> dict[str, int]:
     return out
 
 
-LIVE: dict = {}  # `timers` of the decode being measured (rates_of)
+LIVE: dict = {}  # `timers` of the decode being measured (rates_of, `--step-timers`)
+STEP_TIMERS = False
 
 
 def cache_matches_store(eng) -> tuple[int, int]:
@@ -187,7 +189,7 @@ def rates_of(eng, doc: list[int], questions: list[list[int]], n: int, label: str
     """Median decode tok/s over the questions; prints the step-time spread."""
     rates, gaps, steps = [], [], []
     for q in questions:
-        with timers(LIVE):
+        with timers(LIVE) if STEP_TIMERS else contextlib.nullcontext():
             rates.append(decode_rate(eng, doc + q, n))
         LIVE.clear()
         gaps.extend(GAPS)
@@ -275,8 +277,13 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--profile", action="store_true",
                     help="kernel breakdown of 16 decode steps, streamed and resident")
+    ap.add_argument("--step-timers", action="store_true",
+                    help="time the engine's parts during the timed decode too, to show what "
+                         "the slowest steps spent their time in (adds a little to each step)")
     args = ap.parse_args()
     watch_stalls()
+    global STEP_TIMERS
+    STEP_TIMERS = args.step_timers
 
     from sglang_reattn import Engine
 

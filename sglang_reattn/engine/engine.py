@@ -9,6 +9,7 @@ an `asyncio.Queue` (via `call_soon_threadsafe`) for async ones.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import queue
 import sys
@@ -39,6 +40,7 @@ logger = logging.getLogger("sglang_reattn")
 _CPU_KV_BUDGET = 2 << 30
 _STREAMED_CONTEXT = 1 << 40  # context length when streaming: the store bounds it
 SWITCH_INTERVAL_S = 1e-4  # the interpreter's thread switch interval with a disk tier
+GC_IDLE_S = 2.0  # idle this long, the engine collects the garbage it froze (Scheduler)
 
 
 class Engine(NamedContexts):
@@ -234,13 +236,19 @@ class Engine(NamedContexts):
     def _loop(self) -> None:
         sched = self.scheduler
         while not self._stopped:
+            # idle with frozen objects: wake after GC_IDLE_S to collect them (Scheduler)
+            idle = not sched.has_work()
+            collect = idle and sched.gc_pending
             try:
-                item = self._inbox.get(block=not sched.has_work(), timeout=None)
+                item = self._inbox.get(block=idle, timeout=GC_IDLE_S if collect else None)
+                collect = False
                 self._handle(item)
                 while True:
                     self._handle(self._inbox.get_nowait())
             except queue.Empty:
-                pass
+                if collect:
+                    sched.collect_idle()
+                    continue
             if self._stopped:
                 break
             try:
@@ -249,6 +257,8 @@ class Engine(NamedContexts):
                 logger.exception("engine step failed; aborting in-flight requests")
                 sched.abort_all(f"internal error: {type(e).__name__}: {e}")
         sched.abort_all("engine shut down")
+        if sched.gc_pending:  # what it froze is the collector's again (this engine's cycles)
+            gc.unfreeze()
         if self.stream_tier is not None:
             self.stream_tier.close()
         if self.store_tier is not None:

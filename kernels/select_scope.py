@@ -159,7 +159,8 @@ def _scope_table_kernel(
     local_tokens_ptr, table_ptr, lens_ptr, sel_ptr, nsel_ptr, map_ptr, spare_ptr,
     num_best, topk, chunk_size, local_width, width, map_base, num_spare,
     stride_bb, stride_cb, stride_hb, stride_lb, stride_tb, stride_selb, stride_spb,
-    KP: tl.constexpr, M: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr,
+    KP: tl.constexpr, M: tl.constexpr, HALF: tl.constexpr, MULTI: tl.constexpr,
+    BLOCK: tl.constexpr,
     BLOCK_W: tl.constexpr, HAS_MAP: tl.constexpr, HAS_SPARE: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -179,10 +180,12 @@ def _scope_table_kernel(
                   M // 2, KP)
     else:
         x = _topk(tl.where(m < end, tl.load(best + m, mask=m < end, other=0), pad), M, KP)
-        for m0 in range(M, end, M):  # [KP], best first
-            t = _topk(tl.where(m0 + m < end,
-                               tl.load(best + m0 + m, mask=m0 + m < end, other=0), pad), M, KP)
-            x = _topk(tl.reshape(tl.join(x, t), [2 * KP]), 2 * KP, KP)
+        if MULTI:  # more picks than one tile holds: the rest, tile by tile
+            for m0 in range(M, end, M):  # [KP], best first
+                t = _topk(tl.where(m0 + m < end,
+                                   tl.load(best + m0 + m, mask=m0 + m < end, other=0), pad),
+                          M, KP)
+                x = _topk(tl.reshape(tl.join(x, t), [2 * KP]), 2 * KP, KP)
     mask32 = (tl.full([KP], 1, tl.int64) << 32) - 1
     idx = mask32 - (x & mask32)  # padding decodes to 2^32 - 1, never a valid index
     if HAS_SPARE:  # ranks topk .. topk + num_spare - 1: the runners-up, best first
@@ -310,8 +313,8 @@ def select_scope_triton(q: torch.Tensor, cand_pages: torch.Tensor, num_cands: to
         num_blocks * kp, topk, chunk_size, l_w, width, map_base, spare,
         best.stride(0), cand_pages.stride(0), head_table.stride(0), local_table.stride(0),
         table.stride(0), sel.stride(0) if topk else 0, runners.stride(0) if spare else 0,
-        KP=kp, M=m, HALF=m // 2 >= kp, BLOCK=block, BLOCK_W=max(16, min(256, next_pow2(width))),
-        HAS_MAP=page_map is not None,
+        KP=kp, M=m, HALF=m // 2 >= kp, MULTI=num_blocks * kp > m, BLOCK=block,
+        BLOCK_W=max(16, min(256, next_pow2(width))), HAS_MAP=page_map is not None,
         HAS_SPARE=spare > 0, num_warps=8 if m >= 2048 else 4,
     )
     return out

@@ -7,9 +7,8 @@ the chunk cache before the first decode step (Scheduler._prefetch's `read`).
 A document is prefilled into a fresh store (default model); then, per variant and repeat,
 a new streamed engine (128-page chunk cache, pool capped to it plus the scope) answers the
 same question over it. Without the read, the blocks the read-ahead thread had not brought
-into the host tier yet miss in the first decode step. Decode steps take the graph path
-(replay on a miss, run eagerly after MAX_STREAM_REPLAYS); off CUDA the "graph" is the
-model runner's eager stand-in, so the step times here are not the H200's.
+into the host tier yet miss in the first decode step. On CPU every streamed step runs
+eagerly, so the step times here are not the H200's graph steps.
 """
 
 from __future__ import annotations
@@ -61,26 +60,22 @@ def main() -> None:
                 stream_tier.StreamTier.prefetch = prefetch if read else without_read
                 try:
                     with Engine(None, **stream) as eng:
-                        if not eng.runner.graphs:  # off CUDA: the eager stand-in graphs
-                            eng._call(lambda: eng.runner._capture(1))
                         rate = B.decode_rate(eng, doc + q, args.decode)
                         warmed = eng.stats()["stream_warmed_blocks"]
                 finally:
                     stream_tier.StreamTier.prefetch = prefetch
                 rows.append((read, [s.get("chunk_cache_misses", 0) for s in B.STEPS],
-                             [(s.get("stream_graph_replays", 0), s.get("stream_graph_eager", 0))
-                              for s in B.STEPS],
+                             [s.get("stream_store_reads", 0) for s in B.STEPS],
                              [round(g * 1e3) for g in B.GAPS], warmed, rate))
                 print(rows[-1], flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(f"\ndefault model, {args.device}; document {n:,} tokens; chunk cache "
           f"{args.cache_pages} pages; {args.decode} tokens decoded per run")
-    print("| read before the first decode step | chunk-cache misses per step | (replays, "
-          "eager) per step | step ms | blocks read before it | tok/s |\n"
-          "|---|---|---|---|---|---|")
-    for read, misses, replays, gaps, warmed, rate in rows:
-        print(f"| {'yes' if read else 'no'} | {misses} | {replays} | {gaps} | {warmed} | "
+    print("| read before the first decode step | chunk-cache misses per step | store reads "
+          "per step | step ms | blocks read before it | tok/s |\n|---|---|---|---|---|---|")
+    for read, misses, reads, gaps, warmed, rate in rows:
+        print(f"| {'yes' if read else 'no'} | {misses} | {reads} | {gaps} | {warmed} | "
               f"{rate:.1f} |")
 
 

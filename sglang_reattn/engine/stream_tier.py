@@ -61,13 +61,6 @@ from sglang_reattn.kv_store import ChunkNotFound, CorruptBlock, StoreError
 logger = logging.getLogger(__name__)
 
 
-# Before a first decode step, the runners-up read per layer, as a fraction of the top k.
-# In the first two decode steps of the default model over 16K tokens (CPU, three questions),
-# 91% of the chunks selected were in the prefill's selection; of the rest, 84% were among
-# its first 16 runners-up (top-62), 95% among 24, 97% among 32.
-FIRST_STEP_READ = 0.5
-
-
 def _rows_of_one_buffer(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
     """The [n, 2, ...] buffer whose rows 0..n-1 are exactly these (K, V) blocks, in order
     (a batch read's blocks), else None."""
@@ -708,18 +701,16 @@ class StreamTier:
         `next_hints` (the sequences expected in the next step) held by the host tier go
         into the chunk cache now (on a side stream on CUDA); blocks of `hints` in neither
         tier are queued for the background thread, which reads them from LMDB into the
-        host tier. `read` (before a sequence's first decode step: Scheduler._prefetch):
-        of each layer's uncached blocks of `next_hints`, the first FIRST_STEP_READ x top-k
-        (best first: the runners-up just below the selection) that neither tier holds are
-        read from LMDB now, on this thread, and go into the chunk cache too. Changes where
-        a block comes from, never its value."""
+        host tier. `read`: the blocks of `next_hints` in neither tier are read from LMDB
+        now, on this thread, and go into the chunk cache too (before a sequence's first
+        decode step: see Scheduler._prefetch). Changes where a block comes from, never its
+        value."""
         if self._q is None:
             return
         self._to_device({
             layer: list(dict.fromkeys(k for h in next_hints for k in h.get(layer, ())))[
                 : len(self.cache.pages)]
-            for layer in sorted({layer for h in next_hints for layer in h})},
-            max(1, int(self.attn.cfg.topk * FIRST_STEP_READ)) if read else 0)
+            for layer in sorted({layer for h in next_hints for layer in h})}, read)
         todo: dict[int, list[str]] = {}
         for hint in hints:
             for layer, keys in hint.items():
@@ -730,17 +721,17 @@ class StreamTier:
             if keys:
                 self._q.put((layer, list(dict.fromkeys(keys))))
 
-    def _to_device(self, keys_of: dict[int, list[str]], read: int = 0) -> None:
-        """Blocks the host tier holds of {layer: chunk ids} into the chunk cache, all
-        layers in one copy (on the side stream on CUDA); of the first `read` uncached ones
-        of each layer, those the host tier does not hold are read from LMDB now."""
+    def _to_device(self, keys_of: dict[int, list[str]], read: bool = False) -> None:
+        """Blocks the host tier holds of {layer: chunk ids} (with `read`, also those it
+        does not: read from LMDB now) into the chunk cache, all layers in one copy (on the
+        side stream on CUDA)."""
         layers, pages, kvs = [], [], []
         for layer, keys in keys_of.items():
             pairs = [(k, self.host.peek((k, layer))) for k in keys
                      if self.cache.page_of(layer, k) is None]
             kv = {k: pair for k, pair in pairs if pair is not None}
-            absent = [k for k, pair in pairs[:read] if pair is None]
-            if absent:
+            absent = [k for k, pair in pairs if pair is None]
+            if read and absent:
                 try:
                     kv.update(zip(absent, self.fetch(layer, absent, prefetch=True)))
                     self.stats["stream_warmed_blocks"] += len(absent)

@@ -237,36 +237,6 @@ def test_runners_up_are_loaded_ahead_and_save_replays(stored, tiny_llama):
     assert got[True]["stream_graph_replays"] < got[False]["stream_graph_replays"]
 
 
-@pytest.mark.parametrize("graph", [False, True])
-def test_first_decode_step_finds_the_prefills_selection_cached(stored, tiny_llama,
-                                                               monkeypatch, graph):
-    """Before a request's first decode step, its prefill's selection and runners-up are
-    read into the chunk cache, whatever the tiers held (the host tier here holds one
-    block): every hinted block is cached when that step starts. Same tokens."""
-    store, want = stored
-    opts = dict(SMALL, kv_chunk_cache_pages=48, max_total_tokens=16 * 68,
-                kv_host_cache_size="4KiB")
-    with Engine(tiny_llama, kv_store_path=store, **opts, **OPTS) as eng:
-        if graph:
-            eng._call(lambda: eng.runner._capture(1))
-        tier, forward, seen = eng.stream_tier, eng.runner.forward, []
-
-        def first_decode(reqs, q_lens, is_decode, rows):
-            if is_decode and not seen:
-                hint = reqs[0].stream_hint
-                seen.append((sum(map(len, hint.values())),
-                             [(layer, k) for layer, keys in hint.items() for k in keys
-                              if tier.cache.page_of(layer, k) is None]))
-            return forward(reqs, q_lens, is_decode, rows)
-
-        monkeypatch.setattr(eng.runner, "forward", first_decode)
-        out = eng.generate(input_ids=DOC + QUESTION, sampling_params=GREEDY)
-        assert out["output_ids"] == want
-        (hinted, uncached), = seen
-        assert hinted > 18 and uncached == []  # (18 selected per layer, plus runners-up)
-        assert eng.stats()["stream_warmed_blocks"] > 0
-
-
 def test_streaming_counts_misses_then_hits(stored, tiny_llama):
     store, want = stored
     big = dict(SMALL, kv_chunk_cache_pages=200, max_total_tokens=16 * 240,

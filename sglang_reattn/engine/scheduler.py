@@ -440,12 +440,7 @@ class Scheduler:
 
     def _prefetch(self) -> None:
         """After a step: the previous selection of the streamed requests the next step is
-        expected to run goes to the chunk cache, that of all of them to the host tier.
-        Before a request's first decode step its prefill's selection and runners-up are
-        read into the chunk cache now, whatever the tiers hold: a decode step's selection
-        differs from its prefill's, and what the read-ahead thread had not brought in yet
-        made that step miss in most layers, replay and then run eagerly (default model,
-        16K tokens on CPU: 160 chunk-cache misses in that step, 14 with this)."""
+        expected to run goes to the chunk cache, that of all of them to the host tier."""
         if self.stream is None:
             return
         streamed = [r for r in self.running if r.streamed]
@@ -454,9 +449,8 @@ class Scheduler:
         prefill = [r for r in streamed if r.in_prefill]
         nxt = (prefill if any(r.in_prefill for r in self.running) else streamed)
         nxt = nxt[: self.max_streamed]
-        first = any(not r.in_prefill and len(r.output_ids) == 1 for r in nxt)
         self.stream.prefetch([r.stream_hint for r in nxt + streamed],
-                             [r.stream_hint for r in nxt], read=first)
+                             [r.stream_hint for r in nxt])
 
     # ------------------------------------------------------------------ one step
 

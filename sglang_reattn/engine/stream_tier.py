@@ -329,8 +329,6 @@ class StreamTier:
                       "stream_store_bytes": 0, "stream_device_bytes": 0,
                       "stream_prefetch_reads": 0, "stream_device_prefetches": 0,
                       "stream_prefetch_hits": 0,
-                      # blocks read on the engine thread before a first decode step
-                      "stream_warmed_blocks": 0,
                       "stream_faults": 0, "stream_spilled_chunks": 0,
                       # graph decode steps, their replays after a chunk-cache miss, and
                       # steps run eagerly after MAX_STREAM_REPLAYS replays still missed
@@ -696,21 +694,18 @@ class StreamTier:
         return out
 
     def prefetch(self, hints: list[dict[int, list[str]]],
-                 next_hints: list[dict[int, list[str]]] = (), read: bool = False) -> None:
+                 next_hints: list[dict[int, list[str]]] = ()) -> None:
         """Load ahead, from the previous selection of each streamed sequence: blocks of
         `next_hints` (the sequences expected in the next step) held by the host tier go
         into the chunk cache now (on a side stream on CUDA); blocks of `hints` in neither
         tier are queued for the background thread, which reads them from LMDB into the
-        host tier. `read`: the blocks of `next_hints` in neither tier are read from LMDB
-        now, on this thread, and go into the chunk cache too (before a sequence's first
-        decode step: see Scheduler._prefetch). Changes where a block comes from, never its
-        value."""
+        host tier. Changes where a block comes from, never its value."""
         if self._q is None:
             return
         self._to_device({
             layer: list(dict.fromkeys(k for h in next_hints for k in h.get(layer, ())))[
                 : len(self.cache.pages)]
-            for layer in sorted({layer for h in next_hints for layer in h})}, read)
+            for layer in sorted({layer for h in next_hints for layer in h})})
         todo: dict[int, list[str]] = {}
         for hint in hints:
             for layer, keys in hint.items():
@@ -721,22 +716,14 @@ class StreamTier:
             if keys:
                 self._q.put((layer, list(dict.fromkeys(keys))))
 
-    def _to_device(self, keys_of: dict[int, list[str]], read: bool = False) -> None:
-        """Blocks the host tier holds of {layer: chunk ids} (with `read`, also those it
-        does not: read from LMDB now) into the chunk cache, all layers in one copy (on the
-        side stream on CUDA)."""
+    def _to_device(self, keys_of: dict[int, list[str]]) -> None:
+        """Blocks the host tier holds of {layer: chunk ids} into the chunk cache, all
+        layers in one copy (on the side stream on CUDA)."""
         layers, pages, kvs = [], [], []
         for layer, keys in keys_of.items():
             pairs = [(k, self.host.peek((k, layer))) for k in keys
                      if self.cache.page_of(layer, k) is None]
             kv = {k: pair for k, pair in pairs if pair is not None}
-            absent = [k for k, pair in pairs if pair is None]
-            if read and absent:
-                try:
-                    kv.update(zip(absent, self.fetch(layer, absent, prefetch=True)))
-                    self.stats["stream_warmed_blocks"] += len(absent)
-                except StreamFault:  # a step that selects the chunk meets it and handles it
-                    pass
             if not kv:
                 continue
             _, fills = self.cache.acquire(layer, list(kv), count=False)

@@ -168,8 +168,8 @@ class Engine(NamedContexts):
             # The disk tier's writer and prefetch threads run Python while the engine thread
             # waits on the device. Each time the engine thread gives up the interpreter
             # (a device sync, a copy) it then waits for one of them to yield it: up to the
-            # switch interval, 5 ms by default, so a decode step with a few syncs took 5-15
-            # ms more while they were busy (H200, default model at 1M tokens).
+            # switch interval, 5 ms by default, per sync while they are busy
+            # (benchmarks/bench_switch_interval.py: 5.4 ms at 5 ms, 0.46 ms at 0.1 ms).
             sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         self.scheduler = Scheduler(self.runner, self.pool, self.tokenizer, c,
                                    args.max_running_requests, args.chunked_prefill_size,

@@ -627,9 +627,9 @@ class StreamTier:
     def _stacked(self, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """(K, V) blocks -> [n, 2, C, Hkv, D]. On CUDA in one of two pinned staging buffers,
         used in turn and kept (grown to the next power of two when too small): a fresh
-        pinned allocation costs about 0.7 ms per MiB on the H200's host (pinning it, and
-        the first touch of its pages) and holds the driver's lock meanwhile. The caller
-        records the buffer's event once its copy is queued; its next use waits for it."""
+        pinned allocation cost 0.6-0.9 ms per MiB on the H200's host
+        (benchmarks/bench_pinned_alloc.py). The caller records the buffer's event once its
+        copy is queued; its next use waits for it."""
         k0 = kv[0][0]
         shape = (len(kv), 2) + tuple(k0.shape)
         if self._pin:

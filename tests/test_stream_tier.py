@@ -745,3 +745,54 @@ def test_split_reads_fill_one_buffer_equal_to_plain_reads(tmp_path, monkeypatch)
     with pytest.raises(ValueError):
         tier.store.get_kv_many(ids[:2], 1, np.zeros((2, 2, 4, 2, 7), np.float16))
     tier.close()
+
+
+def test_blocks_go_to_the_device_through_two_reused_staging_buffers(monkeypatch):
+    """On CUDA, blocks that are not one pinned batch buffer are stacked into one of two
+    pinned staging buffers, used in turn: a buffer is reused only after the event of its
+    last copy (recorded once that copy is queued) and grown to the next power of two when
+    too small, never allocated per copy. Played here with pinning and events faked."""
+    tier, _ = _tier_for_test()
+    log, allocs = [], []
+
+    class Event:
+        def __init__(self, name):
+            self.name = name
+
+        def record(self):
+            log.append(("record", self.name))
+
+        def synchronize(self):
+            log.append(("wait", self.name))
+
+    empty = torch.empty
+
+    def fake_empty(*shape, pin_memory=False, **kw):
+        if pin_memory:
+            allocs.append(shape[0])
+        return empty(*shape, **kw)
+
+    monkeypatch.setattr(torch, "empty", fake_empty)
+    tier._pin = True
+    tier._staged = [(None, Event("a")), (None, Event("b"))]
+    gen = torch.Generator().manual_seed(5)
+
+    def blocks(n):
+        return [(torch.randn(4, 2, 8, generator=gen), torch.randn(4, 2, 8, generator=gen))
+                for _ in range(n)]
+
+    for n, grew in ((3, True), (2, True), (1, False), (5, True), (2, False)):
+        kv, before = blocks(n), len(allocs)
+        layers, pages = [i % 2 for i in range(n)], [8 + (i // 2) % 2 for i in range(n)]
+        tier._write_pages(layers, pages, kv)
+        assert (len(allocs) > before) == grew
+        # the last write to each (layer, page) holds that block's K and V
+        for (layer, page), (k, v) in dict(zip(zip(layers, pages), kv)).items():
+            assert torch.equal(tier.pool.k[layer, page], k)
+            assert torch.equal(tier.pool.v[layer, page], v)
+    # every size a power of two of whole elements: 3 blocks -> 4, 2 -> 2 (the other
+    # buffer), 5 -> 8 (the second buffer again was too small)
+    block = 2 * 4 * 2 * 8
+    assert allocs == [4 * block, 2 * block, 8 * block]
+    # each use waits for its buffer's last copy, then records the new one: a, b, a, b, a
+    assert log == [(what, name) for name in "ababa" for what in ("wait", "record")]

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import platform
@@ -47,6 +48,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 
 import torch
@@ -121,9 +123,6 @@ COMPILED: list[str] = []
 
 
 def watch_stalls() -> None:
-    import gc
-    import threading
-
     started = [0.0]
 
     def on_gc(phase, info):
@@ -158,8 +157,6 @@ def watch_stalls() -> None:
 def step_counters(eng) -> dict[str, int]:
     """Streaming counters and garbage collections so far, read from the client thread
     (plain attribute reads: no call into the engine)."""
-    import gc
-
     c = dict(eng.stream_tier.counters() if eng.stream_tier is not None else {},
              **(eng.store_tier.stats if eng.store_tier is not None else {}))
     out = {k: c.get(k, 0) for k in STEP_KEYS}
@@ -224,8 +221,6 @@ def timers(out: dict):
     """Wall time spent in the streamed engine's main parts: the methods below, wrapped for
     the duration, accumulate seconds and calls into `out`, keyed `Class.method`, with
     `@thread` appended off the engine thread (the prefetch and writer threads)."""
-    import threading
-
     from sglang_reattn.engine import model_runner, scheduler, store_tier, stream_tier
     from sglang_reattn.kv_store import store
 

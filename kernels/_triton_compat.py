@@ -68,6 +68,12 @@ def next_pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
+def aligned(n: int, m: int = 16) -> int:
+    """n rounded up to a multiple of m: a row of that many elements gives its tensor an
+    aligned row stride, which Triton specializes on and vectorizes loads for."""
+    return -(-n // m) * m
+
+
 @functools.lru_cache(maxsize=None)
 def num_sms(device_index: int) -> int:
     """Streaming multiprocessors of a CUDA device (a host-side query, no sync; cached)."""

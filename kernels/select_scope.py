@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton_compat import INTERPRETED, check, next_pow2, tl, tl_sum, triton
+from ._triton_compat import INTERPRETED, aligned, check, next_pow2, tl, tl_sum, triton
 from .score_chunks import (
     _check_score_inputs,
     chunk_scores_ref,
@@ -281,9 +281,8 @@ def select_scope_triton(q: torch.Tensor, cand_pages: torch.Tensor, num_cands: to
     best = torch.empty(batch, max(1, num_blocks * kp), dtype=torch.int64, device=dev)
     if n:
         per_head = combine != "sum"
-        # score and key rows padded to a multiple of 16 entries: aligned row strides let
-        # Triton vectorize the loads of the kernels that read them
-        n16 = -(-n // 16) * 16
+        # score and key rows padded to a multiple of 16 entries (aligned row strides)
+        n16 = aligned(n)
         scores = torch.empty((rows, num_q_heads, n16) if per_head else (rows, n16),
                              dtype=torch.float32, device=dev)[..., :n]
         scale = (torch.zeros(rows, num_q_heads, dtype=torch.float32, device=dev)

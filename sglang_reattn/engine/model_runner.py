@@ -10,6 +10,7 @@ import logging
 import torch
 
 from sglang_reattn.engine.request import Request
+from sglang_reattn.kernels._triton_compat import aligned
 from sglang_reattn.layers.attention import ForwardBatch, KVPool, PagedAttention
 from sglang_reattn.layers.reattention import (
     ReAttention,
@@ -152,19 +153,17 @@ class ModelRunner:
         if self.reattn is not None:
             cfg, c = self.reattn, self.page_size
             z = lambda *shape: torch.zeros(*shape, dtype=torch.int32, device=dev)  # noqa: E731
-            # candidate rows a multiple of 16 wide: Triton then knows their row stride is
-            # aligned and vectorizes the selection kernels' loads (an odd stride cost the
+            # candidate rows a multiple of 16 wide (`aligned`: an odd row stride cost the
             # first top-k pass a third more at 1M)
-            a16 = lambda w: -(-w // 16) * 16  # noqa: E731
             self._plan = ScopePlan(
                 head_table=z(n, max(cfg.sink // c, 1)), head_pages=z(n),
-                cand_pages=z(n, a16(self.max_pages)), num_cands=z(n),
+                cand_pages=z(n, aligned(self.max_pages)), num_cands=z(n),
                 local_table=z(n, cfg.local // c + 2), local_tokens=torch.ones(
                     n, dtype=torch.int32, device=dev),
                 rep_index=torch.arange(n, device=dev), reps=1, needs_select=True)
             if self.attn.num_virtual:  # candidates may also be any virtual page
                 self._splan = ScopePlan(**{**vars(self._plan), "cand_pages": z(
-                    n, a16(self.max_pages + self.attn.num_virtual))})
+                    n, aligned(self.max_pages + self.attn.num_virtual))})
         self._logits: dict[tuple[int, bool | str], torch.Tensor] = {}
         self._views: dict[tuple[int, bool | str], ForwardBatch] = {}
         self._sel_out: dict[int, list[torch.Tensor]] = {}

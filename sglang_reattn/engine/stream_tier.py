@@ -339,7 +339,7 @@ class StreamTier:
         # CUDA: chunk-cache fills ahead of a step run on a side stream; the step's first
         # fetch makes the compute stream wait for them.
         self._side = torch.cuda.Stream(pool.k.device) if self._pin else None
-        # `_stacked`'s two pinned staging buffers and the events of their last copies
+        # `_copy_to`'s two pinned staging buffers and the events of their last copies
         self._staged = ([(None, torch.cuda.Event()) for _ in range(2)] if self._pin else [])
         self._ahead: torch.cuda.Event | None = None
         # (layer, slot) loaded into the chunk cache ahead of a step and not read yet
@@ -607,16 +607,7 @@ class StreamTier:
         dev = self.pool.k.device
         host_pages = torch.tensor(pages)
         idx = (torch.tensor(layers).to(dev), host_pages.to(dev))
-        # Blocks of one pinned batch read, in order (a demand fetch): that buffer goes as
-        # it is. Else they are stacked on the host into a pinned staging buffer, then
-        # copied asynchronously (one copy per call, not two per block).
-        host = _rows_of_one_buffer(kv)
-        staged = host is None or (self._pin and not host.is_pinned())
-        if staged:
-            host = self._stacked(kv)
-        kv_dev = host.to(dev, non_blocking=True)
-        if staged and self._pin:
-            self._staged[-1][1].record()  # the staging buffer is free again after this copy
+        kv_dev = self._copy_to(dev, kv)
         self.pool.k[idx] = kv_dev[:, 0]
         self.pool.v[idx] = kv_dev[:, 1]
         self.stats["stream_device_bytes"] += kv_dev.numel() * kv_dev.element_size()
@@ -624,15 +615,22 @@ class StreamTier:
         # host's copy of the pages: reading them back would sync the device).
         self.attn.invalidate_rotated(host_pages.unique())
 
-    def _stacked(self, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """(K, V) blocks -> [n, 2, C, Hkv, D]. On CUDA in one of two pinned staging buffers,
-        used in turn and kept (grown to the next power of two when too small): a fresh
-        pinned allocation cost 0.6-0.9 ms per MiB on the H200's host
-        (benchmarks/bench_pinned_alloc.py). The caller records the buffer's event once its
-        copy is queued; its next use waits for it."""
+    def _copy_to(self, dev: torch.device, kv: list[tuple[torch.Tensor, torch.Tensor]]
+                 ) -> torch.Tensor:
+        """(K, V) blocks -> [n, 2, C, Hkv, D] on `dev`, in one copy (queued, on CUDA). The
+        blocks of one pinned batch read, in order (a demand fetch), go as their buffer.
+        Others are stacked first: on CUDA into one of two pinned staging buffers, used in
+        turn and kept (grown to the next power of two when too small), each reused only
+        after its last copy's event. A fresh pinned allocation cost 0.6-0.9 ms per MiB on
+        the H200's host (benchmarks/bench_pinned_alloc.py)."""
+        host = _rows_of_one_buffer(kv)
+        if host is not None and (not self._pin or host.is_pinned()):
+            return host.to(dev, non_blocking=True)
         k0 = kv[0][0]
         shape = (len(kv), 2) + tuple(k0.shape)
-        if self._pin:
+        if not self._pin:
+            out = torch.empty(shape, dtype=k0.dtype)
+        else:
             self._staged.append(self._staged.pop(0))
             buf, done = self._staged[-1]
             done.synchronize()
@@ -641,11 +639,12 @@ class StreamTier:
                 buf = torch.empty(next_pow2(need), dtype=k0.dtype, pin_memory=True)
                 self._staged[-1] = (buf, done)
             out = buf[:need].view(shape)
-        else:
-            out = torch.empty(shape, dtype=k0.dtype)
         torch.stack([k for k, _ in kv], out=out[:, 0])
         torch.stack([v for _, v in kv], out=out[:, 1])
-        return out
+        kv_dev = out.to(dev, non_blocking=True)
+        if self._pin:
+            done.record()  # the staging buffer is free again after this copy
+        return kv_dev
 
     def fetch(self, layer: int, chunk_ids: list[str], prefetch: bool = False
               ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -661,11 +660,11 @@ class StreamTier:
                 out[i] = hit
         if not missing:
             return out
-        # One host tensor per batch read, read into directly (pinned on CUDA, for async
-        # copies): its blocks are views of it, so a batch's memory is freed once the host
-        # tier dropped all of them; a demand read's blocks go on to the device as one copy.
-        # (Pinned for a demand read, which goes on to the device as it is; a read ahead
-        # goes there later through the staging buffers, and pinning costs more than that.)
+        # One host tensor per batch read, read into directly: its blocks are views of it,
+        # so a batch's memory is freed once the host tier dropped all of them. A demand
+        # read's is pinned on CUDA and goes on to the device as one copy; a read ahead's
+        # goes there later through the staging buffers (`_copy_to`), so it is not pinned:
+        # pinning costs more than that stacking.
         shape = (len(missing), 2) + tuple(self.pool.k.shape[2:])
         buf = torch.empty(shape, dtype=self.pool.k.dtype, pin_memory=self._pin and not prefetch)
         try:

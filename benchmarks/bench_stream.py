@@ -57,7 +57,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_e2e as E2E  # noqa: E402
 from bench_e2e import profile_run  # noqa: E402
 
-from sglang_reattn.engine.model_runner import MAX_STREAM_REPLAYS  # noqa: E402
+from sglang_reattn.engine import model_runner  # noqa: E402
 from sglang_reattn.engine.store_tier import major_faults  # noqa: E402
 
 
@@ -111,6 +111,7 @@ def decode_rate(eng, ids: list[int], n: int) -> float:
     return (got - at_first) / (last - first)
 
 
+GAPS_ALL: list[float] = []  # the gaps of the last rates_of call, over all its questions
 STEPS: list[dict] = []  # per gap of GAPS: the counters that moved in it
 STEP_KEYS = ("stream_graph_replays", "stream_graph_eager", "stream_store_reads",
              "stream_prefetch_reads", "stream_spilled_chunks", "chunk_cache_misses",
@@ -204,6 +205,7 @@ def rates_of(eng, doc: list[int], questions: list[list[int]], n: int, label: str
         LIVE.clear()
         gaps.extend(GAPS)
         steps.extend(STEPS)
+    GAPS_ALL[:] = gaps
     g = sorted(gaps)
     print(f"# {label} decode: {statistics.median(rates):.1f} tok/s; per token median "
           f"{g[len(g) // 2] * 1e3:.2f} ms, p90 {g[int(len(g) * 0.9)] * 1e3:.2f} ms, max "
@@ -285,6 +287,14 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--profile", action="store_true",
                     help="kernel breakdown of 16 decode steps, streamed and resident")
+    ap.add_argument("--variants", nargs="*", default=[], metavar="CAP:AHEAD:REPLAY",
+                    help="after the streamed decode, decode again (new questions, same "
+                         "engine) per variant: CAP replays of a streamed graph step before it "
+                         "runs eagerly (model_runner.MAX_STREAM_REPLAYS); the first AHEAD "
+                         "runners-up per layer loaded ahead after a step "
+                         "(StreamTier.ahead_runners; 'all': every one ReAttention reports); "
+                         "the first REPLAY runners-up loaded before a replay "
+                         "(StreamTier.replay_runners)")
     ap.add_argument("--step-timers", action="store_true",
                     help="time the engine's parts during the timed decode too, to show what "
                          "the slowest steps spent their time in (adds a little to each step)")
@@ -407,6 +417,28 @@ def main() -> None:
             res["cache_blocks_checked"], res["cache_blocks_wrong"] = cache_matches_store(eng)
             print(f"# chunk cache against the store: {res['cache_blocks_wrong']} of "
                   f"{res['cache_blocks_checked']:,} blocks differ", flush=True)
+            res["replay_cap"] = default_cap = model_runner.MAX_STREAM_REPLAYS
+            res["ahead_runners"] = eng.attn.spare
+            res["variants"] = {}
+            tier = eng.attn.stream
+            for k, variant in enumerate(args.variants):
+                cap, ahead, replay = variant.split(":")
+                model_runner.MAX_STREAM_REPLAYS = int(cap)
+                tier.ahead_runners = None if ahead == "all" else int(ahead)
+                tier.replay_runners = int(replay)
+                before = eng.stats()
+                qs = [ids_of(24, 1000 + 100 * k + i, vocab) for i in range(args.repeats)]
+                rate = rates_of(eng, doc, qs, args.decode, f"streamed ({variant})")
+                after = eng.stats()
+                res["variants"][f"{k}: {variant}"] = dict(
+                    {key: after.get(key, 0) - before.get(key, 0) for key in
+                     ("stream_graph_steps", "stream_graph_replays", "stream_graph_eager",
+                      "stream_store_reads", "stream_prefetch_reads", "stream_prefetch_hits",
+                      "stream_replay_ahead")},
+                    tok_s=rate, step_ms=sorted(GAPS_ALL)[len(GAPS_ALL) // 2] * 1e3,
+                    max_ms=max(GAPS_ALL) * 1e3)
+            model_runner.MAX_STREAM_REPLAYS = default_cap
+            tier.ahead_runners, tier.replay_runners = None, 0
             profiled(eng, "streamed decode")
 
         with Engine(model, **common) as eng:
@@ -447,7 +479,7 @@ def main() -> None:
     print(f"| chunk-cache hit rate while decoding | {res['chunk_cache_hit_rate']:.1%} |")
     c = res["streamed_counters"]
     print(f"| streamed decode steps from the CUDA graph / replays after a miss / run eagerly "
-          f"after {MAX_STREAM_REPLAYS} replays | {c.get('stream_graph_steps', 0)} / "
+          f"after {res['replay_cap']} replays | {c.get('stream_graph_steps', 0)} / "
           f"{c.get('stream_graph_replays', 0)} / {c.get('stream_graph_eager', 0)} |")
     print(f"| major page faults (blocks read from disk, not the page cache): streamed TTFT / "
           f"decode | {res['streamed_ttft_major_faults']:,} / "
@@ -459,6 +491,22 @@ def main() -> None:
           f"{res['cache_blocks_wrong']} of {res['cache_blocks_checked']:,} |")
     print(f"| bytes copied into the chunk cache per token | "
           f"{res['device_bytes_per_token'] / 1e6:.2f} MB |")
+    if res["variants"]:
+        print(f"\nstreamed decode again on the same engine, per variant (new questions, "
+              f"{args.decode} tokens, median of {args.repeats}; resident "
+              f"{res['resident_tok_s']:.1f} tok/s; the engine's own: {res['replay_cap']} "
+              f"replays, {res['ahead_runners']} runners-up)")
+        print("| replays before eager : runners-up per layer loaded ahead : and before a "
+              "replay | tok/s (of resident) | median / max step ms | graph steps / replays / "
+              "eager | store reads / read ahead / hits / loaded before a replay |\n"
+              "|---|---|---|---|---|")
+        for key, v in res["variants"].items():
+            share = v["tok_s"] / res["resident_tok_s"]
+            print(f"| {key.split(': ')[1]} | {v['tok_s']:.1f} ({share:.0%}) | "
+                  f"{v['step_ms']:.2f} / {v['max_ms']:.1f} | {v['stream_graph_steps']} / "
+                  f"{v['stream_graph_replays']} / {v['stream_graph_eager']} | "
+                  f"{v['stream_store_reads']} / {v['stream_prefetch_reads']} / "
+                  f"{v['stream_prefetch_hits']} / {v['stream_replay_ahead']} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)

@@ -237,6 +237,20 @@ def test_runners_up_are_loaded_ahead_and_save_replays(stored, tiny_llama):
     assert got[True]["stream_graph_replays"] < got[False]["stream_graph_replays"]
 
 
+def test_runners_up_loaded_before_replays_keep_the_answer(stored, tiny_llama):
+    """Streamed graph decode loading runners-up before each replay (and only the first
+    few after a step): the resident answer's tokens, and some blocks were loaded so."""
+    store, want = stored
+    opts = dict(SMALL, kv_chunk_cache_pages=48, max_total_tokens=16 * 68)
+    with Engine(tiny_llama, kv_store_path=store, **opts, **OPTS) as eng:
+        eng._call(lambda: eng.runner._capture(1))
+        eng.attn.stream.replay_runners, eng.attn.stream.ahead_runners = 8, 4
+        out = eng.generate(input_ids=DOC + QUESTION, sampling_params=GREEDY)
+        s = eng.stats()
+    assert out["output_ids"] == want
+    assert s["stream_replay_ahead"] > 0 and s["stream_graph_replays"] > 0
+
+
 def test_streaming_counts_misses_then_hits(stored, tiny_llama):
     store, want = stored
     big = dict(SMALL, kv_chunk_cache_pages=200, max_total_tokens=16 * 240,
@@ -703,6 +717,44 @@ def test_page_map_follows_the_chunk_cache():
     assert (tier.vmap == -1).all()
     w = tier.attach(["c2"])  # still cached in both layers under its new slot
     assert tier.vmap[1, w[0] - tier.base] == p2
+
+
+def test_runners_up_loaded_before_a_replay_and_after_a_step():
+    """settle with runners-up: with `replay_runners`, a step that missed loads the first
+    uncached runners-up of the layers above the lowest that missed (whose selection the
+    replay may move), with their blocks; a later step reading one counts a prefetch hit.
+    `ahead_runners` keeps only the first runners-up per layer as the step's hints."""
+    tier, _ = _tier_for_test(slots=6)
+    tier.cache = ChunkCache(2, [5, 6, 7, 8, 9], tier._on_cache)  # 5 pages per layer
+    kv = {}
+    tier.fetch = lambda layer, ids, prefetch=False: [kv.setdefault((c, layer), (
+        torch.full((4, 2, 8), float(int(c[1:]) + 10 * layer)), torch.zeros(4, 2, 8)))
+        for c in ids]
+    v = tier.attach([f"c{i}" for i in range(1, 7)])
+    sel = np.array([[[v[0], -1]], [[v[1], -1]]])
+    runners = np.array([[[v[2], v[3], v[4]]], [[v[2], v[3], v[4]]]])
+    tier.replay_runners = 0
+    assert not tier.settle(sel, runners)  # both layers missed: their picks, no runners-up
+    assert tier.cache.page_of(1, "c3") is None and tier.stats["stream_replay_ahead"] == 0
+    tier.cache.forget(0, ["c1"])
+    tier.cache.forget(1, ["c2"])
+    tier.replay_runners = 2
+    assert not tier.settle(sel, runners)
+    # layer 0 missed lowest: only layer 1's first two runners-up come in
+    assert [tier.cache.page_of(0, c) is None for c in ("c3", "c4")] == [True, True]
+    for c in ("c3", "c4"):
+        page = tier.cache.page_of(1, c)
+        assert page is not None and tier.vmap[1, v[int(c[1:]) - 1] - tier.base] == page
+        assert torch.equal(tier.pool.k[1, page], kv[c, 1][0])
+    assert tier.cache.page_of(1, "c5") is None and tier.stats["stream_replay_ahead"] == 2
+    hits = tier.stats["stream_prefetch_hits"]
+    assert tier.settle(np.array([[[v[0], -1]], [[v[1], v[2]]]]), runners)
+    assert tier.stats["stream_prefetch_hits"] == hits + 1
+    # the hints: uncached runners-up only, and with ahead_runners only the first ones
+    assert tier.end_step(1) == [{0: ["c3", "c4", "c5"], 1: ["c5"]}]
+    tier.ahead_runners = 1
+    tier.settle(np.array([[[v[0], -1]], [[v[1], v[2]]]]), runners)
+    assert tier.end_step(1) == [{0: ["c3"]}]
 
 
 def test_a_batch_reads_blocks_go_to_the_device_as_their_buffer():

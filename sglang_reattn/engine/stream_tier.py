@@ -333,7 +333,16 @@ class StreamTier:
                       # graph decode steps, their replays after a chunk-cache miss, and
                       # steps run eagerly after MAX_STREAM_REPLAYS replays still missed
                       "stream_graph_steps": 0, "stream_graph_replays": 0,
-                      "stream_graph_eager": 0}
+                      "stream_graph_eager": 0,
+                      # runners-up loaded before a replay (`replay_runners`)
+                      "stream_replay_ahead": 0}
+        # how many of each layer's runners-up (best first) are loaded ahead (None: all
+        # that ReAttention reports)
+        self.ahead_runners: int | None = None
+        # how many of each layer's runners-up a step that missed loads, before its replay,
+        # in the layers above the lowest that missed: those selected from inputs the replay
+        # changes, so their picks may move to the runners-up
+        self.replay_runners = 0
         # layer -> [(batch row, chunk)] selected by the step in progress
         self._selected: dict[int, list[tuple[int, str]]] = {}
         # CUDA: chunk-cache fills ahead of a step run on a side stream; the step's first
@@ -538,8 +547,11 @@ class StreamTier:
         self._ahead_read(layers[keep], slots[keep])
         for layer in missed:
             self._cache_in(layer, [self._slot_ids[s] for s in slots[layers == layer].tolist()])
+        if missed and runners is not None and self.replay_runners:
+            self._load_runners(missed[0] + 1, runners[..., : self.replay_runners])
         self._selected = {}
         if runners is not None:
+            runners = runners[..., : self.ahead_runners]
             virtual = runners >= self.base
             rl, rb, _ = np.nonzero(virtual)
             rs = runners[virtual] - self.base
@@ -548,6 +560,24 @@ class StreamTier:
                                         rs[cold].tolist()):
                 self._selected.setdefault(layer, []).append((row, self._slot_ids[slot]))
         return not missed
+
+    def _load_runners(self, first: int, runners: np.ndarray) -> None:
+        """The uncached virtual runners-up [L, B, R] of layers `first`.. into the chunk
+        cache now (read from the host tier or LMDB), ahead of a replay."""
+        part = runners[first:]
+        virtual = part >= self.base
+        rl, _, _ = np.nonzero(virtual)
+        rl += first
+        rs = part[virtual] - self.base
+        cold = self.vmap[rl, rs] < 0
+        for layer in np.unique(rl[cold]).tolist():
+            keys = list(dict.fromkeys(self._slot_ids[s] for s in
+                                      rs[cold & (rl == layer)].tolist()))
+            _, fills = self.cache.acquire(layer, keys, count=False)
+            if fills:
+                self._fill(layer, fills)
+                self._loaded_ahead[layer, [self._slot_of[k] for k, _ in fills]] = True
+                self.stats["stream_replay_ahead"] += len(fills)
 
     def _ahead_read(self, layers: np.ndarray, slots: np.ndarray) -> None:
         """Chunks loaded ahead into the cache that a step has now read: prefetch hits."""
@@ -571,6 +601,7 @@ class StreamTier:
                     keys.append(self.chunk_of(row[j]))
         self._selected[layer] = list(zip(rows, keys))
         if runners is not None:
+            runners = runners[:, : self.ahead_runners]
             self._selected[layer] += list(zip(*self._picks(runners.cpu().numpy())))
         self._wait_ahead()
         if not keys:
@@ -589,15 +620,17 @@ class StreamTier:
         slots = np.array([self._slot_of[k] for k in keys if k in self._slot_of], dtype=np.int64)
         self._ahead_read(np.full(len(slots), layer), slots)
         if fills:
-            try:
-                self._fill(layer, fills)
-            except StreamFault:
-                self.cache.forget(layer, [k for k, _ in fills])
-                raise
+            self._fill(layer, fills)
         return pages
 
     def _fill(self, layer: int, fills: list[tuple[str, int]]) -> None:
-        self._write(layer, fills, self.fetch(layer, [k for k, _ in fills]))
+        """Pages just acquired for chunks (`fills`) filled from the host tier or LMDB;
+        on a fault none of them stays mapped."""
+        try:
+            self._write(layer, fills, self.fetch(layer, [k for k, _ in fills]))
+        except StreamFault:
+            self.cache.forget(layer, [k for k, _ in fills])
+            raise
 
     def _write(self, layer: int, fills: list[tuple[str, int]], kv: list) -> None:
         self._write_pages([layer] * len(fills), [p for _, p in fills], kv)

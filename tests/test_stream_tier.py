@@ -833,10 +833,13 @@ def test_blocks_go_to_the_device_through_two_reused_staging_buffers(monkeypatch)
         return [(torch.randn(4, 2, 8, generator=gen), torch.randn(4, 2, 8, generator=gen))
                 for _ in range(n)]
 
-    for n, grew in ((3, True), (2, True), (1, False), (5, True), (2, False)):
+    for i, (n, grew) in enumerate(((3, True), (2, True), (1, False), (5, True), (2, False))):
         kv, before = blocks(n), len(allocs)
         layers, pages = [i % 2 for i in range(n)], [8 + (i // 2) % 2 for i in range(n)]
-        tier._write_pages(layers, pages, kv)
+        # a buffer grown inside a forward's inference mode is reused outside it (the first
+        # write's, by the third)
+        with torch.inference_mode(i == 0):
+            tier._write_pages(layers, pages, kv)
         assert (len(allocs) > before) == grew
         # the last write to each (layer, page) holds that block's K and V
         for (layer, page), (k, v) in dict(zip(zip(layers, pages), kv)).items():
@@ -848,3 +851,28 @@ def test_blocks_go_to_the_device_through_two_reused_staging_buffers(monkeypatch)
     assert allocs == [4 * block, 2 * block, 8 * block]
     # each use waits for its buffer's last copy, then records the new one: a, b, a, b, a
     assert log == [(what, name) for name in "ababa" for what in ("wait", "record")]
+
+
+def test_a_failed_fill_leaves_no_page_mapped():
+    """A chunk-cache fill that fails after its pages were taken (a fetch, a copy) leaves
+    none of them mapped: nothing later reads a page as a block it never received."""
+    tier, _ = _tier_for_test(slots=4)
+    v = tier.attach(["c1", "c2"])
+    tier.host = HostCache(1 << 20)
+    block = (torch.ones(4, 2, 8), torch.ones(4, 2, 8))
+    tier.host.put(("c1", 0), *block)
+    tier.host.put(("c2", 0), *block)
+
+    def broken(*a, **k):
+        raise RuntimeError("copy failed")
+
+    tier._write_pages = broken
+    with pytest.raises(RuntimeError, match="copy failed"):
+        tier._to_device({0: ["c1", "c2"]})
+    with pytest.raises(RuntimeError, match="copy failed"):
+        tier.resolve(0, torch.tensor([[v[0], v[1]]], dtype=torch.int32), torch.tensor([2]))
+    assert [tier.cache.page_of(0, c) for c in ("c1", "c2")] == [None, None]
+    assert (tier.vmap == -1).all() and not tier._loaded_ahead.any()
+    del tier._write_pages  # working again: both pages can be taken and filled
+    tier._to_device({0: ["c1", "c2"]})
+    assert sorted(tier.cache.page_of(0, c) for c in ("c1", "c2")) == [8, 9]

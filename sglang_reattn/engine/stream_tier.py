@@ -628,7 +628,7 @@ class StreamTier:
         on a fault none of them stays mapped."""
         try:
             self._write(layer, fills, self.fetch(layer, [k for k, _ in fills]))
-        except StreamFault:
+        except BaseException:
             self.cache.forget(layer, [k for k, _ in fills])
             raise
 
@@ -669,7 +669,10 @@ class StreamTier:
             done.synchronize()
             need = math.prod(shape)
             if buf is None or buf.numel() < need or buf.dtype != k0.dtype:
-                buf = torch.empty(next_pow2(need), dtype=k0.dtype, pin_memory=True)
+                # (a normal tensor even when a forward's inference mode grows it: prefetches
+                # outside that mode write into it too)
+                with torch.inference_mode(False):
+                    buf = torch.empty(next_pow2(need), dtype=k0.dtype, pin_memory=True)
                 self._staged[-1] = (buf, done)
             out = buf[:need].view(shape)
         torch.stack([k for k, _ in kv], out=out[:, 0])
@@ -751,7 +754,7 @@ class StreamTier:
     def _to_device(self, keys_of: dict[int, list[str]]) -> None:
         """Blocks the host tier holds of {layer: chunk ids} into the chunk cache, all
         layers in one copy (on the side stream on CUDA)."""
-        layers, pages, kvs = [], [], []
+        layers, pages, kvs, taken = [], [], [], []
         for layer, keys in keys_of.items():
             pairs = [(k, self.host.peek((k, layer))) for k in keys
                      if self.cache.page_of(layer, k) is None]
@@ -763,19 +766,27 @@ class StreamTier:
                 layers.append(layer)
                 pages.append(p)
                 kvs.append(kv[k])
+                taken.append(k)
             self._loaded_ahead[layer, [self._slot_of[k] for k, _ in fills
                                        if k in self._slot_of]] = True
         if not kvs:
             return
-        if self._side is not None:
-            # The pages taken may still be read by the last step's queued kernels.
-            self._side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self._side):
+        try:
+            if self._side is not None:
+                # The pages taken may still be read by the last step's queued kernels.
+                self._side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(self._side):
+                    self._write_pages(layers, pages, kvs)
+                self._ahead = torch.cuda.Event()
+                self._ahead.record(self._side)
+            else:
                 self._write_pages(layers, pages, kvs)
-            self._ahead = torch.cuda.Event()
-            self._ahead.record(self._side)
-        else:
-            self._write_pages(layers, pages, kvs)
+        except BaseException:  # no page taken stays mapped to a block it does not hold
+            for layer, key in zip(layers, taken):
+                self.cache.forget(layer, [key])
+                if key in self._slot_of:
+                    self._loaded_ahead[layer, self._slot_of[key]] = False
+            raise
         self.stats["stream_device_prefetches"] += len(kvs)
 
     def _prefetch_loop(self) -> None:

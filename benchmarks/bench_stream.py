@@ -218,6 +218,16 @@ def rates_of(eng, doc: list[int], questions: list[list[int]], n: int, label: str
     return statistics.median(rates)
 
 
+def release(eng) -> None:
+    """Free a shut-down engine's memory before the next one: it froze the collector's
+    objects while serving (unfrozen at shutdown), so its reference cycles wait for a
+    collection."""
+    eng.__dict__.clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 @contextlib.contextmanager
 def timers(out: dict):
     """Wall time spent in the streamed engine's main parts: the methods below, wrapped for
@@ -427,6 +437,7 @@ def main() -> None:
         for k, variant in enumerate(args.variants):
             cap, ahead, replay = variant.split(":")
             model_runner.MAX_STREAM_REPLAYS = int(cap)
+            release(eng)
             try:
                 with Engine(model, **stream_opts) as eng:
                     tier = eng.attn.stream
@@ -447,7 +458,10 @@ def main() -> None:
                   "stream_replay_ahead")},
                 tok_s=rate, ttft_s=t, step_ms=sorted(GAPS_ALL)[len(GAPS_ALL) // 2] * 1e3,
                 max_ms=max(GAPS_ALL) * 1e3, blocks_wrong=wrong)
+            print(f"#   variant {variant}: TTFT {t:.2f} s, {res['variants'][f'{k}: {variant}']}",
+                  flush=True)
 
+        release(eng)
         with Engine(model, **common) as eng:
             res["resident_ttft_s"], res["resident_cached"] = ttft(eng, doc + questions[1])
             print(f"# resident after restart: TTFT {res['resident_ttft_s']:.2f} s", flush=True)

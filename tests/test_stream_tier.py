@@ -494,6 +494,17 @@ def test_long_generation_of_a_streamed_request_spills_to_the_store(stored, tiny_
         assert s["kv_pages_free"] == share and s["stream_attached_chunks"] == 0
 
 
+def test_an_explicit_pool_is_kept_when_a_longer_context_streams(stored, tiny_llama):
+    """With a disk tier, --max-total-tokens sizes the pool even under a longer
+    --context-length (what the pool cannot hold is streamed), and the answer holds."""
+    store, want = stored
+    with Engine(tiny_llama, kv_store_path=store, context_length=100_000, **SMALL,
+                **OPTS) as eng:
+        assert eng.pool.num_pages == SMALL["max_total_tokens"] // 16 + 2
+        out = eng.generate(input_ids=DOC + QUESTION, sampling_params=GREEDY)
+        assert out["output_ids"] == want and eng.stats()["stream_store_reads"] > 0
+
+
 def test_streaming_flags_are_checked(tiny_llama, tmp_path):
     store = str(tmp_path / "store")
     with pytest.raises(InvalidArgument, match="at least --reattn-topk"):

@@ -215,8 +215,11 @@ class Engine(NamedContexts):
     def _num_pages(self) -> int:
         cfg, c = self.model_config, self.args.reattn_chunk_size
         want = self.args.context_length or cfg.max_position_embeddings
+        streaming = self.args.streaming and not self.args.disable_reattn
         if self.args.max_total_tokens is not None:
             tokens = self.args.max_total_tokens
+            if streaming:  # what the pool cannot hold is streamed: the pool asked for
+                return tokens // c + 2
         else:
             bpt = KVPool.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.dtype)
             if self.device.type == "cuda":
@@ -224,7 +227,7 @@ class Engine(NamedContexts):
                 budget = int(free * self.args.mem_fraction_static)
             else:
                 budget = _CPU_KV_BUDGET
-            if self.args.streaming and not self.args.disable_reattn:
+            if streaming:
                 # the streaming tier's summary rows: min and max per streamed chunk, as many
                 # bytes as one token's K and V
                 budget -= bpt * self.args.kv_stream_max_tokens // c

@@ -218,8 +218,8 @@ class Engine(NamedContexts):
         streaming = self.args.streaming and not self.args.disable_reattn
         if self.args.max_total_tokens is not None:
             tokens = self.args.max_total_tokens
-            if streaming:  # what the pool cannot hold is streamed: the pool asked for
-                return tokens // c + 2
+            if streaming:  # the size asked for, whatever the context length: what the
+                return tokens // c + 2  # pool cannot hold is streamed from the store
         else:
             bpt = KVPool.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.dtype)
             if self.device.type == "cuda":

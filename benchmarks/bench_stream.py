@@ -24,7 +24,8 @@ left alone: how much of the store it holds shows in the major page faults report
    loaded into the pool; the middle chunks' summaries are read in bulk and the chunks each
    layer selects are streamed (chunk cache <- host tier <- LMDB). A new question over the
    same document: time to first token, then decode tok/s with the cache capped, the
-   chunk-cache hit rate and the bytes read from the store per token.
+   chunk-cache hit rate and the bytes read from the store per token. Each of `--variants`
+   then repeats this in an engine of its own, with other replay and runner-up settings.
 3. **resident**: a new engine without streaming: the whole stored prefix is loaded into the
    pool, then the same question and decode, for the decode baseline.
 
@@ -218,6 +219,11 @@ def rates_of(eng, doc: list[int], questions: list[list[int]], n: int, label: str
     return statistics.median(rates)
 
 
+def moved(before: dict, after: dict) -> dict:
+    """How much each numeric engine stat moved between two `Engine.stats()`."""
+    return {k: v - before.get(k, 0) for k, v in after.items() if isinstance(v, (int, float))}
+
+
 def release(eng) -> None:
     """Free a shut-down engine's memory before the next one: it froze the collector's
     objects while serving (unfrozen at shutdown), so its reference cycles wait for a
@@ -298,8 +304,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="kernel breakdown of 16 decode steps, streamed and resident")
     ap.add_argument("--variants", nargs="*", default=[], metavar="CAP:AHEAD:REPLAY",
-                    help="after the streamed decode, decode again (new questions, same "
-                         "engine) per variant: CAP replays of a streamed graph step before it "
+                    help="after the streamed measure, repeat it (a new engine, the same "
+                         "questions) per variant: CAP replays of a streamed graph step before it "
                          "runs eagerly (model_runner.MAX_STREAM_REPLAYS); the first AHEAD "
                          "runners-up per layer loaded ahead after a step "
                          "(StreamTier.ahead_runners; 'all': every one ReAttention reports); "
@@ -415,8 +421,7 @@ def main() -> None:
             res["streamed_tok_s"] = rates_of(eng, doc, questions[2:], args.decode, "streamed")
             after = eng.stats()
             res["streamed_decode_major_faults"] = major_faults() - faults
-            d = {k: after.get(k, 0) - before.get(k, 0) for k in after
-                 if isinstance(after.get(k), (int, float))}
+            d = moved(before, after)
             hits, misses = d.get("chunk_cache_hits", 0), d.get("chunk_cache_misses", 0)
             res["chunk_cache_hit_rate"] = hits / max(hits + misses, 1)
             steps = args.repeats * args.decode
@@ -451,8 +456,9 @@ def main() -> None:
                     wrong = cache_matches_store(eng)[1]
             finally:
                 model_runner.MAX_STREAM_REPLAYS = default_cap
+            d = moved(before, after)
             res["variants"][f"{k}: {variant}"] = dict(
-                {key: after.get(key, 0) - before.get(key, 0) for key in
+                {key: d.get(key, 0) for key in
                  ("stream_graph_steps", "stream_graph_replays", "stream_graph_eager",
                   "stream_store_reads", "stream_prefetch_reads", "stream_prefetch_hits",
                   "stream_replay_ahead")},

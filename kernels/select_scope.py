@@ -154,6 +154,15 @@ def _block_topk_kernel(
 
 
 @triton.jit
+def _best_of_tile(best, m0, end, W: tl.constexpr, KP: tl.constexpr):
+    """The KP best of the first pass's picks m0 .. m0 + W - 1 (those from `end` on read as
+    padding), best first."""
+    m = m0 + tl.arange(0, W)
+    pad = tl.full([W], -2147483648, tl.int32).to(tl.int64) << 32
+    return _topk(tl.where(m < end, tl.load(best + m, mask=m < end, other=0), pad), W, KP)
+
+
+@triton.jit
 def _scope_table_kernel(
     best_ptr, num_cands_ptr, cand_ptr, head_table_ptr, head_pages_ptr, local_table_ptr,
     local_tokens_ptr, table_ptr, lens_ptr, sel_ptr, nsel_ptr, map_ptr, spare_ptr,
@@ -169,22 +178,15 @@ def _scope_table_kernel(
     # as a streamed graph's virtual pages, costs nothing here), M keys at a time into a
     # running best KP.
     end = tl.minimum((n_cands + BLOCK - 1) // BLOCK * KP, num_best)
-    m = tl.arange(0, M)
     j = tl.arange(0, KP)
-    pad = tl.full([M], -2147483648, tl.int32).to(tl.int64) << 32
     best = best_ptr + b.to(tl.int64) * stride_bb
     if HALF and end <= M // 2:  # few blocks hold candidates (a padded width): half a tile
-        h = tl.arange(0, M // 2)
-        x = _topk(tl.where(h < end, tl.load(best + h, mask=h < end, other=0),
-                           tl.full([M // 2], -2147483648, tl.int32).to(tl.int64) << 32),
-                  M // 2, KP)
+        x = _best_of_tile(best, 0, end, M // 2, KP)
     else:
-        x = _topk(tl.where(m < end, tl.load(best + m, mask=m < end, other=0), pad), M, KP)
+        x = _best_of_tile(best, 0, end, M, KP)  # [KP], best first
         if MULTI:  # more picks than one tile holds: the rest, tile by tile
-            for m0 in range(M, end, M):  # [KP], best first
-                t = _topk(tl.where(m0 + m < end,
-                                   tl.load(best + m0 + m, mask=m0 + m < end, other=0), pad),
-                          M, KP)
+            for m0 in range(M, end, M):
+                t = _best_of_tile(best, m0, end, M, KP)
                 x = _topk(tl.reshape(tl.join(x, t), [2 * KP]), 2 * KP, KP)
     mask32 = (tl.full([KP], 1, tl.int64) << 32) - 1
     idx = mask32 - (x & mask32)  # padding decodes to 2^32 - 1, never a valid index

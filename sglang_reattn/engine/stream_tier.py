@@ -551,28 +551,28 @@ class StreamTier:
             self._load_runners(missed[0] + 1, runners[..., : self.replay_runners])
         self._selected = {}
         if runners is not None:
-            runners = runners[..., : self.ahead_runners]
-            virtual = runners >= self.base
-            rl, rb, _ = np.nonzero(virtual)
-            rs = runners[virtual] - self.base
-            cold = self.vmap[rl, rs] < 0
-            for layer, row, slot in zip(rl[cold].tolist(), rb[cold].tolist(),
-                                        rs[cold].tolist()):
+            rl, rb, rs = self._uncached(runners[..., : self.ahead_runners])
+            for layer, row, slot in zip(rl.tolist(), rb.tolist(), rs.tolist()):
                 self._selected.setdefault(layer, []).append((row, self._slot_ids[slot]))
         return not missed
+
+    def _uncached(self, pages: np.ndarray, first: int = 0
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The virtual entries of pages [L', B, K] (layers first..) whose chunk is not in
+        the chunk cache -> (layer, batch row, summary slot) of each."""
+        virtual = pages >= self.base
+        rl, rb, _ = np.nonzero(virtual)
+        rl += first
+        rs = pages[virtual] - self.base
+        cold = self.vmap[rl, rs] < 0
+        return rl[cold], rb[cold], rs[cold]
 
     def _load_runners(self, first: int, runners: np.ndarray) -> None:
         """The uncached virtual runners-up [L, B, R] of layers `first`.. into the chunk
         cache now (read from the host tier or LMDB), ahead of a replay."""
-        part = runners[first:]
-        virtual = part >= self.base
-        rl, _, _ = np.nonzero(virtual)
-        rl += first
-        rs = part[virtual] - self.base
-        cold = self.vmap[rl, rs] < 0
-        for layer in np.unique(rl[cold]).tolist():
-            keys = list(dict.fromkeys(self._slot_ids[s] for s in
-                                      rs[cold & (rl == layer)].tolist()))
+        rl, _, rs = self._uncached(runners[first:], first)
+        for layer in np.unique(rl).tolist():
+            keys = list(dict.fromkeys(self._slot_ids[s] for s in rs[rl == layer].tolist()))
             _, fills = self.cache.acquire(layer, keys, count=False)
             if fills:
                 self._fill(layer, fills)
@@ -767,8 +767,6 @@ class StreamTier:
                 pages.append(p)
                 kvs.append(kv[k])
                 taken.append(k)
-            self._loaded_ahead[layer, [self._slot_of[k] for k, _ in fills
-                                       if k in self._slot_of]] = True
         if not kvs:
             return
         try:
@@ -784,9 +782,11 @@ class StreamTier:
         except BaseException:  # no page taken stays mapped to a block it does not hold
             for layer, key in zip(layers, taken):
                 self.cache.forget(layer, [key])
-                if key in self._slot_of:
-                    self._loaded_ahead[layer, self._slot_of[key]] = False
             raise
+        ahead = [(layer, self._slot_of[k]) for layer, k in zip(layers, taken)
+                 if k in self._slot_of]
+        if ahead:
+            self._loaded_ahead[tuple(np.array(ahead).T)] = True
         self.stats["stream_device_prefetches"] += len(kvs)
 
     def _prefetch_loop(self) -> None:

@@ -119,20 +119,66 @@ def bench_store(mb: int, level: int, root: str) -> None:
         shutil.rmtree(sdir)
 
 
+def bench_summaries(n_chunks: int, root: str, per_pack: int = 256) -> None:
+    """A streamed context's bulk summary read (`get_summaries(..., dequantize=False)`, what
+    the streaming tier's attach does): one LMDB value per chunk, against summary packs of
+    `per_pack` chunks. Default-model summary shape: 30 layers x min/max x 3 KV heads x 64;
+    one token per chunk keeps the KV small (the summaries' size does not depend on it)."""
+    fp = {
+        "architecture": "LlamaForCausalLM", "num_layers": 30, "num_kv_heads": 3, "head_dim": 64,
+        "dtype": "bfloat16", "chunk_size": 1, "summary_kind": "minmax",
+        "rope": {"theta": 100000.0}, "tokenizer_hash": "bench",
+    }
+    recs = make_records(fp, n_chunks)
+    ids = [r.chunk_id for r in recs]
+    sdir = os.path.join(root, "store-summaries")
+    with ChunkStore(sdir, fp, 64 << 30, codec="raw") as s:
+        for i in range(0, n_chunks, 256):
+            s.put_chunks(recs[i: i + 256])
+        del recs
+
+        def median_read() -> float:
+            times = []
+            for _ in range(5):
+                t = time.perf_counter()
+                s.get_summaries(ids, dequantize=False)
+                times.append(time.perf_counter() - t)
+            return sorted(times)[2]
+
+        single = median_read()
+        t = time.perf_counter()
+        for i in range(0, n_chunks - per_pack + 1, per_pack):
+            s.pack_summaries(ids[i: i + per_pack])
+        tp = time.perf_counter() - t
+        packed = median_read()
+        nbytes = s.get_summaries(ids[:1], dequantize=False)[0].nbytes * n_chunks
+    shutil.rmtree(sdir)
+    print(f"\n## Bulk summary read ({n_chunks} chunks, {nbytes / n_chunks / 1024:.1f} KiB of "
+          f"int8 summaries each, warm, median of 5)\n")
+    print("| layout | read s | us per chunk | GB/s |\n| --- | --- | --- | --- |")
+    for what, sec in (("one value per chunk", single), (f"packs of {per_pack}", packed)):
+        print(f"| {what} | {sec:.3f} | {sec / n_chunks * 1e6:.1f} | {nbytes / sec / 1e9:.2f} |")
+    print(f"(writing the packs took {tp:.2f} s)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mb", type=int, default=64, help="MiB of KV per measurement")
     ap.add_argument("--level", type=int, default=codecs.DEFAULT_LEVEL, help="zstd level")
     ap.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
+    ap.add_argument("--summaries", type=int, default=16384,
+                    help="chunks of the bulk summary read (16384: a million tokens)")
     args = ap.parse_args()
     print(f"# bench_store: {platform.platform()}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, Python {platform.python_version()}, lmdb {lmdb.__version__}, "
           f"zstandard {zstandard.__version__}")
-    print(f"command: python benchmarks/bench_store.py --mb {args.mb} --level {args.level}")
+    print(f"command: python benchmarks/bench_store.py --mb {args.mb} --level {args.level} "
+          f"--summaries {args.summaries}")
     bench_codecs(args.mb, args.level)
     root = tempfile.mkdtemp(prefix="bench_store-", dir=args.dir)
     try:
         bench_store(args.mb, args.level, root)
+        bench_summaries(args.summaries, root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -244,7 +244,9 @@ def timers(out: dict):
 
     targets = [(stream_tier.StreamTier, ("attach", "fetch", "_write", "resolve", "settle",
                                          "sync_map", "prefetch", "end_step", "_to_device",
-                                         "_write_pages", "_prefetch_one")),
+                                         "_write_pages", "_prefetch_one", "_copy_to",
+                                         "expect", "_put_summaries")),
+               (stream_tier.ChunkCache, ("acquire",)), (stream_tier.HostCache, ("put",)),
                (store_tier.StoreTier, ("lookup", "load", "save", "_write_one")),
                (store.ChunkStore, ("get_summaries", "get_kv_many")),
                (scheduler.Scheduler, ("_admit", "_run_prefill", "_run_decode", "_spill",
@@ -303,14 +305,19 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--profile", action="store_true",
                     help="kernel breakdown of 16 decode steps, streamed and resident")
-    ap.add_argument("--variants", nargs="*", default=[], metavar="CAP:AHEAD:REPLAY",
+    ap.add_argument("--variants", nargs="*", default=[],
+                    metavar="CAP:AHEAD:REPLAY[:EXPECT[:PACKS]]",
                     help="after the streamed measure, repeat it (a new engine, the same "
                          "questions) per variant: CAP replays of a streamed graph step before it "
                          "runs eagerly (model_runner.MAX_STREAM_REPLAYS); the first AHEAD "
                          "runners-up per layer loaded ahead after a step "
                          "(StreamTier.ahead_runners; 'all': every one ReAttention reports); "
                          "the first REPLAY runners-up loaded before a replay "
-                         "(StreamTier.replay_runners)")
+                         "(StreamTier.replay_runners); EXPECT: how many runners-up of the "
+                         "prompt's last token are loaded with its selection before the first "
+                         "decode step (StreamTier.due_runners), or 'off' to load neither "
+                         "(StreamTier.expect_next); PACKS 0 reads the summaries one value per "
+                         "chunk, not from the store's summary packs")
     ap.add_argument("--step-timers", action="store_true",
                     help="time the engine's parts during the timed decode too, to show what "
                          "the slowest steps spent their time in (adds a little to each step)")
@@ -360,8 +367,8 @@ def main() -> None:
                   f"compiling {len(COMPILED) - kernels} Triton kernels", flush=True)
             t = time.perf_counter()
             eng.store_tier.flush()
-            print(f"# store written behind, flushed {time.perf_counter() - t:.1f} s later",
-                  flush=True)
+            print(f"# store written behind, flushed {time.perf_counter() - t:.1f} s later "
+                  f"({eng.stats()['store_summary_packs']} summary packs)", flush=True)
             scope = eng.reattn.scope_tokens
             hw = (torch.cuda.get_device_name(0) if eng.device.type == "cuda"
                   else f"{platform.machine()} CPU, {torch.get_num_threads()} threads")
@@ -434,13 +441,15 @@ def main() -> None:
                   f"{res['cache_blocks_checked']:,} blocks differ", flush=True)
             res["replay_cap"] = default_cap = model_runner.MAX_STREAM_REPLAYS
             res["ahead_runners"] = eng.attn.spare
+            res["due_runners"] = due_default = eng.attn.stream.due_runners
             profiled(eng, "streamed decode")
 
         # Each variant restarts as the measure above did (the chunk cache and host tier
         # empty, the page cache warm): the same questions, with other settings.
         res["variants"] = {}
         for k, variant in enumerate(args.variants):
-            cap, ahead, replay = variant.split(":")
+            fields = variant.split(":")
+            cap, ahead, replay, expect, packs = fields + [str(due_default), "1"][len(fields) - 3:]
             model_runner.MAX_STREAM_REPLAYS = int(cap)
             release(eng)
             try:
@@ -448,6 +457,11 @@ def main() -> None:
                     tier = eng.attn.stream
                     tier.ahead_runners = None if ahead == "all" else int(ahead)
                     tier.replay_runners = int(replay)
+                    tier.expect_next = expect != "off"
+                    if packs == "0":  # summaries read one value per chunk
+                        eng.store_tier.store._pack_rows = lambda *a: None
+                    if expect != "off":
+                        tier.due_runners = int(expect)
                     t, _ = ttft(eng, doc + questions[1])
                     before = eng.stats()
                     rate = rates_of(eng, doc, questions[2:], args.decode,
@@ -461,7 +475,7 @@ def main() -> None:
                 {key: d.get(key, 0) for key in
                  ("stream_graph_steps", "stream_graph_replays", "stream_graph_eager",
                   "stream_store_reads", "stream_prefetch_reads", "stream_prefetch_hits",
-                  "stream_replay_ahead")},
+                  "stream_replay_ahead", "stream_due_loads")},
                 tok_s=rate, ttft_s=t, step_ms=sorted(GAPS_ALL)[len(GAPS_ALL) // 2] * 1e3,
                 max_ms=max(GAPS_ALL) * 1e3, blocks_wrong=wrong)
             print(f"#   variant {variant}: TTFT {t:.2f} s, {res['variants'][f'{k}: {variant}']}",
@@ -523,18 +537,22 @@ def main() -> None:
               f"questions, {args.decode} tokens, median of {args.repeats}; resident "
               f"{res['resident_tok_s']:.1f} tok/s; the engine's own settings: "
               f"{res['replay_cap']} replays, {res['ahead_runners']} runners-up, none before a "
-              f"replay)")
+              f"replay, the last token's selection and {res['due_runners']} of its runners-up "
+              f"loaded before the first step)")
         print("| replays before eager : runners-up per layer loaded ahead : and before a "
-              "replay | tok/s (of resident) | median / max step ms | graph steps / replays / "
-              "eager | store reads / read ahead / hits / loaded before a replay | TTFT s | "
-              "blocks differing from the store |\n|---|---|---|---|---|---|---|")
+              "replay : the last token's runners-up loaded before the first step : summary "
+              "packs read | tok/s (of "
+              "resident) | median / max step ms | graph steps / replays / eager | store reads "
+              "/ read ahead / hits / loaded before a replay / before the first step | TTFT s "
+              "| blocks differing from the store |\n|---|---|---|---|---|---|---|")
         for key, v in res["variants"].items():
             share = v["tok_s"] / res["resident_tok_s"]
             print(f"| {key.split(': ')[1]} | {v['tok_s']:.1f} ({share:.0%}) | "
                   f"{v['step_ms']:.2f} / {v['max_ms']:.1f} | {v['stream_graph_steps']} / "
                   f"{v['stream_graph_replays']} / {v['stream_graph_eager']} | "
                   f"{v['stream_store_reads']} / {v['stream_prefetch_reads']} / "
-                  f"{v['stream_prefetch_hits']} / {v['stream_replay_ahead']} | "
+                  f"{v['stream_prefetch_hits']} / {v['stream_replay_ahead']} / "
+                  f"{v['stream_due_loads']} | "
                   f"{v['ttft_s']:.2f} | {v['blocks_wrong']} |")
     if args.json:
         with open(args.json, "w") as f:

@@ -66,6 +66,8 @@ for step in ${STEPS:-check offline niah}; do
                 dd if=/tmp/ddtest of=/dev/null bs=1M iflag=direct 2>&1 | tail -1
                 dd if=/tmp/ddtest of=/dev/null bs=4k count=65536 iflag=direct 2>&1 | tail -1
                 rm -f /tmp/ddtest; } | tee "$OUT/disk.txt" ;;
+        store) timeout ${STORE_TIMEOUT:-150} python3 benchmarks/bench_store.py --mb 16 --dir /tmp 2>&1 \
+                    | tee "$OUT/bench_store.txt" ;;
         coldreads) timeout 120 python3 benchmarks/bench_cold_reads.py --dir /tmp 2>&1 \
                     | tee "$OUT/bench_cold_reads.txt" ;;
         stream8b) timeout ${STREAM_TIMEOUT:-580} python3 benchmarks/bench_stream.py --device cuda \
@@ -76,4 +78,5 @@ for step in ${STEPS:-check offline niah}; do
     esac
 done
 tail -n 12 "$OUT"/check_gpu.txt "$OUT"/bench_offline.txt "$OUT"/niah*.txt \
-    "$OUT"/bench_e2e*.txt "$OUT"/niah_variants64.txt "$OUT"/bench_stream*.txt "$OUT"/bench_cold_reads.txt "$OUT"/disk.txt 2>/dev/null
+    "$OUT"/bench_e2e*.txt "$OUT"/niah_variants64.txt "$OUT"/bench_stream*.txt "$OUT"/bench_cold_reads.txt "$OUT"/disk.txt \
+    "$OUT"/bench_store.txt 2>/dev/null

@@ -27,7 +27,8 @@ from .errors import StoreError, StoreFull
 
 logger = logging.getLogger(__name__)
 
-DB_NAMES = ("meta", "headers", "kv", "summaries", "lru", "children", "contexts", "used")
+DB_NAMES = ("meta", "headers", "kv", "summaries", "lru", "children", "contexts", "used",
+            "packs", "pack_of")
 _MIN_MAP = 1 << 20
 
 

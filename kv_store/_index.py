@@ -13,6 +13,14 @@ Databases (keys are raw bytes; a chunk id is its 32-byte digest)::
     children  parent id || child id   -> b""
     contexts  name utf-8              -> encoded ContextInfo
     meta      name                    -> value (format, fingerprint, counters)
+    packs     first id                -> framed u32 n || n ids || their n summaries (each
+                                         the decoded payload of its summaries block)
+    pack_of   id                      -> first id of the pack holding its summary
+
+Packs are an index over the summaries of consecutive chunks of one chain, written after
+the chunks (``ChunkStore.pack_summaries``) so that a long context's summaries are read a
+few megabytes at a time; removing a chunk removes its pack. Stores created before packs
+open them empty (readonly: without them).
 
 Invariant: a pinned chunk's ancestors are pinned at least as many times (a pin covers
 the chunk and its whole chain), so an unpinned chunk has no pinned descendant and
@@ -29,6 +37,7 @@ from typing import NamedTuple
 
 from .errors import ChunkNotFound, CorruptBlock
 from .records import ChunkHeader, decode_context, decode_header, encode_context, encode_header
+from .writes import lmdb_bytes
 
 _U64 = struct.Struct("<Q")
 
@@ -42,6 +51,8 @@ class Dbs(NamedTuple):
     children: object
     contexts: object
     used: object
+    packs: object  # None: a readonly store opened without them
+    pack_of: object
 
 
 def kv_key(cid: bytes, layer: int) -> bytes:
@@ -163,6 +174,7 @@ def remove_chunks(txn, dbs: Dbs, ids: Iterable[bytes], num_layers: int) -> Remov
             txn.delete(parent + cid, db=dbs.children)
         txn.delete(cid, db=dbs.headers)
         txn.delete(cid, db=dbs.summaries)
+        freed += drop_pack_of(txn, dbs, cid)
         for layer in range(num_layers):
             txn.delete(kv_key(cid, layer), db=dbs.kv)
         _drop_child_entries(txn, dbs, cid)
@@ -170,6 +182,24 @@ def remove_chunks(txn, dbs: Dbs, ids: Iterable[bytes], num_layers: int) -> Remov
     add_counter(txn, dbs, b"chunk_count", -len(parents))
     add_counter(txn, dbs, b"removed_total", len(parents))  # see ChunkStore.removed_total
     return Removed(freed, parents)
+
+
+def drop_pack_of(txn, dbs: Dbs, cid: bytes) -> int:
+    """Remove the summary pack holding ``cid`` (if any) -> the bytes it was charged.
+    The pack_of entries of its other chunks stay (they lead nowhere) until those go."""
+    if dbs.pack_of is None:
+        return 0
+    first = txn.get(cid, db=dbs.pack_of)
+    if first is None:
+        return 0
+    first = bytes(first)
+    txn.delete(cid, db=dbs.pack_of)
+    value = txn.get(first, db=dbs.packs)
+    if value is None:
+        return 0
+    size = lmdb_bytes(len(first), len(value))
+    txn.delete(first, db=dbs.packs)
+    return size
 
 
 def _sizes(txn, dbs: Dbs, cid: bytes, num_layers: int) -> int:

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -29,12 +31,14 @@ from . import _index as ix
 from . import codecs
 from . import fingerprint as fpmod
 from ._env import DB_NAMES, Env
+from .codecs import FRAME_SIZE
 from .errors import ChunkNotFound, CorruptBlock, StoreError, StoreFull
 from .hashing import chunk_id as derive_chunk_id
 from .records import ChunkHeader, ChunkRecord, ContextInfo, numpy_dtype, split_summary
-from .writes import PreparedChunk, prepare_chunk
+from .writes import PreparedChunk, lmdb_bytes, prepare_chunk
 
 logger = logging.getLogger(__name__)
+_U32 = struct.Struct("<I")
 
 FORMAT_VERSION = 2  # 2: last uses in their own index (touches rewrite no header)
 _HEADROOM = 64 << 20  # map ceiling = 2 * capacity + this (LMDB page and B-tree overhead)
@@ -69,6 +73,7 @@ class ChunkStore:
         self.readonly = readonly
         self._held: dict[bytes, int] = {}  # hold() counts, in this process only
         self._held_lock = threading.Lock()
+        self._workers: ThreadPoolExecutor | None = None  # `_in_parallel`, made on first use
         self._env = Env(self.path, readonly, initial_map_size)
         try:
             self.dbs = ix.Dbs(*self._env.dbs)
@@ -285,35 +290,71 @@ class ChunkStore:
 
         dequantize=True: float32 [n, L, n_desc, H, D]. False: (int8 [n, L, n_desc, H, D],
         float32 per-row scales [n, L, n_desc, H]) for dequantizing on the GPU. All chunks
-        must share one summary shape.
+        must share one summary shape. Runs of chunks held by a summary pack
+        (`pack_summaries`) are read from it, a pack per LMDB value; the others one by one.
         """
         n = len(chunk_ids)
+        keys = [bytes.fromhex(c) for c in chunk_ids]
         out: list[np.ndarray] = []  # int8 q [n, *shape] and float32 scales [n, *shape[:-1]]
+        # the first block's framing, which every chunk must share: row size, where the
+        # quantized part starts, the header bytes (and as an array), and the outputs' bytes
+        shape: list = []
+
+        def put(i: int, rows: np.ndarray, raw=None) -> None:
+            """Decoded summaries rows [m, size] (uint8; `raw`: the one row's buffer) into
+            rows i.. of the output."""
+            if not shape:
+                q0, s0 = split_summary(rows[0].tobytes())
+                cut = rows.shape[1] - q0.nbytes
+                head = rows[0, : cut - s0.nbytes].tobytes()
+                out[:] = [np.empty((n,) + q0.shape, np.int8),
+                          np.empty((n,) + s0.shape, np.float32)]
+                shape[:] = [rows.shape[1], cut, head, np.frombuffer(head, np.uint8),
+                            out[0].reshape(n, -1).view(np.uint8),
+                            out[1].reshape(n, -1).view(np.uint8)]
+            size, cut, head, head_a, q_bytes, s_bytes = shape
+            if rows.shape[1] != size or (raw[: len(head)] != head if raw is not None else
+                                         (rows[:, : len(head)] != head_a).any()):
+                raise StoreError(f"summary of {chunk_ids[i]}: its shape differs from the "
+                                 "first chunk's (one model per store)")
+            m = len(rows)
+            s_bytes[i:i + m] = rows[:, len(head):cut]
+            q_bytes[i:i + m] = rows[:, cut:]
+
+        def one(txn, i: int) -> None:
+            block = txn.get(keys[i], db=self.dbs.summaries)
+            if block is None:
+                if txn.get(keys[i], db=self.dbs.headers) is None:
+                    raise ChunkNotFound(chunk_ids[i])
+                raise CorruptBlock(chunk_ids[i], None, "summary", "block missing")
+            raw = codecs.decode_block(block, chunk_ids[i], None, "summary", copy=False)
+            put(i, np.frombuffer(raw, np.uint8)[None], raw)
+
+        def from_pack(item) -> bool:
+            """A pack's checksum, then its rows into the output (False: it failed)."""
+            i, rows, block = item
+            if not self._pack_ok(block, keys[i]):
+                return False
+            put(i, rows)
+            return True
 
         def read(txn):
-            head = None
-            for i, chunk_id in enumerate(chunk_ids):
-                cid = bytes.fromhex(chunk_id)
-                block = txn.get(cid, db=self.dbs.summaries)
-                if block is None:
-                    if txn.get(cid, db=self.dbs.headers) is None:
-                        raise ChunkNotFound(chunk_id)
-                    raise CorruptBlock(chunk_id, None, "summary", "block missing")
-                raw = codecs.decode_block(block, chunk_id, None, "summary", copy=False)
-                if head is None:  # the first block's framing: every chunk must share it
-                    q0, s0 = split_summary(bytes(raw))
-                    size, cut = len(raw), len(raw) - q0.nbytes
-                    head = bytes(raw[: cut - s0.nbytes])
-                    out[:] = [np.empty((n,) + q0.shape, np.int8),
-                              np.empty((n,) + s0.shape, np.float32)]
-                    q_bytes = out[0].reshape(n, -1).view(np.uint8)
-                    s_bytes = out[1].reshape(n, -1).view(np.uint8)
-                elif len(raw) != size or raw[: len(head)] != head:
-                    raise StoreError(f"summary of {chunk_id}: its shape differs from the "
-                                     "first chunk's (one model per store)")
-                buf = np.frombuffer(raw, np.uint8)
-                s_bytes[i] = buf[len(head):cut]
-                q_bytes[i] = buf[cut:]
+            i, packs = 0, []  # packs found: (first row, rows, block), checked below
+            while i < n:
+                got = self._pack_rows(txn, keys, i) if n - i > 1 else None
+                if got is not None and shape:  # checked and copied below
+                    packs.append((i, *got))
+                    i += len(got[0])
+                elif got is not None and from_pack((i, *got)):  # the rows fixing the framing
+                    i += len(got[0])
+                else:
+                    one(txn, i)
+                    i += 1
+            # Checksums and copies of the packs on threads (zlib and numpy release the
+            # interpreter lock on megabytes); a pack that fails is read chunk by chunk.
+            for (i, rows, _), ok in zip(packs, self._in_parallel(from_pack, packs)):
+                for j in range(i, i + (0 if ok else len(rows))):
+                    one(txn, j)
 
         if n:
             self._read(read)
@@ -321,6 +362,92 @@ class ChunkStore:
             return np.empty((0,), np.float32) if dequantize else (np.empty((0,), np.int8), np.empty((0,), np.float32))
         q, s = out
         return q.astype(np.float32) * s[..., None] if dequantize else (q, s)
+
+    def _pack_rows(self, txn, keys: list[bytes], i: int) -> tuple[np.ndarray, Any] | None:
+        """(decoded summaries [m, size] uint8, the pack's block), views valid in this txn,
+        of keys[i:i+m] from the pack that starts at keys[i] (m >= 1: the chunks it holds in
+        that order), its checksum NOT verified yet (`_pack_ok`); None when there is none."""
+        if self.dbs.packs is None:
+            return None
+        block = txn.get(keys[i], db=self.dbs.packs)
+        if block is None or len(block) < FRAME_SIZE + 4:
+            return None
+        raw = memoryview(block)[FRAME_SIZE:]
+        count = _U32.unpack_from(raw)[0]
+        ids = raw[4: 4 + 32 * count]
+        want = keys[i: i + count]
+        m = len(want)
+        if ids[: 32 * m] != b"".join(want):
+            m = next(j for j, k in enumerate(want) if ids[32 * j: 32 * j + 32] != k)
+        size, rest = divmod(len(raw) - 4 - 32 * count, max(count, 1))
+        if not m or rest:
+            return None
+        rows = np.frombuffer(raw, np.uint8, offset=4 + 32 * count)
+        return rows.reshape(count, size)[:m], block
+
+    @staticmethod
+    def _pack_ok(block, key: bytes) -> bool:
+        """A pack's checksum and frame (a damaged one is skipped, and left for its next
+        writer to replace)."""
+        try:
+            codecs.decode_block(block, key.hex(), None, "pack", copy=False)
+            return True
+        except CorruptBlock as e:
+            logger.warning("summary pack skipped: %s", e)
+            return False
+
+    def _in_parallel(self, fn: Callable[[Any], Any], items: list) -> list:
+        """[fn(item)] computed on this store's worker threads (inline for one item)."""
+        if len(items) < 2:
+            return [fn(x) for x in items]
+        with self._held_lock:
+            if self._workers is None:
+                self._workers = ThreadPoolExecutor(min(8, os.cpu_count() or 1),
+                                                   thread_name_prefix="kv-store")
+        return list(self._workers.map(fn, items))
+
+    def pack_summaries(self, chunk_ids: Sequence[str]) -> bool:
+        """Write the summaries of consecutive chunks of one chain as one pack, keyed by the
+        first (writes): `get_summaries` then reads them in one value instead of one per
+        chunk. Returns False when that pack is already there, or when it would take the
+        store over its capacity (a pack is only an index: it evicts nothing).
+        ChunkNotFound / CorruptBlock when a chunk's summary cannot be read (nothing is
+        written). Removing any of the chunks removes the pack."""
+        keys = [bytes.fromhex(c) for c in chunk_ids]
+        if len(keys) < 2:
+            return False
+        if self.dbs.packs is None:
+            raise StoreError("this store has no summary packs (opened readonly)")
+        body = _U32.pack(len(keys)) + b"".join(keys)
+
+        def txn_fn(txn):
+            old = txn.get(keys[0], db=self.dbs.packs)
+            if old is not None and bytes(old[FRAME_SIZE: FRAME_SIZE + len(body)]) == body:
+                try:  # there already (a damaged one is rewritten)
+                    codecs.decode_block(old, chunk_ids[0], None, "pack", copy=False)
+                    return False
+                except CorruptBlock:
+                    pass
+            rows = []
+            for key, chunk_id in zip(keys, chunk_ids):
+                block = txn.get(key, db=self.dbs.summaries)
+                if block is None:
+                    raise ChunkNotFound(chunk_id, "chunk of a summary pack")
+                rows.append(bytes(codecs.decode_block(block, chunk_id, None, "summary",
+                                                      copy=False)))
+            value = codecs.encode_block(body + b"".join(rows), "raw", 0, 1)
+            charge = lmdb_bytes(32, len(value))
+            if old is not None:
+                charge -= lmdb_bytes(32, len(old))
+            if ix.get_counter(txn, self.dbs, b"bytes_used") + charge > self.capacity:
+                return False
+            txn.put(keys[0], value, db=self.dbs.packs)
+            for key in keys:
+                txn.put(key, keys[0], db=self.dbs.pack_of)
+            ix.add_counter(txn, self.dbs, b"bytes_used", charge)
+            return True
+
+        return self._write(txn_fn)
 
     def iter_headers(
         self, batch: int = 4096, on_corrupt: Callable[[CorruptBlock], None] | None = None
@@ -523,6 +650,9 @@ class ChunkStore:
 
     def close(self) -> None:
         """Close the environment (idempotent)."""
+        workers = getattr(self, "_workers", None)
+        if workers is not None:
+            workers.shutdown()
         env = getattr(self, "_env", None)
         if env is not None:
             env.close()

@@ -174,11 +174,44 @@ def test_streamed_context_equals_resident(stored, tiny_llama):
             assert s["stream_summaries_loaded"] == 47 + s["stream_spilled_chunks"] == 48
             assert s["chunk_cache_misses"] > 0 and s["chunk_cache_hits"] > 0
             assert s["chunk_cache_evictions"] > 0
-            assert s["stream_store_reads"] + s["host_cache_hits"] == s["chunk_cache_misses"]
+            # each block fetched once: on a miss, or before the first decode step (due)
+            assert s["stream_store_reads"] + s["host_cache_hits"] == (
+                s["chunk_cache_misses"] + s["stream_due_loads"])
+            assert s["stream_due_loads"] == 0  # eager decode loads nothing ahead of it
             assert s["host_cache_bytes"] <= 64 << 10
             assert s["kv_pages_free"] == pool_pages - 24  # all but the cache given back
             assert s["stream_attached_chunks"] == 0
     assert outs[True] == want and outs[False] == want
+
+
+def test_streamed_summaries_come_from_summary_packs(tiny_llama, tmp_path, monkeypatch):
+    """A document prefilled into the store gets a summary pack per group of chunks from
+    its root (8 here); a streamed request over it reads its middle chunks' summaries from
+    those packs and answers as the resident engine did."""
+    from sglang_reattn.engine import store_tier
+    from sglang_reattn.kv_store import ChunkStore
+
+    monkeypatch.setattr(store_tier, "SUMMARY_PACK", 8)
+    store = str(tmp_path / "store")
+    with Engine(tiny_llama, kv_store_path=store, **OPTS) as eng:
+        want = eng.generate(input_ids=DOC + QUESTION, sampling_params=GREEDY)["output_ids"]
+        eng.store_tier.flush()
+        assert eng.stats()["store_summary_packs"] == len(DOC) // 16 // 8 == 7
+    served = []
+    orig = ChunkStore._pack_rows
+
+    def counted(self, txn, keys, i):
+        got = orig(self, txn, keys, i)
+        served.append(0 if got is None else len(got[0]))
+        return got
+
+    monkeypatch.setattr(ChunkStore, "_pack_rows", counted)
+    with Engine(tiny_llama, kv_store_path=store, **SMALL, **OPTS) as eng:
+        out = eng.generate(input_ids=DOC + QUESTION, sampling_params=GREEDY)
+        assert eng.stats()["stream_summaries_loaded"] == 48
+    assert out["output_ids"] == want
+    # the 47 middle chunks start at chunk 1 (after the sink): chunks 8..47 from packs
+    assert sum(served) == 40
 
 
 def test_streamed_decode_in_the_graph_path_equals_resident(stored, tiny_llama):
@@ -190,9 +223,11 @@ def test_streamed_decode_in_the_graph_path_equals_resident(stored, tiny_llama):
         eng._call(lambda: eng.runner._capture(2))
         assert {k for k in eng.runner.graphs if k[1] == "stream"} == {(1, "stream"),
                                                                       (2, "stream")}
+        eng.attn.stream.expect_next = True  # as an engine that captured its graphs sets it
         out = eng.generate(input_ids=DOC + QUESTION, sampling_params=GREEDY)
         s = eng.stats()
         assert out["output_ids"] == want
+        assert s["stream_due_loads"] > 0
         # every decode step after the first token ran from the graph buffers; with a
         # 24-page cache for 18 selected of 47 chunks some steps missed and replayed
         assert s["stream_graph_steps"] + s["stream_graph_eager"] == GREEDY["max_new_tokens"] - 1
@@ -249,6 +284,51 @@ def test_runners_up_loaded_before_replays_keep_the_answer(stored, tiny_llama):
         s = eng.stats()
     assert out["output_ids"] == want
     assert s["stream_replay_ahead"] > 0 and s["stream_graph_replays"] > 0
+
+
+def test_the_last_tokens_chunks_are_loaded_before_the_first_decode_step(stored, tiny_llama):
+    """The prompt's last token selects on its own in each layer of its prefill piece (as
+    the decode step after it will); those chunks and its first runners-up are loaded before
+    that step: the first decode step misses fewer chunks, with the same answer."""
+    store, want = stored
+    opts = dict(SMALL, kv_chunk_cache_pages=96, max_total_tokens=16 * 116,
+                kv_host_cache_size="8MiB")
+    first = {}
+    for expect in (False, True):
+        with Engine(tiny_llama, kv_store_path=store, **opts, **OPTS) as eng:
+            tier = eng.attn.stream
+            tier.expect_next = expect
+            misses = []
+            run = eng.scheduler._run_decode
+
+            def counted(reqs, run=run, tier=tier, misses=misses):
+                before = tier.cache.misses
+                run(reqs)
+                misses.append(tier.cache.misses - before)
+
+            eng.scheduler._run_decode = counted
+            out = eng.generate(input_ids=DOC + QUESTION, sampling_params=GREEDY)
+            s = eng.stats()
+        assert out["output_ids"] == want
+        assert (s["stream_due_loads"] > 0) == expect
+        first[expect] = misses[0]
+    assert first[True] < first[False]
+
+
+def test_expected_chunks_become_the_rows_hints_and_due_loads():
+    """`expect` (a prefill row whose next step decodes): its hint is the last token's
+    selection and runners-up in place of the piece's, its due chunks that selection and
+    the first `due_runners` runners-up; other rows keep their own selection as hint."""
+    tier, _ = _tier_for_test()
+    v = tier.attach([f"c{i}" for i in range(1, 8)])
+    tier._selected = {0: [(0, "c1"), (1, "c2")]}
+    tier.due_runners, tier.ahead_runners = 1, 3
+    sel, nsel = torch.tensor([[v[2], v[3], -1]]), torch.tensor([2])
+    tier.expect(0, [1], sel, nsel, torch.tensor([[v[4], v[5], v[6], v[0]]]))
+    hints, dues = tier.end_step(2)
+    assert hints == [{0: ["c1"]}, {0: ["c3", "c4", "c5", "c6", "c7"]}]
+    assert dues == [{}, {0: ["c3", "c4", "c5"]}]
+    assert tier.end_step(2) == ([{}, {}], [{}, {}])  # consumed
 
 
 def test_streaming_counts_misses_then_hits(stored, tiny_llama):
@@ -762,10 +842,10 @@ def test_runners_up_loaded_before_a_replay_and_after_a_step():
     assert tier.settle(np.array([[[v[0], -1]], [[v[1], v[2]]]]), runners)
     assert tier.stats["stream_prefetch_hits"] == hits + 1
     # the hints: uncached runners-up only, and with ahead_runners only the first ones
-    assert tier.end_step(1) == [{0: ["c3", "c4", "c5"], 1: ["c5"]}]
+    assert tier.end_step(1) == ([{0: ["c3", "c4", "c5"], 1: ["c5"]}], [{}])
     tier.ahead_runners = 1
     tier.settle(np.array([[[v[0], -1]], [[v[1], v[2]]]]), runners)
-    assert tier.end_step(1) == [{0: ["c3"]}]
+    assert tier.end_step(1) == ([{0: ["c3"]}], [{}])
 
 
 def test_a_batch_reads_blocks_go_to_the_device_as_their_buffer():

@@ -208,6 +208,11 @@ class Engine(NamedContexts):
                           parse_bytes(self.args.kv_host_cache_size),
                           prefetch=not self.args.disable_kv_prefetch)
         self.attn.stream = tier
+        # Loading a streamed prompt's likely first decode chunks ahead of that step spares
+        # it replays of its CUDA graph. Decoding eagerly, a miss is fetched in its layer as
+        # the step runs at the cost of a load ahead, so the guesses would only add loads
+        # (default model, 8K tokens, CPU: 405 loads ahead spared 60 misses).
+        tier.expect_next = any(key[1] == "stream" for key in self.runner.graphs)
         logger.info("streaming tier: %d chunk-cache pages, host tier %s", n,
                     self.args.kv_host_cache_size)
         return tier

@@ -103,8 +103,12 @@ class ModelRunner:
             streamed=any(r.streamed for r in reqs),
         )
         if self.reattn is not None:
+            # streamed rows whose prompt completes: their next step decodes
+            nxt = [] if is_decode else [i for i, (r, n) in enumerate(zip(reqs, q_lens))
+                                        if r.streamed and r.num_computed + n == r.num_tokens]
             batch.scope_plan = build_scope_plan(self.reattn, pages_full(reqs),
-                                                [r.num_computed for r in reqs], q_lens, dev)
+                                                [r.num_computed for r in reqs], q_lens, dev,
+                                                next_rows=nxt)
             if not self.attn.use_triton:  # the Triton store keeps running summaries itself
                 done = completed_pages(pages_full(reqs), [r.num_computed for r in reqs],
                                        q_lens, self.page_size)

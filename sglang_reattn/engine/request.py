@@ -49,6 +49,8 @@ class Request:
     num_saved: int = 0  # leading full chunks already handed to the disk tier
     streamed: bool = False  # `pages` holds virtual pages of the streaming tier
     stream_hint: dict = field(default_factory=dict)  # layer -> chunks its last step selected
+    # layer -> chunks its next (decode) step will likely select, loaded before it
+    stream_due: dict = field(default_factory=dict)
     store_ids: list = field(default_factory=list)  # disk-tier ids of its leading whole chunks
     spill_due: bool = False  # streamed decode: chunks left the local window, not spilled yet
     finish_reason: dict[str, Any] | None = None

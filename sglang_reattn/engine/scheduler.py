@@ -433,9 +433,9 @@ class Scheduler:
             self._stream_fault(reqs, e)
             return None
         if self.stream is not None:
-            for r, hint in zip(reqs, self.stream.end_step(len(reqs))):
+            for r, hint, due in zip(reqs, *self.stream.end_step(len(reqs))):
                 if r.streamed:
-                    r.stream_hint = hint
+                    r.stream_hint, r.stream_due = hint, due
         return logits
 
     def _prefetch(self) -> None:
@@ -450,7 +450,9 @@ class Scheduler:
         nxt = (prefill if any(r.in_prefill for r in self.running) else streamed)
         nxt = nxt[: self.max_streamed]
         self.stream.prefetch([r.stream_hint for r in nxt + streamed],
-                             [r.stream_hint for r in nxt])
+                             [r.stream_hint for r in nxt], [r.stream_due for r in nxt])
+        for r in nxt:
+            r.stream_due = {}
 
     # ------------------------------------------------------------------ one step
 

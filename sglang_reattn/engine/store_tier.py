@@ -46,6 +46,10 @@ from sglang_reattn.kv_store import fingerprint as fpmod
 
 logger = logging.getLogger(__name__)
 
+# Chunks per summary pack (kv_store's `pack_summaries`): at 256, a million-token context
+# of the default model (16K chunks of 11 KiB summaries) reads 64 values of 2.9 MB.
+SUMMARY_PACK = 256
+
 
 def parse_bytes(text: str) -> int:
     units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40,
@@ -164,7 +168,8 @@ class StoreTier:
         self.stats = {"store_chunks_written": 0, "store_chunks_loaded": 0,
                       "store_bytes_loaded": 0, "store_write_errors": 0,
                       "store_full_errors": 0, "store_corrupt_blocks": 0,
-                      "store_touched_chunks": 0, "store_writer_ms": 0}
+                      "store_touched_chunks": 0, "store_writer_ms": 0,
+                      "store_summary_packs": 0}
         self.last_full: StoreFull | None = None
         self._writer = threading.Thread(target=self._write_loop, name="kv-store-writer",
                                         daemon=True)
@@ -181,6 +186,16 @@ class StoreTier:
         if self.readonly or first >= len(pages):
             return
         assert len(ids) >= len(pages), "save: fewer ids than pages"
+        self._save_chunks(token_ids, pages, first, namespace, ids)
+        # Groups of SUMMARY_PACK chunks from the chain's root that this save completes get
+        # a summary pack, written after the chunks (a context's bulk summary read then
+        # takes a value per group, not per chunk).
+        for end in range((first // SUMMARY_PACK + 1) * SUMMARY_PACK, len(pages) + 1,
+                         SUMMARY_PACK):
+            self._q.put(("pack", ids[end - SUMMARY_PACK: end]))
+
+    def _save_chunks(self, token_ids, pages: list[int], first: int, namespace: str,
+                     ids: list[str]) -> None:
         # `_known` remembers chunks seen stored; any removal (eviction, delete) by any
         # process sharing the store bumps removed_total, and then it is forgotten.
         removed = self.store.removed_total()
@@ -258,6 +273,8 @@ class StoreTier:
         try:
             if kind == "put":
                 self._put(payload)
+            elif kind == "pack":
+                self.stats["store_summary_packs"] += self.store.pack_summaries(payload)
             elif kind == "touch":
                 self.store.touch(payload)
                 self.stats["store_touched_chunks"] += len(payload)

@@ -335,7 +335,10 @@ class StreamTier:
                       "stream_graph_steps": 0, "stream_graph_replays": 0,
                       "stream_graph_eager": 0,
                       # runners-up loaded before a replay (`replay_runners`)
-                      "stream_replay_ahead": 0}
+                      "stream_replay_ahead": 0,
+                      # chunks a prefill's last token selected, loaded before the
+                      # decode step after it (`expect`)
+                      "stream_due_loads": 0}
         # how many of each layer's runners-up (best first) are loaded ahead (None: all
         # that ReAttention reports)
         self.ahead_runners: int | None = None
@@ -343,8 +346,22 @@ class StreamTier:
         # in the layers above the lowest that missed: those selected from inputs the replay
         # changes, so their picks may move to the runners-up
         self.replay_runners = 0
+        # whether a streamed prefill piece completing its prompt also selects for its last
+        # token alone, so that its first decode step's chunks are loaded before it
+        # (`expect`; ReAttention reads this; the engine sets it where decode replays graphs)
+        self.expect_next = True
+        # and how many of that token's runners-up (best first) are loaded with it: the
+        # first decode step's query drifts from the prompt's last one (default model,
+        # 16K tokens, CPU: of its picks outside the prefill's selection, 78 of 160 were
+        # outside that token's selection, 9 outside it and its first 16 runners-up)
+        self.due_runners = 16
         # layer -> [(batch row, chunk)] selected by the step in progress
         self._selected: dict[int, list[tuple[int, str]]] = {}
+        # `expect`: rows of the step in progress whose next step decodes, and per layer
+        # [(row, chunk)] of that decode's likely selection (due) and with its runners-up
+        self._next_rows: set[int] = set()
+        self._due: dict[int, list[tuple[int, str]]] = {}
+        self._next_hint: dict[int, list[tuple[int, str]]] = {}
         # CUDA: chunk-cache fills ahead of a step run on a side stream; the step's first
         # fetch makes the compute stream wait for them.
         self._side = torch.cuda.Stream(pool.k.device) if self._pin else None
@@ -569,15 +586,21 @@ class StreamTier:
 
     def _load_runners(self, first: int, runners: np.ndarray) -> None:
         """The uncached virtual runners-up [L, B, R] of layers `first`.. into the chunk
-        cache now (read from the host tier or LMDB), ahead of a replay."""
+        cache now, ahead of a replay."""
         rl, _, rs = self._uncached(runners[first:], first)
         for layer in np.unique(rl).tolist():
-            keys = list(dict.fromkeys(self._slot_ids[s] for s in rs[rl == layer].tolist()))
-            _, fills = self.cache.acquire(layer, keys, count=False)
-            if fills:
-                self._fill(layer, fills)
-                self._loaded_ahead[layer, [self._slot_of[k] for k, _ in fills]] = True
-                self.stats["stream_replay_ahead"] += len(fills)
+            self._load(layer, [self._slot_ids[s] for s in rs[rl == layer].tolist()],
+                       "stream_replay_ahead")
+
+    def _load(self, layer: int, keys: list[str], stat: str) -> None:
+        """Chunks of one layer into the chunk cache now, ahead of the step expected to
+        read them (from the host tier or LMDB, on the engine thread); `stat` counts the
+        blocks that were not cached."""
+        _, fills = self.cache.acquire(layer, list(dict.fromkeys(keys)), count=False)
+        if fills:
+            self._fill(layer, fills)
+            self._loaded_ahead[layer, [self._slot_of[k] for k, _ in fills]] = True
+            self.stats[stat] += len(fills)
 
     def _ahead_read(self, layers: np.ndarray, slots: np.ndarray) -> None:
         """Chunks loaded ahead into the cache that a step has now read: prefetch hits."""
@@ -612,6 +635,28 @@ class StreamTier:
         out[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)] = torch.tensor(
             pages, dtype=out.dtype, device=dev)
         return out
+
+    def expect(self, layer: int, rows: list[int], sel_pages: torch.Tensor,
+               nsel: torch.Tensor, runners: torch.Tensor | None = None) -> None:
+        """A prefill piece's rows `rows` complete their prompts, so their next step
+        decodes: `sel_pages` [B', K] (the first nsel[i] valid) is what each row's last token
+        alone selects in `layer`, as that decode step will score, and `runners` [B', R] its
+        runners-up. Those selected chunks and the first `due_runners` runners-up become the
+        rows' due chunks (`end_step`), loaded before that step (`prefetch`); with the other
+        runners-up they are the rows' prefetch hint."""
+        due = []
+        for row, pages, n in zip(rows, sel_pages.tolist(), nsel.tolist()):
+            due += [(row, self.chunk_of(p)) for p in pages[:n] if p >= self.base]
+        rest = []
+        if runners is not None:
+            runners = runners[:, : self.ahead_runners].cpu().numpy()
+            for part, out in ((runners[:, : self.due_runners], due),
+                              (runners[:, self.due_runners:], rest)):
+                r, keys = self._picks(part)
+                out += [(rows[i], k) for i, k in zip(r, keys)]
+        self._next_rows.update(rows)
+        self._due[layer] = due
+        self._next_hint[layer] = due + rest
 
     def _cache_in(self, layer: int, keys: list[str]) -> list[int]:
         """One layer's selected chunks into the chunk cache (fetching those not cached)
@@ -719,24 +764,44 @@ class StreamTier:
 
     # ------------------------------------------------------------------ prefetch
 
-    def end_step(self, num_rows: int) -> list[dict[int, list[str]]]:
-        """The finished step's selection of each batch row: {layer: [chunk ids]}."""
-        out: list[dict[int, list[str]]] = [{} for _ in range(num_rows)]
-        for layer, picks in self._selected.items():
-            for row, key in picks:
-                out[row].setdefault(layer, []).append(key)
-        self._selected = {}
-        return out
+    def end_step(self, num_rows: int
+                 ) -> tuple[list[dict[int, list[str]]], list[dict[int, list[str]]]]:
+        """The finished step's (hints, due chunks) of each batch row, each {layer: [chunk
+        ids]}: the hint is the row's selection and runners-up, or for a row whose next step
+        decodes (`expect`) what its last token selected and the runners-up of that; due
+        chunks are that selection alone (empty for other rows)."""
+        hints: list[dict[int, list[str]]] = [{} for _ in range(num_rows)]
+        dues: list[dict[int, list[str]]] = [{} for _ in range(num_rows)]
+        nxt = self._next_rows
+        for out, picks_of, rows in ((hints, self._selected, lambda r: r not in nxt),
+                                    (hints, self._next_hint, lambda r: True),
+                                    (dues, self._due, lambda r: True)):
+            for layer, picks in picks_of.items():
+                for row, key in picks:
+                    if rows(row):
+                        out[row].setdefault(layer, []).append(key)
+        self._selected, self._next_hint, self._due = {}, {}, {}
+        self._next_rows = set()
+        return hints, dues
 
     def prefetch(self, hints: list[dict[int, list[str]]],
-                 next_hints: list[dict[int, list[str]]] = ()) -> None:
-        """Load ahead, from the previous selection of each streamed sequence: blocks of
+                 next_hints: list[dict[int, list[str]]] = (),
+                 dues: list[dict[int, list[str]]] = ()) -> None:
+        """Load ahead, from the previous selection of each streamed sequence: the due
+        chunks of `dues` (those the next step will most likely select, `end_step`) go
+        into the chunk cache now, read on this thread wherever they are; blocks of
         `next_hints` (the sequences expected in the next step) held by the host tier go
         into the chunk cache now (on a side stream on CUDA); blocks of `hints` in neither
         tier are queued for the background thread, which reads them from LMDB into the
         host tier. Changes where a block comes from, never its value."""
         if self._q is None:
             return
+        for layer in sorted({layer for d in dues for layer in d}):
+            try:
+                self._load(layer, [k for d in dues for k in d.get(layer, ())],
+                           "stream_due_loads")
+            except StreamFault as e:  # the step that selects it meets it again
+                logger.debug("due load skipped: %s", e)
         self._to_device({
             layer: list(dict.fromkeys(k for h in next_hints for k in h.get(layer, ())))[
                 : len(self.cache.pages)]

@@ -41,6 +41,13 @@ class ScopePlan:
     rep_index: torch.Tensor  # [B * R] int64 rows of the packed q that score for each seq
     reps: int  # R
     needs_select: bool  # some sequence has more candidates than topk
+    # Streamed prefill pieces that complete their prompt: the batch rows ([B'] int64, and
+    # as a list) and the packed q row of each one's last token. Each layer also selects
+    # for that token alone, as the decode step after the piece will: the streaming tier
+    # loads those chunks before that step (`StreamTier.expect`).
+    next_rows: torch.Tensor | None = None
+    next_rows_host: list[int] | None = None
+    next_index: torch.Tensor | None = None
 
 
 def plan_geometry(cfg: ReAttnConfig, cached: int, new: int) -> tuple[int, int, int]:
@@ -69,14 +76,17 @@ def completed_pages(page_lists: list[list[int]], cached: list[int], q_lens: list
 
 
 def build_scope_plan(cfg: ReAttnConfig, page_lists: list[list[int]], cached: list[int],
-                     q_lens: list[int], device: torch.device, min_widths=(1, 1, 1)
-                     ) -> ScopePlan:
+                     q_lens: list[int], device: torch.device, min_widths=(1, 1, 1),
+                     next_rows: list[int] = ()) -> ScopePlan:
+    """`next_rows`: the rows of a prefill step whose next step decodes a streamed context
+    (see `ScopePlan.next_rows`)."""
     heads, cands, locals_, ltoks = zip(*(split_scope(cfg, pages, s, n)
                                          for pages, s, n in zip(page_lists, cached, q_lens)))
     reps = 1 if max(q_lens) == 1 else REP_QUERIES
-    rep_index, start = [], 0
+    rep_index, start, start_of = [], 0, []
     for n in q_lens:
         rep_index.extend(max(start, start + n - reps + j) for j in range(reps))
+        start_of.append(start)
         start += n
 
     def pad(rows: list[list[int]], width: int) -> torch.Tensor:
@@ -96,6 +106,10 @@ def build_scope_plan(cfg: ReAttnConfig, page_lists: list[list[int]], cached: lis
         rep_index=dev(torch.tensor(rep_index, dtype=torch.int64)),
         reps=reps,
         needs_select=any(len(x) > cfg.topk for x in cands),
+        next_rows=dev(torch.tensor(next_rows, dtype=torch.int64)) if next_rows else None,
+        next_rows_host=list(next_rows) or None,
+        next_index=(dev(torch.tensor([start_of[b] + q_lens[b] - 1 for b in next_rows],
+                                     dtype=torch.int64)) if next_rows else None),
     )
 
 
@@ -210,7 +224,25 @@ class ReAttention(PagedAttention):
         if not streamed or in_graph:
             self.last_selection[layer_id] = sel_pages  # candidates' own pages
             return table, lens
+        if plan.next_rows is not None and self.stream.expect_next:  # before resolve's sync
+            self._expect(layer_id, q, plan)
         sel_pages = self.stream.resolve(layer_id, sel_pages, nsel, runners)
         self.last_selection[layer_id] = sel_pages
         return kn.assemble_scope_ref(plan.head_table, plan.head_pages, sel_pages, nsel,
                                      plan.local_table, plan.local_tokens, c)
+
+    def _expect(self, layer_id: int, q: torch.Tensor, plan: ScopePlan) -> None:
+        """A streamed prefill piece completing its prompt: this layer's selection for its
+        last token alone (one query, as the next decode step scores), with runners-up, to
+        the streaming tier, which loads it before that step. The piece's own selection
+        votes with its last REP_QUERIES queries and often differs, so without this the
+        first decode step missed in most layers (replays, then an eager pass)."""
+        r = plan.next_rows
+        kmin, kmax, kmean = self._summaries(layer_id)
+        _, _, sel, nsel, *runners = self._kernels.select_scope(
+            q.index_select(0, plan.next_index), plan.cand_pages[r], plan.num_cands[r],
+            plan.head_table[r], plan.head_pages[r], plan.local_table[r],
+            plan.local_tokens[r], self.cfg.topk, self.cfg.chunk_size, kmin, kmax, kmean,
+            self.combine, 1, None, self.pool.num_pages, self.spare)
+        self.stream.expect(layer_id, plan.next_rows_host, sel, nsel,
+                           runners[0] if runners else None)

@@ -79,6 +79,27 @@ def ids_of(n: int, seed: int, vocab: int) -> list[int]:
     return torch.randint(100, vocab - 1, (n,), generator=g).tolist()
 
 
+def profile_ttft(eng, ids: list[int], top: int = 30) -> None:
+    """A streamed TTFT under the torch profiler: the operations (CUDA runtime calls
+    included) that took the most host time, by self time, and the device's busy time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if eng.device.type == "cuda"
+                                     else [])
+    prof = profile(activities=acts)
+    eng._call(prof.start)  # on the engine thread, which runs the step's operations
+    try:
+        t, _ = ttft(eng, ids)
+    finally:
+        eng._call(prof.stop)
+    evs = prof.key_averages()
+    dev = sum(getattr(e, "self_device_time_total", 0.0) for e in evs)
+    print(f"profile of a streamed TTFT: wall {t * 1e3:.1f} ms (profiled), device busy "
+          f"{dev / 1e3:.1f} ms; host self time by operation:")
+    for e in sorted(evs, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]:
+        print(f"  {e.self_cpu_time_total / 1e3:8.1f} ms  {e.count:6d} calls  {e.key[:80]}")
+
+
 def ttft(eng, ids: list[int]) -> tuple[float, int]:
     t = time.perf_counter()
     out = eng.generate(input_ids=ids, sampling_params={"max_new_tokens": 1, "temperature": 0})
@@ -318,6 +339,9 @@ def main() -> None:
                          "decode step (StreamTier.due_runners), or 'off' to load neither "
                          "(StreamTier.expect_next); PACKS 0 reads the summaries one value per "
                          "chunk, not from the store's summary packs")
+    ap.add_argument("--profile-ttft", action="store_true",
+                    help="after the variants, one more streamed engine's TTFT under the torch "
+                         "profiler: host time by operation (CUDA runtime calls included)")
     ap.add_argument("--step-timers", action="store_true",
                     help="time the engine's parts during the timed decode too, to show what "
                          "the slowest steps spent their time in (adds a little to each step)")
@@ -480,6 +504,11 @@ def main() -> None:
                 max_ms=max(GAPS_ALL) * 1e3, blocks_wrong=wrong)
             print(f"#   variant {variant}: TTFT {t:.2f} s, {res['variants'][f'{k}: {variant}']}",
                   flush=True)
+
+        if args.profile_ttft:  # one more restart, its TTFT under the torch profiler
+            release(eng)
+            with Engine(model, **stream_opts) as eng:
+                profile_ttft(eng, doc + questions[1])
 
         release(eng)
         with Engine(model, **common) as eng:

@@ -317,3 +317,37 @@ def test_summary_packs_read_like_single_summaries(tmp_path):
         used = s.stats()["bytes"]
     with ChunkStore(tmp_path / "t", fp, used + 100) as s:
         assert not s.pack_summaries(ids[0:16]) and s.stats()["chunks"] == 40
+
+
+def test_kv_reads_split_over_threads_equal_plain_reads(tmp_path, monkeypatch):
+    """Blocks big enough to be checked and copied in parts on threads: the same arrays as
+    one part, for every codec, and a damaged block in a later part raises CorruptBlock
+    naming that chunk."""
+    from sglang_reattn.kv_store import CorruptBlock
+    from sglang_reattn.kv_store import store as store_mod
+
+    fp = tiny_fingerprint(num_layers=2, num_kv_heads=2, head_dim=64, chunk_size=64,
+                          dtype="bfloat16")  # 32 KiB blocks
+    recs = make_chain(fp, 40, seed=5)
+    ids = [r.chunk_id for r in recs]
+    for codec in CODECS:
+        with ChunkStore(tmp_path / codec, fp, GB, codec=codec) as s:
+            s.put_chunks(recs)
+            got = {}
+            for parts in (1, 4):
+                monkeypatch.setattr(store_mod, "KV_PARTS", parts)
+                got[parts] = s.get_kv_many(ids[::-1], 1)[0].copy()
+            assert np.array_equal(got[1], got[4])
+            assert np.array_equal(got[4][0], kv_for(ids[-1], fp)[0][1])
+            assert s._workers is not None  # the parts did run on the threads
+
+            def damage(txn):
+                key = bytes.fromhex(ids[33]) + (1).to_bytes(2, "big")
+                v = bytearray(txn.get(key, db=s.dbs.kv))
+                v[-1] ^= 0xFF
+                txn.put(key, bytes(v), db=s.dbs.kv)
+
+            s._write(damage)
+            with pytest.raises(CorruptBlock) as e:
+                s.get_kv_many(ids, 1)
+            assert e.value.chunk_id == ids[33]

@@ -265,7 +265,7 @@ def timers(out: dict):
 
     targets = [(stream_tier.StreamTier, ("attach", "fetch", "_write", "resolve", "settle",
                                          "sync_map", "prefetch", "end_step", "_to_device",
-                                         "_write_pages", "_prefetch_one", "_copy_to",
+                                         "_write_pages", "_prefetch_one", "_stage", "fetch_rows",
                                          "expect", "_put_summaries")),
                (stream_tier.ChunkCache, ("acquire",)), (stream_tier.HostCache, ("put",)),
                (store_tier.StoreTier, ("lookup", "load", "save", "_write_one")),

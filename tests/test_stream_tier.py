@@ -769,6 +769,16 @@ def test_attached_chunks_are_held_in_the_store_while_referenced():
     assert tier.counters()["stream_attached_chunks"] == 1
 
 
+def _fake_rows(kv: dict, value):
+    """A stand-in for StreamTier.fetch_rows: block (c, layer) is K full of value(c, layer)
+    and V zeros, remembered in `kv`."""
+    def fetch_rows(layer, ids):
+        pairs = [kv.setdefault((c, layer), (torch.full((4, 2, 8), value(c, layer)),
+                                            torch.zeros(4, 2, 8))) for c in ids]
+        return list(range(len(ids))), torch.stack([torch.stack(p) for p in pairs])
+    return fetch_rows
+
+
 def test_page_map_follows_the_chunk_cache():
     """The host page map (slot -> chunk-cache page per layer) tracks fills, evictions,
     forgotten fills and freed slots; sync_map brings the device copy up to date; settle
@@ -777,8 +787,7 @@ def test_page_map_follows_the_chunk_cache():
 
     tier, _ = _tier_for_test(slots=4)
     kv = {}
-    tier.fetch = lambda layer, ids, prefetch=False: [kv.setdefault((c, layer), (
-        torch.full((4, 2, 8), float(int(c[1:]))), torch.zeros(4, 2, 8))) for c in ids]
+    tier.fetch_rows = _fake_rows(kv, lambda c, layer: float(int(c[1:])))
     v = tier.attach(["c1", "c2", "c3"])
     slot = [p - tier.base for p in v]
     assert (tier.vmap == -1).all()
@@ -818,9 +827,7 @@ def test_runners_up_loaded_before_a_replay_and_after_a_step():
     tier, _ = _tier_for_test(slots=6)
     tier.cache = ChunkCache(2, [5, 6, 7, 8, 9], tier._on_cache)  # 5 pages per layer
     kv = {}
-    tier.fetch = lambda layer, ids, prefetch=False: [kv.setdefault((c, layer), (
-        torch.full((4, 2, 8), float(int(c[1:]) + 10 * layer)), torch.zeros(4, 2, 8)))
-        for c in ids]
+    tier.fetch_rows = _fake_rows(kv, lambda c, layer: float(int(c[1:]) + 10 * layer))
     v = tier.attach([f"c{i}" for i in range(1, 7)])
     sel = np.array([[[v[0], -1]], [[v[1], -1]]])
     runners = np.array([[[v[2], v[3], v[4]]], [[v[2], v[3], v[4]]]])
@@ -848,20 +855,40 @@ def test_runners_up_loaded_before_a_replay_and_after_a_step():
     assert tier.end_step(1) == ([{0: ["c3"]}], [{}])
 
 
-def test_a_batch_reads_blocks_go_to_the_device_as_their_buffer():
-    """A demand fetch's blocks, the rows of one batch buffer in order, are copied as that
-    buffer; any other list of blocks (reordered, a subset, mixed batches) is stacked."""
-    from sglang_reattn.engine.stream_tier import _rows_of_one_buffer
+def test_a_demand_fill_reads_misses_into_staged_rows_and_copies_hits(tmp_path):
+    """A demand fill: the blocks the host tier lacks are read from the store straight into
+    the first rows of a staging buffer, the host tier's are copied after them; every page
+    gets its own chunk's block, and nothing read on demand goes to the host tier."""
+    from sglang_reattn.engine.store_tier import StoreTier
+    from sglang_reattn.kv_store import synthetic
+    from sglang_reattn.layers.attention import KVPool
+    from types import SimpleNamespace
 
-    buf = torch.randn(5, 2, 4, 2, 8)
-    other = torch.randn(5, 2, 4, 2, 8)
-    rows = [(buf[j, 0], buf[j, 1]) for j in range(5)]
-    assert _rows_of_one_buffer(rows) is buf
-    assert _rows_of_one_buffer(rows[::-1]) is None
-    assert _rows_of_one_buffer(rows[:4]) is None
-    assert _rows_of_one_buffer(rows[:4] + [(other[4, 0], other[4, 1])]) is None
-    assert _rows_of_one_buffer([(buf[0, 0], buf[1, 1])] + rows[1:]) is None
-    assert _rows_of_one_buffer([(torch.randn(4, 2, 8), torch.randn(4, 2, 8))]) is None
+    fp = synthetic.tiny_fingerprint(num_layers=2, num_kv_heads=2, head_dim=8, chunk_size=4)
+    pool = KVPool(2, 12, 4, 2, 8, torch.float16, torch.device("cpu"))
+    store = StoreTier(str(tmp_path / "s"), fp, "64MiB", "raw", pool, lambda p: None)
+    recs = synthetic.make_chain(fp, 6, seed=4)
+    store.store.put_chunks(recs)
+    ids = [r.chunk_id for r in recs]
+    attn = SimpleNamespace(num_virtual=8, kmin=torch.zeros(2, 20, 2, 8),
+                           kmax=torch.zeros(2, 20, 2, 8),
+                           page_map=torch.full((2, 8), -1, dtype=torch.int32),
+                           invalidate_rotated=lambda idx: None)
+    tier = StreamTier(store, pool, attn, list(range(4, 12)), 1 << 20, prefetch=False)
+    tier.attach(ids)
+    f16 = torch.float16
+    for c in (ids[1], ids[4]):  # in the host tier: (K, V) negated, so a mix-up shows
+        k, v = synthetic.kv_for(c, fp)
+        tier.host.put((c, 1), -torch.from_numpy(k[1]).to(f16), -torch.from_numpy(v[1]).to(f16))
+    want = [ids[4], ids[0], ids[1], ids[3], ids[2]]
+    pages = tier._cache_in(1, want)
+    for c, page in zip(want, pages):
+        k, v = (torch.from_numpy(x[1]).to(f16) for x in synthetic.kv_for(c, fp))
+        sign = -1 if c in (ids[1], ids[4]) else 1
+        assert torch.equal(pool.k[1, page], sign * k) and torch.equal(pool.v[1, page], sign * v)
+    assert tier.stats["stream_store_reads"] == 3 and tier.host.hits == 2
+    assert len(tier.host) == 2  # the three read on demand were not kept there
+    store.close()
 
 
 def test_split_reads_fill_one_buffer_equal_to_plain_reads(tmp_path, monkeypatch):

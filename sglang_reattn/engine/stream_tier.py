@@ -8,8 +8,11 @@ the store into ReAttention's summary rows past the pool's pages (a fixed number 
 chunks it selects in a layer are then mapped to pages of the *chunk cache*:
 
     GPU chunk cache  (ChunkCache: pool pages set aside, an LRU per layer)
-      <- host tier   (HostCache: (chunk, layer) -> K/V, pinned on CUDA, LRU by bytes)
+      <- host tier   (HostCache: (chunk, layer) -> K/V read ahead, LRU by bytes)
       <- LMDB        (ChunkStore.get_kv_many: checksums verified)
+
+Blocks go to the device through two pinned staging buffers used in turn; a block read on
+demand goes from LMDB straight into one (`fetch_rows`), not through the host tier.
 
 A cache page is used per layer independently: page p may hold chunk X's layer-0 K/V and
 chunk Y's layer-1 K/V. The identity of a cached block is its chunk id (a chained hash of
@@ -59,23 +62,6 @@ from sglang_reattn.kernels._triton_compat import next_pow2
 from sglang_reattn.kv_store import ChunkNotFound, CorruptBlock, StoreError
 
 logger = logging.getLogger(__name__)
-
-
-def _rows_of_one_buffer(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
-    """The [n, 2, ...] buffer whose rows 0..n-1 are exactly these (K, V) blocks, in order
-    (a batch read's blocks), else None."""
-    k0 = kv[0][0]
-    base = k0._base
-    if (base is None or base.dim() != k0.dim() + 2 or base.shape[0] != len(kv)
-            or base.data_ptr() != k0.data_ptr() or not base.is_contiguous()):
-        return None
-    half = base[0, 0].numel() * base.element_size()
-    at = base.data_ptr()
-    for k, v in kv:
-        if k.data_ptr() != at or v.data_ptr() != at + half:
-            return None
-        at += 2 * half
-    return base
 
 
 class StreamFault(Exception):
@@ -365,7 +351,7 @@ class StreamTier:
         # CUDA: chunk-cache fills ahead of a step run on a side stream; the step's first
         # fetch makes the compute stream wait for them.
         self._side = torch.cuda.Stream(pool.k.device) if self._pin else None
-        # `_copy_to`'s two pinned staging buffers and the events of their last copies
+        # `_stage`'s two pinned staging buffers and the events of their last copies
         self._staged = ([(None, torch.cuda.Event()) for _ in range(2)] if self._pin else [])
         self._ahead: torch.cuda.Event | None = None
         # (layer, slot) loaded into the chunk cache ahead of a step and not read yet
@@ -631,9 +617,8 @@ class StreamTier:
             return sel_pages
         pages = self._cache_in(layer, keys)
         out = sel_pages.clone()
-        dev = sel_pages.device
-        out[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)] = torch.tensor(
-            pages, dtype=out.dtype, device=dev)
+        at = torch.tensor([rows, cols, pages]).to(sel_pages.device)  # (one small copy)
+        out[at[0], at[1]] = at[2].to(out.dtype)
         return out
 
     def expect(self, layer: int, rows: list[int], sel_pages: torch.Tensor,
@@ -672,20 +657,59 @@ class StreamTier:
         """Pages just acquired for chunks (`fills`) filled from the host tier or LMDB;
         on a fault none of them stays mapped."""
         try:
-            self._write(layer, fills, self.fetch(layer, [k for k, _ in fills]))
+            order, rows = self.fetch_rows(layer, [k for k, _ in fills])
+            self._write_pages([layer] * len(fills), [fills[i][1] for i in order], rows)
         except BaseException:
             self.cache.forget(layer, [k for k, _ in fills])
             raise
 
-    def _write(self, layer: int, fills: list[tuple[str, int]], kv: list) -> None:
-        self._write_pages([layer] * len(fills), [p for _, p in fills], kv)
+    def fetch_rows(self, layer: int, chunk_ids: list[str]) -> tuple[list[int], torch.Tensor]:
+        """K/V of one layer of chunks on demand -> (order, rows): rows [n, 2, C, Hkv, D] of
+        a staging buffer (`_stage`) hold chunk_ids[order[j]] in row j. Blocks not in the
+        host tier are read from LMDB straight into the first rows (checksums verified),
+        the host tier's are copied after them. Blocks read on demand go to the chunk cache
+        only, not the host tier: keeping them would need a fresh buffer per read, and on
+        the H200's host a fresh pinned one cost 0.6-0.9 ms per MiB (52 ms of a 1M-token
+        streamed TTFT, `bench_stream.py --profile-ttft`)."""
+        hits, missing = [], []
+        for i, cid in enumerate(chunk_ids):
+            kv = self.host.get((cid, layer))
+            if kv is None:
+                missing.append(i)
+            else:
+                hits.append((i, kv))
+        rows = self._stage((len(chunk_ids), 2) + tuple(self.pool.k.shape[2:]),
+                           self.pool.k.dtype)
+        m = len(missing)
+        if m:
+            try:
+                self.tier.get_kv([chunk_ids[i] for i in missing], layer, _to_numpy(rows[:m]))
+            except (CorruptBlock, ChunkNotFound) as e:
+                raise StreamFault(e.chunk_id, e) from e
+            with self._stats_lock:
+                self.stats["stream_store_reads"] += m
+                self.stats["stream_store_bytes"] += rows[:m].numel() * rows.element_size()
+        for j, (_, (k, v)) in enumerate(hits, m):
+            rows[j, 0] = k
+            rows[j, 1] = v
+        return missing + [i for i, _ in hits], rows
 
-    def _write_pages(self, layers: list[int], pages: list[int], kv: list) -> None:
-        """Blocks kv[i] into chunk-cache page pages[i] of layer layers[i]."""
+    def _write_pages(self, layers: list[int], pages: list[int],
+                     kv: torch.Tensor | list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Blocks into chunk-cache pages: row i (or pair i) into page pages[i] of layer
+        layers[i]. `kv`: the rows `_stage` just gave, or (K, V) pairs, stacked into such
+        rows first; then one copy to the device (queued, on CUDA)."""
         dev = self.pool.k.device
         host_pages = torch.tensor(pages)
-        idx = (torch.tensor(layers).to(dev), host_pages.to(dev))
-        kv_dev = self._copy_to(dev, kv)
+        idx = tuple(torch.stack([torch.tensor(layers), host_pages]).to(dev))
+        if isinstance(kv, list):
+            rows = self._stage((len(kv), 2) + tuple(kv[0][0].shape), kv[0][0].dtype)
+            torch.stack([k for k, _ in kv], out=rows[:, 0])
+            torch.stack([v for _, v in kv], out=rows[:, 1])
+            kv = rows
+        kv_dev = kv.to(dev, non_blocking=True)
+        if self._pin:
+            self._staged[-1][1].record()  # the staging buffer is free again after this copy
         self.pool.k[idx] = kv_dev[:, 0]
         self.pool.v[idx] = kv_dev[:, 1]
         self.stats["stream_device_bytes"] += kv_dev.numel() * kv_dev.element_size()
@@ -693,74 +717,43 @@ class StreamTier:
         # host's copy of the pages: reading them back would sync the device).
         self.attn.invalidate_rotated(host_pages.unique())
 
-    def _copy_to(self, dev: torch.device, kv: list[tuple[torch.Tensor, torch.Tensor]]
-                 ) -> torch.Tensor:
-        """(K, V) blocks -> [n, 2, C, Hkv, D] on `dev`, in one copy (queued, on CUDA). The
-        blocks of one pinned batch read, in order (a demand fetch), go as their buffer.
-        Others are stacked first: on CUDA into one of two pinned staging buffers, used in
-        turn and kept (grown to the next power of two when too small), each reused only
-        after its last copy's event. A fresh pinned allocation cost 0.6-0.9 ms per MiB on
-        the H200's host (benchmarks/bench_pinned_alloc.py)."""
-        host = _rows_of_one_buffer(kv)
-        if host is not None and (not self._pin or host.is_pinned()):
-            return host.to(dev, non_blocking=True)
-        k0 = kv[0][0]
-        shape = (len(kv), 2) + tuple(k0.shape)
+    def _stage(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Host rows of `shape` for the next copy to the device (`_write_pages` makes it
+        right after). On CUDA one of two pinned staging buffers, used in turn and kept
+        (grown to the next power of two when too small), each reused only after its last
+        copy's event: a fresh pinned allocation cost 0.6-0.9 ms per MiB on the H200's
+        host (benchmarks/bench_pinned_alloc.py). Off CUDA a fresh tensor."""
         if not self._pin:
-            out = torch.empty(shape, dtype=k0.dtype)
-        else:
-            self._staged.append(self._staged.pop(0))
-            buf, done = self._staged[-1]
-            done.synchronize()
-            need = math.prod(shape)
-            if buf is None or buf.numel() < need or buf.dtype != k0.dtype:
-                # (a normal tensor even when a forward's inference mode grows it: prefetches
-                # outside that mode write into it too)
-                with torch.inference_mode(False):
-                    buf = torch.empty(next_pow2(need), dtype=k0.dtype, pin_memory=True)
-                self._staged[-1] = (buf, done)
-            out = buf[:need].view(shape)
-        torch.stack([k for k, _ in kv], out=out[:, 0])
-        torch.stack([v for _, v in kv], out=out[:, 1])
-        kv_dev = out.to(dev, non_blocking=True)
-        if self._pin:
-            done.record()  # the staging buffer is free again after this copy
-        return kv_dev
+            return torch.empty(shape, dtype=dtype)
+        self._staged.append(self._staged.pop(0))
+        buf, done = self._staged[-1]
+        done.synchronize()
+        need = math.prod(shape)
+        if buf is None or buf.numel() < need or buf.dtype != dtype:
+            # (a normal tensor even when a forward's inference mode grows it: prefetches
+            # outside that mode write into it too)
+            with torch.inference_mode(False):
+                buf = torch.empty(next_pow2(need), dtype=dtype, pin_memory=True)
+            self._staged[-1] = (buf, done)
+        return buf[:need].view(shape)
 
-    def fetch(self, layer: int, chunk_ids: list[str], prefetch: bool = False
-              ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """K/V [C, Hkv, D] of one layer of chunks: host tier, else LMDB (checksums
-        verified; the host tier only ever holds verified blocks)."""
-        out: list = [None] * len(chunk_ids)
-        missing = []
-        for i, cid in enumerate(chunk_ids):
-            hit = None if prefetch else self.host.get((cid, layer))
-            if hit is None:
-                missing.append(i)
-            else:
-                out[i] = hit
-        if not missing:
-            return out
-        # One host tensor per batch read, read into directly: its blocks are views of it,
-        # so a batch's memory is freed once the host tier dropped all of them. A demand
-        # read's is pinned on CUDA and goes on to the device as one copy; a read ahead's
-        # goes there later through the staging buffers (`_copy_to`), so it is not pinned:
-        # pinning costs more than that stacking.
-        shape = (len(missing), 2) + tuple(self.pool.k.shape[2:])
-        buf = torch.empty(shape, dtype=self.pool.k.dtype, pin_memory=self._pin and not prefetch)
+    def fetch(self, layer: int, chunk_ids: list[str]) -> None:
+        """Read ahead (the prefetch thread): K/V of one layer of chunks from LMDB into the
+        host tier (checksums verified; the host tier only ever holds verified blocks).
+        One pageable tensor per read, read into directly: its blocks are views of it, so
+        its memory is freed once the host tier dropped all of them; they reach the device
+        later through the staging buffers."""
+        shape = (len(chunk_ids), 2) + tuple(self.pool.k.shape[2:])
+        buf = torch.empty(shape, dtype=self.pool.k.dtype)
         try:
-            self.tier.get_kv([chunk_ids[i] for i in missing], layer, _to_numpy(buf))  # (a view)
+            self.tier.get_kv(chunk_ids, layer, _to_numpy(buf))  # (a view)
         except (CorruptBlock, ChunkNotFound) as e:
             raise StreamFault(e.chunk_id, e) from e
         with self._stats_lock:
-            self.stats["stream_prefetch_reads" if prefetch else "stream_store_reads"] += \
-                len(missing)
+            self.stats["stream_prefetch_reads"] += len(chunk_ids)
             self.stats["stream_store_bytes"] += buf.numel() * buf.element_size()
-        for j, i in enumerate(missing):
-            pair = (buf[j, 0], buf[j, 1])
-            self.host.put((chunk_ids[i], layer), *pair)
-            out[i] = pair
-        return out
+        for j, cid in enumerate(chunk_ids):
+            self.host.put((cid, layer), buf[j, 0], buf[j, 1])
 
     # ------------------------------------------------------------------ prefetch
 
@@ -862,7 +855,7 @@ class StreamTier:
         try:
             keys = [k for k in keys if (k, layer) not in self.host]
             if keys:
-                self.fetch(layer, keys, prefetch=True)
+                self.fetch(layer, keys)
         except StreamFault as e:  # the engine thread meets it again and handles it
             logger.debug("prefetch skipped: %s", e)
         except Exception:  # noqa: BLE001 - a prefetch never takes the engine down

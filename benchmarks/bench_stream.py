@@ -260,18 +260,28 @@ def timers(out: dict):
     """Wall time spent in the streamed engine's main parts: the methods below, wrapped for
     the duration, accumulate seconds and calls into `out`, keyed `Class.method`, with
     `@thread` appended off the engine thread (the prefetch and writer threads)."""
-    from sglang_reattn.engine import model_runner, scheduler, store_tier, stream_tier
+    from sglang_reattn.engine import (
+        model_runner,
+        radix_cache,
+        scheduler,
+        store_tier,
+        stream_tier,
+    )
     from sglang_reattn.kv_store import store
+    from sglang_reattn.layers import reattention
 
-    targets = [(stream_tier.StreamTier, ("attach", "fetch", "_write", "resolve", "settle",
+    targets = [(stream_tier.StreamTier, ("attach", "fetch", "resolve", "settle",
                                          "sync_map", "prefetch", "end_step", "_to_device",
                                          "_write_pages", "_prefetch_one", "_stage", "fetch_rows",
-                                         "expect", "_put_summaries")),
+                                         "expect", "_put_summaries", "release")),
                (stream_tier.ChunkCache, ("acquire",)), (stream_tier.HostCache, ("put",)),
-               (store_tier.StoreTier, ("lookup", "load", "save", "_write_one")),
+               (store_tier.StoreTier, ("lookup", "load", "save", "_write_one", "hold")),
                (store.ChunkStore, ("get_summaries", "get_kv_many")),
+               (reattention.ReAttention, ("select", "_expect")),
+               (radix_cache.RadixCache, ("match_prefix",)),
                (scheduler.Scheduler, ("_admit", "_run_prefill", "_run_decode", "_spill",
-                                      "_sample_and_emit")),
+                                      "_sample_and_emit", "_store_ids", "_release",
+                                      "_postprocess_prefill", "_insert_into_tree")),
                (model_runner.ModelRunner, ("forward", "_fill_inputs", "_replay_streamed"))]
     if torch.cuda.is_available():
         targets.append((torch.cuda.CUDAGraph, ("replay",)))

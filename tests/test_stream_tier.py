@@ -329,6 +329,20 @@ def test_expected_chunks_become_the_rows_hints_and_due_loads():
     assert hints == [{0: ["c1"]}, {0: ["c3", "c4", "c5", "c6", "c7"]}]
     assert dues == [{}, {0: ["c3", "c4", "c5"]}]
     assert tier.end_step(2) == ([{}, {}], [{}, {}])  # consumed
+    # due chunks load before the step; more than the cache holds (two requests' dues over
+    # a two-page cache) load as many as fit instead of failing
+    import queue
+
+    tier._q = queue.Queue()  # (prefetching on, no thread: nothing reads the queue)
+    tier.host = HostCache(1 << 20)
+    for c in ("c3", "c4", "c5"):
+        tier.host.put((c, 0), torch.full((4, 2, 8), float(c[1])), torch.zeros(4, 2, 8))
+    tier.prefetch([], [], [{0: ["c3", "c4"]}, {0: ["c5"]}])
+    assert [tier.cache.page_of(0, c) is not None for c in ("c3", "c4", "c5")] == [
+        True, True, False]
+    assert tier.stats["stream_due_loads"] == 2
+    page = tier.cache.page_of(0, "c4")
+    assert torch.equal(tier.pool.k[0, page], torch.full((4, 2, 8), 4.0))
 
 
 def test_streaming_counts_misses_then_hits(stored, tiny_llama):

@@ -790,9 +790,9 @@ class StreamTier:
         if self._q is None:
             return
         for layer in sorted({layer for d in dues for layer in d}):
-            try:
-                self._load(layer, [k for d in dues for k in d.get(layer, ())],
-                           "stream_due_loads")
+            keys = list(dict.fromkeys(k for d in dues for k in d.get(layer, ())))
+            try:  # (at most what the cache holds: several requests' dues may not fit)
+                self._load(layer, keys[: len(self.cache.pages)], "stream_due_loads")
             except StreamFault as e:  # the step that selects it meets it again
                 logger.debug("due load skipped: %s", e)
         self._to_device({

@@ -337,9 +337,9 @@ class StreamTier:
         # (`expect`; ReAttention reads this; the engine sets it where decode replays graphs)
         self.expect_next = True
         # and how many of that token's runners-up (best first) are loaded with it: the
-        # first decode step's query drifts from the prompt's last one (default model,
-        # 16K tokens, CPU: of its picks outside the prefill's selection, 78 of 160 were
-        # outside that token's selection, 9 outside it and its first 16 runners-up)
+        # first decode step's query drifts from the prompt's last one (bench_first_step,
+        # default model, 16K tokens: of its 160 picks outside the prefill's selection, 78
+        # were outside that token's selection, 9 outside it and its first 16 runners-up)
         self.due_runners = 16
         # layer -> [(batch row, chunk)] selected by the step in progress
         self._selected: dict[int, list[tuple[int, str]]] = {}

@@ -48,3 +48,32 @@ def tiny_llama(tmp_path_factory):
     from sglang_reattn.testing import make_tiny_model
 
     return make_tiny_model(str(tmp_path_factory.mktemp("tiny") / "llama"), "llama")
+
+
+@pytest.fixture
+def synthetic_store_tier(tmp_path):
+    """Factory: make(num_layers, pool_pages, n_chunks, seed) -> (StoreTier over a fresh raw
+    store holding a synthetic chain of n_chunks, its ids). Shapes: 2 KV heads of dim 8,
+    chunks of 4 tokens, fp16; the tier's pool has num_layers layers of pool_pages pages."""
+    import torch
+
+    from sglang_reattn.engine.store_tier import StoreTier
+    from sglang_reattn.kv_store import synthetic
+    from sglang_reattn.layers.attention import KVPool
+
+    made = []
+
+    def make(num_layers: int, pool_pages: int, n_chunks: int, seed: int):
+        fp = synthetic.tiny_fingerprint(num_layers=num_layers, num_kv_heads=2, head_dim=8,
+                                        chunk_size=4)
+        pool = KVPool(num_layers, pool_pages, 4, 2, 8, torch.float16, torch.device("cpu"))
+        tier = StoreTier(str(tmp_path / f"s{len(made)}"), fp, "64MiB", "raw", pool,
+                         lambda p: None)
+        made.append(tier)
+        recs = synthetic.make_chain(fp, n_chunks, seed=seed)
+        tier.store.put_chunks(recs)
+        return tier, [r.chunk_id for r in recs]
+
+    yield make
+    for tier in made:
+        tier.close()

@@ -175,24 +175,17 @@ def test_read_layers_reads_ahead_in_order_and_raises_in_order(tmp_path):
 
 
 
-def test_reads_go_over_the_reader_threads_only_while_they_hit_the_disk(tmp_path, monkeypatch):
+def test_reads_go_over_the_reader_threads_only_while_they_hit_the_disk(synthetic_store_tier,
+                                                                      monkeypatch):
     """A bulk read that took major page faults marks the tier cold: the next reads are
     split over the reader threads (a layer's chunks) or read ahead on them (a load's
     layers); one that took none marks it warm, and reads stay on the calling thread.
     Either way the blocks are the same."""
     from sglang_reattn.engine import store_tier
-    from sglang_reattn.engine.store_tier import StoreTier
-    from sglang_reattn.kv_store import synthetic
-    from sglang_reattn.layers.attention import KVPool
 
     faults = iter(range(0, 10 ** 6, 7))  # every call: more faults than the last
     monkeypatch.setattr(store_tier, "major_faults", lambda: next(faults))
-    fp = synthetic.tiny_fingerprint(num_layers=3, num_kv_heads=2, head_dim=8, chunk_size=4)
-    pool = KVPool(3, 4, 4, 2, 8, torch.float16, torch.device("cpu"))
-    tier = StoreTier(str(tmp_path / "s"), fp, "64MiB", "raw", pool, lambda p: None)
-    recs = synthetic.make_chain(fp, 12, seed=5)
-    tier.store.put_chunks(recs)
-    ids = [r.chunk_id for r in recs]
+    tier, ids = synthetic_store_tier(3, 4, 12, 5)
     want = tier.store.get_kv_many(ids, 2)
     submitted = []
     pool_ = tier._reader_pool()
@@ -214,4 +207,3 @@ def test_reads_go_over_the_reader_threads_only_while_they_hit_the_disk(tmp_path,
     assert not submitted and [layer for layer, _ in got] == [0, 1, 2]
     assert (got[2][1][0] == want[0]).all()
     assert tier.get_kv(ids, 2, split=True) and len(submitted) > 1  # forced
-    tier.close()

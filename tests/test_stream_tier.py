@@ -719,19 +719,24 @@ class _FakeTier:
                 del self.held[c]
 
 
-def _tier_for_test(slots: int = 8):
+def _attn_stub(pool, slots: int):
+    """ReAttention's part the tier uses: summary rows past the pool's, and the page map."""
     from types import SimpleNamespace
 
+    layers, pages, _, hkv, d = pool.k.shape
+    return SimpleNamespace(num_virtual=slots, kmin=torch.zeros(layers, pages + slots, hkv, d),
+                           kmax=torch.zeros(layers, pages + slots, hkv, d),
+                           page_map=torch.full((layers, slots), -1, dtype=torch.int32),
+                           invalidate_rotated=lambda idx: None)
+
+
+def _tier_for_test(slots: int = 8):
     from sglang_reattn.layers.attention import KVPool
 
     pool = KVPool(2, 10, 4, 2, 8, torch.float32, torch.device("cpu"))
     store = _FakeStore((2, 2, 8))
-    # ReAttention's part the tier uses: summary rows past the pool's, and the page map
-    attn = SimpleNamespace(num_virtual=slots, kmin=torch.zeros(2, 10 + slots, 2, 8),
-                           kmax=torch.zeros(2, 10 + slots, 2, 8),
-                           page_map=torch.full((2, slots), -1, dtype=torch.int32),
-                           invalidate_rotated=lambda idx: None)
-    return StreamTier(_FakeTier(store), pool, attn, [8, 9], 0, prefetch=False), store
+    return (StreamTier(_FakeTier(store), pool, _attn_stub(pool, slots), [8, 9], 0,
+                       prefetch=False), store)
 
 
 def test_summary_slots_are_shared_and_kept_while_idle():
@@ -869,26 +874,16 @@ def test_runners_up_loaded_before_a_replay_and_after_a_step():
     assert tier.end_step(1) == ([{0: ["c3"]}], [{}])
 
 
-def test_a_demand_fill_reads_misses_into_staged_rows_and_copies_hits(tmp_path):
+def test_a_demand_fill_reads_misses_into_staged_rows_and_copies_hits(synthetic_store_tier):
     """A demand fill: the blocks the host tier lacks are read from the store straight into
     the first rows of a staging buffer, the host tier's are copied after them; every page
     gets its own chunk's block, and nothing read on demand goes to the host tier."""
-    from sglang_reattn.engine.store_tier import StoreTier
     from sglang_reattn.kv_store import synthetic
-    from sglang_reattn.layers.attention import KVPool
-    from types import SimpleNamespace
 
-    fp = synthetic.tiny_fingerprint(num_layers=2, num_kv_heads=2, head_dim=8, chunk_size=4)
-    pool = KVPool(2, 12, 4, 2, 8, torch.float16, torch.device("cpu"))
-    store = StoreTier(str(tmp_path / "s"), fp, "64MiB", "raw", pool, lambda p: None)
-    recs = synthetic.make_chain(fp, 6, seed=4)
-    store.store.put_chunks(recs)
-    ids = [r.chunk_id for r in recs]
-    attn = SimpleNamespace(num_virtual=8, kmin=torch.zeros(2, 20, 2, 8),
-                           kmax=torch.zeros(2, 20, 2, 8),
-                           page_map=torch.full((2, 8), -1, dtype=torch.int32),
-                           invalidate_rotated=lambda idx: None)
-    tier = StreamTier(store, pool, attn, list(range(4, 12)), 1 << 20, prefetch=False)
+    store, ids = synthetic_store_tier(2, 12, 6, 4)
+    fp, pool = store.store.fingerprint, store.pool
+    tier = StreamTier(store, pool, _attn_stub(pool, 8), list(range(4, 12)), 1 << 20,
+                      prefetch=False)
     tier.attach(ids)
     f16 = torch.float16
     for c in (ids[1], ids[4]):  # in the host tier: (K, V) negated, so a mix-up shows
@@ -902,24 +897,16 @@ def test_a_demand_fill_reads_misses_into_staged_rows_and_copies_hits(tmp_path):
         assert torch.equal(pool.k[1, page], sign * k) and torch.equal(pool.v[1, page], sign * v)
     assert tier.stats["stream_store_reads"] == 3 and tier.host.hits == 2
     assert len(tier.host) == 2  # the three read on demand were not kept there
-    store.close()
 
 
-def test_split_reads_fill_one_buffer_equal_to_plain_reads(tmp_path, monkeypatch):
+def test_split_reads_fill_one_buffer_equal_to_plain_reads(synthetic_store_tier, monkeypatch):
     """StoreTier.get_kv split over reader threads writes each part's rows of one buffer
     (given or its own): K and V equal one plain read; a bad buffer is refused."""
     from sglang_reattn.engine import store_tier
-    from sglang_reattn.engine.store_tier import StoreTier
-    from sglang_reattn.kv_store import synthetic
-    from sglang_reattn.layers.attention import KVPool
 
     monkeypatch.setattr(store_tier, "SPLIT_MIN", 2)
-    fp = synthetic.tiny_fingerprint(num_layers=2, num_kv_heads=2, head_dim=8, chunk_size=4)
-    pool = KVPool(2, 4, 4, 2, 8, torch.float16, torch.device("cpu"))
-    tier = StoreTier(str(tmp_path / "s"), fp, "64MiB", "raw", pool, lambda p: None)
-    recs = synthetic.make_chain(fp, 9, seed=3)
-    tier.store.put_chunks(recs)
-    ids = [r.chunk_id for r in recs][::-1]
+    tier, ids = synthetic_store_tier(2, 4, 9, 3)
+    ids = ids[::-1]
     want_k, want_v = tier.store.get_kv_many(ids, 1)
     out = torch.zeros(9, 2, 4, 2, 8, dtype=torch.float16)
     for given in (None, out.numpy()):
@@ -928,7 +915,6 @@ def test_split_reads_fill_one_buffer_equal_to_plain_reads(tmp_path, monkeypatch)
     assert (out[:, 0].numpy() == want_k).all() and (out[:, 1].numpy() == want_v).all()
     with pytest.raises(ValueError):
         tier.store.get_kv_many(ids[:2], 1, np.zeros((2, 2, 4, 2, 7), np.float16))
-    tier.close()
 
 
 def test_blocks_go_to_the_device_through_two_reused_staging_buffers(monkeypatch):

@@ -33,7 +33,8 @@ def _restore_gc():
 
 
 def test_prefill_freezes_and_idle_collects_what_was_frozen(tiny_llama, monkeypatch):
-    monkeypatch.setattr(engine_mod, "GC_IDLE_S", 1.5)
+    # (long enough that a loaded machine does not reach it between two lines below)
+    monkeypatch.setattr(engine_mod, "GC_IDLE_S", 3.0)
     gc.unfreeze()
     with Engine(tiny_llama, device="cpu", reattn_chunk_size=16, chunked_prefill_size=64,
                 log_level="warning", disable_kv_store=True) as eng:
@@ -50,8 +51,8 @@ def test_prefill_freezes_and_idle_collects_what_was_frozen(tiny_llama, monkeypat
         gc.collect()
         assert ref() is not None
         # idle for GC_IDLE_S: the engine unfreezes, collects, and freezes the survivors
-        assert _wait_for(lambda: ref() is None, 5.0)
-        assert _wait_for(lambda: not eng.scheduler.gc_pending, 5.0)
+        assert _wait_for(lambda: ref() is None, 8.0)
+        assert _wait_for(lambda: not eng.scheduler.gc_pending, 8.0)
         assert gc.get_freeze_count() > 0  # the survivors (the engine's own state)
         # a request after the idle collection still works and freezes again
         out = eng.generate(input_ids=list(range(7, 30)),

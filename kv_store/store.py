@@ -277,7 +277,8 @@ class ChunkStore:
             for i, block in zip(rows, blocks):
                 raw = codecs.decode_block(block, chunk_ids[i], layer, "kv", copy=False)
                 if len(raw) != flat.shape[1]:
-                    raise CorruptBlock(chunk_ids[i], layer, "kv", f"{len(raw)} bytes, expected {flat.shape[1]}")
+                    raise CorruptBlock(chunk_ids[i], layer, "kv",
+                                       f"{len(raw)} bytes, expected {flat.shape[1]}")
                 flat[i] = np.frombuffer(raw, dtype=np.uint8)
 
         def read(txn):
@@ -435,14 +436,17 @@ class ChunkStore:
             raise StoreError("this store has no summary packs (opened readonly)")
         body = _U32.pack(len(keys)) + b"".join(keys)
 
+        def there(txn, old) -> bool:  # this pack, intact (a damaged one is rewritten)
+            return (old is not None and bytes(old[FRAME_SIZE: FRAME_SIZE + len(body)]) == body
+                    and self._pack_ok(old, keys[0]))
+
+        if self._read(lambda txn: there(txn, txn.get(keys[0], db=self.dbs.packs))):
+            return False  # (checked without taking the writer lock)
+
         def txn_fn(txn):
             old = txn.get(keys[0], db=self.dbs.packs)
-            if old is not None and bytes(old[FRAME_SIZE: FRAME_SIZE + len(body)]) == body:
-                try:  # there already (a damaged one is rewritten)
-                    codecs.decode_block(old, chunk_ids[0], None, "pack", copy=False)
-                    return False
-                except CorruptBlock:
-                    pass
+            if there(txn, old):
+                return False
             rows = []
             for key, chunk_id in zip(keys, chunk_ids):
                 block = txn.get(key, db=self.dbs.summaries)

@@ -214,6 +214,37 @@ def test_streamed_summaries_come_from_summary_packs(tiny_llama, tmp_path, monkey
     assert sum(served) == 40
 
 
+def test_a_context_stored_without_packs_gets_them_when_streamed(stored, tiny_llama,
+                                                               tmp_path, monkeypatch):
+    """A context stored without summary packs (as by an older version) gets them, written
+    behind, the first time it is streamed; the next restart reads its summaries from them
+    and answers the same."""
+    import shutil
+
+    from sglang_reattn.engine import store_tier
+    from sglang_reattn.kv_store import ChunkStore
+
+    src, want = stored
+    store = str(tmp_path / "copy")
+    shutil.copytree(src, store)
+    with ChunkStore(store, None) as s:
+        assert s.stats()["dbs"]["packs"]["entries"] == 0  # (SUMMARY_PACK 256 > 56 chunks)
+    monkeypatch.setattr(store_tier, "SUMMARY_PACK", 8)
+    for restart in range(2):
+        with Engine(tiny_llama, kv_store_path=store, **SMALL, **OPTS) as eng:
+            out = eng.generate(input_ids=DOC + QUESTION, sampling_params=GREEDY)
+            eng.store_tier.flush()
+            s = eng.stats()
+        assert out["output_ids"] == want
+        # the first restart writes the 7 packs of the 56 stored chunks; the second finds them
+        assert s["store_summary_packs"] == (7 if restart == 0 else 0)
+    with ChunkStore(store, None) as s:
+        assert s.stats()["dbs"]["packs"]["entries"] == 7
+        keys = [bytes.fromhex(c) for c in chunk_hashes(DOC[: 56 * 16], 16)]
+        got = s._read(lambda txn: len(s._pack_rows(txn, keys, 8)[0]))
+        assert got == 8  # chunks 8..15 of the document, from one pack
+
+
 def test_streamed_decode_in_the_graph_path_equals_resident(stored, tiny_llama):
     """Decode steps of a streamed context through the CUDA-graph path's static buffers
     (replayed eagerly on the CPU): the selection is mapped on the device through the page

@@ -378,6 +378,8 @@ class Scheduler:
         r.num_computed = total * c
         r.num_saved = total
         r.streamed = True
+        # a context stored before summary packs existed gets them now, for the next time
+        self.store.pack(self._store_ids(r, total))
         self._admitted(r)
         return True, matched
 

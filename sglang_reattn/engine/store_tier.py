@@ -159,6 +159,7 @@ class StoreTier:
         self._touch_since = 0.0
         self.busy = False
         self._known: set[str] = set()  # seen stored (valid while removed_total holds)
+        self._packed: set[str] = set()  # first chunks of groups queued or found packed
         self._removed = -1
         self._bad: set[str] = set()  # corrupt chunks a read-only tier cannot drop
         # contexts cut back by dropping a corrupt chunk: restored once it is republished
@@ -187,22 +188,40 @@ class StoreTier:
             return
         assert len(ids) >= len(pages), "save: fewer ids than pages"
         self._save_chunks(token_ids, pages, first, namespace, ids)
-        # Groups of SUMMARY_PACK chunks from the chain's root that this save completes get
-        # a summary pack, written after the chunks (a context's bulk summary read then
-        # takes a value per group, not per chunk).
-        for end in range((first // SUMMARY_PACK + 1) * SUMMARY_PACK, len(pages) + 1,
+        self.pack(ids[:len(pages)], first)
+
+    def pack(self, ids: list[str], first: int = 0) -> None:
+        """Summary packs, written behind, for the groups of SUMMARY_PACK chunks from the
+        chain's root that end past chunk `first` of `ids` (a chain from its root, stored or
+        queued for the writer): a context's bulk summary read then takes one value per
+        group, not one per chunk. Groups packed already are skipped by the writer (and
+        those this tier saw packed, here)."""
+        if self.readonly:
+            return
+        self._forget_if_removed()
+        for end in range((first // SUMMARY_PACK + 1) * SUMMARY_PACK, len(ids) + 1,
                          SUMMARY_PACK):
+            with self._lock:
+                if ids[end - SUMMARY_PACK] in self._packed:
+                    continue
+                self._packed.add(ids[end - SUMMARY_PACK])
             self._q.put(("pack", ids[end - SUMMARY_PACK: end]))
+
+    def _forget_if_removed(self) -> None:
+        """`_known` and `_packed` remember chunks seen stored and groups seen packed; any
+        removal (eviction, delete) by any process sharing the store bumps removed_total
+        (removing a chunk removes its pack), and then they are forgotten."""
+        removed = self.store.removed_total()
+        with self._lock:
+            if removed != self._removed or len(self._known) + len(self._packed) > 1 << 20:
+                self._known.clear()
+                self._packed.clear()
+                self._removed = removed
 
     def _save_chunks(self, token_ids, pages: list[int], first: int, namespace: str,
                      ids: list[str]) -> None:
-        # `_known` remembers chunks seen stored; any removal (eviction, delete) by any
-        # process sharing the store bumps removed_total, and then it is forgotten.
-        removed = self.store.removed_total()
+        self._forget_if_removed()
         with self._lock:
-            if removed != self._removed or len(self._known) > 1 << 20:
-                self._known.clear()
-                self._removed = removed
             todo = [i for i in range(first, len(pages))
                     if ids[i] not in self._known and ids[i] not in self._pending]
         if not todo:
@@ -274,7 +293,12 @@ class StoreTier:
             if kind == "put":
                 self._put(payload)
             elif kind == "pack":
-                self.stats["store_summary_packs"] += self.store.pack_summaries(payload)
+                try:
+                    self.stats["store_summary_packs"] += self.store.pack_summaries(payload)
+                except BaseException:
+                    with self._lock:  # may be tried again
+                        self._packed.discard(payload[0])
+                    raise
             elif kind == "touch":
                 self.store.touch(payload)
                 self.stats["store_touched_chunks"] += len(payload)

@@ -650,6 +650,8 @@ class ChunkStore:
         def read(txn):
             dbs = {}
             for name, db in zip(DB_NAMES, self.dbs):
+                if db is None:  # (readonly, a store made before that database existed)
+                    continue
                 s = txn.stat(db)
                 pages = s["branch_pages"] + s["leaf_pages"] + s["overflow_pages"]
                 dbs[name] = {"entries": s["entries"], "bytes": pages * s["psize"]}

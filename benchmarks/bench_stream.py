@@ -25,7 +25,8 @@ left alone: how much of the store it holds shows in the major page faults report
    layer selects are streamed (chunk cache <- host tier <- LMDB). A new question over the
    same document: time to first token, then decode tok/s with the cache capped, the
    chunk-cache hit rate and the bytes read from the store per token. Each of `--variants`
-   then repeats this in an engine of its own, with other replay and runner-up settings.
+   then repeats this in an engine of its own, with other replay, runner-up, first-step
+   load and summary-pack settings.
 3. **resident**: a new engine without streaming: the whole stored prefix is loaded into the
    pool, then the same question and decode, for the decode baseline.
 
@@ -34,7 +35,8 @@ to the last (greedy, EOS ignored), median of `--repeats`; the four slowest steps
 engine are printed with the streaming counters, Triton compiles and garbage collections
 that moved in them (and, with `--step-timers`, the time spent in the engine's parts).
 `--profile` adds a kernel breakdown of 16 decode steps of the streamed and the resident
-engine.
+engine, and the time the measure's streamed TTFT spent in the engine's parts;
+`--profile-ttft` one more restart whose streamed TTFT runs under the torch profiler.
 """
 
 from __future__ import annotations

@@ -160,9 +160,9 @@ def test_read_layers_reads_ahead_in_order_and_raises_in_order(tmp_path):
     ids = [r.chunk_id for r in recs]
     got = list(tier.read_layers(ids))
     assert [layer for layer, _ in got] == list(range(6))
-    for layer, (k, v) in got:
+    for layer, kv in got:
         want_k, want_v = tier.store.get_kv_many(ids, layer)
-        assert (k == want_k).all() and (v == want_v).all()
+        assert (kv[:, 0] == want_k).all() and (kv[:, 1] == want_v).all()
     tier.close()
     flip_kv_byte(path, ids[2], 3)
     tier = StoreTier(path, fp, "64MiB", "raw", pool, lambda p: None)
@@ -205,5 +205,5 @@ def test_reads_go_over_the_reader_threads_only_while_they_hit_the_disk(synthetic
     assert not submitted and (k == want[0]).all() and (v == want[1]).all()
     got = list(tier.read_layers(ids))
     assert not submitted and [layer for layer, _ in got] == [0, 1, 2]
-    assert (got[2][1][0] == want[0]).all()
+    assert (got[2][1][:, 0] == want[0]).all() and (got[2][1][:, 1] == want[1]).all()
     assert tier.get_kv(ids, 2, split=True) and len(submitted) > 1  # forced

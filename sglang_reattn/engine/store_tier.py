@@ -362,10 +362,13 @@ class StoreTier:
         n = len(chunk_ids)
         try:
             idx = torch.tensor(pages[:n], device=self.pool.k.device)
-            for layer, (k, v) in self.read_layers(chunk_ids[:n]):
-                self.pool.k[layer, idx] = _from_numpy(k, self.pool.k.dtype).to(self.pool.k.device)
-                self.pool.v[layer, idx] = _from_numpy(v, self.pool.v.dtype).to(self.pool.v.device)
-                self.stats["store_bytes_loaded"] += k.nbytes + v.nbytes
+            for layer, kv in self.read_layers(chunk_ids[:n]):
+                # K and V of a layer in one copy (as separate views, each went as a
+                # contiguous host copy and then a copy of its own)
+                kv_dev = _from_numpy(kv, self.pool.k.dtype).to(self.pool.k.device)
+                self.pool.k[layer, idx] = kv_dev[:, 0]
+                self.pool.v[layer, idx] = kv_dev[:, 1]
+                self.stats["store_bytes_loaded"] += kv.nbytes
         except CorruptBlock as e:
             self.stats["store_corrupt_blocks"] += 1
             logger.error("kv store: %s; dropping it, it will be recomputed", e)
@@ -426,17 +429,24 @@ class StoreTier:
             return out[:, 0], out[:, 1]
 
     def read_layers(self, chunk_ids: list[str]):
-        """(layer, (k, v)) of every layer of these chunks, in layer order. Layers are read
-        ahead on a pool of reader threads (a window bounded by READ_AHEAD_BYTES): blocks
-        not in the page cache come from disk several at a time, as page faults and
-        checksums run outside the interpreter lock. Errors surface in layer order."""
+        """(layer, kv) of every layer of these chunks, in layer order, kv [n, 2, C, H, D]
+        (K then V of each chunk). Layers are read ahead on a pool of reader threads (a
+        window bounded by READ_AHEAD_BYTES): blocks not in the page cache come from disk
+        several at a time, as page faults and checksums run outside the interpreter lock.
+        Errors surface in layer order."""
         num_layers = self.pool.k.shape[0]
         per_layer = 2 * len(chunk_ids) * self.pool.k[0, 0].numel() * self.pool.k.element_size()
         window = max(1, min(READERS, READ_AHEAD_BYTES // max(per_layer, 1)))
+
+        def read(layer: int) -> np.ndarray:
+            out = np.empty((len(chunk_ids), 2) + self.store.kv_shape, self.store.np_dtype)
+            self.store.get_kv_many(chunk_ids, layer, out)
+            return out
+
         if window == 1 or num_layers == 1 or not self.cold:
             with self._watch_faults():
                 for layer in range(num_layers):
-                    yield layer, self.store.get_kv_many(chunk_ids, layer)
+                    yield layer, read(layer)
             return
         readers = self._reader_pool()
         ahead: deque = deque()
@@ -445,8 +455,7 @@ class StoreTier:
             with self._watch_faults():
                 while nxt < num_layers or ahead:
                     while nxt < num_layers and len(ahead) < window:
-                        ahead.append((nxt, readers.submit(self.store.get_kv_many, chunk_ids,
-                                                          nxt)))
+                        ahead.append((nxt, readers.submit(read, nxt)))
                         nxt += 1
                     layer, fut = ahead.popleft()
                     yield layer, fut.result()

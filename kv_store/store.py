@@ -390,12 +390,14 @@ class ChunkStore:
             return None
         raw = memoryview(block)[FRAME_SIZE:]
         count = _U32.unpack_from(raw)[0]
+        if not 0 < 4 + 33 * count <= len(raw):  # (a damaged count: no room for its rows)
+            return None
         ids = raw[4: 4 + 32 * count]
         want = keys[i: i + count]
         m = len(want)
         if ids[: 32 * m] != b"".join(want):
             m = next(j for j, k in enumerate(want) if ids[32 * j: 32 * j + 32] != k)
-        size, rest = divmod(len(raw) - 4 - 32 * count, max(count, 1))
+        size, rest = divmod(len(raw) - 4 - 32 * count, count)
         if not m or rest:
             return None
         rows = np.frombuffer(raw, np.uint8, offset=4 + 32 * count)

@@ -292,13 +292,15 @@ def test_summary_packs_read_like_single_summaries(tmp_path):
         q, _ = s.get_summaries(mixed, dequantize=False)
         assert np.array_equal(q, want_q[[19, 18, 17, 16, 0, 1, 2]])
         # a damaged pack: skipped, the same answer; pack_summaries writes it again
-        def flip(txn, key):
+        def flip(txn, key, at):
             v = bytearray(txn.get(key, db=s.dbs.packs))
-            v[-3] ^= 0xFF
+            v[at] ^= 0xFF
             txn.put(key, bytes(v), db=s.dbs.packs)
 
-        for first in (16, 0):  # checked on the threads; the first, which fixes the framing
-            s._write(lambda txn: flip(txn, bytes.fromhex(ids[first])))
+        # damaged rows, checked on the threads and in the first pack (which fixes the
+        # framing), and a damaged count of chunks (read before any checksum)
+        for first, at in ((16, -3), (0, -3), (16, codecs.FRAME_SIZE + 2)):
+            s._write(lambda txn: flip(txn, bytes.fromhex(ids[first]), at))
             assert np.array_equal(s.get_summaries(ids, dequantize=False)[0], want_q)
             assert s.pack_summaries(ids[first:first + 16])
             assert not s.pack_summaries(ids[first:first + 16])

@@ -159,21 +159,28 @@ def decode_tokens(eng, req, steps: int) -> float:
     return time.perf_counter() - t
 
 
+def profiler_activities(eng) -> list:
+    """The torch profiler's activities for an engine: host, and the device's on CUDA."""
+    from torch.profiler import ProfilerActivity
+
+    return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if eng.device.type == "cuda"
+                                     else [])
+
+
+def dev_time(ev) -> float:
+    """A profiler event's self time on the device, microseconds (either torch's name)."""
+    return getattr(ev, "self_device_time_total", None) or getattr(
+        ev, "self_cuda_time_total", 0.0)
+
+
 def profile_run(eng, run, steps: int, label: str, top: int = 12) -> None:
     """Where a step's time goes: kernel time per step (a CUDA graph's kernels included)
     against wall time per step, and the kernels that take most of it. `run()` runs
     `steps` steps and returns its wall seconds."""
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import profile
 
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if eng.device.type == "cuda"
-                                     else [])
-    with profile(activities=acts) as prof:
+    with profile(activities=profiler_activities(eng)) as prof:
         wall = run()
-
-    def dev_time(ev) -> float:  # microseconds, self time on the device
-        return getattr(ev, "self_device_time_total", None) or getattr(
-            ev, "self_cuda_time_total", 0.0)
-
     evs = [e for e in prof.key_averages() if dev_time(e) > 0]
     busy = sum(dev_time(e) for e in evs)
     print(f"profile of {label}, {steps} steps: wall {wall / steps * 1e3:.3f} ms/step, kernels "

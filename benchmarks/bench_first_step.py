@@ -55,6 +55,7 @@ def main() -> None:
     piece: dict[int, list[str]] = {}
     last: dict[int, tuple[list[str], list[str]]] = {}
     steps: list[dict[int, list[str]]] = []
+    latest: dict[int, list[str]] = {}  # each layer's last resolved selection
     tier_cls = stream_tier.StreamTier
     real_expect, real_resolve = tier_cls.expect, tier_cls.resolve
 
@@ -62,15 +63,14 @@ def main() -> None:
         return [tier.chunk_of(p) for p in row if p >= tier.base]
 
     def expect(self, layer, rows, sel, nsel, runners=None):
+        piece[layer] = latest[layer]  # (`expect` follows the piece's own `resolve`)
         last[layer] = (virtual(self, sel[0, : int(nsel[0])].tolist()),
                        virtual(self, runners[0].tolist()) if runners is not None else [])
         return real_expect(self, layer, rows, sel, nsel, runners)
 
     def resolve(self, layer, sel, nsel, runners=None):
-        picks = virtual(self, sel[0, : int(nsel[0])].tolist())
-        if layer in last and layer not in piece:
-            piece[layer] = picks  # (the piece's own selection resolves after `expect`)
-        elif layer in last:
+        latest[layer] = picks = virtual(self, sel[0, : int(nsel[0])].tolist())
+        if layer in last:  # a decode step after the piece
             if layer == 0:
                 steps.append({})
             steps[-1][layer] = picks

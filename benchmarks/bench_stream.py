@@ -84,18 +84,16 @@ def ids_of(n: int, seed: int, vocab: int) -> list[int]:
 def profile_ttft(eng, ids: list[int], top: int = 30) -> None:
     """A streamed TTFT under the torch profiler: the operations (CUDA runtime calls
     included) that took the most host time, by self time, and the device's busy time."""
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import profile
 
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if eng.device.type == "cuda"
-                                     else [])
-    prof = profile(activities=acts)
+    prof = profile(activities=E2E.profiler_activities(eng))
     eng._call(prof.start)  # on the engine thread, which runs the step's operations
     try:
         t, _ = ttft(eng, ids)
     finally:
         eng._call(prof.stop)
     evs = prof.key_averages()
-    dev = sum(getattr(e, "self_device_time_total", 0.0) for e in evs)
+    dev = sum(E2E.dev_time(e) for e in evs)
     print(f"profile of a streamed TTFT: wall {t * 1e3:.1f} ms (profiled), device busy "
           f"{dev / 1e3:.1f} ms; host self time by operation:")
     for e in sorted(evs, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]:
@@ -279,7 +277,7 @@ def timers(out: dict):
                (stream_tier.ChunkCache, ("acquire",)), (stream_tier.HostCache, ("put",)),
                (store_tier.StoreTier, ("lookup", "load", "save", "_write_one", "hold")),
                (store.ChunkStore, ("get_summaries", "get_kv_many")),
-               (reattention.ReAttention, ("select", "_expect")),
+               (reattention.ReAttention, ("select", "_select_last")),
                (radix_cache.RadixCache, ("match_prefix",)),
                (scheduler.Scheduler, ("_admit", "_run_prefill", "_run_decode", "_spill",
                                       "_sample_and_emit", "_store_ids", "_release",

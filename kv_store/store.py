@@ -438,16 +438,16 @@ class ChunkStore:
             raise StoreError("this store has no summary packs (opened readonly)")
         body = _U32.pack(len(keys)) + b"".join(keys)
 
-        def there(txn, old) -> bool:  # this pack, intact (a damaged one is rewritten)
+        def there(old) -> bool:  # this pack, intact (a damaged one is rewritten)
             return (old is not None and bytes(old[FRAME_SIZE: FRAME_SIZE + len(body)]) == body
                     and self._pack_ok(old, keys[0]))
 
-        if self._read(lambda txn: there(txn, txn.get(keys[0], db=self.dbs.packs))):
+        if self._read(lambda txn: there(txn.get(keys[0], db=self.dbs.packs))):
             return False  # (checked without taking the writer lock)
 
         def txn_fn(txn):
             old = txn.get(keys[0], db=self.dbs.packs)
-            if there(txn, old):
+            if there(old):
                 return False
             rows = []
             for key, chunk_id in zip(keys, chunk_ids):

@@ -949,8 +949,8 @@ def test_split_reads_fill_one_buffer_equal_to_plain_reads(synthetic_store_tier, 
 
 
 def test_blocks_go_to_the_device_through_two_reused_staging_buffers(monkeypatch):
-    """On CUDA, blocks that are not one pinned batch buffer are stacked into one of two
-    pinned staging buffers, used in turn: a buffer is reused only after the event of its
+    """On CUDA, blocks are stacked (or read, on demand) into one of two pinned staging
+    buffers, used in turn: a buffer is reused only after the event of its
     last copy (recorded once that copy is queued) and grown to the next power of two when
     too small, never allocated per copy. Played here with pinning and events faked."""
     tier, _ = _tier_for_test()
@@ -988,7 +988,7 @@ def test_blocks_go_to_the_device_through_two_reused_staging_buffers(monkeypatch)
         # a buffer grown inside a forward's inference mode is reused outside it (the first
         # write's, by the third)
         with torch.inference_mode(i == 0):
-            tier._write_pages(layers, pages, kv)
+            tier._write_pages(layers, pages, tier._stack(kv))
         assert (len(allocs) > before) == grew
         # the last write to each (layer, page) holds that block's K and V
         for (layer, page), (k, v) in dict(zip(zip(layers, pages), kv)).items():

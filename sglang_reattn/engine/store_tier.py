@@ -187,18 +187,22 @@ class StoreTier:
         if self.readonly or first >= len(pages):
             return
         assert len(ids) >= len(pages), "save: fewer ids than pages"
+        self._forget_if_removed()
         self._save_chunks(token_ids, pages, first, namespace, ids)
-        self.pack(ids[:len(pages)], first)
+        self._queue_packs(ids[:len(pages)], first)
 
-    def pack(self, ids: list[str], first: int = 0) -> None:
-        """Summary packs, written behind, for the groups of SUMMARY_PACK chunks from the
-        chain's root that end past chunk `first` of `ids` (a chain from its root, stored or
-        queued for the writer): a context's bulk summary read then takes one value per
-        group, not one per chunk. Groups packed already are skipped by the writer (and
+    def pack(self, ids: list[str]) -> None:
+        """Summary packs, written behind, for the groups of SUMMARY_PACK chunks of `ids`
+        (a stored chain from its root): a context's bulk summary read then takes one value
+        per group, not one per chunk. Groups packed already are skipped by the writer (and
         those this tier saw packed, here)."""
         if self.readonly:
             return
         self._forget_if_removed()
+        self._queue_packs(ids, 0)
+
+    def _queue_packs(self, ids: list[str], first: int) -> None:
+        """Pack jobs for the groups of a chain from its root that end past chunk `first`."""
         for end in range((first // SUMMARY_PACK + 1) * SUMMARY_PACK, len(ids) + 1,
                          SUMMARY_PACK):
             with self._lock:
@@ -220,7 +224,6 @@ class StoreTier:
 
     def _save_chunks(self, token_ids, pages: list[int], first: int, namespace: str,
                      ids: list[str]) -> None:
-        self._forget_if_removed()
         with self._lock:
             todo = [i for i in range(first, len(pages))
                     if ids[i] not in self._known and ids[i] not in self._pending]

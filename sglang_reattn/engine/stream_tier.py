@@ -343,11 +343,9 @@ class StreamTier:
         self.due_runners = 16
         # layer -> [(batch row, chunk)] selected by the step in progress
         self._selected: dict[int, list[tuple[int, str]]] = {}
-        # `expect`: rows of the step in progress whose next step decodes, and per layer
-        # [(row, chunk)] of that decode's likely selection (due) and with its runners-up
-        self._next_rows: set[int] = set()
+        # layer -> [(batch row, chunk)] the decode step after the step in progress will
+        # likely select, for the rows whose prompt it completes (`expect`)
         self._due: dict[int, list[tuple[int, str]]] = {}
-        self._next_hint: dict[int, list[tuple[int, str]]] = {}
         # CUDA: chunk-cache fills ahead of a step run on a side stream; the step's first
         # fetch makes the compute stream wait for them.
         self._side = torch.cuda.Stream(pool.k.device) if self._pin else None
@@ -628,7 +626,8 @@ class StreamTier:
         alone selects in `layer`, as that decode step will score, and `runners` [B', R] its
         runners-up. Those selected chunks and the first `due_runners` runners-up become the
         rows' due chunks (`end_step`), loaded before that step (`prefetch`); with the other
-        runners-up they are the rows' prefetch hint."""
+        runners-up they replace the rows' prefetch hint in this layer (called after
+        `resolve`, which set the piece's own)."""
         due = []
         for row, pages, n in zip(rows, sel_pages.tolist(), nsel.tolist()):
             due += [(row, self.chunk_of(p)) for p in pages[:n] if p >= self.base]
@@ -639,9 +638,9 @@ class StreamTier:
                               (runners[:, self.due_runners:], rest)):
                 r, keys = self._picks(part)
                 out += [(rows[i], k) for i, k in zip(r, keys)]
-        self._next_rows.update(rows)
         self._due[layer] = due
-        self._next_hint[layer] = due + rest
+        self._selected[layer] = [(row, key) for row, key in self._selected.get(layer, ())
+                                 if row not in rows] + due + rest
 
     def _cache_in(self, layer: int, keys: list[str]) -> list[int]:
         """One layer's selected chunks into the chunk cache (fetching those not cached)
@@ -694,20 +693,20 @@ class StreamTier:
             rows[j, 1] = v
         return missing + [i for i, _ in hits], rows
 
-    def _write_pages(self, layers: list[int], pages: list[int],
-                     kv: torch.Tensor | list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Blocks into chunk-cache pages: row i (or pair i) into page pages[i] of layer
-        layers[i]. `kv`: the rows `_stage` just gave, or (K, V) pairs, stacked into such
-        rows first; then one copy to the device (queued, on CUDA)."""
+    def _stack(self, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """(K, V) pairs -> staged rows [n, 2, C, Hkv, D] (`_stage`) for `_write_pages`."""
+        rows = self._stage((len(kv), 2) + tuple(kv[0][0].shape), kv[0][0].dtype)
+        torch.stack([k for k, _ in kv], out=rows[:, 0])
+        torch.stack([v for _, v in kv], out=rows[:, 1])
+        return rows
+
+    def _write_pages(self, layers: list[int], pages: list[int], rows: torch.Tensor) -> None:
+        """Blocks into chunk-cache pages: row i of `rows` (what `_stage` gave last) into
+        page pages[i] of layer layers[i], in one copy to the device (queued, on CUDA)."""
         dev = self.pool.k.device
         host_pages = torch.tensor(pages)
         idx = tuple(torch.stack([torch.tensor(layers), host_pages]).to(dev))
-        if isinstance(kv, list):
-            rows = self._stage((len(kv), 2) + tuple(kv[0][0].shape), kv[0][0].dtype)
-            torch.stack([k for k, _ in kv], out=rows[:, 0])
-            torch.stack([v for _, v in kv], out=rows[:, 1])
-            kv = rows
-        kv_dev = kv.to(dev, non_blocking=True)
+        kv_dev = rows.to(dev, non_blocking=True)
         if self._pin:
             self._staged[-1][1].record()  # the staging buffer is free again after this copy
         self.pool.k[idx] = kv_dev[:, 0]
@@ -762,19 +761,14 @@ class StreamTier:
         """The finished step's (hints, due chunks) of each batch row, each {layer: [chunk
         ids]}: the hint is the row's selection and runners-up, or for a row whose next step
         decodes (`expect`) what its last token selected and the runners-up of that; due
-        chunks are that selection alone (empty for other rows)."""
+        chunks are that selection and its first `due_runners` (empty for other rows)."""
         hints: list[dict[int, list[str]]] = [{} for _ in range(num_rows)]
         dues: list[dict[int, list[str]]] = [{} for _ in range(num_rows)]
-        nxt = self._next_rows
-        for out, picks_of, rows in ((hints, self._selected, lambda r: r not in nxt),
-                                    (hints, self._next_hint, lambda r: True),
-                                    (dues, self._due, lambda r: True)):
+        for out, picks_of in ((hints, self._selected), (dues, self._due)):
             for layer, picks in picks_of.items():
                 for row, key in picks:
-                    if rows(row):
-                        out[row].setdefault(layer, []).append(key)
-        self._selected, self._next_hint, self._due = {}, {}, {}
-        self._next_rows = set()
+                    out[row].setdefault(layer, []).append(key)
+        self._selected, self._due = {}, {}
         return hints, dues
 
     def prefetch(self, hints: list[dict[int, list[str]]],
@@ -828,15 +822,16 @@ class StreamTier:
         if not kvs:
             return
         try:
+            rows = self._stack(kvs)
             if self._side is not None:
                 # The pages taken may still be read by the last step's queued kernels.
                 self._side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(self._side):
-                    self._write_pages(layers, pages, kvs)
+                    self._write_pages(layers, pages, rows)
                 self._ahead = torch.cuda.Event()
                 self._ahead.record(self._side)
             else:
-                self._write_pages(layers, pages, kvs)
+                self._write_pages(layers, pages, rows)
         except BaseException:  # no page taken stays mapped to a block it does not hold
             for layer, key in zip(layers, taken):
                 self.cache.forget(layer, [key])

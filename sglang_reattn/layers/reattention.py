@@ -224,19 +224,23 @@ class ReAttention(PagedAttention):
         if not streamed or in_graph:
             self.last_selection[layer_id] = sel_pages  # candidates' own pages
             return table, lens
-        if plan.next_rows is not None and self.stream.expect_next:  # before resolve's sync
-            self._expect(layer_id, q, plan)
+        nxt = (self._select_last(layer_id, q, plan)  # launched before resolve's sync
+               if plan.next_rows is not None and self.stream.expect_next else None)
         sel_pages = self.stream.resolve(layer_id, sel_pages, nsel, runners)
+        if nxt is not None:
+            self.stream.expect(layer_id, plan.next_rows_host, *nxt)
         self.last_selection[layer_id] = sel_pages
         return kn.assemble_scope_ref(plan.head_table, plan.head_pages, sel_pages, nsel,
                                      plan.local_table, plan.local_tokens, c)
 
-    def _expect(self, layer_id: int, q: torch.Tensor, plan: ScopePlan) -> None:
+    def _select_last(self, layer_id: int, q: torch.Tensor, plan: ScopePlan
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """A streamed prefill piece completing its prompt: this layer's selection for its
-        last token alone (one query, as the next decode step scores), with runners-up, to
-        the streaming tier, which loads it before that step. The piece's own selection
-        votes with its last REP_QUERIES queries and often differs, so without this the
-        first decode step missed in most layers (replays, then an eager pass)."""
+        last token alone (one query, as the next decode step scores) -> (selected pages,
+        their count, runners-up), for the streaming tier to load before that step
+        (`StreamTier.expect`). The piece's own selection votes with its last REP_QUERIES
+        queries and often differs, so without this the first decode step missed in most
+        layers (replays, then an eager pass)."""
         r = plan.next_rows
         kmin, kmax, kmean = self._summaries(layer_id)
         _, _, sel, nsel, *runners = self._kernels.select_scope(
@@ -244,5 +248,4 @@ class ReAttention(PagedAttention):
             plan.head_table[r], plan.head_pages[r], plan.local_table[r],
             plan.local_tokens[r], self.cfg.topk, self.cfg.chunk_size, kmin, kmax, kmean,
             self.combine, 1, None, self.pool.num_pages, self.spare)
-        self.stream.expect(layer_id, plan.next_rows_host, sel, nsel,
-                           runners[0] if runners else None)
+        return sel, nsel, runners[0] if runners else None

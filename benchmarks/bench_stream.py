@@ -267,7 +267,8 @@ def timers(out: dict):
         store_tier,
         stream_tier,
     )
-    from sglang_reattn.kv_store import store
+    from sglang_reattn.engine import engine
+    from sglang_reattn.kv_store import codecs, store
     from sglang_reattn.layers import reattention
 
     targets = [(stream_tier.StreamTier, ("attach", "fetch", "resolve", "settle",
@@ -275,8 +276,11 @@ def timers(out: dict):
                                          "_write_pages", "_prefetch_one", "_stage", "fetch_rows",
                                          "expect", "_put_summaries", "release")),
                (stream_tier.ChunkCache, ("acquire",)), (stream_tier.HostCache, ("put",)),
-               (store_tier.StoreTier, ("lookup", "load", "save", "_write_one", "hold")),
-               (store.ChunkStore, ("get_summaries", "get_kv_many")),
+               (store_tier.StoreTier, ("lookup", "load", "save", "_write_one", "hold",
+                                       "get_kv", "read_ahead", "pack")),
+               (store.ChunkStore, ("get_summaries", "get_kv_many", "has_many")),
+               (codecs, ("decode_block",)),
+               (engine.Engine, ("_build", "_make_request")),
                (reattention.ReAttention, ("select", "_select_last")),
                (radix_cache.RadixCache, ("match_prefix",)),
                (scheduler.Scheduler, ("_admit", "_run_prefill", "_run_decode", "_spill",
@@ -297,7 +301,8 @@ def timers(out: dict):
                     return _f(*a, **k)
                 finally:
                     th = threading.current_thread().name
-                    key = _key if th == "engine" else f"{_key}@{th}"
+                    th = th.rstrip("0123456789").rstrip("_")  # a pool's threads as one
+                    key = _key if th in ("engine", "MainThread") else f"{_key}@{th}"
                     s, n = out.get(key, (0.0, 0))
                     out[key] = (s + time.perf_counter() - t, n + 1)
 

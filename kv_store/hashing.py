@@ -91,18 +91,22 @@ def chunk_hashes(
     arr = _token_array(token_ids)
     n_full = arr.size // chunk_size
     prior = bytes.fromhex(prior_hash) if prior_hash else namespace_seed(namespace)
-    out: list[str] = []
     if not n_full:
-        return out
-    # The pages' bytes converted at once (chunk_digest per page, in bulk): a million-token
-    # sequence hashes in tens of milliseconds.
+        return []
+    # The pages' bytes converted at once (chunk_digest per page, in bulk), one hash object
+    # per page over the prior digest and the page: a million-token sequence hashes in a
+    # few tens of milliseconds.
     pages = arr[: n_full * chunk_size].reshape(n_full, chunk_size)
-    wide = (pages > _U32_MAX).any(1) if pages.dtype.itemsize > 4 else np.zeros(n_full, bool)
-    narrow = memoryview(pages.astype("<u4").tobytes())
+    wide = (set(np.flatnonzero((pages > _U32_MAX).any(1)).tolist())
+            if pages.dtype.itemsize > 4 else ())  # pages hashed as uint64
+    narrow = pages.astype("<u4").tobytes()
     step = 4 * chunk_size
-    for i in range(n_full):
-        h = hashlib.sha256(prior) if prior is not None else hashlib.sha256()
-        h.update(_page_bytes(pages[i]) if wide[i] else narrow[i * step:(i + 1) * step])
-        prior = h.digest()
-        out.append(prior.hex())
-    return out
+    sha256 = hashlib.sha256
+    digests: list[bytes] = []
+    keep = digests.append
+    for i, at in enumerate(range(0, n_full * step, step)):
+        page = _page_bytes(pages[i]) if i in wide else narrow[at:at + step]
+        prior = sha256(prior + page if prior is not None else page).digest()
+        keep(prior)
+    hexed = b"".join(digests).hex()
+    return [hexed[j:j + 64] for j in range(0, len(hexed), 64)]

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from sglang_reattn.engine.sampling_params import SamplingParams
@@ -38,6 +39,7 @@ class Request:
     grammar: Any = None  # a Matcher, or None
     generator: torch.Generator | None = None
     eos_ids: frozenset[int] = frozenset()
+    prompt_array: Any = None  # prompt_ids as an int64 numpy array (the engine's check made it)
     # --- progress ---
     state: State = State.WAITING
     output_ids: list[int] = field(default_factory=list)
@@ -80,6 +82,12 @@ class Request:
     def token_at(self, pos: int) -> int:
         n = len(self.prompt_ids)
         return self.prompt_ids[pos] if pos < n else self.output_ids[pos - n]
+
+    def array_between(self, start: int, stop: int):
+        """ids_between as a numpy array: a view of prompt_array within the prompt."""
+        if self.prompt_array is not None and stop <= len(self.prompt_ids):
+            return self.prompt_array[start:stop]
+        return np.asarray(self.ids_between(start, stop), dtype=np.int64)
 
     def ids_between(self, start: int, stop: int) -> list[int]:
         """all_ids[start:stop] without building all_ids (0 <= start <= stop)."""

@@ -278,7 +278,7 @@ def timers(out: dict):
                (stream_tier.ChunkCache, ("acquire",)), (stream_tier.HostCache, ("put",)),
                (store_tier.StoreTier, ("lookup", "load", "save", "_write_one", "hold",
                                        "get_kv", "read_ahead", "pack")),
-               (store.ChunkStore, ("get_summaries", "get_kv_many", "has_many")),
+               (store.ChunkStore, ("get_summaries", "get_kv_many", "has_many", "hold", "_write")),
                (codecs, ("decode_block",)),
                (engine.Engine, ("_build", "_make_request")),
                (reattention.ReAttention, ("select", "_select_last")),

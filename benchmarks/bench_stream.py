@@ -61,6 +61,7 @@ import bench_e2e as E2E  # noqa: E402
 from bench_e2e import profile_run  # noqa: E402
 
 from sglang_reattn.engine import model_runner  # noqa: E402
+from sglang_reattn.kv_store import store as kv_store_mod  # noqa: E402
 from sglang_reattn.engine.store_tier import major_faults  # noqa: E402
 
 
@@ -342,7 +343,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="kernel breakdown of 16 decode steps, streamed and resident")
     ap.add_argument("--variants", nargs="*", default=[],
-                    metavar="CAP:AHEAD:REPLAY[:EXPECT[:PACKS]]",
+                    metavar="CAP:AHEAD:REPLAY[:EXPECT[:PACKS[:PARTS]]]",
                     help="after the streamed measure, repeat it (a new engine, the same "
                          "questions) per variant: CAP replays of a streamed graph step before it "
                          "runs eagerly (model_runner.MAX_STREAM_REPLAYS); the first AHEAD "
@@ -353,7 +354,8 @@ def main() -> None:
                          "prompt's last token are loaded with its selection before the first "
                          "decode step (StreamTier.due_runners), or 'off' to load neither "
                          "(StreamTier.expect_next); PACKS 0 reads the summaries one value per "
-                         "chunk, not from the store's summary packs")
+                         "chunk, not from the store's summary packs; PARTS: the most threads "
+                         "one layer's K/V read is split over (kv_store.store.KV_PARTS)")
     ap.add_argument("--profile-ttft", action="store_true",
                     help="after the variants, one more streamed engine's TTFT under the torch "
                          "profiler: host time by operation (CUDA runtime calls included)")
@@ -479,6 +481,7 @@ def main() -> None:
             print(f"# chunk cache against the store: {res['cache_blocks_wrong']} of "
                   f"{res['cache_blocks_checked']:,} blocks differ", flush=True)
             res["replay_cap"] = default_cap = model_runner.MAX_STREAM_REPLAYS
+            res["kv_parts"] = default_parts = kv_store_mod.KV_PARTS
             res["ahead_runners"] = eng.attn.spare
             res["due_runners"] = due_default = eng.attn.stream.due_runners
             profiled(eng, "streamed decode")
@@ -488,8 +491,10 @@ def main() -> None:
         res["variants"] = {}
         for k, variant in enumerate(args.variants):
             fields = variant.split(":")
-            cap, ahead, replay, expect, packs = fields + [str(due_default), "1"][len(fields) - 3:]
+            cap, ahead, replay, expect, packs, parts = (
+                fields + [str(due_default), "1", str(default_parts)][len(fields) - 3:])
             model_runner.MAX_STREAM_REPLAYS = int(cap)
+            kv_store_mod.KV_PARTS = int(parts)
             release(eng)
             try:
                 with Engine(model, **stream_opts) as eng:
@@ -509,6 +514,7 @@ def main() -> None:
                     wrong = cache_matches_store(eng)[1]
             finally:
                 model_runner.MAX_STREAM_REPLAYS = default_cap
+                kv_store_mod.KV_PARTS = default_parts
             d = moved(before, after)
             res["variants"][f"{k}: {variant}"] = dict(
                 {key: d.get(key, 0) for key in
@@ -582,10 +588,11 @@ def main() -> None:
               f"{res['resident_tok_s']:.1f} tok/s; the engine's own settings: "
               f"{res['replay_cap']} replays, {res['ahead_runners']} runners-up, none before a "
               f"replay, the last token's selection and {res['due_runners']} of its runners-up "
-              f"loaded before the first step)")
+              f"loaded before the first step, a layer's K/V read split over up to "
+              f"{res['kv_parts']} threads)")
         print("| replays before eager : runners-up per layer loaded ahead : and before a "
               "replay : the last token's runners-up loaded before the first step : summary "
-              "packs read | tok/s (of "
+              "packs read : K/V read parts | tok/s (of "
               "resident) | median / max step ms | graph steps / replays / eager | store reads "
               "/ read ahead / hits / loaded before a replay / before the first step | TTFT s "
               "| blocks differing from the store |\n|---|---|---|---|---|---|---|")

@@ -20,6 +20,7 @@ import os
 import struct
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -75,7 +76,7 @@ class ChunkStore:
         """
         self.path = os.fspath(path)
         self.readonly = readonly
-        self._held: dict[bytes, int] = {}  # hold() counts, in this process only
+        self._held: Counter[bytes] = Counter()  # hold() counts, in this process only
         self._held_lock = threading.Lock()
         self._workers: ThreadPoolExecutor | None = None  # `_in_parallel`, made on first use
         self._packs_ok: set[tuple[bytes, bytes]] = set()  # `_pack_ok`'s: (key, stored crc)
@@ -556,8 +557,7 @@ class ChunkStore:
         found present after hold() returns stays until release()."""
         keys = [bytes.fromhex(c) for c in chunk_ids]
         with self._held_lock:
-            for k in keys:
-                self._held[k] = self._held.get(k, 0) + 1
+            self._held.update(keys)  # (counted in C: a 1M-token context holds 16K chunks)
         if keys and not self.readonly:
             # An empty write transaction waits for one of ours in flight, which may have
             # read the held set before this call: a chunk read after hold() returns stays.
@@ -573,7 +573,7 @@ class ChunkStore:
                 if n <= 0:
                     raise ValueError(f"chunk {k.hex()} is not held")
                 left[k] = n - 1
-            self._held = {k: n for k, n in left.items() if n}
+            self._held = Counter({k: n for k, n in left.items() if n})
 
     def held(self) -> set[str]:
         """Ids held now (tests, inspection)."""

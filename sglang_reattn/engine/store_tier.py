@@ -108,6 +108,7 @@ TOUCH_DEFER_S = 10.0  # longest a last-used mark waits for an idle engine
 # so more threads keep more disk reads in flight (bench_cold_reads.py).
 READERS = 16
 READ_AHEAD_BYTES = 1 << 30  # most K/V bytes of layers read ahead at once
+AHEAD_READERS = 2  # reader threads of a `read_ahead` (beside the engine thread's work)
 SPLIT_MIN = 4  # chunks per reader thread at least, when one layer's read is split
 
 
@@ -352,11 +353,19 @@ class StoreTier:
         if stop <= start:
             return []
         ids = ids[start:stop]
-        out: list[str] = []
-        for cid, there in zip(ids, self.store.has_many(ids)):
-            if not there or cid in self._bad:
-                break
-            out.append(cid)
+        # A chunk is published after its parent and removed with its subtree (evicted or
+        # deleted), so what a store holds of a chain is a prefix of it: found by bisection,
+        # a few reads, not one per chunk (16K of them took 42 ms of a 1M-token TTFT).
+        lo, hi = 0, len(ids)  # ids[:lo] stored, ids[hi:] not
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.store.has(ids[mid]):
+                lo = mid + 1
+            else:
+                hi = mid
+        out = ids[:lo]
+        if self._bad:
+            out = out[: next((i for i, c in enumerate(out) if c in self._bad), len(out))]
         return out
 
     def read_ahead(self, chunk_ids: list[str]) -> Future:
@@ -366,8 +375,11 @@ class StoreTier:
         took 70-100 ms of a 1M-token TTFT, one after the other)."""
         # Each layer's read on its reader thread alone: split into parts, they queued on
         # the store's worker threads ahead of the summaries' checks (the summaries' read
-        # took 135 ms, not 66, on the H200's host).
-        return self._reader_pool().submit(lambda: list(self.read_layers(chunk_ids, 1)))
+        # took 135 ms, not 66, on the H200's host). And at most AHEAD_READERS layers at
+        # once: with 16, the engine thread's own Python work (holding and looking up 16K
+        # chunks) waited for the interpreter lock (47 ms, not 8, to hold them).
+        return self._reader_pool().submit(
+            lambda: list(self.read_layers(chunk_ids, 1, AHEAD_READERS)))
 
     def load(self, chunk_ids: list[str], pages: list[int], ahead: Future | None = None
              ) -> int:
@@ -444,15 +456,17 @@ class StoreTier:
                 f.result()  # the first failing part's error, in order
             return out[:, 0], out[:, 1]
 
-    def read_layers(self, chunk_ids: list[str], parts: int | None = None):
+    def read_layers(self, chunk_ids: list[str], parts: int | None = None,
+                    readers: int = READERS):
         """(layer, kv) of every layer of these chunks, in layer order, kv [n, 2, C, H, D]
         (K then V of each chunk). Layers are read ahead on a pool of reader threads (a
         window bounded by READ_AHEAD_BYTES): blocks not in the page cache come from disk
         several at a time, as page faults and checksums run outside the interpreter lock.
-        Errors surface in layer order. parts: get_kv_many's, per layer."""
+        Errors surface in layer order. parts: get_kv_many's, per layer; readers: the most
+        reader threads used."""
         num_layers = self.pool.k.shape[0]
         per_layer = 2 * len(chunk_ids) * self.pool.k[0, 0].numel() * self.pool.k.element_size()
-        window = max(1, min(READERS, READ_AHEAD_BYTES // max(per_layer, 1)))
+        window = max(1, min(readers, READ_AHEAD_BYTES // max(per_layer, 1)))
 
         def read(layer: int) -> np.ndarray:
             out = np.empty((len(chunk_ids), 2) + self.store.kv_shape, self.store.np_dtype)

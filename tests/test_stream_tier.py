@@ -187,11 +187,17 @@ def test_streamed_context_equals_resident(stored, tiny_llama):
 def test_streamed_summaries_come_from_summary_packs(tiny_llama, tmp_path, monkeypatch):
     """A document prefilled into the store gets a summary pack per group of chunks from
     its root (8 here); a streamed request over it reads its middle chunks' summaries from
-    those packs and answers as the resident engine did."""
-    from sglang_reattn.engine import store_tier
+    those packs, in pieces (16 chunks here) that start where packs start, and answers as
+    the resident engine did."""
+    from sglang_reattn.engine import store_tier, stream_tier
     from sglang_reattn.kv_store import ChunkStore
 
     monkeypatch.setattr(store_tier, "SUMMARY_PACK", 8)
+    monkeypatch.setattr(stream_tier, "SUMMARY_PIECE", 16)
+    pieces = []
+    read = store_tier.StoreTier.get_summaries
+    monkeypatch.setattr(store_tier.StoreTier, "get_summaries",
+                        lambda self, ids: pieces.append(len(ids)) or read(self, ids))
     store = str(tmp_path / "store")
     with Engine(tiny_llama, kv_store_path=store, **OPTS) as eng:
         want = eng.generate(input_ids=DOC + QUESTION, sampling_params=GREEDY)["output_ids"]
@@ -210,8 +216,10 @@ def test_streamed_summaries_come_from_summary_packs(tiny_llama, tmp_path, monkey
         out = eng.generate(input_ids=DOC + QUESTION, sampling_params=GREEDY)
         assert eng.stats()["stream_summaries_loaded"] == 48
     assert out["output_ids"] == want
-    # the 47 middle chunks start at chunk 1 (after the sink): chunks 8..47 from packs
+    # the 47 middle chunks start at chunk 1 (after the sink): chunks 8..47 from packs, read
+    # as chunks 1..15, 16..31 and 32..47 (then the chunk spilled while decoding)
     assert sum(served) == 40
+    assert pieces == [15, 16, 16, 1]
 
 
 def test_a_context_stored_without_packs_gets_them_when_streamed(stored, tiny_llama,

@@ -362,7 +362,7 @@ class Scheduler:
         real_ids = [stored[i - have] for i in real]
         ahead = self.store.read_ahead(real_ids)  # while the summaries are read
         try:
-            virtual = self.stream.attach([stored[i - have] for i in middle])
+            virtual = self.stream.attach([stored[i - have] for i in middle], middle.start)
         except StreamFault as e:
             self._report_fault(e)
             return None, matched

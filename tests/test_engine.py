@@ -82,6 +82,11 @@ def test_bad_input_raises_and_engine_keeps_working(tiny_engine):
         (dict(prompt="hi", sampling_params={"top_k": 0}), "top_k"),
         (dict(prompt="hi", sampling_params={"stop": 5}), "stop"),
         (dict(input_ids=[10**7]), "input_ids"),
+        (dict(input_ids=[5, 2**70]), "input_ids"),
+        (dict(input_ids=[5, -1]), "input_ids"),
+        (dict(input_ids=[5, True]), "input_ids"),
+        (dict(input_ids=[5, 6.0]), "input_ids"),
+        (dict(input_ids=[[5], "6"]), "input_ids"),
         (dict(prompt="hi", top_logprobs_num=-2, return_logprob=True), "top_logprobs_num"),
     ]
     for kwargs, msg in bad_calls:

@@ -207,3 +207,53 @@ def test_reads_go_over_the_reader_threads_only_while_they_hit_the_disk(synthetic
     assert not submitted and [layer for layer, _ in got] == [0, 1, 2]
     assert (got[2][1][:, 0] == want[0]).all() and (got[2][1][:, 1] == want[1]).all()
     assert tier.get_kv(ids, 2, split=True) and len(submitted) > 1  # forced
+
+
+def test_lookup_finds_the_stored_prefix_of_a_chain_in_a_few_reads(synthetic_store_tier,
+                                                                 monkeypatch):
+    """What the store holds of a chain is a prefix of it (a chunk is published after its
+    parent, removed with its subtree): lookup finds it by bisection, from any start and
+    up to any stop, and stops before a chunk this tier found corrupt."""
+    from sglang_reattn.kv_store import synthetic
+
+    tier, ids = synthetic_store_tier(2, 4, 40, 8)
+    more = [r.chunk_id for r in synthetic.make_chain(tier.store.fingerprint, 20, seed=9,
+                                                     parent_id=ids[-1])]  # not stored
+    chain = ids + more
+    reads = []
+    has = tier.store.has
+    monkeypatch.setattr(tier.store, "has", lambda c: reads.append(c) or has(c))
+    for start, stop in ((0, 60), (0, 40), (0, 39), (5, 60), (39, 60), (40, 60), (0, 1),
+                        (7, 7)):
+        reads.clear()
+        assert tier.lookup(chain, start, stop) == ids[start:min(stop, 40)], (start, stop)
+        assert len(reads) <= 7  # log2(60) + 1
+    tier.store.delete(ids[30])  # and its subtree: the stored prefix is 30 chunks now
+    assert tier.lookup(chain, 0, 60) == ids[:30]
+    tier._bad.add(ids[12])
+    assert tier.lookup(chain, 0, 60) == ids[:12] and tier.lookup(chain, 13, 60) == ids[13:30]
+
+
+def test_a_load_takes_layers_read_ahead_and_their_errors(synthetic_store_tier):
+    """load(ids, pages, read_ahead(ids)) fills the pages as a plain load does; a corrupt
+    block met by the read ahead is reported as by a plain load (its chunk dropped, the
+    chunks before it loaded)."""
+    from sglang_reattn.testing import flip_kv_byte
+
+    tier, ids = synthetic_store_tier(3, 16, 6, 4)
+    pool = tier.pool
+    assert tier.load(ids, list(range(1, 7))) == 6
+    want_k, want_v = pool.k[:, 1:7].clone(), pool.v[:, 1:7].clone()
+    pool.k.zero_()
+    pool.v.zero_()
+    assert tier.load(ids, list(range(8, 14)), tier.read_ahead(ids)) == 6
+    assert torch.equal(pool.k[:, 8:14], want_k) and torch.equal(pool.v[:, 8:14], want_v)
+    tier.close()
+    flip_kv_byte(tier.store.path, ids[4], 2)
+    from sglang_reattn.engine.store_tier import StoreTier
+
+    tier = StoreTier(tier.store.path, tier.store.fingerprint, "64MiB", "raw", pool,
+                     lambda p: None)
+    assert tier.load(ids, list(range(1, 7)), tier.read_ahead(ids)) == 4
+    assert tier.stats["store_corrupt_blocks"] == 1 and not tier.store.has(ids[4])
+    tier.close()

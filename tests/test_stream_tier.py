@@ -134,6 +134,8 @@ def test_chunk_cache_per_layer_mapping_matches_reference():
                 assert dict(zip(keys, got))[key] == page
             lru.append((key, page))
         assert cache.keys(layer) == [k for k, _ in lru]
+        probe = [f"c{rng.randrange(9)}" for _ in range(6)]
+        assert cache.missing(layer, probe) == [k for k in probe if k not in dict(lru)]
     # Layers are independent: one page holds different chunks in different layers.
     assert any(len({content.get((lay, p)) for lay in range(layers)}) > 1 for p in pages)
     assert cache.hits and cache.misses and cache.evictions

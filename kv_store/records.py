@@ -141,6 +141,22 @@ def decode_header(chunk_id: str, value: bytes | memoryview) -> ChunkHeader:
         raise CorruptBlock(chunk_id, None, "header", str(exc)) from exc
 
 
+def header_link(chunk_id: str, value: bytes | memoryview) -> tuple[str | None, np.ndarray]:
+    """A header's parent id and token ids (a copy), checksum verified: the part of
+    `decode_header` that walking a chain needs (less than half its time). Raises
+    CorruptBlock(chunk_id, None, "header")."""
+    mv = memoryview(value)
+    try:
+        crc, js_len = _HDR.unpack_from(mv)
+        if zlib.crc32(mv[4:]) != crc:
+            raise ValueError("checksum mismatch")
+        m = json.loads(bytes(mv[8 : 8 + js_len]))
+        toks = np.frombuffer(mv[8 + js_len :], dtype="<u8" if m["w"] else "<u4").copy()
+        return m["p"], toks
+    except (ValueError, KeyError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptBlock(chunk_id, None, "header", str(exc)) from exc
+
+
 def quantize_summary(s: np.ndarray) -> bytes:
     """float [..., head_dim] -> ndim, shape, float32 per-row scales, int8 rows (raw bytes).
 

@@ -109,6 +109,34 @@ def test_headers_and_iteration(tmp_path):
         assert s.get_header(a[0].chunk_id).last_used >= before
 
 
+def test_chain_reads_ids_and_tokens_root_first(tmp_path):
+    """chain(last) walks the parent links in one read: ids root first, the chunks' tokens
+    concatenated (as int64, wide ids too); a damaged header or a missing chunk is named."""
+    from sglang_reattn.kv_store import CorruptBlock
+
+    fp = tiny_fingerprint()
+    a = make_chain(fp, 5, seed=1)
+    with ChunkStore(tmp_path, fp, GB) as s:
+        s.put_chunks(a)
+        ids, toks = s.chain(a[3].chunk_id)
+        assert ids == [r.chunk_id for r in a[:4]] and toks.dtype == np.int64
+        assert toks.tolist() == [t for r in a[:4] for t in r.token_ids]
+        assert s.chain(a[0].chunk_id)[0] == [a[0].chunk_id]
+        with pytest.raises(ChunkNotFound):
+            s.chain("22" * 32)
+
+        def damage(txn, key=bytes.fromhex(a[1].chunk_id)):
+            v = bytearray(txn.get(key, db=s.dbs.headers))
+            v[-1] ^= 0xFF
+            txn.put(key, bytes(v), db=s.dbs.headers)
+
+        s._write(damage)
+        with pytest.raises(CorruptBlock) as e:
+            s.chain(a[4].chunk_id)
+        assert e.value.chunk_id == a[1].chunk_id
+        assert s.chain(a[0].chunk_id)[0] == [a[0].chunk_id]  # the part below it is fine
+
+
 def test_put_validation(tmp_path):
     fp = tiny_fingerprint()
     recs = make_chain(fp, 3)

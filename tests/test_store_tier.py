@@ -115,6 +115,40 @@ def test_named_context_api(tmp_path, tiny_llama):
             no_store.list_contexts()
 
 
+def test_named_context_chain_is_read_once_and_its_ids_not_hashed_again(tmp_path, tiny_llama,
+                                                                      monkeypatch):
+    """A request on a named context takes the context's stored chunk ids as its own
+    first ones (only the question's chunks are hashed); the context's chain is read from
+    the store once and kept until a chunk leaves the store; the answer stays the one
+    without a store."""
+    from sglang_reattn.engine import scheduler
+    from sglang_reattn.kv_store import ChunkStore
+
+    doc, question = _ids(300, 21), _ids(40, 22)
+    with Engine(tiny_llama, **OPTS) as plain:
+        want = plain.generate(input_ids=doc + question, sampling_params=GREEDY)["output_ids"]
+    store = str(tmp_path / "store")
+    with Engine(tiny_llama, kv_store_path=store, **OPTS) as eng:
+        eng.ingest("doc", input_ids=doc)
+    hashed, reads = [], []
+    real_hashes, real_chain = scheduler.chunk_hashes, ChunkStore.chain
+    monkeypatch.setattr(scheduler, "chunk_hashes",
+                        lambda toks, *a: hashed.append(len(toks)) or real_hashes(toks, *a))
+    monkeypatch.setattr(ChunkStore, "chain",
+                        lambda self, last: reads.append(last) or real_chain(self, last))
+    with Engine(tiny_llama, kv_store_path=store, **OPTS) as eng:
+        for cached in (288, 336):  # the second also finds the first's question chunks
+            out = eng.generate(input_ids=question, sampling_params=GREEDY, context="doc")
+            assert out["output_ids"] == want and out["meta_info"]["cached_tokens"] == cached
+        assert len(reads) == 1  # the second request took the kept chain
+        # the 18 stored chunks came with the context: hashed, only what follows them
+        assert hashed and all(n < 288 for n in hashed)
+        eng.store_tier.store.delete(eng.store_tier.store.chain(reads[0])[0][-1])
+        reads.clear()
+        with pytest.raises(Exception, match="incomplete"):  # the record was cut back
+            eng.generate(input_ids=question, sampling_params=GREEDY, context="doc")
+
+
 def test_last_used_marks_wait_for_an_idle_engine(tmp_path, monkeypatch):
     """Touches (LRU bookkeeping of loaded chunks) are held back while the engine is busy,
     handed to the writer once it is idle, or once the oldest waited TOUCH_DEFER_S."""

@@ -3,7 +3,11 @@ requests (any process, any server run) can put in front of their prompt."""
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from typing import Any, Callable
+
+import numpy as np
 
 from sglang_reattn.errors import (
     ContextIncomplete,
@@ -13,6 +17,9 @@ from sglang_reattn.errors import (
     StoreReadOnly,
 )
 from sglang_reattn.kv_store import ChunkNotFound, CorruptBlock, StoreFull
+
+
+CHAIN_CACHE = 4  # named contexts whose chunk ids and tokens a process keeps
 
 
 def _store_full(e: Exception) -> StoreFullError:
@@ -110,13 +117,14 @@ class NamedContexts:
         except StoreFull as e:
             raise _store_full(e) from None
 
-    def context_ids(self, name: str) -> tuple[list[int], str]:
-        """The context's token ids (from the stored chunk headers) and its namespace.
+    def context_ids(self, name: str) -> tuple[list[int], str, list[str]]:
+        """The context's token ids (from the stored chunk headers), its namespace, and its
+        stored chunks' ids, root first (the chunk ids of a request that starts with it).
 
         A context that lost chunks (evicted while unpinned, or damaged) is refused with
-        ContextIncomplete rather than silently answering from what is left of it."""
+        ContextIncomplete rather than silently answering from what is left of it. The last
+        CHAIN_CACHE contexts read are kept while no chunk leaves the store."""
         info = self._context_info(name)
-        tier = self._tier()
         whole = info.token_count + info.lost_tokens
 
         def incomplete(why: str) -> ContextIncomplete:
@@ -127,26 +135,41 @@ class NamedContexts:
         if info.lost_tokens:
             raise incomplete(f"{info.lost_tokens} of its {whole} tokens were evicted from "
                              "the disk tier or dropped as damaged")
-        chunks: list[tuple[int, ...]] = []
-        chain: list[str] = []
-        cid = info.last_chunk_id
-        while cid:
+        chain, tokens = self._context_chain(info, incomplete)
+        # Marked used behind the request: marked now, the writer's transaction for a
+        # million-token context (100 ms) held up the request's own writes.
+        self._tier().touch(chain, now=False)
+        return tokens.tolist() + list(info.tail), info.namespace, chain
+
+    def _context_chain(self, info, incomplete) -> tuple[list[str], Any]:
+        """(chunk ids, int64 token ids) of a context's stored chain, from the cache or read
+        (`ChunkStore.chain`, one read transaction)."""
+        tier = self._tier()
+        lock = self.__dict__.setdefault("_chains_lock", threading.Lock())
+        chains = self.__dict__.setdefault("_chains", OrderedDict())
+        stamp = (info.last_chunk_id, info.token_count, tier.store.removed_total())
+        with lock:
+            got = chains.get(info.name)
+            if got is not None and got[0] == stamp:
+                chains.move_to_end(info.name)
+                return got[1], got[2]
+        chain, tokens = [], np.empty(0, np.int64)
+        if info.last_chunk_id:
             try:
-                h = tier.store.get_header(cid)
+                chain, tokens = tier.store.chain(info.last_chunk_id)
             except CorruptBlock as e:
                 tier.stats["store_corrupt_blocks"] += 1
-                tier.drop_corrupt(cid)
+                tier.drop_corrupt(e.chunk_id)
                 raise incomplete(f"a chunk header failed its checksum ({e})") from None
-            except ChunkNotFound:
-                raise incomplete(f"chunk {cid} is no longer in the disk tier") from None
-            chunks.append(h.token_ids)
-            chain.append(cid)
-            cid = h.parent_id
-        ids = [t for chunk in reversed(chunks) for t in chunk]
-        if len(ids) != info.token_count:
-            raise incomplete(f"{len(ids)} tokens stored of {info.token_count}")
-        tier.touch(chain[::-1])
-        return ids + list(info.tail), info.namespace
+            except ChunkNotFound as e:
+                raise incomplete(f"chunk {e.chunk_id} is no longer in the disk tier") from None
+        if len(tokens) != info.token_count:
+            raise incomplete(f"{len(tokens)} tokens stored of {info.token_count}")
+        with lock:
+            chains[info.name] = (stamp, chain, tokens)
+            while len(chains) > CHAIN_CACHE:
+                chains.popitem(last=False)
+        return chain, tokens
 
     def _context_info(self, name: str):
         from sglang_reattn.kv_store import ChunkNotFound
@@ -166,10 +189,11 @@ class NamedContexts:
                 "lost_tokens": info.lost_tokens, "complete": not info.lost_tokens}
 
     def _with_context(self, context: str | None, prompt, input_ids, extra_key):
-        """Put a named context's tokens in front of each prompt; its namespace applies."""
+        """Put a named context's tokens in front of each prompt; its namespace applies.
+        -> (prompt, input_ids, extra_key, the context's chunk ids: the requests' first)"""
         if context is None:
-            return prompt, input_ids, extra_key
-        ctx, namespace = self.context_ids(context)
+            return prompt, input_ids, extra_key, ()
+        ctx, namespace, chain = self.context_ids(context)
         if extra_key not in (None, "", namespace):
             raise InvalidRequest(f"extra_key differs from context {context!r}'s namespace")
         if prompt is not None:
@@ -181,4 +205,4 @@ class NamedContexts:
         else:
             batch, ids = False, [[]]
         ids = [ctx + list(x) for x in ids]
-        return None, (ids if batch else ids[0]), namespace or None
+        return None, (ids if batch else ids[0]), namespace or None, chain

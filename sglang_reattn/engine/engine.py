@@ -384,11 +384,15 @@ class Engine(NamedContexts):
                        namespace=extra_key or "", emit=emit, stream=stream, grammar=grammar,
                        generator=gen, eos_ids=self.eos_ids)
 
-    def _submit(self, items, emit_for, stream: bool, extra_key) -> None:
+    def _submit(self, items, emit_for, stream: bool, extra_key, known=()) -> None:
+        """known: the disk-tier ids of the prompts' first chunks (a named context's
+        chain), so they are not hashed again."""
         if self._dead or self._stopped:
             raise EngineDead("engine is shut down")
         reqs = [self._make_request(rid, ids, arr, p, lp, emit_for(i), stream, extra_key)
                 for i, (rid, ids, arr, p, lp) in enumerate(items)]
+        for r in reqs:
+            r.store_ids = list(known)
         for r in reqs:
             self._inbox.put(("add", r))
 
@@ -399,7 +403,8 @@ class Engine(NamedContexts):
                  top_logprobs_num: int | None = None, return_text_in_logprobs: bool = False,
                  stream: bool = False, rid=None, extra_key: str | None = None,
                  context: str | None = None):
-        prompt, input_ids, extra_key = self._with_context(context, prompt, input_ids, extra_key)
+        prompt, input_ids, extra_key, known = self._with_context(context, prompt, input_ids,
+                                                                 extra_key)
         items, is_batch = self._build(prompt, sampling_params, input_ids, return_logprob,
                                       logprob_start_len, top_logprobs_num,
                                       return_text_in_logprobs, stream, rid, extra_key)
@@ -408,7 +413,7 @@ class Engine(NamedContexts):
         def emit_for(i: int):
             return lambda out, finished: q.put((i, out, finished))
 
-        self._submit(items, emit_for, stream, extra_key)
+        self._submit(items, emit_for, stream, extra_key, known)
         if stream:
             return self._stream_sync(q, len(items))
         results: list[Any] = [None] * len(items)
@@ -434,8 +439,9 @@ class Engine(NamedContexts):
                              rid=None, extra_key: str | None = None,
                              context: str | None = None):
         loop = asyncio.get_running_loop()
+        known: Any = ()
         if context is not None:
-            prompt, input_ids, extra_key = await loop.run_in_executor(
+            prompt, input_ids, extra_key, known = await loop.run_in_executor(
                 None, self._with_context, context, prompt, input_ids, extra_key)
         # Tokenizing and compiling grammars can take long: keep them off the event loop.
         items, is_batch = await loop.run_in_executor(
@@ -447,7 +453,7 @@ class Engine(NamedContexts):
             return lambda out, finished: loop.call_soon_threadsafe(q.put_nowait,
                                                                     (i, out, finished))
 
-        self._submit(items, emit_for, stream, extra_key)
+        self._submit(items, emit_for, stream, extra_key, known)
         if stream:
             return self._stream_async(q, len(items))
         results: list[Any] = [None] * len(items)

@@ -252,19 +252,21 @@ class StoreTier:
             self._bad.difference_update(ids[i] for i in todo)
         self._q.put(("put", records))
 
-    def touch(self, chunk_ids: list[str]) -> None:
+    def touch(self, chunk_ids: list[str], now: bool = True) -> None:
         """Mark chunks as just used (root first), behind: loaded chunks, used contexts.
         While requests run (`busy`) the marks are held back, up to TOUCH_DEFER_S seconds:
         the writer's LRU bookkeeping (a few microseconds of Python per chunk, 16K chunks
         for a million-token context) would otherwise contend for the interpreter with the
-        steps it follows."""
+        steps it follows. now=False: held back even while idle, until the engine's next
+        idle point (a request about to be submitted)."""
         if not chunk_ids or self.readonly:
             return
         with self._lock:
             if not self._touch_buf:
                 self._touch_since = time.monotonic()
             self._touch_buf.extend(chunk_ids)
-        self.idle_work(self.busy)
+        if now:
+            self.idle_work(self.busy)
 
     def idle_work(self, busy: bool) -> None:
         """Between engine steps: hand held-back marks to the writer when the engine is

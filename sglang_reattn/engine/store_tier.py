@@ -108,6 +108,8 @@ TOUCH_DEFER_S = 10.0  # longest a last-used mark waits for an idle engine
 # so more threads keep more disk reads in flight (bench_cold_reads.py).
 READERS = 16
 READ_AHEAD_BYTES = 1 << 30  # most K/V bytes of layers read ahead at once
+TOUCH_BATCH = 1024  # last-used marks per write transaction (a hold waits for one)
+TOUCH_REFRESH_S = 30.0  # a chunk's last-used mark is not rewritten sooner than this
 AHEAD_READERS = 2  # reader threads of a `read_ahead` (beside the engine thread's work)
 SPLIT_MIN = 4  # chunks per reader thread at least, when one layer's read is split
 
@@ -151,6 +153,7 @@ class StoreTier:
         self.on_loaded = on_loaded  # (pages tensor) -> None: refresh summaries
         self._lock = threading.Lock()
         self._pending: set[str] = set()  # queued for the writer, not yet committed
+        self._touched: dict[str, float] = {}  # chunk -> when its last mark was sent
         self._touch_buf: list[str] = []  # marks held back while the engine is busy
         self._readers: ThreadPoolExecutor | None = None  # read_layers' threads
         # Whether the last bulk read took major page faults (blocks read from disk): then
@@ -273,11 +276,22 @@ class StoreTier:
         idle, or when the oldest has waited TOUCH_DEFER_S."""
         self.busy = busy
         with self._lock:
-            if not self._touch_buf or (
-                    busy and time.monotonic() - self._touch_since < TOUCH_DEFER_S):
+            now = time.monotonic()
+            if not self._touch_buf or (busy and now - self._touch_since < TOUCH_DEFER_S):
                 return
             ids, self._touch_buf = self._touch_buf, []
-        self._q.put(("touch", ids))
+            # Each chunk once, and not again within TOUCH_REFRESH_S: a question over a
+            # million-token context marks its 16K chunks twice (the context, then its
+            # attached chunks), and the writer's marks (about 17 us of Python per chunk on
+            # the CI machine) ran beside the next question's steps.
+            touched = self._touched
+            if len(touched) > 1 << 20:
+                touched.clear()
+            ids = [c for c in dict.fromkeys(ids)
+                   if now - touched.get(c, -TOUCH_REFRESH_S) >= TOUCH_REFRESH_S]
+            touched.update(dict.fromkeys(ids, now))
+        if ids:
+            self._q.put(("touch", ids))
 
     def hold(self, chunk_ids: list[str]) -> None:
         """Keep chunks in use from this process's evictions until `release` (in memory
@@ -306,7 +320,7 @@ class StoreTier:
                         self._packed.discard(payload[0])
                     raise
             elif kind == "touch":
-                self.store.touch(payload)
+                self.store.touch(payload, TOUCH_BATCH)
                 self.stats["store_touched_chunks"] += len(payload)
                 self._restore_contexts()
         except (StoreError, ValueError) as e:

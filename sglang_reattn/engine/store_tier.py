@@ -153,7 +153,7 @@ class StoreTier:
         self.on_loaded = on_loaded  # (pages tensor) -> None: refresh summaries
         self._lock = threading.Lock()
         self._pending: set[str] = set()  # queued for the writer, not yet committed
-        self._touched: dict[str, float] = {}  # chunk -> when its last mark was sent
+        self._touched: dict[str, float] = {}  # (writer) chunk -> when last marked
         self._touch_buf: list[str] = []  # marks held back while the engine is busy
         self._readers: ThreadPoolExecutor | None = None  # read_layers' threads
         # Whether the last bulk read took major page faults (blocks read from disk): then
@@ -276,22 +276,24 @@ class StoreTier:
         idle, or when the oldest has waited TOUCH_DEFER_S."""
         self.busy = busy
         with self._lock:
-            now = time.monotonic()
-            if not self._touch_buf or (busy and now - self._touch_since < TOUCH_DEFER_S):
+            if not self._touch_buf or (
+                    busy and time.monotonic() - self._touch_since < TOUCH_DEFER_S):
                 return
             ids, self._touch_buf = self._touch_buf, []
-            # Each chunk once, and not again within TOUCH_REFRESH_S: a question over a
-            # million-token context marks its 16K chunks twice (the context, then its
-            # attached chunks), and the writer's marks (about 17 us of Python per chunk on
-            # the CI machine) ran beside the next question's steps.
-            touched = self._touched
-            if len(touched) > 1 << 20:
-                touched.clear()
-            ids = [c for c in dict.fromkeys(ids)
-                   if now - touched.get(c, -TOUCH_REFRESH_S) >= TOUCH_REFRESH_S]
-            touched.update(dict.fromkeys(ids, now))
-        if ids:
-            self._q.put(("touch", ids))
+        self._q.put(("touch", ids))
+
+    def _fresh_marks(self, ids: list[str]) -> list[str]:
+        """(The writer's) of marks handed over, each chunk once, and none marked within
+        TOUCH_REFRESH_S: a question over a million-token context marks its 16K chunks
+        twice (the context, then its attached chunks), and the writer's marks (about 17 us
+        of Python per chunk on the CI machine) ran beside the next question's steps."""
+        now, touched = time.monotonic(), self._touched
+        if len(touched) > 1 << 20:
+            touched.clear()
+        ids = [c for c in dict.fromkeys(ids)
+               if now - touched.get(c, -TOUCH_REFRESH_S) >= TOUCH_REFRESH_S]
+        touched.update(dict.fromkeys(ids, now))
+        return ids
 
     def hold(self, chunk_ids: list[str]) -> None:
         """Keep chunks in use from this process's evictions until `release` (in memory
@@ -320,6 +322,7 @@ class StoreTier:
                         self._packed.discard(payload[0])
                     raise
             elif kind == "touch":
+                payload = self._fresh_marks(payload)
                 self.store.touch(payload, TOUCH_BATCH)
                 self.stats["store_touched_chunks"] += len(payload)
                 self._restore_contexts()

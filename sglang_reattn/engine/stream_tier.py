@@ -442,11 +442,11 @@ class StreamTier:
 
     def _read_summaries(self, chunk_ids: list[str], first: int):
         """The quantized summaries of chunks (int8 [n, L, 2, Hkv, D], float32 scales
-        [n, L, 2, Hkv]). On CUDA, many are read in pieces of SUMMARY_PIECE chunks (aligned
-        to the chain from `first`, as the store's packs are), each read on a reader thread
-        while the engine thread copies the one before into device memory: they come back
-        as device tensors. The read and the copy of a 1M-token context's took 71 and 31
-        ms one after the other on the H200's host."""
+        [n, L, 2, Hkv]). More than SUMMARY_PIECE are read in pieces of that many chunks
+        (aligned to the chain from `first`, as the store's packs are), each read on a
+        reader thread while the engine thread copies the one before into device memory:
+        they come back as tensors on the device. The read and the copy of a 1M-token
+        context's took 71 and 31 ms one after the other on the H200's host."""
         n = len(chunk_ids)
         dev = self.attn.kmin.device
         if n <= SUMMARY_PIECE:

@@ -13,7 +13,7 @@ import json
 import struct
 import zlib
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -121,15 +121,24 @@ def encode_header(h: ChunkHeader) -> bytes:
     return struct.pack("<I", zlib.crc32(body)) + body
 
 
+_HEADER_ERRORS = (ValueError, KeyError, struct.error, json.JSONDecodeError, UnicodeDecodeError)
+
+
+def _header_parts(value: bytes | memoryview) -> tuple[dict[str, Any], np.ndarray]:
+    """A header value's metadata and token ids (a view of `value`), checksum verified;
+    raises one of _HEADER_ERRORS."""
+    mv = memoryview(value)
+    crc, js_len = _HDR.unpack_from(mv)
+    if zlib.crc32(mv[4:]) != crc:
+        raise ValueError("checksum mismatch")
+    m = json.loads(bytes(mv[8 : 8 + js_len]))
+    return m, np.frombuffer(mv[8 + js_len :], dtype="<u8" if m["w"] else "<u4")
+
+
 def decode_header(chunk_id: str, value: bytes | memoryview) -> ChunkHeader:
     """Parse and verify a header value; raises CorruptBlock(chunk_id, None, "header")."""
-    mv = memoryview(value)
     try:
-        crc, js_len = _HDR.unpack_from(mv)
-        if zlib.crc32(mv[4:]) != crc:
-            raise ValueError("checksum mismatch")
-        m = json.loads(bytes(mv[8 : 8 + js_len]))
-        toks = np.frombuffer(mv[8 + js_len :], dtype="<u8" if m["w"] else "<u4")
+        m, toks = _header_parts(value)
         return ChunkHeader(
             chunk_id=chunk_id, parent_id=m["p"], namespace=m["ns"],
             token_ids=tuple(toks.tolist()), created=m["c"], last_used=m["u"],
@@ -137,7 +146,7 @@ def decode_header(chunk_id: str, value: bytes | memoryview) -> ChunkHeader:
             stored_bytes=m["sz"], kv_crcs=tuple(m["kc"]), summary_crc=m["sc"],
             summary_shape=tuple(m["ss"]), lru_key=bytes.fromhex(m["lru"]),
         )
-    except (ValueError, KeyError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except _HEADER_ERRORS as exc:
         raise CorruptBlock(chunk_id, None, "header", str(exc)) from exc
 
 
@@ -145,15 +154,10 @@ def header_link(chunk_id: str, value: bytes | memoryview) -> tuple[str | None, n
     """A header's parent id and token ids (a copy), checksum verified: the part of
     `decode_header` that walking a chain needs (less than half its time). Raises
     CorruptBlock(chunk_id, None, "header")."""
-    mv = memoryview(value)
     try:
-        crc, js_len = _HDR.unpack_from(mv)
-        if zlib.crc32(mv[4:]) != crc:
-            raise ValueError("checksum mismatch")
-        m = json.loads(bytes(mv[8 : 8 + js_len]))
-        toks = np.frombuffer(mv[8 + js_len :], dtype="<u8" if m["w"] else "<u4").copy()
-        return m["p"], toks
-    except (ValueError, KeyError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        m, toks = _header_parts(value)
+        return m["p"], toks.copy()
+    except _HEADER_ERRORS as exc:
         raise CorruptBlock(chunk_id, None, "header", str(exc)) from exc
 
 

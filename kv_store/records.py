@@ -150,13 +150,33 @@ def decode_header(chunk_id: str, value: bytes | memoryview) -> ChunkHeader:
         raise CorruptBlock(chunk_id, None, "header", str(exc)) from exc
 
 
+# encode_header's JSON starts with the parent and ends with the token width then the LRU
+# key (hex): both read from those places without a JSON parse, where they are found there.
+_PARENT_AT = b'{"p":"'
+_WIDE_AT = b',"w":'
+
+
 def header_link(chunk_id: str, value: bytes | memoryview) -> tuple[str | None, np.ndarray]:
     """A header's parent id and token ids (a copy), checksum verified: the part of
-    `decode_header` that walking a chain needs (less than half its time). Raises
-    CorruptBlock(chunk_id, None, "header")."""
+    `decode_header` that walking a chain needs, read from their places in the JSON
+    encode_header writes (a third of decode_header's time; a header laid out otherwise is
+    parsed). Raises CorruptBlock(chunk_id, None, "header")."""
+    mv = memoryview(value)
     try:
-        m, toks = _header_parts(value)
-        return m["p"], toks.copy()
+        crc, js_len = _HDR.unpack_from(mv)
+        if zlib.crc32(mv[4:]) != crc:
+            raise ValueError("checksum mismatch")
+        js = bytes(mv[8 : 8 + js_len])
+        at = js.rfind(_WIDE_AT) + len(_WIDE_AT)
+        wide = js[at : at + 5]
+        if at >= len(_WIDE_AT) and wide in (b"true,", b"false") and (
+                js.startswith(_PARENT_AT) and js[70:72] == b'",' or js.startswith(b'{"p":null,')):
+            parent = js[6:70].decode() if js[5:6] == b'"' else None
+            dtype = "<u8" if wide == b"true," else "<u4"
+        else:
+            m = json.loads(js)
+            parent, dtype = m["p"], "<u8" if m["w"] else "<u4"
+        return parent, np.frombuffer(mv[8 + js_len :], dtype=dtype).copy()
     except _HEADER_ERRORS as exc:
         raise CorruptBlock(chunk_id, None, "header", str(exc)) from exc
 

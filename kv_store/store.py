@@ -269,7 +269,7 @@ class ChunkStore:
         """The ids (root first) and the token ids (int64) of the chain that ends at a
         chunk, walked through its headers in one read transaction, each checksum verified
         (reads): a named context's document. A million tokens' 16K headers took 500 ms
-        one transaction and full decode each, 0.14 s here, on the CI machine.
+        one transaction and full decode each, about 0.1 s here, on the CI machine.
         ChunkNotFound / CorruptBlock(layer=None, part="header") name the chunk."""
         def read(txn) -> tuple[list[str], list[np.ndarray]]:
             ids: list[str] = []

@@ -137,6 +137,33 @@ def test_chain_reads_ids_and_tokens_root_first(tmp_path):
         assert s.chain(a[0].chunk_id)[0] == [a[0].chunk_id]  # the part below it is fine
 
 
+def test_header_link_reads_what_decode_header_does():
+    """header_link's parent and tokens, read from their places in the header's JSON,
+    equal decode_header's: null and hex parents, wide tokens, namespaces that spell the
+    fields it looks for."""
+    import random
+
+    from sglang_reattn.kv_store.records import (
+        ChunkHeader,
+        decode_header,
+        encode_header,
+        header_link,
+    )
+
+    rng = random.Random(0)
+    for _ in range(500):
+        wide = rng.random() < 0.3
+        toks = [rng.randrange(2 ** 40 if wide else 50000) for _ in range(rng.randrange(1, 70))]
+        parent = None if rng.random() < 0.2 else "%064x" % rng.getrandbits(256)
+        ns = rng.choice(["", "tenant", '"w":true,', 'a\\"w\\":true', ',"w":false', '{"p":"x"'])
+        h = ChunkHeader("ab", parent, ns, tuple(toks), 1.0, 2.0, 0, "raw", 0, 1, 1, (1, 2), 3,
+                        (1, 2), b"\x01" * 16)
+        value = encode_header(h)
+        got_parent, got_toks = header_link("ab", value)
+        want = decode_header("ab", value)
+        assert got_parent == want.parent_id and got_toks.tolist() == list(want.token_ids)
+
+
 def test_put_validation(tmp_path):
     fp = tiny_fingerprint()
     recs = make_chain(fp, 3)

@@ -117,9 +117,10 @@ class NamedContexts:
         except StoreFull as e:
             raise _store_full(e) from None
 
-    def context_ids(self, name: str) -> tuple[list[int], str, list[str]]:
-        """The context's token ids (from the stored chunk headers), its namespace, and its
-        stored chunks' ids, root first (the chunk ids of a request that starts with it).
+    def context_ids(self, name: str) -> tuple[list[int], str, list[str], Any]:
+        """The context's token ids (from the stored chunk headers), its namespace, its
+        stored chunks' ids, root first (the chunk ids of a request that starts with it),
+        and their tokens as an int64 array (the ids up to the tail).
 
         A context that lost chunks (evicted while unpinned, or damaged) is refused with
         ContextIncomplete rather than silently answering from what is left of it. The last
@@ -139,7 +140,7 @@ class NamedContexts:
         # Marked used behind the request: marked now, the writer's transaction for a
         # million-token context (100 ms) held up the request's own writes.
         self._tier().touch(chain, now=False)
-        return tokens.tolist() + list(info.tail), info.namespace, chain
+        return tokens.tolist() + list(info.tail), info.namespace, chain, tokens
 
     def _context_chain(self, info, incomplete) -> tuple[list[str], Any]:
         """(chunk ids, int64 token ids) of a context's stored chain, from the cache or read
@@ -190,10 +191,11 @@ class NamedContexts:
 
     def _with_context(self, context: str | None, prompt, input_ids, extra_key):
         """Put a named context's tokens in front of each prompt; its namespace applies.
-        -> (prompt, input_ids, extra_key, the context's chunk ids: the requests' first)"""
+        -> (prompt, input_ids, extra_key, known): known is None, or (the context's chunk
+        ids, their tokens as an int64 array): the requests' first, read from the store."""
         if context is None:
-            return prompt, input_ids, extra_key, ()
-        ctx, namespace, chain = self.context_ids(context)
+            return prompt, input_ids, extra_key, None
+        ctx, namespace, chain, tokens = self.context_ids(context)
         if extra_key not in (None, "", namespace):
             raise InvalidRequest(f"extra_key differs from context {context!r}'s namespace")
         if prompt is not None:
@@ -205,4 +207,4 @@ class NamedContexts:
         else:
             batch, ids = False, [[]]
         ids = [ctx + list(x) for x in ids]
-        return None, (ids if batch else ids[0]), namespace or None, chain
+        return None, (ids if batch else ids[0]), namespace or None, (chain, tokens)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import logging
 import queue
 import sys
@@ -311,10 +312,13 @@ class Engine(NamedContexts):
             return self._grammar
 
     def _build(self, prompt, sampling_params, input_ids, return_logprob, logprob_start_len,
-               top_logprobs_num, return_text_in_logprobs, stream, rid, extra_key
-               ) -> tuple[list[tuple[str, list[int], SamplingParams, LogprobOptions]], bool]:
+               top_logprobs_num, return_text_in_logprobs, stream, rid, extra_key,
+               prefix=None) -> tuple[list[tuple[str, list[int], SamplingParams, LogprobOptions]],
+                                     bool]:
         """Validate and tokenize; returns ([(rid, ids, ids as an int64 array, params, logprob
-        opts)], is_batch)."""
+        opts)], is_batch). prefix: an int64 array of every prompt's first ids, read from
+        the store (a named context's): only the ids after it are checked for type."""
+        skip = 0 if prefix is None else len(prefix)
         if (prompt is None) == (input_ids is None):
             raise InvalidRequest("exactly one of prompt (text) and input_ids must be given")
         if prompt is not None:
@@ -327,7 +331,7 @@ class Engine(NamedContexts):
             is_batch = bool(input_ids) and isinstance(input_ids[0], list)
             ids_list = input_ids if is_batch else [input_ids]
             for ids in ids_list:
-                if not isinstance(ids, list) or not _all_ints(ids):
+                if not isinstance(ids, list) or not _all_ints(ids, skip):
                     raise InvalidRequest("input_ids must be a list of ints or a list of lists")
         if not ids_list:
             raise InvalidRequest("empty batch")
@@ -347,7 +351,8 @@ class Engine(NamedContexts):
             if not ids:
                 raise InvalidRequest("prompt is empty")
             try:  # also the disk tier's input for chunk ids, converted once
-                arr = np.fromiter(ids, np.int64, len(ids))
+                rest = np.fromiter(itertools.islice(ids, skip, None), np.int64, len(ids) - skip)
+                arr = np.concatenate([prefix, rest]) if skip else rest
             except OverflowError:
                 arr = None
             if arr is None or arr.min() < 0 or arr.max() >= vocab:
@@ -407,13 +412,14 @@ class Engine(NamedContexts):
                                                                  extra_key)
         items, is_batch = self._build(prompt, sampling_params, input_ids, return_logprob,
                                       logprob_start_len, top_logprobs_num,
-                                      return_text_in_logprobs, stream, rid, extra_key)
+                                      return_text_in_logprobs, stream, rid, extra_key,
+                                      known[1] if known else None)
         q: queue.Queue = queue.Queue()
 
         def emit_for(i: int):
             return lambda out, finished: q.put((i, out, finished))
 
-        self._submit(items, emit_for, stream, extra_key, known)
+        self._submit(items, emit_for, stream, extra_key, known[0] if known else ())
         if stream:
             return self._stream_sync(q, len(items))
         results: list[Any] = [None] * len(items)
@@ -439,21 +445,22 @@ class Engine(NamedContexts):
                              rid=None, extra_key: str | None = None,
                              context: str | None = None):
         loop = asyncio.get_running_loop()
-        known: Any = ()
+        known = None
         if context is not None:
             prompt, input_ids, extra_key, known = await loop.run_in_executor(
                 None, self._with_context, context, prompt, input_ids, extra_key)
         # Tokenizing and compiling grammars can take long: keep them off the event loop.
         items, is_batch = await loop.run_in_executor(
             None, self._build, prompt, sampling_params, input_ids, return_logprob,
-            logprob_start_len, top_logprobs_num, return_text_in_logprobs, stream, rid, extra_key)
+            logprob_start_len, top_logprobs_num, return_text_in_logprobs, stream, rid, extra_key,
+            known[1] if known else None)
         q: asyncio.Queue = asyncio.Queue()
 
         def emit_for(i: int):
             return lambda out, finished: loop.call_soon_threadsafe(q.put_nowait,
                                                                     (i, out, finished))
 
-        self._submit(items, emit_for, stream, extra_key, known)
+        self._submit(items, emit_for, stream, extra_key, known[0] if known else ())
         if stream:
             return self._stream_async(q, len(items))
         results: list[Any] = [None] * len(items)
@@ -572,11 +579,13 @@ class Engine(NamedContexts):
             pass
 
 
-def _all_ints(ids: list) -> bool:
-    """Every element an int and none a bool; for a plain int list one pass over the
-    element types in C (a 1M-token prompt's check was 66 ms as a generator)."""
-    return set(map(type, ids)) <= {int} or all(
-        isinstance(t, int) and not isinstance(t, bool) for t in ids)
+def _all_ints(ids: list, skip: int = 0) -> bool:
+    """Every element from `skip` on an int and none a bool; for a plain int list one
+    pass over the element types in C (a 1M-token prompt's check was 66 ms as a
+    generator)."""
+    return set(map(type, itertools.islice(ids, skip, None))) <= {int} or all(
+        isinstance(t, int) and not isinstance(t, bool)
+        for t in itertools.islice(ids, skip, None))
 
 
 def _logprob_options(return_logprob, start, top_n, with_text) -> LogprobOptions:

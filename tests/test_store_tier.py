@@ -143,7 +143,16 @@ def test_named_context_chain_is_read_once_and_its_ids_not_hashed_again(tmp_path,
         assert len(reads) == 1  # the second request took the kept chain
         # the 18 stored chunks came with the context: hashed, only what follows them
         assert hashed and all(n < 288 for n in hashed)
-        eng.store_tier.store.delete(eng.store_tier.store.chain(reads[0])[0][-1])
+        # kept chains are bounded in tokens: a second context's pushes the first out
+        from sglang_reattn.engine import contexts
+
+        monkeypatch.setattr(contexts, "CHAIN_CACHE_TOKENS", 400)
+        eng.ingest("doc2", input_ids=_ids(300, 23))
+        reads.clear()
+        for name in ("doc2", "doc", "doc"):
+            eng.generate(input_ids=question, sampling_params=GREEDY, context=name)
+        assert len(reads) == 2  # doc2, then doc again (288 + 288 tokens > 400), then kept
+        eng.store_tier.store.delete(eng.store_tier.store.get_context("doc").last_chunk_id)
         reads.clear()
         with pytest.raises(Exception, match="incomplete"):  # the record was cut back
             eng.generate(input_ids=question, sampling_params=GREEDY, context="doc")

@@ -19,7 +19,8 @@ from sglang_reattn.errors import (
 from sglang_reattn.kv_store import ChunkNotFound, CorruptBlock, StoreFull
 
 
-CHAIN_CACHE = 4  # named contexts whose chunk ids and tokens a process keeps
+CHAIN_CACHE = 4  # named contexts whose chunk ids and tokens a process keeps,
+CHAIN_CACHE_TOKENS = 1 << 23  # and at most this many tokens of them in all (64 MB)
 
 
 def _store_full(e: Exception) -> StoreFullError:
@@ -124,7 +125,8 @@ class NamedContexts:
 
         A context that lost chunks (evicted while unpinned, or damaged) is refused with
         ContextIncomplete rather than silently answering from what is left of it. The last
-        CHAIN_CACHE contexts read are kept while no chunk leaves the store."""
+        CHAIN_CACHE contexts read (CHAIN_CACHE_TOKENS tokens at most, or the last one) are
+        kept while no chunk leaves the store."""
         info = self._context_info(name)
         whole = info.token_count + info.lost_tokens
 
@@ -168,7 +170,9 @@ class NamedContexts:
             raise incomplete(f"{len(tokens)} tokens stored of {info.token_count}")
         with lock:
             chains[info.name] = (stamp, chain, tokens)
-            while len(chains) > CHAIN_CACHE:
+            while len(chains) > CHAIN_CACHE or (
+                    len(chains) > 1
+                    and sum(len(v[2]) for v in chains.values()) > CHAIN_CACHE_TOKENS):
                 chains.popitem(last=False)
         return chain, tokens
 

@@ -110,6 +110,7 @@ READERS = 16
 READ_AHEAD_BYTES = 1 << 30  # most K/V bytes of layers read ahead at once
 TOUCH_BATCH = 1024  # last-used marks per write transaction (a hold waits for one)
 TOUCH_REFRESH_S = 30.0  # a chunk's last-used mark is not rewritten sooner than this
+TOUCHED_MAX = 1 << 18  # chunks whose last mark time is remembered (about 50 MB at most)
 AHEAD_READERS = 2  # reader threads of a `read_ahead` (beside the engine thread's work)
 SPLIT_MIN = 4  # chunks per reader thread at least, when one layer's read is split
 
@@ -288,7 +289,7 @@ class StoreTier:
         twice (the context, then its attached chunks), and the writer's marks (about 17 us
         of Python per chunk on the CI machine) ran beside the next question's steps."""
         now, touched = time.monotonic(), self._touched
-        if len(touched) > 1 << 20:
+        if len(touched) > TOUCHED_MAX:
             touched.clear()
         ids = [c for c in dict.fromkeys(ids)
                if now - touched.get(c, -TOUCH_REFRESH_S) >= TOUCH_REFRESH_S]

@@ -124,15 +124,22 @@ def encode_header(h: ChunkHeader) -> bytes:
 _HEADER_ERRORS = (ValueError, KeyError, struct.error, json.JSONDecodeError, UnicodeDecodeError)
 
 
-def _header_parts(value: bytes | memoryview) -> tuple[dict[str, Any], np.ndarray]:
-    """A header value's metadata and token ids (a view of `value`), checksum verified;
+def _header_body(value: bytes | memoryview) -> tuple[bytes, memoryview]:
+    """A header value's JSON and token bytes (a view of `value`), checksum verified;
     raises one of _HEADER_ERRORS."""
     mv = memoryview(value)
     crc, js_len = _HDR.unpack_from(mv)
     if zlib.crc32(mv[4:]) != crc:
         raise ValueError("checksum mismatch")
-    m = json.loads(bytes(mv[8 : 8 + js_len]))
-    return m, np.frombuffer(mv[8 + js_len :], dtype="<u8" if m["w"] else "<u4")
+    return bytes(mv[8 : 8 + js_len]), mv[8 + js_len :]
+
+
+def _header_parts(value: bytes | memoryview) -> tuple[dict[str, Any], np.ndarray]:
+    """A header value's metadata and token ids (a view of `value`), checksum verified;
+    raises one of _HEADER_ERRORS."""
+    js, toks = _header_body(value)
+    m = json.loads(js)
+    return m, np.frombuffer(toks, dtype="<u8" if m["w"] else "<u4")
 
 
 def decode_header(chunk_id: str, value: bytes | memoryview) -> ChunkHeader:
@@ -161,12 +168,8 @@ def header_link(chunk_id: str, value: bytes | memoryview) -> tuple[str | None, n
     `decode_header` that walking a chain needs, read from their places in the JSON
     encode_header writes (a third of decode_header's time; a header laid out otherwise is
     parsed). Raises CorruptBlock(chunk_id, None, "header")."""
-    mv = memoryview(value)
     try:
-        crc, js_len = _HDR.unpack_from(mv)
-        if zlib.crc32(mv[4:]) != crc:
-            raise ValueError("checksum mismatch")
-        js = bytes(mv[8 : 8 + js_len])
+        js, toks = _header_body(value)
         at = js.rfind(_WIDE_AT) + len(_WIDE_AT)
         wide = js[at : at + 5]
         if at >= len(_WIDE_AT) and wide in (b"true,", b"false") and (
@@ -176,7 +179,7 @@ def header_link(chunk_id: str, value: bytes | memoryview) -> tuple[str | None, n
         else:
             m = json.loads(js)
             parent, dtype = m["p"], "<u8" if m["w"] else "<u4"
-        return parent, np.frombuffer(mv[8 + js_len :], dtype=dtype).copy()
+        return parent, np.frombuffer(toks, dtype=dtype).copy()
     except _HEADER_ERRORS as exc:
         raise CorruptBlock(chunk_id, None, "header", str(exc)) from exc
 

@@ -28,7 +28,13 @@ def _store_full(e: Exception) -> StoreFullError:
 
 
 class NamedContexts:
-    """Mixed into `Engine` (needs `store_tier`, `tokenizer`, `args`, `generate`)."""
+    """Mixed into `Engine` (needs `store_tier`, `tokenizer`, `args`, `generate`; its
+    `__init__` calls `_init_contexts`)."""
+
+    def _init_contexts(self) -> None:
+        # name -> ((last chunk, tokens, removals), chunk ids, tokens): `_context_chain`
+        self._chains: OrderedDict[str, tuple] = OrderedDict()
+        self._chains_lock = threading.Lock()
 
     def _tier(self, write: bool = False):
         if self.store_tier is None:
@@ -148,8 +154,7 @@ class NamedContexts:
         """(chunk ids, int64 token ids) of a context's stored chain, from the cache or read
         (`ChunkStore.chain`, one read transaction)."""
         tier = self._tier()
-        lock = self.__dict__.setdefault("_chains_lock", threading.Lock())
-        chains = self.__dict__.setdefault("_chains", OrderedDict())
+        lock, chains = self._chains_lock, self._chains
         stamp = (info.last_chunk_id, info.token_count, tier.store.removed_total())
         with lock:
             got = chains.get(info.name)
@@ -195,10 +200,11 @@ class NamedContexts:
 
     def _with_context(self, context: str | None, prompt, input_ids, extra_key):
         """Put a named context's tokens in front of each prompt; its namespace applies.
-        -> (prompt, input_ids, extra_key, known): known is None, or (the context's chunk
-        ids, their tokens as an int64 array): the requests' first, read from the store."""
+        -> (prompt, input_ids, extra_key, chunk ids, prefix): the context's chunk ids and
+        their tokens as an int64 array, the requests' first, read from the store (without
+        a context: (), None)."""
         if context is None:
-            return prompt, input_ids, extra_key, None
+            return prompt, input_ids, extra_key, (), None
         ctx, namespace, chain, tokens = self.context_ids(context)
         if extra_key not in (None, "", namespace):
             raise InvalidRequest(f"extra_key differs from context {context!r}'s namespace")
@@ -211,4 +217,4 @@ class NamedContexts:
         else:
             batch, ids = False, [[]]
         ids = [ctx + list(x) for x in ids]
-        return None, (ids if batch else ids[0]), namespace or None, (chain, tokens)
+        return None, (ids if batch else ids[0]), namespace or None, chain, tokens

@@ -55,6 +55,7 @@ class Engine(NamedContexts):
         self.dtype = _resolve_dtype(args.dtype, self.device, args.quantization)
         self._grammar: GrammarBackend | None = None
         self._grammar_lock = threading.Lock()
+        self._init_contexts()
         self._inbox: queue.Queue = queue.Queue()
         self._stopped = False
         self._dead: str | None = None
@@ -377,7 +378,8 @@ class Engine(NamedContexts):
                     out.append((f"{base}/{j}", ids, arr, p, lp))
         return out, is_batch or len(out) > 1
 
-    def _make_request(self, rid, ids, arr, params, lp, emit, stream, extra_key) -> Request:
+    def _make_request(self, rid, ids, arr, params, lp, emit, stream, extra_key, known
+                      ) -> Request:
         grammar = None
         if params.regex or params.json_schema or params.ebnf:
             gb = self._grammar_backend()
@@ -387,17 +389,15 @@ class Engine(NamedContexts):
             gen = torch.Generator(device=self.device).manual_seed(params.effective_seed)
         return Request(rid=rid, prompt_ids=list(ids), prompt_array=arr, params=params, logprob=lp,
                        namespace=extra_key or "", emit=emit, stream=stream, grammar=grammar,
-                       generator=gen, eos_ids=self.eos_ids)
+                       generator=gen, eos_ids=self.eos_ids, store_ids=list(known))
 
     def _submit(self, items, emit_for, stream: bool, extra_key, known=()) -> None:
         """known: the disk-tier ids of the prompts' first chunks (a named context's
         chain), so they are not hashed again."""
         if self._dead or self._stopped:
             raise EngineDead("engine is shut down")
-        reqs = [self._make_request(rid, ids, arr, p, lp, emit_for(i), stream, extra_key)
+        reqs = [self._make_request(rid, ids, arr, p, lp, emit_for(i), stream, extra_key, known)
                 for i, (rid, ids, arr, p, lp) in enumerate(items)]
-        for r in reqs:
-            r.store_ids = list(known)
         for r in reqs:
             self._inbox.put(("add", r))
 
@@ -408,18 +408,17 @@ class Engine(NamedContexts):
                  top_logprobs_num: int | None = None, return_text_in_logprobs: bool = False,
                  stream: bool = False, rid=None, extra_key: str | None = None,
                  context: str | None = None):
-        prompt, input_ids, extra_key, known = self._with_context(context, prompt, input_ids,
-                                                                 extra_key)
+        prompt, input_ids, extra_key, chain, prefix = self._with_context(
+            context, prompt, input_ids, extra_key)
         items, is_batch = self._build(prompt, sampling_params, input_ids, return_logprob,
                                       logprob_start_len, top_logprobs_num,
-                                      return_text_in_logprobs, stream, rid, extra_key,
-                                      known[1] if known else None)
+                                      return_text_in_logprobs, stream, rid, extra_key, prefix)
         q: queue.Queue = queue.Queue()
 
         def emit_for(i: int):
             return lambda out, finished: q.put((i, out, finished))
 
-        self._submit(items, emit_for, stream, extra_key, known[0] if known else ())
+        self._submit(items, emit_for, stream, extra_key, chain)
         if stream:
             return self._stream_sync(q, len(items))
         results: list[Any] = [None] * len(items)
@@ -445,22 +444,22 @@ class Engine(NamedContexts):
                              rid=None, extra_key: str | None = None,
                              context: str | None = None):
         loop = asyncio.get_running_loop()
-        known = None
+        chain, prefix = (), None
         if context is not None:
-            prompt, input_ids, extra_key, known = await loop.run_in_executor(
+            prompt, input_ids, extra_key, chain, prefix = await loop.run_in_executor(
                 None, self._with_context, context, prompt, input_ids, extra_key)
         # Tokenizing and compiling grammars can take long: keep them off the event loop.
         items, is_batch = await loop.run_in_executor(
             None, self._build, prompt, sampling_params, input_ids, return_logprob,
             logprob_start_len, top_logprobs_num, return_text_in_logprobs, stream, rid, extra_key,
-            known[1] if known else None)
+            prefix)
         q: asyncio.Queue = asyncio.Queue()
 
         def emit_for(i: int):
             return lambda out, finished: loop.call_soon_threadsafe(q.put_nowait,
                                                                     (i, out, finished))
 
-        self._submit(items, emit_for, stream, extra_key, known[0] if known else ())
+        self._submit(items, emit_for, stream, extra_key, chain)
         if stream:
             return self._stream_async(q, len(items))
         results: list[Any] = [None] * len(items)

@@ -442,15 +442,15 @@ class StreamTier:
 
     def _read_summaries(self, chunk_ids: list[str], first: int):
         """The quantized summaries of chunks (int8 [n, L, 2, Hkv, D], float32 scales
-        [n, L, 2, Hkv]). More than SUMMARY_PIECE are read in pieces of that many chunks
-        (aligned to the chain from `first`, as the store's packs are), each read on a
-        reader thread while the engine thread copies the one before into device memory:
-        they come back as tensors on the device. The read and the copy of a 1M-token
-        context's took 71 and 31 ms one after the other on the H200's host."""
+        [n, L, 2, Hkv]) as tensors on the device. More than SUMMARY_PIECE are read in
+        pieces of that many chunks (aligned to the chain from `first`, as the store's packs
+        are), each read on a reader thread while the engine thread copies the one before
+        into device memory. The read and the copy of a 1M-token context's took 71 and 31
+        ms one after the other on the H200's host."""
         n = len(chunk_ids)
         dev = self.attn.kmin.device
         if n <= SUMMARY_PIECE:
-            return self.tier.get_summaries(chunk_ids)
+            return tuple(torch.from_numpy(a).to(dev) for a in self.tier.get_summaries(chunk_ids))
         cuts = list(range(SUMMARY_PIECE - first % SUMMARY_PIECE, n, SUMMARY_PIECE))
         bounds = list(zip([0] + cuts, cuts + [n]))
         readers = self.tier._reader_pool()
@@ -471,17 +471,16 @@ class StreamTier:
             s_dev[a:b].copy_(torch.from_numpy(sc))
         return q_dev, s_dev
 
-    def _put_summaries(self, slots: list[int], q, scales, batch: int = 4096) -> None:
-        """Quantized summaries (int8 [n, L, 2, Hkv, D], scales [n, L, 2, Hkv]; numpy, or
-        tensors on the device) into the summary rows of `slots`: copied as int8 (a quarter
-        of the float32 bytes) and dequantized on the device, in batches of chunks."""
+    def _put_summaries(self, slots: list[int], q: torch.Tensor, scales: torch.Tensor,
+                       batch: int = 4096) -> None:
+        """Quantized summaries on the device (int8 [n, L, 2, Hkv, D], scales [n, L, 2,
+        Hkv], `_read_summaries`: copied as int8, a quarter of the float32 bytes) into the
+        summary rows of `slots`, dequantized in batches of chunks."""
         kmin, kmax = self.attn.kmin, self.attn.kmax
         dev = kmin.device
-        on_dev = torch.is_tensor(q)
         for lo in range(0, len(slots), batch):
             hi = min(lo + batch, len(slots))
-            tq = q[lo:hi] if on_dev else torch.from_numpy(q[lo:hi]).to(dev)
-            ts = scales[lo:hi] if on_dev else torch.from_numpy(scales[lo:hi]).to(dev)
+            tq, ts = q[lo:hi], scales[lo:hi]
             t = (tq.float() * ts[..., None]).transpose(0, 1)  # [L, n, 2, Hkv, D]
             idx = torch.tensor(slots[lo:hi], device=dev) + self.base
             kmin[:, idx] = t[:, :, 0].to(kmin.dtype)

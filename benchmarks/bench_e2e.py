@@ -181,6 +181,11 @@ def profile_run(eng, run, steps: int, label: str, top: int = 12) -> None:
 
     with profile(activities=profiler_activities(eng)) as prof:
         wall = run()
+    print_profile(prof, wall, steps, label, top)
+
+
+def print_profile(prof, wall: float, steps: int, label: str, top: int = 12) -> None:
+    """`profile_run`'s table, of a profiler that recorded `steps` steps in `wall` seconds."""
     evs = [e for e in prof.key_averages() if dev_time(e) > 0]
     busy = sum(dev_time(e) for e in evs)
     print(f"profile of {label}, {steps} steps: wall {wall / steps * 1e3:.3f} ms/step, kernels "

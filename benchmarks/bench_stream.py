@@ -58,7 +58,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_e2e as E2E  # noqa: E402
-from bench_e2e import profile_run  # noqa: E402
 
 from sglang_reattn.engine import model_runner  # noqa: E402
 from sglang_reattn.kv_store import store as kv_store_mod  # noqa: E402
@@ -110,7 +109,9 @@ def ttft(eng, ids: list[int]) -> tuple[float, int]:
 GAPS: list[float] = []  # seconds between streamed tokens of the last decode_rate call
 
 
-def decode_rate(eng, ids: list[int], n: int) -> float:
+def decode_rate(eng, ids: list[int], n: int, on_first=None) -> float:
+    """Decode tok/s of one request after its first token (`on_first()` is called when
+    that token arrives)."""
     params = {"max_new_tokens": n, "temperature": 0, "ignore_eos": True}
     first = last = None
     got = 0
@@ -122,6 +123,9 @@ def decode_rate(eng, ids: list[int], n: int) -> float:
         got = out["meta_info"]["completion_tokens"]
         if first is None:
             first, at_first = now, got
+            if on_first is not None:
+                on_first()
+                now = time.perf_counter()
         else:
             GAPS.append(now - last)
             STEPS.append(seen)
@@ -287,7 +291,10 @@ def timers(out: dict):
                (scheduler.Scheduler, ("_admit", "_run_prefill", "_run_decode", "_spill",
                                       "_sample_and_emit", "_store_ids", "_release",
                                       "_postprocess_prefill", "_insert_into_tree")),
-               (model_runner.ModelRunner, ("forward", "_fill_inputs", "_replay_streamed"))]
+               (scheduler.Scheduler, ("_prefetch", "_cap_streamed", "_grow_pages")),
+               (scheduler, ("sample",)),
+               (model_runner.ModelRunner, ("forward", "_fill_inputs", "_fill_plan",
+                                           "_replay_streamed", "_read_selection"))]
     if torch.cuda.is_available():
         targets.append((torch.cuda.CUDAGraph, ("replay",)))
     saved = []
@@ -382,15 +389,28 @@ def main() -> None:
                   max_total_tokens=n + 8192, context_length=n + 4096, **shape,
                   **({"kv_store_codec": args.codec} if args.codec else {}))
     res: dict = {"tokens": n, "cache_pages": args.cache_pages}
-    def profiled(eng, label: str) -> None:
-        if args.profile:
-            q = ids_of(24, 99, eng.model_config.vocab_size)
-            decode_rate(eng, doc + q, 2)  # the question's prefill, outside the profile
-            with timers({}) as parts:
-                profile_run(eng, lambda: 16 / decode_rate(eng, doc + q, 17), 16, label)
-            for key, (sec, calls) in sorted(parts.items(), key=lambda x: -x[1][0]):
-                print(f"  {label}: {sec / 16 * 1e3:8.2f} ms/step in {calls / 16:5.1f} calls/step "
-                      f"of {key}")
+    def profiled(eng, label: str, steps: int = 64) -> None:
+        """Where `steps` decode steps' time goes: kernels (torch profiler) and the engine's
+        parts (`timers`), both from the first token on (the prompt's admission and prefill
+        left out)."""
+        if not args.profile:
+            return
+        from torch.profiler import profile
+
+        q = ids_of(24, 99, eng.model_config.vocab_size)
+        decode_rate(eng, doc + q, 2)  # the question's prefill, outside the profile
+        prof = profile(activities=E2E.profiler_activities(eng))
+        with timers({}) as parts:
+            def start() -> None:
+                parts.clear()
+                prof.start()
+
+            rate = decode_rate(eng, doc + q, steps + 1, on_first=start)
+            prof.stop()
+        E2E.print_profile(prof, steps / rate, steps, label)
+        for key, (sec, calls) in sorted(parts.items(), key=lambda x: -x[1][0]):
+            print(f"  {label}: {sec / steps * 1e3:8.3f} ms/step in {calls / steps:5.2f} "
+                  f"calls/step of {key}")
 
     try:
         # The store-writing prefill runs first: its engine compiles the kernels (in the

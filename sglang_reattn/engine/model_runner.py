@@ -7,6 +7,7 @@ from __future__ import annotations
 import bisect
 import logging
 
+import numpy as np
 import torch
 
 from sglang_reattn.engine.request import Request
@@ -320,6 +321,11 @@ class ModelRunner:
         self.graphs[gbs, select].replay()
         return self._logits[gbs, select][:bs]
 
+    def _read_selection(self, gbs: int, bs: int) -> np.ndarray:
+        """[L, bs, topk (+ spare)] on the host: each layer's selection (and runners-up) of
+        the stream graph's replay, read back once it has run (the step's one sync)."""
+        return self._graph_selection(gbs)[:, :bs].cpu().numpy()
+
     def _graph_selection(self, gbs: int) -> torch.Tensor:
         """[L, gbs, topk (+ spare)]: each layer's selected pages from the stream graph's
         outputs, followed by its runners-up."""
@@ -360,7 +366,7 @@ class ModelRunner:
                 tier.sync_map()
                 graph.replay()
                 # one read-back of every layer's selection (and runners-up)
-                back = self._graph_selection(gbs)[:, :bs].cpu().numpy()
+                back = self._read_selection(gbs, bs)
                 settled = tier.settle(back[..., :topk],
                                       back[..., topk:] if self.attn.spare else None)
                 if settled:

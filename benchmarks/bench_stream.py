@@ -350,7 +350,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="kernel breakdown of 16 decode steps, streamed and resident")
     ap.add_argument("--variants", nargs="*", default=[],
-                    metavar="CAP:AHEAD:REPLAY[:EXPECT[:PACKS[:PARTS]]]",
+                    metavar="CAP:AHEAD:REPLAY[:EXPECT[:PACKS[:PARTS[:DEFER[:RUNNERS]]]]]",
                     help="after the streamed measure, repeat it (a new engine, the same "
                          "questions) per variant: CAP replays of a streamed graph step before it "
                          "runs eagerly (model_runner.MAX_STREAM_REPLAYS); the first AHEAD "
@@ -362,7 +362,10 @@ def main() -> None:
                          "decode step (StreamTier.due_runners), or 'off' to load neither "
                          "(StreamTier.expect_next); PACKS 0 reads the summaries one value per "
                          "chunk, not from the store's summary packs; PARTS: the most threads "
-                         "one layer's K/V read is split over (kv_store.store.KV_PARTS)")
+                         "one layer's K/V read is split over (kv_store.store.KV_PARTS); DEFER 0 "
+                         "runs a step's loads ahead right after it, not while the next graph "
+                         "step replays (StreamTier.defer_prefetch); RUNNERS: "
+                         "--kv-prefetch-runners ('-': the engine's default)")
     ap.add_argument("--profile-ttft", action="store_true",
                     help="after the variants, one more streamed engine's TTFT under the torch "
                          "profiler: host time by operation (CUDA runtime calls included)")
@@ -511,14 +514,17 @@ def main() -> None:
         res["variants"] = {}
         for k, variant in enumerate(args.variants):
             fields = variant.split(":")
-            cap, ahead, replay, expect, packs, parts = (
-                fields + [str(due_default), "1", str(default_parts)][len(fields) - 3:])
+            cap, ahead, replay, expect, packs, parts, defer, runners = (
+                fields + [str(due_default), "1", str(default_parts), "1", "-"][len(fields) - 3:])
             model_runner.MAX_STREAM_REPLAYS = int(cap)
             kv_store_mod.KV_PARTS = int(parts)
             release(eng)
+            opts = dict(stream_opts, **({} if runners == "-" else
+                                        {"kv_prefetch_runners": int(runners)}))
             try:
-                with Engine(model, **stream_opts) as eng:
+                with Engine(model, **opts) as eng:
                     tier = eng.attn.stream
+                    tier.defer_prefetch = tier.defer_prefetch and defer == "1"
                     tier.ahead_runners = None if ahead == "all" else int(ahead)
                     tier.replay_runners = int(replay)
                     tier.expect_next = expect != "off"
@@ -540,7 +546,7 @@ def main() -> None:
                 {key: d.get(key, 0) for key in
                  ("stream_graph_steps", "stream_graph_replays", "stream_graph_eager",
                   "stream_store_reads", "stream_prefetch_reads", "stream_prefetch_hits",
-                  "stream_replay_ahead", "stream_due_loads")},
+                  "stream_replay_ahead", "stream_due_loads", "stream_ahead_late")},
                 tok_s=rate, ttft_s=t, step_ms=sorted(GAPS_ALL)[len(GAPS_ALL) // 2] * 1e3,
                 max_ms=max(GAPS_ALL) * 1e3, blocks_wrong=wrong)
             print(f"#   variant {variant}: TTFT {t:.2f} s, {res['variants'][f'{k}: {variant}']}",
@@ -595,8 +601,9 @@ def main() -> None:
     print(f"| major page faults (blocks read from disk, not the page cache): streamed TTFT / "
           f"decode | {res['streamed_ttft_major_faults']:,} / "
           f"{res['streamed_decode_major_faults']:,} |")
-    print(f"| blocks loaded ahead into the chunk cache / read by a later step | "
-          f"{c.get('stream_device_prefetches', 0)} / {c.get('stream_prefetch_hits', 0)} |")
+    print(f"| blocks loaded ahead into the chunk cache / read by a later step / loaded while "
+          f"the step that selected them replayed | {c.get('stream_device_prefetches', 0)} / "
+          f"{c.get('stream_prefetch_hits', 0)} / {c.get('stream_ahead_late', 0)} |")
     print(f"| bytes read from the store per token | {res['store_bytes_per_token'] / 1e6:.2f} MB |")
     print(f"| chunk-cache blocks that differ from the store (after decode) | "
           f"{res['cache_blocks_wrong']} of {res['cache_blocks_checked']:,} |")
@@ -612,9 +619,11 @@ def main() -> None:
               f"{res['kv_parts']} threads)")
         print("| replays before eager : runners-up per layer loaded ahead : and before a "
               "replay : the last token's runners-up loaded before the first step : summary "
-              "packs read : K/V read parts | tok/s (of "
+              "packs read : K/V read parts : loads ahead during the next replay : runners-up "
+              "ranked | tok/s (of "
               "resident) | median / max step ms | graph steps / replays / eager | store reads "
-              "/ read ahead / hits / loaded before a replay / before the first step | TTFT s "
+              "/ read ahead / hits / loaded before a replay / before the first step / loaded "
+              "while the step that selected them replayed | TTFT s "
               "| blocks differing from the store |\n|---|---|---|---|---|---|---|")
         for key, v in res["variants"].items():
             share = v["tok_s"] / res["resident_tok_s"]
@@ -623,7 +632,7 @@ def main() -> None:
                   f"{v['stream_graph_replays']} / {v['stream_graph_eager']} | "
                   f"{v['stream_store_reads']} / {v['stream_prefetch_reads']} / "
                   f"{v['stream_prefetch_hits']} / {v['stream_replay_ahead']} / "
-                  f"{v['stream_due_loads']} | "
+                  f"{v['stream_due_loads']} / {v['stream_ahead_late']} | "
                   f"{v['ttft_s']:.2f} | {v['blocks_wrong']} |")
     if args.json:
         with open(args.json, "w") as f:

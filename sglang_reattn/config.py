@@ -71,6 +71,9 @@ class EngineArgs:
     # A stored prefix longer than this streams; None: only when it does not fit the pool.
     kv_resident_max_tokens: int | None = None
     disable_kv_prefetch: bool = False  # no background loads of the previous selection
+    # Runners-up per layer each streamed selection also ranks (its prefetch hint); None:
+    # up to the top-k again, within half the chunk cache's room past one selection.
+    kv_prefetch_runners: int | None = None
     # Streamed tokens whose chunk summaries can be attached at once (summed over running
     # requests); their summary rows are allocated up front (1/chunk of their KV bytes).
     kv_stream_max_tokens: int = 2 * 1024 * 1024
@@ -133,6 +136,10 @@ class EngineArgs:
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             raise InvalidArgument(
                 f"--kv-chunk-cache-pages must be a non-negative integer, got {n!r}")
+        r = self.kv_prefetch_runners
+        if r is not None and (not isinstance(r, int) or isinstance(r, bool) or r < 0):
+            raise InvalidArgument(
+                f"--kv-prefetch-runners must be a non-negative integer, got {r!r}")
         m = self.kv_stream_max_tokens
         if not isinstance(m, int) or isinstance(m, bool) or m < 1:
             raise InvalidArgument(

@@ -311,6 +311,8 @@ def test_runners_up_are_loaded_ahead_and_save_replays(stored, tiny_llama):
     assert got[True]["stream_device_prefetches"] > 0 and got[True]["stream_prefetch_hits"] > 0
     assert got[False]["stream_prefetch_hits"] == 0
     assert got[True]["stream_graph_replays"] < got[False]["stream_graph_replays"]
+    with Engine(tiny_llama, kv_store_path=store, kv_prefetch_runners=3, **opts, **OPTS) as eng:
+        assert eng.attn.spare == 3  # (--kv-prefetch-runners)
 
 
 def test_runners_up_loaded_before_replays_keep_the_answer(stored, tiny_llama):
@@ -650,6 +652,7 @@ def test_streaming_flags_are_checked(tiny_llama, tmp_path):
     for bad, match in ((dict(kv_chunk_cache_pages=-1), "non-negative"),
                        (dict(kv_host_cache_size="lots"), "--kv-host-cache-size"),
                        (dict(kv_resident_max_tokens=-5), "--kv-resident-max-tokens"),
+                       (dict(kv_prefetch_runners=-1), "--kv-prefetch-runners"),
                        (dict(kv_chunk_cache_pages=32, disable_reattn=True), "--disable-reattn"),
                        (dict(kv_chunk_cache_pages=32, reattn_summary="mean"), "minmax")):
         with pytest.raises(InvalidArgument, match=match):
@@ -665,10 +668,10 @@ def test_streaming_flags_and_metrics_in_the_server():
 
     ns = build_parser().parse_args(["--kv-chunk-cache-pages", "64", "--kv-host-cache-size",
                                     "2GiB", "--kv-resident-max-tokens", "4096",
-                                    "--disable-kv-prefetch"])
+                                    "--disable-kv-prefetch", "--kv-prefetch-runners", "2"])
     args = engine_args_from(ns)
     assert (args.kv_chunk_cache_pages, args.kv_host_cache_size, args.kv_resident_max_tokens,
-            args.disable_kv_prefetch) == (64, "2GiB", 4096, True)
+            args.disable_kv_prefetch, args.kv_prefetch_runners) == (64, "2GiB", 4096, True, 2)
     stats = {"chunk_cache_hits": 5, "chunk_cache_misses": 2, "host_cache_hits": 1,
              "host_cache_bytes": 4096, "stream_store_bytes": 8192}
     body = ServerMetrics("m", lambda: stats).render().decode()
@@ -1035,3 +1038,72 @@ def test_a_failed_fill_leaves_no_page_mapped():
     del tier._write_pages  # working again: both pages can be taken and filled
     tier._to_device({0: ["c1", "c2"]})
     assert sorted(tier.cache.page_of(0, c) for c in ("c1", "c2")) == [8, 9]
+
+
+def test_loads_ahead_run_while_the_graph_replays_keep_the_answer(stored, tiny_llama):
+    """Loads ahead deferred into the next graph step (`defer_prefetch`: they run after its
+    replay is launched, before its selection is read back): a chunk they map that the
+    replay selected counts as a miss of it (the replay read the map before), so the tokens
+    stay the resident answer's; blocks loaded so are read by later steps; the device page
+    map, synced entry by entry, ends equal to the host's."""
+    store, want = stored
+    opts = dict(SMALL, kv_chunk_cache_pages=48, max_total_tokens=16 * 68)
+    with Engine(tiny_llama, kv_store_path=store, **OPTS) as eng:  # resident
+        ref = eng.generate(input_ids=DOC + QUESTION, sampling_params=GREEDY,
+                           return_logprob=True)["meta_info"]["output_token_logprobs"]
+    with Engine(tiny_llama, kv_store_path=store, **opts, **OPTS) as eng:
+        eng._call(lambda: eng.runner._capture(1))
+        tier = eng.attn.stream
+        tier.expect_next = tier.defer_prefetch = True
+        ran = []
+        run = tier.run_deferred
+
+        def spy(in_flight=False):
+            ran.append(in_flight and tier._deferred is not None)
+            run(in_flight)
+
+        tier.run_deferred = spy
+        out = eng.generate(input_ids=DOC + QUESTION, sampling_params=GREEDY,
+                           return_logprob=True)
+        s = eng.stats()
+        eng._call(tier.sync_map)
+        assert torch.equal(eng.attn.page_map.cpu(), torch.from_numpy(tier.vmap))
+    assert out["output_ids"] == want
+    got = out["meta_info"]["output_token_logprobs"]
+    assert [t for _, t, *_ in got] == [t for _, t, *_ in ref]
+    assert max(abs(a[0] - b[0]) for a, b in zip(got, ref)) < 1e-4
+    assert sum(ran) >= GREEDY["max_new_tokens"] - 2  # each graph step ran the last's loads
+    assert s["stream_device_prefetches"] > 0 and s["stream_prefetch_hits"] > 0
+    assert s["stream_ahead_late"] > 0 and s["stream_graph_replays"] > 0
+
+
+def test_a_decode_plan_refilled_only_where_it_changed_equals_a_full_fill(stored, tiny_llama):
+    """The graph path's scope-plan buffers skip the rows they already hold: after every
+    streamed and resident decode step they equal a fill from scratch (16-token chunks:
+    the tables change every 16 steps, and twice in 24 tokens)."""
+    from sglang_reattn.engine.model_runner import ModelRunner
+
+    store, want = stored
+    checked = []
+    fill = ModelRunner._fill_plan
+
+    def checked_fill(self, reqs, gbs, p):
+        fill(self, reqs, gbs, p)
+        names = ("head_table", "cand_pages", "local_table", "head_pages", "num_cands",
+                 "local_tokens")
+        got = [getattr(p, n).clone() for n in names]
+        self._filled.clear()
+        fill(self, reqs, gbs, p)
+        checked.append(all(torch.equal(a, getattr(p, n)) for a, n in zip(got, names)))
+
+    params = dict(GREEDY, max_new_tokens=24)
+    for kv in ({"kv_store_path": store, **SMALL}, {}):
+        with Engine(tiny_llama, **kv, **OPTS) as eng:
+            eng._call(lambda: eng.runner._capture(1))
+            ModelRunner._fill_plan = checked_fill
+            try:
+                out = eng.generate(input_ids=DOC + QUESTION, sampling_params=params)
+            finally:
+                ModelRunner._fill_plan = fill
+        assert out["output_ids"][:12] == want
+    assert len(checked) >= 2 * 22 and all(checked)

@@ -129,7 +129,8 @@ class Engine(NamedContexts):
             # one selection (more evicts blocks a drifting selection comes back to)
             topk = self.reattn.topk
             spare = 0 if args.disable_kv_prefetch else max(0, min(
-                next_pow2(2 * topk) - topk, (args.kv_chunk_cache_pages - topk) // 2))
+                next_pow2(2 * topk) - topk, (args.kv_chunk_cache_pages - topk) // 2)
+                if args.kv_prefetch_runners is None else args.kv_prefetch_runners)
             self.attn = ReAttention(self.pool, self.rope, cfg.num_heads, cfg.head_dim,
                                     self.reattn, args.reattn_summary, args.reattn_combine,
                                     use_triton=use_triton, rot_limit=scope_max,
@@ -217,6 +218,9 @@ class Engine(NamedContexts):
         # (bench_first_step, default model, 16K tokens: 506 chunks read to spare 151 of
         # the first step's 160 misses).
         tier.expect_next = any(key[1] == "stream" for key in self.runner.graphs)
+        # A graph step's engine thread waits for the device after its replay: the last
+        # step's loads ahead run there instead of before the replay.
+        tier.defer_prefetch = tier.expect_next
         logger.info("streaming tier: %d chunk-cache pages, host tier %s", n,
                     self.args.kv_host_cache_size)
         return tier

@@ -60,6 +60,8 @@ class ModelRunner:
         # Graphs of streamed decode steps (when ReAttention has virtual summary rows): the
         # plan's candidates then span pool and virtual pages.
         self._splan: ScopePlan | None = None
+        # static buffer (by its memory) -> (graph batch size, rows) of its last fill
+        self._filled: dict[int, tuple[int, list]] = {}
         if use_cuda_graph:
             self._capture(cuda_graph_max_bs)
 
@@ -124,6 +126,11 @@ class ModelRunner:
         """Run one step. `logit_rows` index the packed new tokens whose logits are
         returned ([len(logit_rows), vocab] float32)."""
         bs = len(reqs)
+        tier = getattr(self.attn, "stream", None)
+        streamed_graph = (is_decode and self.graphs and bs <= self.graph_bs[-1]
+                          and self._splan is not None and any(r.streamed for r in reqs))
+        if tier is not None and not streamed_graph:
+            tier.run_deferred()  # (a streamed graph step runs them while it replays)
         if is_decode and self.graphs and bs <= self.graph_bs[-1]:
             # Streamed contexts: the graph variant that maps virtual pages on the device.
             if not any(r.streamed for r in reqs):
@@ -246,26 +253,46 @@ class ModelRunner:
 
     def _fill_plan(self, reqs: list[Request], gbs: int, p: ScopePlan) -> None:
         """The decode step's ScopePlan (as `build_scope_plan` lays it out) into the graph's
-        static buffers `p`."""
+        static buffers `p`. A buffer whose rows are what it already holds (the same batch
+        size and the same rows as the last fill: a decode's tables change once a chunk)
+        is not copied again: a million-token context's candidates are 16K pages."""
         bs = len(reqs)
         parts = [split_scope(self.reattn, self._pages_cpu(r), r.num_computed, 1) for r in reqs]
         for k, name in enumerate(("head_table", "cand_pages", "local_table")):
             dst = getattr(p, name)
-            width = max(1, max(part[k].numel() for part in parts))
+            rows = [part[k] for part in parts]
+            if self._holds(dst, gbs, rows):
+                continue
+            width = max(1, max(row.numel() for row in rows))
             assert width <= dst.shape[1], f"{name} wider than the captured graph"
             src = torch.zeros(bs, width, dtype=torch.int32)
-            for i, part in enumerate(parts):
-                src[i, : part[k].numel()] = part[k]
+            for i, row in enumerate(rows):
+                src[i, : row.numel()] = row
             dst[:gbs].zero_()
             dst[:bs, :width].copy_(src, non_blocking=True)
-        counts = torch.tensor([[head.numel(), cand.numel(), ltok]
-                               for head, cand, _, ltok in parts], dtype=torch.int32)
-        for name in ("head_pages", "num_cands"):
-            getattr(p, name)[:gbs].zero_()
-        p.head_pages[:bs].copy_(counts[:, 0], non_blocking=True)
-        p.num_cands[:bs].copy_(counts[:, 1], non_blocking=True)
-        p.local_tokens[:gbs].fill_(1)
-        p.local_tokens[:bs].copy_(counts[:, 2], non_blocking=True)
+        counts = [[head.numel(), cand.numel(), ltok] for head, cand, _, ltok in parts]
+        for j, (name, pad) in enumerate((("head_pages", 0), ("num_cands", 0),
+                                         ("local_tokens", 1))):
+            dst = getattr(p, name)
+            col = [c[j] for c in counts]
+            if self._holds(dst, gbs, col):
+                continue
+            dst[:gbs].fill_(pad)
+            dst[:bs].copy_(torch.tensor(col, dtype=torch.int32), non_blocking=True)
+
+    def _holds(self, dst: torch.Tensor, gbs: int, rows: list) -> bool:
+        """Whether static buffer `dst` already holds `rows` (tensors or ints) as filled for
+        a graph of batch size `gbs`; if not, they are remembered as what it holds next.
+        Keyed by the buffer's memory: the stream plan shares buffers with the plain one."""
+        key = dst.data_ptr()
+        held = self._filled.get(key)
+        if held is not None and held[0] == gbs and len(held[1]) == len(rows) and all(
+                (a == b) if isinstance(a, int) else (a.numel() == b.numel()
+                                                     and torch.equal(a, b))
+                for a, b in zip(held[1], rows)):
+            return True
+        self._filled[key] = (gbs, rows)
+        return False
 
     def _needs_select(self, reqs: list[Request]) -> bool:
         if self.reattn is None:
@@ -365,6 +392,8 @@ class ModelRunner:
                     kmin[:, written], kmax[:, written] = saved
                 tier.sync_map()
                 graph.replay()
+                if not attempt:  # the loads ahead left by the last step, while it runs
+                    tier.run_deferred(in_flight=True)
                 # one read-back of every layer's selection (and runners-up)
                 back = self._read_selection(gbs, bs)
                 settled = tier.settle(back[..., :topk],

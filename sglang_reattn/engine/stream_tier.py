@@ -306,6 +306,9 @@ class StreamTier:
         # copy, and the layers whose device copy (attn.page_map) is stale
         self.vmap = np.full((num_layers, slots), -1, dtype=np.int32)
         self._stale: set[int] = set()
+        # (layer, slot) entries changed one by one since the device copy was last synced
+        # (`sync_map` copies only those, not their whole layers)
+        self._changed: list[tuple[int, int]] = []
         # Summary slots are shared by every request attaching the same chunk (reference
         # counted); a slot nobody references keeps its summary (`_idle`, LRU first) until
         # the slot is needed, so the next request over the same context (an ingest's next
@@ -333,7 +336,10 @@ class StreamTier:
                       "stream_replay_ahead": 0,
                       # chunks a prefill's last token selected, loaded before the
                       # decode step after it (`expect`)
-                      "stream_due_loads": 0}
+                      "stream_due_loads": 0,
+                      # chunks a graph step selected that its loads ahead, run while it
+                      # replayed (`run_deferred`), put in the cache too late for it
+                      "stream_ahead_late": 0}
         # how many of each layer's runners-up (best first) are loaded ahead (None: all
         # that ReAttention reports)
         self.ahead_runners: int | None = None
@@ -363,6 +369,15 @@ class StreamTier:
         self._ahead: torch.cuda.Event | None = None
         # (layer, slot) loaded into the chunk cache ahead of a step and not read yet
         self._loaded_ahead = np.zeros((num_layers, slots), dtype=bool)
+        # Where decode replays graphs, a step's loads ahead (`prefetch`'s host-tier copies
+        # and background reads) wait for the next graph step and run while its replay is
+        # on the device (`run_deferred`); the engine sets this.
+        self.defer_prefetch = False
+        self._deferred: tuple | None = None
+        # while a replay is in flight: the (layer, slot) entries its loads ahead changed
+        # (`settle` counts a selected one as a miss: the replay read the map before them)
+        self._flying = False
+        self._in_flight: set[tuple[int, int]] = set()
         self._q: queue.Queue | None = None
         if prefetch:
             self._q = queue.Queue()
@@ -515,6 +530,7 @@ class StreamTier:
         every cached block and idle summary goes."""
         self.cache.clear()
         self.host.clear()
+        self._deferred = None
         self._loaded_ahead[:] = False
         self.forget_idle()
 
@@ -544,7 +560,9 @@ class StreamTier:
         slot = self._slot_of.get(key)
         if slot is not None:
             self.vmap[layer, slot] = -1 if page is None else page
-            self._stale.add(layer)
+            self._changed.append((layer, slot))
+            if self._flying:
+                self._in_flight.add((layer, slot))
             if page is None:
                 self._loaded_ahead[layer, slot] = False
 
@@ -556,13 +574,29 @@ class StreamTier:
 
     def sync_map(self) -> None:
         """Before a graph step: the device page map (attn.page_map) catches up with the
-        host's, and the step waits for chunk-cache fills made ahead on the side stream."""
+        host's, and the step waits for chunk-cache fills made ahead on the side stream.
+        Layers marked stale are copied whole; entries changed one by one (the chunk
+        cache's fills and evictions) are scattered, in one small copy: a whole layer of a
+        2M-token tier's slots is 128 KiB."""
         self._wait_ahead()
+        self._in_flight.clear()  # (a new replay reads the map as it is now)
+        dev = self.attn.page_map.device
+        if len(self._changed) > self.vmap.shape[1] // 16:
+            self._stale.update(layer for layer, _ in self._changed)
+        if self._changed:
+            at = np.array(self._changed, dtype=np.int64).T
+            self._changed.clear()
+            if self._stale:
+                at = at[:, ~np.isin(at[0], list(self._stale))]
+            if at.shape[1]:
+                src = torch.from_numpy(np.concatenate([at, self.vmap[at[0], at[1]][None]]))
+                idx = src.to(dev)
+                self.attn.page_map[idx[0], idx[1]] = idx[2].to(self.attn.page_map.dtype)
         if self._stale:
             layers = sorted(self._stale)
             self._stale.clear()
             src = torch.from_numpy(self.vmap[layers])
-            self.attn.page_map[torch.tensor(layers)] = src.to(self.attn.page_map.device)
+            self.attn.page_map[torch.tensor(layers)] = src.to(dev)
 
     def _picks(self, pages: np.ndarray) -> tuple[list[int], list[str]]:
         """Virtual entries of a [B, K] page array -> (their rows, their chunks)."""
@@ -581,6 +615,12 @@ class StreamTier:
         slots = sel_pages[virtual] - self.base
         pages = self.vmap[layers, slots]
         hit = pages >= 0
+        if self._in_flight:  # mapped or unmapped after the replay read the map: a miss
+            changed = np.array([layer * len(self._slot_ids) + slot
+                                for layer, slot in self._in_flight], dtype=np.int64)
+            late = np.isin(layers * len(self._slot_ids) + slots, changed)
+            self.stats["stream_ahead_late"] += int(np.count_nonzero(hit & late))
+            hit &= ~late
         missed = np.unique(layers[~hit]).tolist()
         # layers that missed: fetched (and stamped) by _cache_in; the others stamped here
         keep = np.isin(layers, missed, invert=True) if missed else slice(None)
@@ -695,6 +735,7 @@ class StreamTier:
     def _fill(self, layer: int, fills: list[tuple[str, int]]) -> None:
         """Pages just acquired for chunks (`fills`) filled from the host tier or LMDB;
         on a fault none of them stays mapped."""
+        self._wait_ahead()  # (a page taken may have just been filled on the side stream)
         try:
             order, rows = self.fetch_rows(layer, [k for k, _ in fills])
             self._write_pages([layer] * len(fills), [fills[i][1] for i in order], rows)
@@ -820,7 +861,9 @@ class StreamTier:
         `next_hints` (the sequences expected in the next step) held by the host tier go
         into the chunk cache now (on a side stream on CUDA); blocks of `hints` in neither
         tier are queued for the background thread, which reads them from LMDB into the
-        host tier. Changes where a block comes from, never its value."""
+        host tier. With `defer_prefetch` those two wait for `run_deferred` (a later call's
+        replace an earlier one's not run yet). Changes where a block comes from, never its
+        value."""
         if self._q is None:
             return
         for layer in sorted({layer for d in dues for layer in d}):
@@ -829,6 +872,30 @@ class StreamTier:
                 self._load(layer, keys[: len(self.cache.pages)], "stream_due_loads")
             except StreamFault as e:  # the step that selects it meets it again
                 logger.debug("due load skipped: %s", e)
+        self._deferred = (list(hints), list(next_hints))
+        if not self.defer_prefetch:
+            self.run_deferred()
+
+    def run_deferred(self, in_flight: bool = False) -> None:
+        """The loads ahead `prefetch` left (none: nothing to do). `in_flight`: a graph
+        replay was just launched and has not been settled; the chunk-cache entries these
+        loads change count as misses of that replay (`settle`), whose map they postdate.
+        The engine thread otherwise waits for the device there (0.8 ms a step of a 1M-token
+        context on the H200)."""
+        work, self._deferred = self._deferred, None
+        if work is None:
+            return
+        hints, next_hints = work
+        self._flying = in_flight
+        try:
+            self._ahead_of(hints, next_hints)
+        finally:
+            self._flying = False
+
+    def _ahead_of(self, hints: list[dict[int, list[str]]],
+                  next_hints: list[dict[int, list[str]]]) -> None:
+        """`prefetch`'s loads ahead: host-tier blocks of `next_hints` into the chunk cache,
+        the blocks of `hints` in neither tier queued for the background thread."""
         self._to_device({
             layer: list(dict.fromkeys(k for h in next_hints for k in h.get(layer, ())))[
                 : len(self.cache.pages)]

@@ -93,6 +93,10 @@ _HELP = {
                             "1/chunk-size of their KV bytes)",
     "disable_kv_prefetch": "do not load chunks ahead (the previous step's selection and "
                            "its runners-up) in the background",
+    "kv_prefetch_runners": "candidates ranked just below each streamed selection's top k "
+                           "(per layer) that are loaded ahead (default: up to the top-k "
+                           "again, within half the chunk cache's room past one selection; "
+                           "0: the selection alone)",
     "max_request_bytes": "HTTP bodies larger than this get 413",
     "shutdown_timeout": "seconds in-flight requests get to finish on SIGTERM before abort",
     "enable_metrics": "accepted for SGLang compatibility; /metrics is always on",
@@ -121,7 +125,7 @@ def _group_of(name: str) -> str:
     if name.startswith("kv_store_") or name == "disable_kv_store":
         return "disk tier (--kv-store-*)"
     if name in ("kv_chunk_cache_pages", "kv_host_cache_size", "kv_resident_max_tokens",
-                "kv_stream_max_tokens", "disable_kv_prefetch"):
+                "kv_stream_max_tokens", "disable_kv_prefetch", "kv_prefetch_runners"):
         return "streaming tier"
     return "SGLang-compatible options"
 

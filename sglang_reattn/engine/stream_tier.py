@@ -365,7 +365,9 @@ class StreamTier:
         # fetch makes the compute stream wait for them.
         self._side = torch.cuda.Stream(pool.k.device) if self._pin else None
         # `_stage`'s two pinned staging buffers and the events of their last copies
-        self._staged = ([(None, torch.cuda.Event()) for _ in range(2)] if self._pin else [])
+        # (and each one's pinned int64 buffer for the indices of the pages it fills)
+        self._staged = ([[None, torch.cuda.Event(), None] for _ in range(2)] if self._pin
+                        else [])
         self._ahead: torch.cuda.Event | None = None
         # (layer, slot) loaded into the chunk cache ahead of a step and not read yet
         self._loaded_ahead = np.zeros((num_layers, slots), dtype=bool)
@@ -786,7 +788,8 @@ class StreamTier:
         page pages[i] of layer layers[i], in one copy to the device (queued, on CUDA)."""
         dev = self.pool.k.device
         host_pages = torch.tensor(pages)
-        idx = tuple(torch.stack([torch.tensor(layers), host_pages]).to(dev))
+        idx = tuple(self._stage_index(torch.stack([torch.tensor(layers), host_pages])).to(
+            dev, non_blocking=True))
         kv_dev = rows.to(dev, non_blocking=True)
         if self._pin:
             self._staged[-1][1].record()  # the staging buffer is free again after this copy
@@ -806,16 +809,35 @@ class StreamTier:
         if not self._pin:
             return torch.empty(shape, dtype=dtype)
         self._staged.append(self._staged.pop(0))
-        buf, done = self._staged[-1]
+        buf, done, _ = self._staged[-1]
         done.synchronize()
         need = math.prod(shape)
         if buf is None or buf.numel() < need or buf.dtype != dtype:
-            # (a normal tensor even when a forward's inference mode grows it: prefetches
-            # outside that mode write into it too)
-            with torch.inference_mode(False):
-                buf = torch.empty(next_pow2(need), dtype=dtype, pin_memory=True)
-            self._staged[-1] = (buf, done)
+            self._staged[-1][0] = buf = self._pinned(need, dtype)
         return buf[:need].view(shape)
+
+    def _stage_index(self, idx: torch.Tensor) -> torch.Tensor:
+        """Page indices [2, n] for the copy `_write_pages` makes of what `_stage` gave last:
+        on CUDA in that staging buffer's pinned index buffer (reused with it), so that
+        their copy to the device is asynchronous. One from pageable memory waits for the
+        copy stream: on the side stream, behind a replay in flight (`run_deferred`), it
+        held the engine thread until the replay ended."""
+        if not self._pin:
+            return idx
+        ibuf = self._staged[-1][2]
+        if ibuf is None or ibuf.numel() < idx.numel():
+            self._staged[-1][2] = ibuf = self._pinned(idx.numel(), torch.int64)
+        out = ibuf[: idx.numel()].view(idx.shape)
+        out.copy_(idx)
+        return out
+
+    @staticmethod
+    def _pinned(n: int, dtype: torch.dtype) -> torch.Tensor:
+        """A pinned host buffer of at least n elements (the next power of two)."""
+        # (a normal tensor even when a forward's inference mode grows it: prefetches
+        # outside that mode write into it too)
+        with torch.inference_mode(False):
+            return torch.empty(next_pow2(n), dtype=dtype, pin_memory=True)
 
     def fetch(self, layer: int, chunk_ids: list[str]) -> None:
         """Read ahead (the prefetch thread): K/V of one layer of chunks from LMDB into the

@@ -965,7 +965,8 @@ def test_blocks_go_to_the_device_through_two_reused_staging_buffers(monkeypatch)
     """On CUDA, blocks are stacked (or read, on demand) into one of two pinned staging
     buffers, used in turn: a buffer is reused only after the event of its
     last copy (recorded once that copy is queued) and grown to the next power of two when
-    too small, never allocated per copy. Played here with pinning and events faked."""
+    too small, never allocated per copy; so are the pinned buffers of the pages' indices
+    paired with them. Played here with pinning and events faked."""
     tier, _ = _tier_for_test()
     log, allocs = [], []
 
@@ -983,12 +984,12 @@ def test_blocks_go_to_the_device_through_two_reused_staging_buffers(monkeypatch)
 
     def fake_empty(*shape, pin_memory=False, **kw):
         if pin_memory:
-            allocs.append(shape[0])
+            allocs.append((shape[0], kw.get("dtype")))
         return empty(*shape, **kw)
 
     monkeypatch.setattr(torch, "empty", fake_empty)
     tier._pin = True
-    tier._staged = [(None, Event("a")), (None, Event("b"))]
+    tier._staged = [[None, Event("a"), None], [None, Event("b"), None]]
     gen = torch.Generator().manual_seed(5)
 
     def blocks(n):
@@ -1010,7 +1011,10 @@ def test_blocks_go_to_the_device_through_two_reused_staging_buffers(monkeypatch)
     # every size a power of two of whole elements: 3 blocks -> 4, 2 -> 2 (the other
     # buffer), 5 -> 8 (the second buffer again was too small)
     block = 2 * 4 * 2 * 8
-    assert allocs == [4 * block, 2 * block, 8 * block]
+    assert [n for n, dtype in allocs if dtype != torch.int64] == [4 * block, 2 * block,
+                                                                  8 * block]
+    # and the indices (layer and page of each block: 2n) beside them: 6 -> 8, 4, 10 -> 16
+    assert [n for n, dtype in allocs if dtype == torch.int64] == [8, 4, 16]
     # each use waits for its buffer's last copy, then records the new one: a, b, a, b, a
     assert log == [(what, name) for name in "ababa" for what in ("wait", "record")]
 

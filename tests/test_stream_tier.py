@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import random
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -350,10 +352,16 @@ def test_the_last_tokens_chunks_are_loaded_before_the_first_decode_step(stored, 
                 misses.append(tier.cache.misses - before)
 
             eng.scheduler._run_decode = counted
+            jobs = []
+            read = tier._prefetch_one
+            tier._prefetch_one = lambda job, read=read, jobs=jobs: (
+                jobs.append(threading.current_thread().name), read(job))
             out = eng.generate(input_ids=DOC + QUESTION, sampling_params=GREEDY)
             s = eng.stats()
         assert out["output_ids"] == want
         assert (s["stream_due_loads"] > 0) == expect
+        # the due blocks were read a layer per job on the store's reader threads
+        assert any(name.startswith("kv-store-reader") for name in jobs) == expect
         first[expect] = misses[0]
     assert first[True] < first[False]
 

@@ -4,7 +4,6 @@ pages resident and the selected chunks fetched per layer (chunk cache <- host <-
 from __future__ import annotations
 
 import random
-
 import threading
 
 import numpy as np

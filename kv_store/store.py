@@ -85,6 +85,9 @@ class ChunkStore:
         self.readonly = readonly
         self._held: Counter[bytes] = Counter()  # hold() counts, in this process only
         self._held_lock = threading.Lock()
+        # held around this object's write transactions that may evict (they read the held
+        # set): hold() waits for one in flight, not for every write (a touch batch)
+        self._evict_lock = threading.Lock()
         self._workers: ThreadPoolExecutor | None = None  # `_in_parallel`, made on first use
         self._packs_ok: set[tuple[bytes, bytes]] = set()  # `_pack_ok`'s: (key, stored crc)
         self._env = Env(self.path, readonly, initial_map_size)
@@ -180,7 +183,8 @@ class ChunkStore:
             prepare_chunk(r, self.num_layers, self.kv_shape, self.np_dtype, self.codec, self.level)
             for r, there in zip(records, present)
         ]
-        return self._write(lambda txn: self._put_txn(txn, prepared))
+        with self._evict_lock:
+            return self._write(lambda txn: self._put_txn(txn, prepared))
 
     def _put_txn(self, txn, prepared: list[PreparedChunk | bytes]) -> list[str]:
         dbs, now, now_ns = self.dbs, time.time(), time.time_ns()
@@ -600,9 +604,13 @@ class ChunkStore:
         with self._held_lock:
             self._held.update(keys)  # (counted in C: a 1M-token context holds 16K chunks)
         if keys and not self.readonly:
-            # An empty write transaction waits for one of ours in flight, which may have
-            # read the held set before this call: a chunk read after hold() returns stays.
-            self._write(lambda txn: None)
+            # Wait for an evicting write of ours in flight, which may have read the held
+            # set before this call: a chunk read after hold() returns stays. Other writes
+            # (marks, packs, pins) remove nothing: on the CI machine's disk a batch of
+            # 1,024 last-used marks took seconds to commit, and a request's admission
+            # waited for it.
+            with self._evict_lock:
+                pass
 
     def release(self, chunk_ids: Sequence[str]) -> None:
         """Undo one hold() of each id (ValueError, nothing changed, if one is not held)."""
@@ -671,7 +679,8 @@ class ChunkStore:
             return ix.evict(txn, self.dbs, over, self._held_ids(), self.num_layers,
                             self.chunk_size)
 
-        return self._write(txn_fn)
+        with self._evict_lock:
+            return self._write(txn_fn)
 
     # ----- contexts ----------------------------------------------------------------------
 

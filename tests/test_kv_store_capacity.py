@@ -173,3 +173,59 @@ def test_held_chunks_survive_eviction_until_released(tmp_path):
         assert s.held() == set()
         s.evict_to(0)
         assert check_tree(s) == set()
+
+
+def test_hold_waits_for_an_evicting_write_in_flight_not_for_other_writes(tmp_path,
+                                                                         monkeypatch):
+    """hold() returns while a write that removes nothing (a batch of last-used marks) is
+    in flight, and waits for an evicting one of this object (which may have read the held
+    set before the hold) to commit."""
+    import threading
+
+    from sglang_reattn.kv_store import _index as ix
+
+    fp = tiny_fingerprint()
+    a = make_chain(fp, 4, seed=1)
+    ids = [r.chunk_id for r in a]
+    inside, go = threading.Event(), threading.Event()
+
+    def blocking(real):
+        def f(*args, **kw):
+            inside.set()
+            assert go.wait(20)
+            return real(*args, **kw)
+        return f
+
+    with ChunkStore(tmp_path / "s", fp, 1 << 30) as s:
+        s.put_chunks(a)
+        monkeypatch.setattr(ix, "set_touch", blocking(ix.set_touch))
+        touch = threading.Thread(target=s.touch, args=([ids[0]],))
+        hold = threading.Thread(target=s.hold, args=([ids[1]],))
+        touch.start()
+        try:
+            assert inside.wait(20)
+            hold.start()
+            hold.join(10)
+            assert not hold.is_alive() and touch.is_alive()  # the marks' write is still open
+        finally:  # (nothing left in a transaction when the store closes)
+            go.set()
+            touch.join(20)
+            hold.join(20)
+
+        inside.clear()
+        go.clear()
+        monkeypatch.setattr(ix, "evict", blocking(ix.evict))
+        evict = threading.Thread(target=s.evict_to, args=(0,))
+        hold = threading.Thread(target=s.hold, args=([ids[2]],))
+        evict.start()
+        try:
+            assert inside.wait(20)
+            hold.start()
+            hold.join(0.5)
+            assert hold.is_alive()  # waits for the eviction in flight
+        finally:
+            go.set()
+            evict.join(20)
+            hold.join(20)
+        assert not hold.is_alive()
+        assert s.held() == {ids[1], ids[2]}

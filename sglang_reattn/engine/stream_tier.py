@@ -583,16 +583,16 @@ class StreamTier:
         self._wait_ahead()
         self._in_flight.clear()  # (a new replay reads the map as it is now)
         dev = self.attn.page_map.device
-        if len(self._changed) > self.vmap.shape[1] // 16:
-            self._stale.update(layer for layer, _ in self._changed)
-        if self._changed:
-            at = np.array(self._changed, dtype=np.int64).T
-            self._changed.clear()
-            if self._stale:
+        changed, self._changed = self._changed, []
+        if len(changed) > self.vmap.shape[1] // 16:  # (as many as a sixteenth of a layer)
+            self._stale.update(layer for layer, _ in changed)
+        elif changed:
+            at = np.array(changed, dtype=np.int64).T
+            if self._stale:  # (those layers are copied whole below)
                 at = at[:, ~np.isin(at[0], list(self._stale))]
-            if at.shape[1]:
-                src = torch.from_numpy(np.concatenate([at, self.vmap[at[0], at[1]][None]]))
-                idx = src.to(dev)
+            if at.shape[1]:  # layer, slot and page of each, in one copy
+                idx = torch.from_numpy(np.concatenate([at, self.vmap[at[0], at[1]][None]])
+                                       ).to(dev)
                 self.attn.page_map[idx[0], idx[1]] = idx[2].to(self.attn.page_map.dtype)
         if self._stale:
             layers = sorted(self._stale)
@@ -904,8 +904,11 @@ class StreamTier:
     def _read_into_host(self, keys_of: dict[int, list[str]]) -> None:
         """Blocks of {layer: chunk ids} in neither the chunk cache nor the host tier read
         from LMDB into the host tier now, one job per layer on the store's reader threads
-        (a due load, 400-500 blocks after a 1M-token prompt, read one layer after the
-        other on the engine thread: the first decode step's 50-100 ms on the H200)."""
+        (a due load is 400-500 blocks after a 1M-token prompt; read one layer after the
+        other on the engine thread, they come from disk one at a time when the page cache
+        is cold: bench_cold_reads.py, 873 ms against 432 ms split over threads). With the
+        store in the page cache the H200's first decode step took as long either way
+        (113-153 ms against 114-123 ms)."""
         jobs = [(layer, todo) for layer, keys in keys_of.items()
                 if (todo := [k for k in self.cache.missing(layer, keys)
                              if (k, layer) not in self.host])]

@@ -34,8 +34,9 @@ Every ratio comes from one run of this script. Decode tok/s are timed from the f
 to the last (greedy, EOS ignored), median of `--repeats`; the four slowest steps of each
 engine are printed with the streaming counters, Triton compiles and garbage collections
 that moved in them (and, with `--step-timers`, the time spent in the engine's parts).
-`--profile` adds a kernel breakdown of 16 decode steps of the streamed and the resident
-engine, and the time the measure's streamed TTFT spent in the engine's parts;
+`--profile` adds a breakdown of 64 decode steps (from a question's first token on) of the
+streamed and the resident engine, by kernel and by engine part, and the time the
+measure's streamed TTFT spent in the engine's parts;
 `--profile-ttft` one more restart whose streamed TTFT runs under the torch profiler.
 """
 
@@ -348,7 +349,8 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="where the store goes (default: a temp dir)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--profile", action="store_true",
-                    help="kernel breakdown of 16 decode steps, streamed and resident")
+                    help="kernel and engine-part breakdown of 64 decode steps from the first "
+                         "token on, streamed and resident")
     ap.add_argument("--variants", nargs="*", default=[],
                     metavar="CAP:AHEAD:REPLAY[:EXPECT[:PACKS[:PARTS[:DEFER[:RUNNERS]]]]]",
                     help="after the streamed measure, repeat it (a new engine, the same "

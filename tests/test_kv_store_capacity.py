@@ -187,45 +187,38 @@ def test_hold_waits_for_an_evicting_write_in_flight_not_for_other_writes(tmp_pat
     fp = tiny_fingerprint()
     a = make_chain(fp, 4, seed=1)
     ids = [r.chunk_id for r in a]
-    inside, go = threading.Event(), threading.Event()
 
-    def blocking(real):
-        def f(*args, **kw):
+    def hold_during(s, name: str, write, chunk: str, wait: float) -> bool:
+        """Whether s.hold([chunk]) is still waiting `wait` s after it started while
+        `write` is inside the transaction's call of ix.`name` (held there until then)."""
+        inside, go = threading.Event(), threading.Event()
+        real = getattr(ix, name)
+
+        def blocked(*args, **kw):
             inside.set()
             assert go.wait(20)
             return real(*args, **kw)
-        return f
+
+        monkeypatch.setattr(ix, name, blocked)
+        writer = threading.Thread(target=write)
+        hold = threading.Thread(target=s.hold, args=([chunk],))
+        writer.start()
+        try:
+            assert inside.wait(20)
+            hold.start()
+            hold.join(wait)
+            return hold.is_alive()
+        finally:  # (nothing left in a transaction when the store closes)
+            go.set()
+            writer.join(20)
+            hold.join(20)
+            assert not writer.is_alive() and not hold.is_alive()
+            monkeypatch.setattr(ix, name, real)
 
     with ChunkStore(tmp_path / "s", fp, 1 << 30) as s:
         s.put_chunks(a)
-        monkeypatch.setattr(ix, "set_touch", blocking(ix.set_touch))
-        touch = threading.Thread(target=s.touch, args=([ids[0]],))
-        hold = threading.Thread(target=s.hold, args=([ids[1]],))
-        touch.start()
-        try:
-            assert inside.wait(20)
-            hold.start()
-            hold.join(10)
-            assert not hold.is_alive() and touch.is_alive()  # the marks' write is still open
-        finally:  # (nothing left in a transaction when the store closes)
-            go.set()
-            touch.join(20)
-            hold.join(20)
-
-        inside.clear()
-        go.clear()
-        monkeypatch.setattr(ix, "evict", blocking(ix.evict))
-        evict = threading.Thread(target=s.evict_to, args=(0,))
-        hold = threading.Thread(target=s.hold, args=([ids[2]],))
-        evict.start()
-        try:
-            assert inside.wait(20)
-            hold.start()
-            hold.join(0.5)
-            assert hold.is_alive()  # waits for the eviction in flight
-        finally:
-            go.set()
-            evict.join(20)
-            hold.join(20)
-        assert not hold.is_alive()
+        # the marks' write is still open when the hold returns
+        assert not hold_during(s, "set_touch", lambda: s.touch([ids[0]]), ids[1], 10)
+        # an eviction in flight is waited for
+        assert hold_during(s, "evict", lambda: s.evict_to(0), ids[2], 0.5)
         assert s.held() == {ids[1], ids[2]}

@@ -125,15 +125,14 @@ class ModelRunner:
                 logit_rows: list[int]) -> torch.Tensor:
         """Run one step. `logit_rows` index the packed new tokens whose logits are
         returned ([len(logit_rows), vocab] float32)."""
-        bs = len(reqs)
+        graph = is_decode and self.graphs and len(reqs) <= self.graph_bs[-1]
+        streamed = any(r.streamed for r in reqs)
         tier = getattr(self.attn, "stream", None)
-        streamed_graph = (is_decode and self.graphs and bs <= self.graph_bs[-1]
-                          and self._splan is not None and any(r.streamed for r in reqs))
-        if tier is not None and not streamed_graph:
+        if tier is not None and not (graph and streamed and self._splan is not None):
             tier.run_deferred()  # (a streamed graph step runs them while it replays)
-        if is_decode and self.graphs and bs <= self.graph_bs[-1]:
+        if graph:
             # Streamed contexts: the graph variant that maps virtual pages on the device.
-            if not any(r.streamed for r in reqs):
+            if not streamed:
                 logits = self._replay(reqs)
             elif self._splan is not None:
                 logits = self._replay_streamed(reqs)
@@ -349,21 +348,17 @@ class ModelRunner:
         return self._logits[gbs, select][:bs]
 
     def _read_selection(self, gbs: int, bs: int) -> np.ndarray:
-        """[L, bs, topk (+ spare)] on the host: each layer's selection (and runners-up) of
-        the stream graph's replay, read back once it has run (the step's one sync)."""
-        return self._graph_selection(gbs)[:, :bs].cpu().numpy()
-
-    def _graph_selection(self, gbs: int) -> torch.Tensor:
-        """[L, gbs, topk (+ spare)]: each layer's selected pages from the stream graph's
-        outputs, followed by its runners-up."""
+        """[L, bs, topk (+ spare)] on the host: each layer's selected pages from the stream
+        graph's outputs, followed by its runners-up, read back once the replay has run
+        (the step's one sync)."""
         layers = range(self.pool.k.shape[0])
         if self.device.type == "cuda":
             sel, spare = self._sel_out[gbs], self._spare_out.get(gbs)
         else:  # the eager stand-in re-ran the step: this replay's tensors
             sel = [self.attn.last_selection[i] for i in layers]
             spare = [self.attn.last_runners[i] for i in layers] if self.attn.spare else None
-        return torch.stack(sel if spare is None else
-                           [torch.cat([s, r], 1) for s, r in zip(sel, spare)])
+        return torch.stack(sel if spare is None else [torch.cat([s, r], 1) for s, r in
+                                                      zip(sel, spare)])[:, :bs].cpu().numpy()
 
     def _replay_streamed(self, reqs: list[Request]) -> torch.Tensor | None:
         """A decode step with streamed contexts, replayed from the graph that maps virtual

@@ -449,7 +449,9 @@ class Scheduler:
 
     def _prefetch(self) -> None:
         """After a step: the previous selection of the streamed requests the next step is
-        expected to run goes to the chunk cache, that of all of them to the host tier."""
+        expected to run goes to the chunk cache, that of all of them to the host tier
+        (where decode replays graphs, while the next graph step replays: `StreamTier.
+        prefetch`)."""
         if self.stream is None:
             return
         streamed = [r for r in self.running if r.streamed]

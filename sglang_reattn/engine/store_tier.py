@@ -108,7 +108,7 @@ TOUCH_DEFER_S = 10.0  # longest a last-used mark waits for an idle engine
 # so more threads keep more disk reads in flight (bench_cold_reads.py).
 READERS = 16
 READ_AHEAD_BYTES = 1 << 30  # most K/V bytes of layers read ahead at once
-TOUCH_BATCH = 1024  # last-used marks per write transaction (a hold waits for one)
+TOUCH_BATCH = 1024  # last-used marks per write transaction (a write-behind waits for one)
 TOUCH_REFRESH_S = 30.0  # a chunk's last-used mark is not rewritten sooner than this
 TOUCHED_MAX = 1 << 18  # chunks whose last mark time is remembered (about 50 MB at most)
 AHEAD_READERS = 2  # reader threads of a `read_ahead` (beside the engine thread's work)

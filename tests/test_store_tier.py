@@ -177,18 +177,64 @@ def test_last_used_marks_wait_for_an_idle_engine(tmp_path, monkeypatch):
     tier.idle_work(busy=True)
     assert sent == []  # busy, and the first mark is fresh
     tier.idle_work(busy=False)
-    assert sent == [("touch", ["a", "b", "c"])]
+    assert [(kind, ids) for kind, (ids, _) in sent] == [("touch", ["a", "b", "c"])]
     monkeypatch.setattr(store_tier, "TOUCH_DEFER_S", 0.0)
     tier.idle_work(busy=True)
     tier.touch(["d"])  # busy, but held back longer than the bound (0 s)
-    assert sent[-1] == ("touch", ["d"])
+    assert sent[-1][1][0] == ["d"]
     # the writer marks each chunk once, and none again within TOUCH_REFRESH_S
     assert tier._fresh_marks(["a", "b", "c"]) == ["a", "b", "c"]
+    tier._marked(["a", "b", "c"])
     assert tier._fresh_marks(["e", "a", "e", "f"]) == ["e", "f"]
     assert tier._fresh_marks(["a"]) == []
     monkeypatch.setattr(store_tier, "TOUCH_REFRESH_S", 0.0)
     assert tier._fresh_marks(["a", "a"]) == ["a"]
     monkeypatch.setattr(tier._q, "put", real_put)
+    tier.close()
+
+
+def test_marks_handed_over_wait_again_once_the_engine_is_busy(tmp_path, monkeypatch):
+    """The writer writes marks handed over at an idle point a batch per transaction; once
+    the engine is busy again the rest wait for its next idle point (within TOUCH_DEFER_S
+    of the oldest), then are written, each chunk once."""
+    from sglang_reattn.engine import store_tier
+    from sglang_reattn.kv_store import synthetic
+    from sglang_reattn.layers.attention import KVPool
+
+    monkeypatch.setattr(store_tier, "TOUCH_BATCH", 2)
+    pool = KVPool(2, 4, 8, 1, 8, torch.float16, torch.device("cpu"))
+    fp = synthetic.tiny_fingerprint(chunk_size=8)
+    tier = store_tier.StoreTier(str(tmp_path / "s"), fp, "64MiB", "raw", pool, lambda p: None)
+    ids = [r.chunk_id for r in synthetic.make_chain(fp, 5)]
+    tier.store.put_chunks(synthetic.make_chain(fp, 5))
+    batches = []
+    real_touch = tier.store.touch
+    monkeypatch.setattr(tier.store, "touch", lambda b, *a: (batches.append(list(b)),
+                                                            real_touch(b, *a))[1])
+    tier.touch(ids)  # idle: handed over, written whole
+    tier.flush()
+    assert batches == [ids[:2], ids[2:4], ids[4:]]
+    monkeypatch.setattr(store_tier, "TOUCH_REFRESH_S", 0.0)
+    batches.clear()
+    sent = []
+    real_put = tier._q.put
+    monkeypatch.setattr(tier._q, "put", sent.append)  # (the writer's work done here)
+    tier.touch(ids)  # handed over at the idle point; the engine is busy from then on
+    tier.idle_work(busy=True)
+    tier._write_marks(*sent.pop()[1])
+    assert batches == [ids[:2]] and tier._touch_buf == ids[2:]
+    tier.idle_work(busy=True)  # still busy and within the bound: nothing handed over
+    assert sent == []
+    monkeypatch.setattr(tier._q, "put", real_put)
+    tier.flush()  # the next idle point
+    assert batches == [ids[:2], ids[2:4], ids[4:]] and tier._touch_buf == []
+    assert tier.stats["store_touched_chunks"] == 10
+    monkeypatch.setattr(store_tier, "TOUCH_DEFER_S", 0.0)  # past the bound: all at once
+    batches.clear()
+    tier.touch(ids)
+    tier.idle_work(busy=True)
+    tier.flush()
+    assert batches == [ids[:2], ids[2:4], ids[4:]]
     tier.close()
 
 

@@ -330,10 +330,14 @@ def test_runners_up_loaded_before_replays_keep_the_answer(stored, tiny_llama):
     assert s["stream_replay_ahead"] > 0 and s["stream_graph_replays"] > 0
 
 
-def test_the_last_tokens_chunks_are_loaded_before_the_first_decode_step(stored, tiny_llama):
+def test_the_last_tokens_chunks_are_loaded_before_the_first_decode_step(stored, tiny_llama,
+                                                                        monkeypatch):
     """The prompt's last token selects on its own in each layer of its prefill piece (as
     the decode step after it will); those chunks and its first runners-up are loaded before
     that step: the first decode step misses fewer chunks, with the same answer."""
+    from sglang_reattn.engine import stream_tier
+
+    monkeypatch.setattr(stream_tier, "READ_JOBS_MIN", 2)
     store, want = stored
     opts = dict(SMALL, kv_chunk_cache_pages=96, max_total_tokens=16 * 116,
                 kv_host_cache_size="8MiB")
@@ -352,14 +356,15 @@ def test_the_last_tokens_chunks_are_loaded_before_the_first_decode_step(stored, 
 
             eng.scheduler._run_decode = counted
             jobs = []
-            read = tier._prefetch_one
-            tier._prefetch_one = lambda job, read=read, jobs=jobs: (
-                jobs.append(threading.current_thread().name), read(job))
+            read = tier.tier.get_kv
+            tier.tier.get_kv = lambda *a, read=read, jobs=jobs, **k: (
+                jobs.append(threading.current_thread().name), read(*a, **k))[1]
             out = eng.generate(input_ids=DOC + QUESTION, sampling_params=GREEDY)
             s = eng.stats()
         assert out["output_ids"] == want
         assert (s["stream_due_loads"] > 0) == expect
-        # the due blocks were read a layer per job on the store's reader threads
+        # the due blocks were read a layer per job on the store's reader threads (the
+        # misses of one layer, an eager step's, on the engine thread)
         assert any(name.startswith("kv-store-reader") for name in jobs) == expect
         first[expect] = misses[0]
     assert first[True] < first[False]
@@ -839,14 +844,16 @@ def test_attached_chunks_are_held_in_the_store_while_referenced():
     assert tier.counters()["stream_attached_chunks"] == 1
 
 
-def _fake_rows(kv: dict, value):
-    """A stand-in for StreamTier.fetch_rows: block (c, layer) is K full of value(c, layer)
-    and V zeros, remembered in `kv`."""
-    def fetch_rows(layer, ids):
-        pairs = [kv.setdefault((c, layer), (torch.full((4, 2, 8), value(c, layer)),
-                                            torch.zeros(4, 2, 8))) for c in ids]
-        return list(range(len(ids))), torch.stack([torch.stack(p) for p in pairs])
-    return fetch_rows
+def _fake_reads(kv: dict, value):
+    """A stand-in for the store tier's get_kv (what a fill reads): block (c, layer) is K
+    full of value(c, layer) and V zeros, remembered in `kv`, written into `out`."""
+    def get_kv(ids, layer, out, split=None):
+        for i, c in enumerate(ids):
+            k, v = kv.setdefault((c, layer), (torch.full((4, 2, 8), value(c, layer)),
+                                              torch.zeros(4, 2, 8)))
+            out[i, 0], out[i, 1] = k.numpy(), v.numpy()
+        return out[:, 0], out[:, 1]
+    return get_kv
 
 
 def test_page_map_follows_the_chunk_cache():
@@ -857,7 +864,7 @@ def test_page_map_follows_the_chunk_cache():
 
     tier, _ = _tier_for_test(slots=4)
     kv = {}
-    tier.fetch_rows = _fake_rows(kv, lambda c, layer: float(int(c[1:])))
+    tier.tier.get_kv = _fake_reads(kv, lambda c, layer: float(int(c[1:])))
     v = tier.attach(["c1", "c2", "c3"])
     slot = [p - tier.base for p in v]
     assert (tier.vmap == -1).all()
@@ -897,7 +904,7 @@ def test_runners_up_loaded_before_a_replay_and_after_a_step():
     tier, _ = _tier_for_test(slots=6)
     tier.cache = ChunkCache(2, [5, 6, 7, 8, 9], tier._on_cache)  # 5 pages per layer
     kv = {}
-    tier.fetch_rows = _fake_rows(kv, lambda c, layer: float(int(c[1:]) + 10 * layer))
+    tier.tier.get_kv = _fake_reads(kv, lambda c, layer: float(int(c[1:]) + 10 * layer))
     v = tier.attach([f"c{i}" for i in range(1, 7)])
     sel = np.array([[[v[0], -1]], [[v[1], -1]]])
     runners = np.array([[[v[2], v[3], v[4]]], [[v[2], v[3], v[4]]]])

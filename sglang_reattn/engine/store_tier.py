@@ -281,20 +281,42 @@ class StoreTier:
                     busy and time.monotonic() - self._touch_since < TOUCH_DEFER_S):
                 return
             ids, self._touch_buf = self._touch_buf, []
-        self._q.put(("touch", ids))
+        self._q.put(("touch", (ids, self._touch_since)))
 
     def _fresh_marks(self, ids: list[str]) -> list[str]:
         """(The writer's) of marks handed over, each chunk once, and none marked within
-        TOUCH_REFRESH_S: a question over a million-token context marks its 16K chunks
-        twice (the context, then its attached chunks), and the writer's marks (about 17 us
-        of Python per chunk on the CI machine) ran beside the next question's steps."""
+        TOUCH_REFRESH_S (`_marked`): a question over a million-token context marks its 16K
+        chunks twice (the context, then its attached chunks), and the writer's marks
+        (about 17 us of Python per chunk on the CI machine) ran beside the next question's
+        steps."""
         now, touched = time.monotonic(), self._touched
         if len(touched) > TOUCHED_MAX:
             touched.clear()
-        ids = [c for c in dict.fromkeys(ids)
-               if now - touched.get(c, -TOUCH_REFRESH_S) >= TOUCH_REFRESH_S]
-        touched.update(dict.fromkeys(ids, now))
-        return ids
+        return [c for c in dict.fromkeys(ids)
+                if now - touched.get(c, -TOUCH_REFRESH_S) >= TOUCH_REFRESH_S]
+
+    def _marked(self, ids: list[str]) -> None:
+        self._touched.update(dict.fromkeys(ids, time.monotonic()))
+
+    def _write_marks(self, ids: list[str], since: float) -> None:
+        """(The writer) last-used marks, TOUCH_BATCH per write transaction. Marks handed
+        over at an idle point wait again, from the next batch on, once the engine is busy,
+        until the next idle point or until TOUCH_DEFER_S after `since` (when the oldest was
+        held back): 16K marks are a few hundred ms of the interpreter, and a question
+        arriving just after the idle point ran its first steps beside them."""
+        ids = self._fresh_marks(ids)
+        for lo in range(0, len(ids), TOUCH_BATCH):
+            if lo and self.busy and time.monotonic() - since < TOUCH_DEFER_S:
+                with self._lock:
+                    if self._touch_buf:
+                        since = min(since, self._touch_since)
+                    self._touch_buf[:0] = ids[lo:]
+                    self._touch_since = since
+                return
+            batch = ids[lo:lo + TOUCH_BATCH]
+            self.store.touch(batch)
+            self._marked(batch)
+            self.stats["store_touched_chunks"] += len(batch)
 
     def hold(self, chunk_ids: list[str]) -> None:
         """Keep chunks in use from this process's evictions until `release` (in memory
@@ -323,9 +345,7 @@ class StoreTier:
                         self._packed.discard(payload[0])
                     raise
             elif kind == "touch":
-                payload = self._fresh_marks(payload)
-                self.store.touch(payload, TOUCH_BATCH)
-                self.stats["store_touched_chunks"] += len(payload)
+                self._write_marks(*payload)
                 self._restore_contexts()
         except (StoreError, ValueError) as e:
             logger.warning("kv store %s failed: %s", kind, e)

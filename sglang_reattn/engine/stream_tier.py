@@ -64,6 +64,7 @@ from sglang_reattn.kv_store import ChunkNotFound, CorruptBlock, StoreError
 logger = logging.getLogger(__name__)
 
 SUMMARY_PIECE = 8 * SUMMARY_PACK  # chunks per piece of a pipelined summary read
+READ_JOBS_MIN = 32  # blocks to read at least before a fill splits them over reader threads
 
 
 class StreamFault(Exception):
@@ -229,10 +230,10 @@ class ChunkCache:
         The caller must fill the returned pages (or `forget` them) before any read.
         `count=False` (prefetch) leaves the hit and miss counters alone."""
         m = self._maps[layer]
-        wanted = set(keys)
         out: list[int] = []
         fills: list[tuple[Hashable, int]] = []
         seen: set = set()
+        keep = None  # positions an eviction must not take (keys of this call), when needed
         for key in keys:
             page = m.get(key)
             if page is not None:
@@ -240,11 +241,17 @@ class ChunkCache:
                     self.hits += 1
             else:
                 self.misses += count
+                if keep is None and not self._free[layer]:
+                    wanted = set(keys)
+                    keep = np.zeros(len(self.pages), dtype=bool)
+                    keep[[self._pos[m[k]] for k in wanted if k in m]] = True
                 try:
-                    page = self._take(layer, wanted)
+                    page = self._take(layer, keep, len(wanted) if keep is not None else 0)
                 except RuntimeError:  # nothing of this call stays mapped
                     self.forget(layer, [k for k, _ in fills])
                     raise
+                if keep is not None:
+                    keep[self._pos[page]] = True
                 m[key] = page
                 self._key[layer][self._pos[page]] = key
                 self._on_change(layer, key, page)
@@ -254,16 +261,17 @@ class ChunkCache:
             out.append(page)
         return out, fills
 
-    def _take(self, layer: int, protected: set) -> int:
+    def _take(self, layer: int, keep: np.ndarray | None, wanted: int) -> int:
+        """A free page, else the least recently used one not marked in `keep` (with no
+        free page every page is mapped), evicted; `wanted`: the call's distinct keys."""
         if self._free[layer]:
             return self._free[layer].pop()
-        keys = self._key[layer]
-        stamps = self._stamp[layer].astype(np.float64)
-        stamps[[i for i, k in enumerate(keys) if k is None or k in protected]] = np.inf
+        stamps = np.where(keep, np.iinfo(np.int64).max, self._stamp[layer])
         i = int(np.argmin(stamps)) if len(stamps) else 0
-        if not len(stamps) or stamps[i] == np.inf:
+        if not len(stamps) or keep[i]:
             raise RuntimeError(f"chunk cache of {len(self.pages)} pages is smaller than one "
-                               f"step's selection of {len(protected)} chunks")
+                               f"step's selection of {wanted} chunks")
+        keys = self._key[layer]
         key = keys[i]
         page = self._maps[layer].pop(key)
         keys[i] = None
@@ -628,8 +636,10 @@ class StreamTier:
         keep = np.isin(layers, missed, invert=True) if missed else slice(None)
         self.cache.touch_pages(layers[keep], pages[keep], distinct=sel_pages.shape[1] == 1)
         self._ahead_read(layers[keep], slots[keep])
-        for layer in missed:
-            self._cache_in(layer, [self._slot_ids[s] for s in slots[layers == layer].tolist()])
+        if missed:
+            self._cache_in_many({layer: [self._slot_ids[s]
+                                         for s in slots[layers == layer].tolist()]
+                                 for layer in missed})
         if missed and runners is not None and self.replay_runners:
             self._load_runners(missed[0] + 1, runners[..., : self.replay_runners])
         self._selected = {}
@@ -654,19 +664,23 @@ class StreamTier:
         """The uncached virtual runners-up [L, B, R] of layers `first`.. into the chunk
         cache now, ahead of a replay."""
         rl, _, rs = self._uncached(runners[first:], first)
-        for layer in np.unique(rl).tolist():
-            self._load(layer, [self._slot_ids[s] for s in rs[rl == layer].tolist()],
-                       "stream_replay_ahead")
+        self._load({layer: [self._slot_ids[s] for s in rs[rl == layer].tolist()]
+                    for layer in np.unique(rl).tolist()}, "stream_replay_ahead")
 
-    def _load(self, layer: int, keys: list[str], stat: str) -> None:
-        """Chunks of one layer into the chunk cache now, ahead of the step expected to
-        read them (from the host tier or LMDB, on the engine thread); `stat` counts the
-        blocks that were not cached."""
-        _, fills = self.cache.acquire(layer, list(dict.fromkeys(keys)), count=False)
-        if fills:
-            self._fill(layer, fills)
-            self._loaded_ahead[layer, [self._slot_of[k] for k, _ in fills]] = True
-            self.stats[stat] += len(fills)
+    def _load(self, keys_of: dict[int, list[str]], stat: str, faults: bool = True) -> None:
+        """Chunks of {layer: chunk ids} into the chunk cache now, ahead of the step
+        expected to read them (from the host tier or LMDB, all layers in one fill,
+        `_fill_many`); `stat` counts the blocks that were not cached. faults=False: a
+        layer whose read fails is left out (logged), the others still load."""
+        fills = {}
+        for layer, keys in keys_of.items():
+            _, f = self.cache.acquire(layer, list(dict.fromkeys(keys)), count=False)
+            if f:
+                fills[layer] = f
+        done = self._fill_many(fills, faults)
+        for layer in done:
+            self._loaded_ahead[layer, [self._slot_of[k] for k, _ in fills[layer]]] = True
+            self.stats[stat] += len(fills[layer])
 
     def _ahead_read(self, layers: np.ndarray, slots: np.ndarray) -> None:
         """Chunks loaded ahead into the cache that a step has now read: prefetch hits."""
@@ -737,44 +751,104 @@ class StreamTier:
     def _fill(self, layer: int, fills: list[tuple[str, int]]) -> None:
         """Pages just acquired for chunks (`fills`) filled from the host tier or LMDB;
         on a fault none of them stays mapped."""
-        self._wait_ahead()  # (a page taken may have just been filled on the side stream)
-        try:
-            order, rows = self.fetch_rows(layer, [k for k, _ in fills])
-            self._write_pages([layer] * len(fills), [fills[i][1] for i in order], rows)
-        except BaseException:
-            self.cache.forget(layer, [k for k, _ in fills])
-            raise
+        self._fill_many({layer: fills})
 
-    def fetch_rows(self, layer: int, chunk_ids: list[str]) -> tuple[list[int], torch.Tensor]:
-        """K/V of one layer of chunks on demand -> (order, rows): rows [n, 2, C, Hkv, D] of
-        a staging buffer (`_stage`) hold chunk_ids[order[j]] in row j. Blocks not in the
-        host tier are read from LMDB straight into the first rows (checksums verified),
-        the host tier's are copied after them. Blocks read on demand go to the chunk cache
-        only, not the host tier: keeping them would need a fresh buffer per read, and on
-        the H200's host a fresh pinned one cost 0.6-0.9 ms per MiB (52 ms of a 1M-token
-        streamed TTFT, `bench_stream.py --profile-ttft`)."""
-        hits, missing = [], []
-        for i, cid in enumerate(chunk_ids):
-            kv = self.host.get((cid, layer))
-            if kv is None:
-                missing.append(i)
-            else:
-                hits.append((i, kv))
-        rows = self._stage((len(chunk_ids), 2) + tuple(self.pool.k.shape[2:]),
-                           self.pool.k.dtype)
-        m = len(missing)
-        if m:
+    def _cache_in_many(self, keys_of: dict[int, list[str]]) -> None:
+        """`_cache_in` of several layers (a replay's misses), filled in one `_fill_many`."""
+        fills = {}
+        for layer, keys in keys_of.items():
+            _, f = self.cache.acquire(layer, keys)
+            slots = np.array([self._slot_of[k] for k in keys if k in self._slot_of],
+                             dtype=np.int64)
+            self._ahead_read(np.full(len(slots), layer), slots)
+            if f:
+                fills[layer] = f
+        self._fill_many(fills)
+
+    def _fill_many(self, fills: dict[int, list[tuple[str, int]]], faults: bool = True
+                   ) -> list[int]:
+        """Pages just acquired in several layers ({layer: [(chunk, page)]}) filled in one
+        staging buffer and one copy to the device: blocks in neither tier are read from
+        LMDB straight into its first rows (a job per layer, on the store's reader threads
+        when there are several), the host tier's copied after them. A 1M-token prompt's
+        first decode step loads 400-500 blocks over 30 layers before it (`prefetch`'s due
+        chunks); loaded a layer at a time, through the host tier, they took 50-100 ms on
+        the H200's host (reads into fresh memory, 30 staging copies). Returns the layers
+        filled; a layer whose read fails keeps none of its pages mapped, and with
+        `faults` its StreamFault is raised (after the others are unmapped too: nothing is
+        copied), else it is logged and the other layers are filled."""
+        if not fills:
+            return []
+        self._wait_ahead()  # (a page taken may have just been filled on the side stream)
+        layers = list(fills)
+        try:
+            reads, hits = [], []  # (layer, [(chunk, page)]) to read; (layer, page, (k, v))
+            for layer in layers:
+                todo = []
+                for key, page in fills[layer]:
+                    kv = self.host.get((key, layer))
+                    if kv is None:
+                        todo.append((key, page))
+                    else:
+                        hits.append((layer, page, kv))
+                if todo:
+                    reads.append((layer, todo))
+            m = sum(len(t) for _, t in reads)
+            rows = self._stage((m + len(hits), 2) + tuple(self.pool.k.shape[2:]),
+                               self.pool.k.dtype)
+            bounds = np.cumsum([0] + [len(t) for _, t in reads]).tolist()
+            failed = self._read_rows(reads, rows, bounds)
+            if failed and faults:
+                raise failed[0][1]
+            bad = {layer for layer, _ in failed}
+            for layer, e in failed:
+                logger.debug("load skipped: %s", e)
+            keep = [j for j, (layer, _) in enumerate(reads) if layer not in bad]
+            if bad:  # (rare: the others' rows in a copy, without the failed ones')
+                for layer in bad:
+                    self.cache.forget(layer, [k for k, _ in fills[layer]])
+                rows = rows[[i for j in keep for i in range(bounds[j], bounds[j + 1])]
+                            + list(range(m, len(rows)))]
+            page_layers = [reads[j][0] for j in keep for _ in reads[j][1]]
+            pages = [p for j in keep for _, p in reads[j][1]]
+            if hits:
+                r = len(pages)
+                torch.stack([kv[0] for _, _, kv in hits], out=rows[r:, 0])
+                torch.stack([kv[1] for _, _, kv in hits], out=rows[r:, 1])
+                page_layers += [layer for layer, _, _ in hits]
+                pages += [p for _, p, _ in hits]
+            if pages:
+                self._write_pages(page_layers, pages, rows[: len(pages)])
+        except BaseException:
+            for layer in layers:
+                self.cache.forget(layer, [k for k, _ in fills[layer]])
+            raise
+        return [layer for layer in layers if layer not in bad]
+
+    def _read_rows(self, reads: list[tuple[int, list[tuple[str, int]]]], rows: torch.Tensor,
+                   bounds: list[int]) -> list[tuple[int, StreamFault]]:
+        """Each (layer, [(chunk, page)]) of `reads` from LMDB into rows[bounds[j]:
+        bounds[j + 1]] (checksums verified); with several layers a job per layer on the
+        store's reader threads. -> [(layer, fault)] of the reads that failed, in order."""
+        def read(j: int) -> StreamFault | None:
+            layer, todo = reads[j]
             try:
-                self.tier.get_kv([chunk_ids[i] for i in missing], layer, _to_numpy(rows[:m]))
+                self.tier.get_kv([k for k, _ in todo], layer,
+                                 _to_numpy(rows[bounds[j]:bounds[j + 1]]), split=False)
             except (CorruptBlock, ChunkNotFound) as e:
-                raise StreamFault(e.chunk_id, e) from e
+                return StreamFault(e.chunk_id, e)
+            return None
+
+        if len(reads) > 1 and bounds[-1] >= READ_JOBS_MIN:
+            got = list(self.tier._reader_pool().map(read, range(len(reads))))
+        else:
+            got = [read(j) for j in range(len(reads))]
+        if bounds[-1]:
             with self._stats_lock:
-                self.stats["stream_store_reads"] += m
-                self.stats["stream_store_bytes"] += rows[:m].numel() * rows.element_size()
-        for j, (_, (k, v)) in enumerate(hits, m):
-            rows[j, 0] = k
-            rows[j, 1] = v
-        return missing + [i for i, _ in hits], rows
+                self.stats["stream_store_reads"] += bounds[-1]
+                self.stats["stream_store_bytes"] += (bounds[-1] * rows[0].numel()
+                                                     * rows.element_size())
+        return [(reads[j][0], e) for j, e in enumerate(got) if e is not None]
 
     def _stack(self, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """(K, V) pairs -> staged rows [n, 2, C, Hkv, D] (`_stage`) for `_write_pages`."""
@@ -891,31 +965,11 @@ class StreamTier:
         # (at most what the cache holds: several requests' dues may not fit)
         due = {layer: list(dict.fromkeys(k for d in dues for k in d.get(layer, ())))[
             : len(self.cache.pages)] for layer in sorted({layer for d in dues for layer in d})}
-        self._read_into_host(due)
-        for layer, keys in due.items():
-            try:
-                self._load(layer, keys, "stream_due_loads")
-            except StreamFault as e:  # the step that selects it meets it again
-                logger.debug("due load skipped: %s", e)
+        # (a layer whose read fails is left out: the step that selects it meets it again)
+        self._load(due, "stream_due_loads", faults=False)
         self._deferred = (list(hints), list(next_hints))
         if not self.defer_prefetch:
             self.run_deferred()
-
-    def _read_into_host(self, keys_of: dict[int, list[str]]) -> None:
-        """Blocks of {layer: chunk ids} in neither the chunk cache nor the host tier read
-        from LMDB into the host tier now, one job per layer on the store's reader threads
-        (a due load is 400-500 blocks after a 1M-token prompt; read one layer after the
-        other on the engine thread, they come from disk one at a time when the page cache
-        is cold: bench_cold_reads.py, 873 ms against 432 ms split over threads). With the
-        store in the page cache the H200's first decode step took as long either way
-        (113-153 ms against 114-123 ms)."""
-        jobs = [(layer, todo) for layer, keys in keys_of.items()
-                if (todo := [k for k in self.cache.missing(layer, keys)
-                             if (k, layer) not in self.host])]
-        if len(jobs) < 2:
-            return  # (one layer or none: read where it is loaded)
-        for f in [self.tier._reader_pool().submit(self._prefetch_one, job) for job in jobs]:
-            f.result()  # (a fault is logged: the load meets it again)
 
     def run_deferred(self, in_flight: bool = False) -> None:
         """The loads ahead `prefetch` left (none: nothing to do). `in_flight`: a graph

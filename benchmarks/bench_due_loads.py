@@ -59,11 +59,12 @@ def build(root: str, n: int, device: torch.device, cache_pages: int):
     pool = KVPool(LAYERS, cache_pages + 1, C, HKV, D, torch.float16, device)
     store = StoreTier(f"{root}/store", fp, "64GiB", "raw", pool, lambda p: None)
     t = time.perf_counter()
+    ids: list[str] = []
     for first in range(0, n, 256):  # (a chain, written in pieces)
-        parent = None if first == 0 else ids[-1]
-        recs = synthetic.make_chain(fp, min(256, n - first), seed=first, parent_id=parent)
+        recs = synthetic.make_chain(fp, min(256, n - first), seed=first,
+                                    parent_id=ids[-1] if ids else None)
         store.store.put_chunks(recs)
-        ids = (ids if first else []) + [r.chunk_id for r in recs]
+        ids += [r.chunk_id for r in recs]
     print(f"# store: {n} chunks x {LAYERS} layers written in {time.perf_counter() - t:.1f} s",
           flush=True)
     tier = StreamTier(store, pool, attn_stub(pool, n, device), list(range(1, cache_pages + 1)),

@@ -11,7 +11,7 @@ then misses loads what it missed (about 60 blocks over 20 layers) before the nex
 This times those two loads on a synthetic store of the default model's block shapes
 (30 layers, 3 KV heads, head dim 64, chunks of 64 tokens, 2-byte values: 48 KiB per
 block), page cache warm, through `StreamTier.prefetch` (its due loads) and
-`StreamTier.fill_misses` (a replay's misses), each alone and while background work
+`StreamTier._cache_in_many` (a replay's misses), each alone and while background work
 that runs beside them in the engine holds the interpreter: the prefetch thread reading
 blocks into the host tier and the store's writer marking chunks used. Median of
 `--repeats`, each with fresh random picks and cold host tier and chunk cache.
@@ -111,7 +111,20 @@ def main() -> None:
     ap.add_argument("--touches", type=int, default=16384, help="background marks")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--dir", default=None)
+    ap.add_argument("--read-jobs-min", type=int, default=None,
+                    help="stream_tier.READ_JOBS_MIN (blocks before a fill's reads go to "
+                         "reader threads; a large value keeps them on the calling thread)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also print the calling thread's profile (cProfile) of the loads "
+                         "without background work")
     args = ap.parse_args()
+    if args.read_jobs_min is not None:
+        from sglang_reattn.engine import stream_tier
+        stream_tier.READ_JOBS_MIN = args.read_jobs_min
+    prof = None
+    if args.profile:
+        import cProfile
+        prof = cProfile.Profile()
     device = torch.device(args.device)
     root = tempfile.mkdtemp(prefix="bench_due_", dir=args.dir)
     store, tier, ids = build(root, args.chunks, device, args.cache_pages)
@@ -134,8 +147,12 @@ def main() -> None:
             bg = Background(tier, store, ids, rng, args.reads, args.touches) if busy else None
             th = bg.start() if bg else None
             t = time.perf_counter()
+            if prof and not busy:
+                prof.enable()
             tier.prefetch([{}], [{}], [due])
             sync(device)
+            if prof:
+                prof.disable()
             res.setdefault(f"due loads, {LAYERS * args.due} blocks"
                            + (", busy" if busy else ""), []).append(time.perf_counter() - t)
             if th:
@@ -149,13 +166,13 @@ def main() -> None:
             th = Background(tier, store, ids, rng, args.reads, args.touches).start() \
                 if busy else None
             t = time.perf_counter()
-            fill = getattr(tier, "fill_misses", None)
-            if fill is not None:
-                fill(miss)
-            else:
-                for layer, keys in miss.items():
-                    tier._cache_in(layer, list(dict.fromkeys(keys)))
+            if prof and not busy:
+                prof.enable()
+            tier._cache_in_many({layer: list(dict.fromkeys(keys))
+                                 for layer, keys in miss.items()})
             sync(device)
+            if prof:
+                prof.disable()
             res.setdefault(f"a replay's misses, {args.misses} blocks in 20 layers"
                            + (", busy" if busy else ""), []).append(time.perf_counter() - t)
             if th:
@@ -168,6 +185,9 @@ def main() -> None:
     for key, xs in res.items():
         print(f"| {key} | {statistics.median(xs) * 1e3:.1f} | {min(xs) * 1e3:.1f} | "
               f"{max(xs) * 1e3:.1f} |")
+    if prof:
+        import pstats
+        pstats.Stats(prof).sort_stats("tottime").print_stats(20)
     tier.close()
     store.close()
 

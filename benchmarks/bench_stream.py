@@ -279,10 +279,10 @@ def timers(out: dict):
 
     targets = [(stream_tier.StreamTier, ("attach", "fetch", "resolve", "settle",
                                          "sync_map", "prefetch", "end_step", "_to_device",
-                                         "_write_pages", "_prefetch_one", "_stage", "fetch_rows",
-                                         "expect", "_put_summaries", "release", "_load",
-                                         "_read_into_host", "run_deferred", "_cache_in",
-                                         "_fill")),
+                                         "_write_pages", "_prefetch_one", "_stage",
+                                         "_fill_many", "_read_rows", "expect",
+                                         "_put_summaries", "release", "_load",
+                                         "run_deferred", "_cache_in", "_cache_in_many")),
                (stream_tier.ChunkCache, ("acquire",)), (stream_tier.HostCache, ("put",)),
                (store_tier.StoreTier, ("lookup", "load", "save", "_write_one", "hold",
                                        "get_kv", "read_ahead", "pack")),
@@ -380,6 +380,8 @@ def main() -> None:
     watch_stalls()
     global STEP_TIMERS
     STEP_TIMERS = args.step_timers
+    with timers({}):  # (every method it wraps exists: fail now, not after the prefill)
+        pass
 
     from sglang_reattn import Engine
 

@@ -68,8 +68,8 @@ for step in ${STEPS:-check offline niah}; do
                 rm -f /tmp/ddtest; } | tee "$OUT/disk.txt" ;;
         store) timeout ${STORE_TIMEOUT:-150} python3 benchmarks/bench_store.py --mb 16 --dir /tmp 2>&1 \
                     | tee "$OUT/bench_store.txt" ;;
-        dueloads) timeout 200 python3 benchmarks/bench_due_loads.py --dir /tmp 2>&1 \
-                    | tee "$OUT/bench_due_loads.txt" ;;
+        dueloads) timeout 200 python3 benchmarks/bench_due_loads.py --dir /tmp ${DUE_FLAGS:-} 2>&1 \
+                    | tee -a "$OUT/bench_due_loads.txt" ;;
         coldreads) timeout 120 python3 benchmarks/bench_cold_reads.py --dir /tmp 2>&1 \
                     | tee "$OUT/bench_cold_reads.txt" ;;
         stream8b) timeout ${STREAM_TIMEOUT:-580} python3 benchmarks/bench_stream.py --device cuda \

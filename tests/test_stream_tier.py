@@ -1125,3 +1125,34 @@ def test_a_decode_plan_refilled_only_where_it_changed_equals_a_full_fill(stored,
                 ModelRunner._fill_plan = fill
         assert out["output_ids"][:12] == want
     assert len(checked) >= 2 * 22 and all(checked)
+
+
+def test_reads_ahead_wait_while_the_engine_thread_fills_the_cache(monkeypatch):
+    """While the engine thread fills chunk-cache pages for the step it is about to run
+    (`_fill_many`), the prefetch thread's next read ahead waits (at most
+    PREFETCH_YIELD_S), so that it does not take the interpreter from that fill."""
+    from sglang_reattn.engine import stream_tier
+
+    tier, _ = _tier_for_test(slots=4)
+    v = tier.attach(["c1", "c2"])
+    kv, seen = {}, []
+    real = _fake_reads(kv, lambda c, layer: float(int(c[1:])))
+
+    def get_kv(ids, layer, out, split=None):
+        seen.append(tier._go.is_set())  # a read ahead would wait now
+        return real(ids, layer, out, split)
+
+    tier.tier.get_kv = get_kv
+    tier.resolve(0, torch.tensor([[v[0], v[1]]], dtype=torch.int32), torch.tensor([2]))
+    assert seen == [False] and tier._go.is_set()  # cleared during the fill only
+    fetched = []
+    tier.fetch = lambda layer, keys: fetched.append((layer, keys))
+    tier._go.clear()
+    monkeypatch.setattr(stream_tier, "PREFETCH_YIELD_S", 5.0)
+    th = threading.Thread(target=tier._prefetch_one, args=((1, ["c1"]),))
+    th.start()
+    th.join(0.2)
+    assert th.is_alive() and fetched == []
+    tier._go.set()
+    th.join(5)
+    assert fetched == [(1, ["c1"])]

@@ -65,6 +65,7 @@ logger = logging.getLogger(__name__)
 
 SUMMARY_PIECE = 8 * SUMMARY_PACK  # chunks per piece of a pipelined summary read
 READ_JOBS_MIN = 32  # blocks to read at least before a fill splits them over reader threads
+PREFETCH_YIELD_S = 0.5  # longest a read ahead waits for a fill on the engine thread
 
 
 class StreamFault(Exception):
@@ -388,6 +389,11 @@ class StreamTier:
         # (`settle` counts a selected one as a miss: the replay read the map before them)
         self._flying = False
         self._in_flight: set[tuple[int, int]] = set()
+        # Cleared while the engine thread fills the chunk cache for the step it is about
+        # to run (`_fill_many`): the prefetch thread then waits before its next read, so
+        # that it does not take the interpreter from a fill that step waits for.
+        self._go = threading.Event()
+        self._go.set()
         self._q: queue.Queue | None = None
         if prefetch:
             self._q = queue.Queue()
@@ -781,6 +787,7 @@ class StreamTier:
             return []
         self._wait_ahead()  # (a page taken may have just been filled on the side stream)
         layers = list(fills)
+        self._go.clear()
         try:
             reads, hits = [], []  # (layer, [(chunk, page)]) to read; (layer, page, (k, v))
             for layer in layers:
@@ -823,6 +830,8 @@ class StreamTier:
             for layer in layers:
                 self.cache.forget(layer, [k for k, _ in fills[layer]])
             raise
+        finally:
+            self._go.set()
         return [layer for layer in layers if layer not in bad]
 
     def _read_rows(self, reads: list[tuple[int, list[tuple[str, int]]]], rows: torch.Tensor,
@@ -1047,6 +1056,7 @@ class StreamTier:
 
     def _prefetch_one(self, item: tuple[int, list[str]]) -> None:
         layer, keys = item
+        self._go.wait(PREFETCH_YIELD_S)
         try:
             keys = [k for k in keys if (k, layer) not in self.host]
             if keys:

@@ -26,7 +26,10 @@ from sglang_reattn.models.llama import CausalLM
 logger = logging.getLogger(__name__)
 
 
-MAX_STREAM_REPLAYS = 2  # a streamed graph step missing after this many replays runs eagerly
+# A streamed graph step still missing after this many replays runs eagerly. A replay costs
+# a few ms, an eager step of a 1M-token context 140-220 ms on the H200; with 2 the second
+# decode step of a question went eager, with 4 none did (bench_stream.py, 2026-11-30).
+MAX_STREAM_REPLAYS = 4
 
 
 def pages_full(reqs: list[Request]) -> list[list[int]]:

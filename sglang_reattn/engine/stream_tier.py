@@ -363,8 +363,16 @@ class StreamTier:
         # and how many of that token's runners-up (best first) are loaded with it: the
         # first decode step's query drifts from the prompt's last one (bench_first_step,
         # default model, 16K tokens: of its 160 picks outside the prefill's selection, 78
-        # were outside that token's selection, 9 outside it and its first 16 runners-up)
-        self.due_runners = 16
+        # were outside that token's selection, 9 outside it and its first 16 runners-up;
+        # on the H200 at 1M tokens, 32 decoded faster than 16 in both runs that compared
+        # them, bench_stream.py 2026-11-30)
+        self.due_runners = 32
+        # whether `expect` starts reading each layer's due chunks (those in neither cache
+        # tier) from LMDB into the host tier at once, on the store's reader threads, while
+        # the prefill piece computes the layers above it; `prefetch` waits for those reads
+        # (`_early`), so the first decode step's loads find the blocks in the host tier
+        self.early_due = True
+        self._early: list = []
         # layer -> [(batch row, chunk)] selected by the step in progress
         self._selected: dict[int, list[tuple[int, str]]] = {}
         # layer -> [(batch row, chunk)] the decode step after the step in progress will
@@ -743,6 +751,12 @@ class StreamTier:
         self._due[layer] = due
         self._selected[layer] = [(row, key) for row, key in self._selected.get(layer, ())
                                  if row not in rows] + due + rest
+        if self.early_due and self._q is not None:
+            keys = [k for k in self.cache.missing(layer, list(dict.fromkeys(k for _, k in due)))
+                    if (k, layer) not in self.host]
+            if keys:
+                self._early.append(self.tier._reader_pool().submit(self._prefetch_one,
+                                                                   (layer, keys)))
 
     def _cache_in(self, layer: int, keys: list[str]) -> list[int]:
         """One layer's selected chunks into the chunk cache (fetching those not cached)
@@ -974,6 +988,9 @@ class StreamTier:
         # (at most what the cache holds: several requests' dues may not fit)
         due = {layer: list(dict.fromkeys(k for d in dues for k in d.get(layer, ())))[
             : len(self.cache.pages)] for layer in sorted({layer for d in dues for layer in d})}
+        early, self._early = self._early, []
+        for f in early:  # (`expect`'s reads into the host tier; a fault is logged there)
+            f.result()
         # (a layer whose read fails is left out: the step that selects it meets it again)
         self._load(due, "stream_due_loads", faults=False)
         self._deferred = (list(hints), list(next_hints))

@@ -370,8 +370,11 @@ class StreamTier:
         # whether `expect` starts reading each layer's due chunks (those in neither cache
         # tier) from LMDB into the host tier at once, on the store's reader threads, while
         # the prefill piece computes the layers above it; `prefetch` waits for those reads
-        # (`_early`), so the first decode step's loads find the blocks in the host tier
-        self.early_due = True
+        # (`_early`), so the first decode step's loads find the blocks in the host tier.
+        # Off: on the H200 at 1M tokens it shortened the first decode step (83-101 against
+        # 129 ms) but lengthened the TTFT it overlaps (0.54-0.66 against 0.46-0.48 s),
+        # with no faster decode (h200_bench_stream_1m_early_due_2026-11-30.txt).
+        self.early_due = False
         self._early: list = []
         # layer -> [(batch row, chunk)] selected by the step in progress
         self._selected: dict[int, list[tuple[int, str]]] = {}

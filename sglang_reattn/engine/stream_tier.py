@@ -12,7 +12,8 @@ chunks it selects in a layer are then mapped to pages of the *chunk cache*:
       <- LMDB        (ChunkStore.get_kv_many: checksums verified)
 
 Blocks go to the device through two pinned staging buffers used in turn; a block read on
-demand goes from LMDB straight into one (`fetch_rows`), not through the host tier.
+demand (or due before a decode step) goes from LMDB straight into one (`_fill_many`), not
+through the host tier.
 
 A cache page is used per layer independently: page p may hold chunk X's layer-0 K/V and
 chunk Y's layer-1 K/V. The identity of a cached block is its chunk id (a chained hash of

@@ -1185,3 +1185,37 @@ def test_reads_ahead_wait_while_the_engine_thread_fills_the_cache(monkeypatch):
     tier._go.set()
     th.join(5)
     assert fetched == [(1, ["c1"])]
+
+
+def test_a_load_of_several_layers_leaves_out_a_layer_whose_read_fails():
+    """A load ahead of several layers in one fill (`_load`, as before a first decode
+    step): a layer whose store read fails keeps none of its pages mapped, and the others
+    (read, and held by the host tier) get each chunk's own block; a fill that must not
+    skip faults (a replay's misses) raises and maps nothing."""
+    from sglang_reattn.kv_store import CorruptBlock
+
+    tier, _ = _tier_for_test(slots=6)
+    tier.cache = ChunkCache(2, [5, 6, 7, 8, 9], tier._on_cache)  # 5 pages per layer
+    tier.attach([f"c{i}" for i in range(1, 7)])
+    tier.host = HostCache(1 << 20)
+    tier.host.put(("c6", 0), torch.full((4, 2, 8), 60.0), torch.zeros(4, 2, 8))
+    kv = {}
+    fake = _fake_reads(kv, lambda c, layer: float(int(c[1:]) + 10 * layer))
+
+    def get_kv(ids, layer, out, split=None):
+        if layer == 1:
+            raise CorruptBlock(ids[0], layer, "kv", "checksum mismatch")
+        return fake(ids, layer, out, split)
+
+    tier.tier.get_kv = get_kv
+    # (the failing layer first: its rows come first in the staging buffer)
+    tier._load({1: ["c3", "c4"], 0: ["c1", "c2", "c6"]}, "stream_due_loads", faults=False)
+    assert [tier.cache.page_of(1, c) for c in ("c3", "c4")] == [None, None]
+    for c, value in (("c1", 1.0), ("c2", 2.0), ("c6", 60.0)):
+        page = tier.cache.page_of(0, c)
+        assert torch.equal(tier.pool.k[0, page], torch.full((4, 2, 8), value))
+    assert tier.stats["stream_due_loads"] == 3
+    assert tier.vmap[1].max() == -1 and (tier.vmap[0] >= 0).sum() == 3
+    with pytest.raises(StreamFault):
+        tier._cache_in_many({0: ["c5"], 1: ["c3"]})
+    assert tier.cache.page_of(0, "c5") is None and tier.cache.page_of(1, "c3") is None

@@ -138,45 +138,39 @@ def main() -> None:
         tier.vmap[:] = -1
         tier.host.clear()
 
+    def timed(label: str, busy: bool, load) -> None:
+        """load() timed (to the device's end), with the background work running when
+        `busy`, profiled when asked and not busy."""
+        th = Background(tier, store, ids, rng, args.reads, args.touches).start() \
+            if busy else None
+        t = time.perf_counter()
+        if prof and not busy:
+            prof.enable()
+        load()
+        sync(device)
+        if prof:
+            prof.disable()
+        res.setdefault(label + (", busy" if busy else ""), []).append(time.perf_counter() - t)
+        if th:
+            th.join()
+
     for rep in range(args.repeats):
         for busy in (False, True):
             # due loads: `due` chunks per layer, none cached
             reset()
             due = {layer: [ids[i] for i in rng.choice(len(ids), args.due, replace=False)]
                    for layer in range(LAYERS)}
-            bg = Background(tier, store, ids, rng, args.reads, args.touches) if busy else None
-            th = bg.start() if bg else None
-            t = time.perf_counter()
-            if prof and not busy:
-                prof.enable()
-            tier.prefetch([{}], [{}], [due])
-            sync(device)
-            if prof:
-                prof.disable()
-            res.setdefault(f"due loads, {LAYERS * args.due} blocks"
-                           + (", busy" if busy else ""), []).append(time.perf_counter() - t)
-            if th:
-                th.join()
+            timed(f"due loads, {LAYERS * args.due} blocks", busy,
+                  lambda: tier.prefetch([{}], [{}], [due]))
             # a replay's misses: `misses` blocks over 20 layers
             reset()
             layers = sorted(rng.choice(LAYERS, 20, replace=False).tolist())
             miss = {layer: [] for layer in layers}
             for j in range(args.misses):
                 miss[layers[j % 20]].append(ids[int(rng.integers(len(ids)))])
-            th = Background(tier, store, ids, rng, args.reads, args.touches).start() \
-                if busy else None
-            t = time.perf_counter()
-            if prof and not busy:
-                prof.enable()
-            tier._cache_in_many({layer: list(dict.fromkeys(keys))
-                                 for layer, keys in miss.items()})
-            sync(device)
-            if prof:
-                prof.disable()
-            res.setdefault(f"a replay's misses, {args.misses} blocks in 20 layers"
-                           + (", busy" if busy else ""), []).append(time.perf_counter() - t)
-            if th:
-                th.join()
+            timed(f"a replay's misses, {args.misses} blocks in 20 layers", busy,
+                  lambda: tier._cache_in_many({layer: list(dict.fromkeys(keys))
+                                               for layer, keys in miss.items()}))
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor()
     print(f"# bench_due_loads on {device.type} ({name}), {os.cpu_count()} CPUs, torch "
           f"{torch.__version__}; {args.chunks} chunks, blocks of 48 KiB; background: "

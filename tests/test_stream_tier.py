@@ -26,6 +26,9 @@ OPTS = dict(device="cpu", reattn_chunk_size=16, chunked_prefill_size=64, log_lev
 # The tiny model (512 trained positions) selects 18 of 47 middle chunks of DOC; a pool of
 # 40 pages cannot hold DOC's 57, and a 24-page chunk cache forces misses and evictions.
 SMALL = dict(max_total_tokens=640, kv_chunk_cache_pages=24, kv_host_cache_size="64KiB")
+# a cache and host tier that hold a first decode step's due chunks
+DUE_OPTS = dict(SMALL, kv_chunk_cache_pages=96, max_total_tokens=16 * 116,
+                kv_host_cache_size="8MiB")
 
 
 def _ids(n: int, seed: int) -> list[int]:
@@ -339,11 +342,9 @@ def test_the_last_tokens_chunks_are_loaded_before_the_first_decode_step(stored, 
 
     monkeypatch.setattr(stream_tier, "READ_JOBS_MIN", 2)
     store, want = stored
-    opts = dict(SMALL, kv_chunk_cache_pages=96, max_total_tokens=16 * 116,
-                kv_host_cache_size="8MiB")
     first = {}
     for expect in (False, True):
-        with Engine(tiny_llama, kv_store_path=store, **opts, **OPTS) as eng:
+        with Engine(tiny_llama, kv_store_path=store, **DUE_OPTS, **OPTS) as eng:
             tier = eng.attn.stream
             tier.expect_next = expect
             misses = []
@@ -376,11 +377,9 @@ def test_due_chunks_are_read_while_the_last_prefill_piece_computes(stored, tiny_
     before the first decode step then read nothing from the store themselves, and the
     answer is the same."""
     store, want = stored
-    opts = dict(SMALL, kv_chunk_cache_pages=96, max_total_tokens=16 * 116,
-                kv_host_cache_size="8MiB")
     due_reads = {}
     for early in (False, True):
-        with Engine(tiny_llama, kv_store_path=store, **opts, **OPTS) as eng:
+        with Engine(tiny_llama, kv_store_path=store, **DUE_OPTS, **OPTS) as eng:
             tier = eng.attn.stream
             tier.expect_next, tier.early_due = True, early
             load = tier._load

@@ -4,6 +4,8 @@
 #   call 2: carry .gguf (second part) and .whl -> this script
 # Steps that need only the tokenizer (attention, e2e8b, e2e1b) can run in one call without the
 # GGUF: carry a folder of the default model's tokenizer files and set BENCH_TOKENIZER_DIR.
+# STEPS=stream with '--keep-store /root/keep' in STREAM_FLAGS keeps the 1M-token store; a
+# next call on the still-warm machine (within 30 s) with the same flag skips its prefill.
 # Installs the carried wheels and this package, rebuilds the default model's GGUF, then
 # checks kernels and engine against references and runs the benchmarks. Tables go to $OUT.
 set -uo pipefail

@@ -244,14 +244,13 @@ class ChunkCache:
             else:
                 self.misses += count
                 if keep is None and not self._free[layer]:
-                    wanted = set(keys)
                     keep = np.zeros(len(self.pages), dtype=bool)
-                    keep[[self._pos[m[k]] for k in wanted if k in m]] = True
-                try:
-                    page = self._take(layer, keep, len(wanted) if keep is not None else 0)
-                except RuntimeError:  # nothing of this call stays mapped
+                    keep[[self._pos[m[k]] for k in set(keys) if k in m]] = True
+                page = self._take(layer, keep)
+                if page is None:  # nothing of this call stays mapped
                     self.forget(layer, [k for k, _ in fills])
-                    raise
+                    raise RuntimeError(f"chunk cache of {len(self.pages)} pages is smaller "
+                                       f"than one step's selection of {len(set(keys))} chunks")
                 if keep is not None:
                     keep[self._pos[page]] = True
                 m[key] = page
@@ -263,16 +262,15 @@ class ChunkCache:
             out.append(page)
         return out, fills
 
-    def _take(self, layer: int, keep: np.ndarray | None, wanted: int) -> int:
+    def _take(self, layer: int, keep: np.ndarray | None) -> int | None:
         """A free page, else the least recently used one not marked in `keep` (with no
-        free page every page is mapped), evicted; `wanted`: the call's distinct keys."""
+        free page every page is mapped), evicted; None when every page is marked."""
         if self._free[layer]:
             return self._free[layer].pop()
         stamps = np.where(keep, np.iinfo(np.int64).max, self._stamp[layer])
         i = int(np.argmin(stamps)) if len(stamps) else 0
         if not len(stamps) or keep[i]:
-            raise RuntimeError(f"chunk cache of {len(self.pages)} pages is smaller than one "
-                               f"step's selection of {wanted} chunks")
+            return None
         keys = self._key[layer]
         key = keys[i]
         page = self._maps[layer].pop(key)
@@ -765,29 +763,21 @@ class StreamTier:
     def _cache_in(self, layer: int, keys: list[str]) -> list[int]:
         """One layer's selected chunks into the chunk cache (fetching those not cached)
         -> the page of each key."""
-        pages, fills = self.cache.acquire(layer, keys)
-        slots = np.array([self._slot_of[k] for k in keys if k in self._slot_of], dtype=np.int64)
-        self._ahead_read(np.full(len(slots), layer), slots)
-        if fills:
-            self._fill(layer, fills)
-        return pages
+        return self._cache_in_many({layer: keys})[layer]
 
-    def _fill(self, layer: int, fills: list[tuple[str, int]]) -> None:
-        """Pages just acquired for chunks (`fills`) filled from the host tier or LMDB;
-        on a fault none of them stays mapped."""
-        self._fill_many({layer: fills})
-
-    def _cache_in_many(self, keys_of: dict[int, list[str]]) -> None:
-        """`_cache_in` of several layers (a replay's misses), filled in one `_fill_many`."""
-        fills = {}
+    def _cache_in_many(self, keys_of: dict[int, list[str]]) -> dict[int, list[int]]:
+        """Selected chunks of {layer: chunk ids} into the chunk cache, those not cached
+        fetched in one `_fill_many` (a replay's misses) -> {layer: the page of each key}."""
+        pages, fills = {}, {}
         for layer, keys in keys_of.items():
-            _, f = self.cache.acquire(layer, keys)
+            pages[layer], f = self.cache.acquire(layer, keys)
             slots = np.array([self._slot_of[k] for k in keys if k in self._slot_of],
                              dtype=np.int64)
             self._ahead_read(np.full(len(slots), layer), slots)
             if f:
                 fills[layer] = f
         self._fill_many(fills)
+        return pages
 
     def _fill_many(self, fills: dict[int, list[tuple[str, int]]], faults: bool = True
                    ) -> list[int]:

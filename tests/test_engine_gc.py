@@ -4,6 +4,7 @@ run (gc.freeze after a prefill step), and collects what it froze once idle."""
 from __future__ import annotations
 
 import gc
+import threading
 import time
 import weakref
 
@@ -32,9 +33,21 @@ def _restore_gc():
     gc.unfreeze()
 
 
+def _others_collected() -> None:
+    """Freezing is process-wide: another engine alive in this process (the session's
+    default engine) that froze objects and is now idle would unfreeze and collect them,
+    this test's cycle too, at its own GC_IDLE_S. Wait until no other engine has a
+    collection pending (each thread's target is its engine's run method)."""
+    others = [t._target.__self__ for t in threading.enumerate()
+              if t.name == "engine" and getattr(t, "_target", None) is not None]
+    assert _wait_for(lambda: not any(e.scheduler.gc_pending for e in others
+                                     if getattr(e, "scheduler", None)), 15.0)
+
+
 def test_prefill_freezes_and_idle_collects_what_was_frozen(tiny_llama, monkeypatch):
     # (long enough that a loaded machine does not reach it between two lines below)
     monkeypatch.setattr(engine_mod, "GC_IDLE_S", 3.0)
+    _others_collected()
     gc.unfreeze()
     with Engine(tiny_llama, device="cpu", reattn_chunk_size=16, chunked_prefill_size=64,
                 log_level="warning", disable_kv_store=True) as eng:

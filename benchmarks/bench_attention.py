@@ -4,8 +4,8 @@ For Llama-3.1-8B head shapes (32 q heads, 8 KV heads, head dim 128, bf16, batch 
 context length, times (``triton.testing.do_bench`` median, plus a CUDA-graph replay of ours):
 
   (a) ours, the engine's step: ``select_scope`` (scorer over the bf16 min/max summaries of
-      every candidate chunk, per-head max-normalized combine, top-k, scope page table: three
-      launches), then ``decode_attention`` over the ~8K-token scope
+      every candidate chunk, per-head max-normalized combine, top-k, scope page table: a
+      zero fill and two launches), then ``decode_attention`` over the ~8K-token scope
       [sink | top-k chunks | local window] with RoPE on the fly;
   (b) ``torch`` SDPA full attention over the whole (already rotated) context;
   (c) exact per-token top-k (the original ReAttention decode): q.k over all un-rotated keys,
@@ -23,6 +23,7 @@ GPU, and it times one chunked-prefill step. Prints markdown tables.
 from __future__ import annotations
 
 import argparse
+import importlib
 import time
 from dataclasses import dataclass
 
@@ -31,6 +32,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.testing
+
+S = importlib.import_module("sglang_reattn.kernels.select_scope")  # the module, not the op
 
 
 @dataclass(frozen=True)
@@ -127,11 +130,11 @@ class OursDecode:
         self.q = torch.randn(1, s.num_q_heads, s.head_dim, device=device, dtype=s.dtype)
         self.cos, self.sin = cos, sin
 
-    def select(self, sort_block=None):
+    def select(self, method="radix", spare=0):
         return K.select_scope_triton(
             self.q, self.cand, self.ncand, self.head_table, self.head_pages,
             self.local_table, self.local_tokens, self.s.topk, self.s.chunk, self.kmin,
-            self.kmax, None, "max", 1, sort_block=sort_block)[:2]
+            self.kmax, None, "max", 1, None, 0, spare, method=method)[:2]
 
     def select_unfused(self):
         """The previous engine path: scorer, torch combine + top-k, torch table assembly."""
@@ -149,8 +152,8 @@ class OursDecode:
         return K.decode_attention(self.q, self.k_pool, self.v_pool, page_table, scope_lens,
                                   self.cos, self.sin, self.s.head_dim ** -0.5, num_splits)
 
-    def step(self):
-        return self.attend(*self.select())
+    def step(self, method="radix"):
+        return self.attend(*self.select(method))
 
     def step_unfused(self):
         return self.attend(*self.select_unfused())
@@ -278,11 +281,21 @@ def check_select_scope(device, g, n: int = 16351) -> list[tuple[str, float, bool
     scope = (torch.tensor([[0]], device=device, dtype=i32), torch.tensor([1], device=device,
              dtype=i32), torch.arange(n, n + 32, device=device, dtype=i32)[None],
              torch.tensor([2048], device=device, dtype=i32))
-    for combine, reps in (("max", 1), ("sum", 1), ("max", 16)):
+    glb = S.select_scope_triton.__globals__
+    for combine, reps, method, cap in (("max", 1, "radix", None), ("sum", 1, "radix", None),
+                                       ("max", 16, "radix", None), ("max", 1, "radix", 16),
+                                       ("max", 1, "sort", None), ("max", 16, "sort", None)):
         q = torch.randn(reps, s.num_q_heads, s.head_dim, generator=g, device=device,
                         dtype=s.dtype)
         args = (q, cand, ncand, *scope, s.topk, s.chunk, kmin, kmax, None, combine, reps)
-        out, ref = K.select_scope_triton(*args), K.select_scope_ref(*args)
+        saved = glb["SELECT_CAP"], glb["SELECT_BINS"]
+        if cap:  # few bins, a small rank buffer: the exact-threshold search
+            glb["SELECT_CAP"], glb["SELECT_BINS"] = cap, 32
+        try:
+            out = K.select_scope_triton(*args, None, 0, 0, method=method)
+        finally:
+            glb["SELECT_CAP"], glb["SELECT_BINS"] = saved
+        ref = K.select_scope_ref(*args)
         scores = K.scope_scores_ref(q, cand, ncand, kmin, kmax, None, combine, reps)[0]
         page_score = torch.full((n + 40,), float("-inf"), device=device)
         page_score[cand[0].long()] = scores
@@ -295,7 +308,8 @@ def check_select_scope(device, g, n: int = 16351) -> list[tuple[str, float, bool
         in_order = bool((position[picked].diff() > 0).all())  # original (context) order
         ok = (int(out[3][0]) == s.topk and in_order and gap <= 1e-5 * float(scores.abs().max())
               and torch.equal(out[1], ref[1]))
-        results.append((f"select_scope ({combine}, reps {reps}, {n} chunks)", gap, ok))
+        label = f"{method}{', exact threshold' if cap else ''}"
+        results.append((f"select_scope ({combine}, reps {reps}, {n} chunks, {label})", gap, ok))
     return results
 
 
@@ -350,17 +364,27 @@ def time_ours(ctx: int, s: Shape, bw: float, rep: int, cos, sin, device) -> dict
         "g_select": bench_graph(ours.select, rep),
         "g_attn": bench_graph(lambda: ours.attend(*tables), rep),
         "ours_floor": (b["scorer"] + b["attn"]) / bw * 1e3,
+        "scorer_floor": b["scorer"] / bw * 1e3,
     }
     if ctx == 1 << 20:  # decode over the same 8K scope with other split counts
         for splits in (8, 16, 64):
             row[f"g_attn_splits_{splits}"] = bench_graph(
                 lambda n=splits: ours.attend(*tables, num_splits=n), rep)
-    kp = triton.next_power_of_2(s.topk)
-    for block in (256, 1024, 4096):  # candidates per block of the top-k's first pass
-        blocks = triton.cdiv(ours.num_cands, block)
-        if block < 2 * ours.num_cands and triton.next_power_of_2(blocks) * kp <= 2048:
-            row[f"g_select_{block}"] = bench_graph(lambda b=block: ours.select(b), rep)
+    # the previous top-k (sorting networks over blocks of candidates), and 32 runners-up
+    row["g_select_sort"] = bench_graph(lambda: ours.select("sort"), rep)
+    row["sort_graph"] = bench_graph(lambda: ours.step("sort"), rep)
+    row["g_select_spare"] = bench_graph(lambda: ours.select("radix", 32), rep)
+    if ctx >= 1 << 20:  # the scorer's candidates per program and warps
+        sc = S.launch_scorer.__globals__
+        saved = sc["SCORE_BLOCK_N"], sc["SCORE_WARPS"]
+        for bn, warps in SCORER_CONFIGS:
+            sc["SCORE_BLOCK_N"], sc["SCORE_WARPS"] = bn, warps
+            row[f"g_scores_{bn}_{warps}"] = bench_graph(ours.scores, rep)
+        sc["SCORE_BLOCK_N"], sc["SCORE_WARPS"] = saved
     return row
+
+
+SCORER_CONFIGS = ((32, 4), (64, 4), (64, 8), (128, 4), (128, 8), (256, 8))
 
 
 def time_full(ctx: int, s: Shape, bw: float, rep: int, cos, sin, device) -> dict:
@@ -456,16 +480,28 @@ def main() -> None:
     print("CUDA-graph replay of the step cut at each stage (us); the selection is the fused "
           "scorer + combine + top-k + scope table, the unfused step is the previous engine "
           "path (scorer, then torch combine, top-k and table):\n")
-    print("| context | scores kernel | selection | decode alone | whole step | floor "
-          "| step / floor | unfused step | selection, sort blocks of 256 / 1024 / 4096 |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| context | scores kernel | selection | + 32 runners-up | decode alone | whole step "
+          "| floor | step / floor | sort top-k: selection | sort top-k: whole step "
+          "| unfused step |")
+    print("| " + " | ".join(["---"] * 11) + " |")
     for r in (r for r in rows if "error" not in r):
-        blocks = " / ".join(fmt_us(r.get(f"g_select_{b}", "-")) for b in (256, 1024, 4096))
         print(f"| {fmt_tokens(r['ctx'])} | {fmt_us(r['g_scores'])} | {fmt_us(r['g_select'])} "
-              f"| {fmt_us(r['g_attn'])} | {fmt_us(r['ours_graph'])} | {fmt_us(r['ours_floor'])} "
-              f"| {ratio(r['ours_graph'], r['ours_floor'])} | {fmt_us(r['unfused_graph'])} "
-              f"| {blocks} |")
+              f"| {fmt_us(r['g_select_spare'])} | {fmt_us(r['g_attn'])} "
+              f"| {fmt_us(r['ours_graph'])} | {fmt_us(r['ours_floor'])} "
+              f"| {ratio(r['ours_graph'], r['ours_floor'])} | {fmt_us(r['g_select_sort'])} "
+              f"| {fmt_us(r['sort_graph'])} | {fmt_us(r['unfused_graph'])} |")
     print()
+    sweep = [r for r in rows if "g_scores_64_4" in r]
+    if sweep:
+        print("scores kernel (CUDA graph, us) by candidates per program / warps; floor = the "
+              "summaries' bytes / copy rate:\n")
+        print("| context | floor | " + " | ".join(f"{bn} / {w}" for bn, w in SCORER_CONFIGS)
+              + " |")
+        print("| " + " | ".join(["---"] * (2 + len(SCORER_CONFIGS))) + " |")
+        for r in sweep:
+            print(f"| {fmt_tokens(r['ctx'])} | {fmt_us(r['scorer_floor'])} | " + " | ".join(
+                fmt_us(r[f"g_scores_{bn}_{w}"]) for bn, w in SCORER_CONFIGS) + " |")
+        print()
 
     ms, tflops = bench_prefill(s, device, args.rep)
     print(f"prefill_attention, {min(4096, s.scope // 2)} new tokens at the end of an "

@@ -143,3 +143,16 @@ def _sum_interp(x, axis: tl.constexpr):
 tl_max = _max_interp if INTERPRETED else _max_std
 tl_min = _min_interp if INTERPRETED else _min_std
 tl_sum = _sum_interp if INTERPRETED else _sum_std
+
+
+@triton.jit
+def _cumsum_std(x, axis: tl.constexpr):
+    return tl.cumsum(x, axis)
+
+
+@triton.jit
+def _cumsum_interp(x, axis: tl.constexpr):
+    return tl.associative_scan(x, axis, tl.standard._sum_combine)
+
+
+tl_cumsum = _cumsum_interp if INTERPRETED else _cumsum_std  # inclusive prefix sums

@@ -150,6 +150,7 @@ def chunk_scores_triton(q: torch.Tensor, cand_pages: torch.Tensor, num_cands: to
 
 
 SCORE_BLOCK_N = 64  # candidates per scorer program
+SCORE_WARPS = 4  # its warps
 
 
 def launch_scorer(q, cand_pages, num_cands, kmin, kmax, kmean, out, scale, reps) -> None:
@@ -172,7 +173,7 @@ def launch_scorer(q, cand_pages, num_cands, kmin, kmax, kmean, out, scale, reps)
         scale.stride(0) if scale is not None else 0,
         NUM_KV_HEADS=summ.shape[1], GROUP=num_q_heads // summ.shape[1], HEAD_DIM=head_dim,
         USE_MINMAX=kmin is not None, PER_HEAD=per_head, WRITE_SCALE=scale is not None,
-        BLOCK_N=SCORE_BLOCK_N, BLOCK_D=next_pow2(head_dim), num_warps=4,
+        BLOCK_N=SCORE_BLOCK_N, BLOCK_D=next_pow2(head_dim), num_warps=SCORE_WARPS,
     )
 
 

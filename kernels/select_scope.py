@@ -29,7 +29,16 @@ from __future__ import annotations
 
 import torch
 
-from ._triton_compat import INTERPRETED, aligned, check, next_pow2, tl, tl_sum, triton
+from ._triton_compat import (
+    INTERPRETED,
+    aligned,
+    check,
+    next_pow2,
+    tl,
+    tl_cumsum,
+    tl_sum,
+    triton,
+)
 from .score_chunks import (
     _check_score_inputs,
     chunk_scores_ref,
@@ -230,6 +239,234 @@ def _scope_table_kernel(
 MERGE_TILE = 4096
 
 
+# ----------------------------------------------------------------------------- radix path
+# The default top-k: no sorting network. The combine programs also count their keys into a
+# per-row histogram of SELECT_BINS bins (a monotone function of the combined score); the
+# last program of a row to finish (an atomic counter; no grid-wide wait) then reads the
+# histogram, finds the bin holding the (topk + spare)-th best key, copies every candidate at
+# or above that bin into a small buffer in one scan (a second search pins the exact
+# threshold only when more than SELECT_CAP candidates fall there: ties, or a "sum" combine
+# whose scale is unknown), ranks that buffer by pairwise comparison and writes the table.
+
+SELECT_BINS = 2048  # bins of the combine pass's histogram
+SELECT_CAP = 1024  # most candidates ranked pairwise; beyond it the exact threshold is searched
+_SELECT_SMALL = 256  # a ranked buffer up to this size uses a narrower comparison tile
+
+
+@triton.jit
+def _score_bin(okey, inv_range, LINEAR: tl.constexpr, NBINS: tl.constexpr,
+               LOG_BINS: tl.constexpr):
+    """Bin of an order-preserving int32 score key: non-decreasing in the score. LINEAR
+    spreads [-1 / inv_range, 1 / inv_range] evenly over the bins (a max-normalized combine
+    of Hq heads lies in [-Hq, Hq]); otherwise the key's top bits (a float's sign, exponent
+    and leading mantissa bits)."""
+    if LINEAR:
+        bits = tl.where(okey >= 0, okey, okey ^ 0x7FFFFFFF)
+        x = bits.to(tl.float32, bitcast=True)
+        t = tl.fma(x, inv_range, 1.0) * (NBINS // 2)  # one rounding, the same at every call
+        t = tl.where(t == t, t, 0.0)  # NaN -> the lowest bin
+        b = tl.minimum(tl.maximum(t, 0.0), NBINS - 1.0).to(tl.int32)
+    else:
+        b = (okey >> (32 - LOG_BINS)) + NBINS // 2  # arithmetic shift of the signed key
+    return b
+
+
+@triton.jit
+def _excl_cumsum(x):
+    x = x.to(tl.int32)
+    return tl_cumsum(x, 0) - x
+
+
+@triton.jit
+def _rank_and_write(comp, mc, k1, k2, cand, row, head, sel_out, spare_out, map_ptr, map_base,
+                    CW: tl.constexpr, RT: tl.constexpr, HAS_MAP: tl.constexpr,
+                    HAS_SPARE: tl.constexpr):
+    """Rank the ``mc`` packed keys of ``comp`` (candidate order) by pairwise comparison: the
+    k1 best go to the table and ``sel_out`` in candidate order, ranks k1 .. k2 - 1 to
+    ``spare_out`` best first."""
+    cols = tl.arange(0, CW)
+    low_pad = tl.full([CW], -2147483648, tl.int32).to(tl.int64) << 32
+    cj = tl.load(comp + cols, mask=cols < mc, other=0, cache_modifier=".cg")
+    cj = tl.where(cols < mc, cj, low_pad)
+    mask32 = (tl.full([RT], 1, tl.int64) << 32) - 1
+    base = 0
+    for r0 in range(0, mc, RT):
+        rows = r0 + tl.arange(0, RT)
+        live = rows < mc
+        ci = tl.load(comp + rows, mask=live, other=0, cache_modifier=".cg")
+        rank = tl_sum((cj[None, :] > ci[:, None]).to(tl.int32), 1)
+        is_sel = live & (rank < k1)
+        pos = base + _excl_cumsum(is_sel)
+        idx = mask32 - (ci & mask32)
+        wanted = is_sel
+        if HAS_SPARE:
+            is_run = live & (rank >= k1) & (rank < k2)
+            wanted = wanted | is_run
+        page = tl.load(cand + idx, mask=wanted, other=0)
+        if HAS_MAP:  # pages from map_base on are virtual: the table gets their mapped page
+            virt = is_sel & (page >= map_base)
+            mapped = tl.load(map_ptr + (page - map_base), mask=virt, other=0)
+            tl.store(row + head + pos, tl.where(virt, tl.maximum(mapped, 0), page), mask=is_sel)
+        else:
+            tl.store(row + head + pos, page, mask=is_sel)
+        tl.store(sel_out + pos, page, mask=is_sel)
+        if HAS_SPARE:
+            tl.store(spare_out + (rank - k1), page, mask=is_run)
+        base += tl_sum(is_sel.to(tl.int32), 0)
+
+
+@triton.jit
+def _count_at_least(keys, n, d1, t, inv_range, LINEAR: tl.constexpr, NBINS: tl.constexpr,
+                    LOG_BINS: tl.constexpr, TILE: tl.constexpr):
+    """How many of the first n keys lie in bin d1 with a key >= t."""
+    cnt = 0
+    for t0 in range(0, n, TILE):
+        offs = t0 + tl.arange(0, TILE)
+        ok = tl.load(keys + offs, mask=offs < n, other=-2147483648, cache_modifier=".cg")
+        hit = (offs < n) & (_score_bin(ok, inv_range, LINEAR, NBINS, LOG_BINS) == d1) & (ok >= t)
+        cnt += tl_sum(hit.to(tl.int32), 0)
+    return cnt
+
+
+@triton.jit
+def _combine_select_kernel(
+    scores_ptr, scale_ptr, num_cands_ptr, keys_ptr, hist_ptr, count_ptr, comp_ptr,
+    cand_ptr, head_table_ptr, head_pages_ptr, local_table_ptr, local_tokens_ptr, table_ptr,
+    lens_ptr, sel_ptr, nsel_ptr, map_ptr, spare_ptr,
+    max_cands, num_q_heads, inv_range, topk, chunk_size, local_width, width, map_base,
+    num_spare,
+    stride_sr, stride_sh,  # scores [B * REPS, Hq, N] (MAX_COMBINE) or [B * REPS, N]
+    stride_scr,  # scale [B * REPS, Hq]: max |score| of each row and head
+    stride_kb,  # keys [B, >= N] int32
+    stride_cb, stride_hb, stride_lb, stride_tb, stride_selb, stride_spb,
+    REPS: tl.constexpr, MAX_COMBINE: tl.constexpr, BLOCK: tl.constexpr,
+    HEAD_TILE: tl.constexpr, NBINS: tl.constexpr, LOG_BINS: tl.constexpr,
+    TILE: tl.constexpr, CAP: tl.constexpr, SMALL: tl.constexpr, BLOCK_W: tl.constexpr,
+    HAS_MAP: tl.constexpr, HAS_SPARE: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    b64 = pid_b.to(tl.int64)
+    n_cands = tl.load(num_cands_ptr + pid_b)
+    keys = keys_ptr + b64 * stride_kb
+    hist = hist_ptr + b64 * NBINS
+    bins = tl.arange(0, NBINS)
+    # --- every program: combine its block of candidates, count them into the histogram
+    if pid_n * BLOCK < n_cands:
+        offs = pid_n * BLOCK + tl.arange(0, BLOCK)
+        valid = offs < n_cands
+        offs_h = tl.arange(0, HEAD_TILE)
+        best = tl.full([BLOCK], float("-inf"), tl.float32)
+        for r in range(REPS):
+            srow = (pid_b * REPS + r).to(tl.int64)
+            if MAX_COMBINE:
+                comb = tl.full([BLOCK], 0.0, tl.float32)
+                for h0 in range(0, num_q_heads, HEAD_TILE):
+                    h = h0 + offs_h
+                    h_ok = h < num_q_heads
+                    scale = tl.load(scale_ptr + srow * stride_scr + h, mask=h_ok, other=1.0)
+                    scale = tl.maximum(scale, 1e-30)
+                    sc = tl.load(scores_ptr + srow * stride_sr + h[:, None] * stride_sh
+                                 + offs[None, :], mask=h_ok[:, None] & valid[None, :],
+                                 other=float("-inf"))
+                    sc = tl.where(h_ok[:, None], sc / scale[:, None], 0.0)
+                    comb += tl_sum(sc, 0)
+            else:
+                comb = tl.load(scores_ptr + srow * stride_sr + offs, mask=valid,
+                               other=float("-inf"))
+            best = tl.maximum(best, comb)
+        bits = best.to(tl.int32, bitcast=True)
+        okey = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # order-preserving as int32
+        tl.store(keys + offs, okey, mask=valid)
+        bn = tl.where(valid, _score_bin(okey, inv_range, MAX_COMBINE, NBINS, LOG_BINS), 0)
+        h = tl.histogram(bn, NBINS)
+        h -= tl.where(bins == 0, tl_sum((~valid).to(tl.int32), 0), 0)  # the padding's zeros
+        tl.atomic_add(hist + bins, h, mask=h > 0, sem="relaxed")
+    tl.debug_barrier()
+    arrived = tl.atomic_add(count_ptr + pid_b, 1, sem="acq_rel")
+    if arrived == tl.num_programs(1) - 1:
+        # --- the row's last program: select, then write the scope table
+        k1 = tl.minimum(topk, n_cands)
+        k2 = tl.minimum(topk + num_spare, n_cands)
+        hh = tl.load(hist + bins, cache_modifier=".cg")
+        c_ge = tl_sum(hh, 0) - tl_cumsum(hh, 0) + hh  # keys in this bin or above
+        d1 = tl_sum((c_ge >= k2).to(tl.int32), 0) - 1  # the bin of the k2-th best key
+        h_d1 = tl_sum(tl.where(bins == d1, hh, 0), 0)
+        above = tl_sum(tl.where(bins == d1, c_ge, 0), 0) - h_d1
+        need = k2 - above  # keys still to take from bin d1
+        t = tl.full([], 2147483647, tl.int32)
+        rem = tl.full([], 0, tl.int32)
+        exact = (k2 > 0) & (above + h_d1 > CAP)
+        if exact:  # too many in bin d1: the exact key of rank `need` there, by bisection
+            lo = tl.full([], -2147483648, tl.int64)
+            hi = tl.full([], 2147483647, tl.int64)
+            for _ in range(32):
+                mid = (lo + hi + 1) >> 1
+                ok_mid = _count_at_least(keys, n_cands, d1, mid.to(tl.int32), inv_range,
+                                         MAX_COMBINE, NBINS, LOG_BINS, TILE) >= need
+                lo = tl.where(ok_mid, mid, lo)
+                hi = tl.where(ok_mid, hi, mid - 1)
+            t = lo.to(tl.int32)
+            # ties at t are taken in candidate order, after the keys above t
+            above_t = _count_at_least(keys, n_cands, d1, tl.minimum(lo + 1, 2147483647).to(
+                tl.int32), inv_range, MAX_COMBINE, NBINS, LOG_BINS, TILE)
+            rem = need - tl.where(lo < 2147483647, above_t, 0)
+        # one scan: the keys above bin d1 and (all, or down to the threshold) those in it
+        comp = comp_ptr + b64 * CAP
+        mc = tl.full([], 0, tl.int32)
+        ties = tl.full([], 0, tl.int32)
+        if k2 > 0:
+            for t0 in range(0, n_cands, TILE):
+                offs = t0 + tl.arange(0, TILE)
+                live = offs < n_cands
+                ok = tl.load(keys + offs, mask=live, other=-2147483648, cache_modifier=".cg")
+                bn = _score_bin(ok, inv_range, MAX_COMBINE, NBINS, LOG_BINS)
+                in_d1 = live & (bn == d1)
+                tie = in_d1 & (ok == t)
+                take = live & (bn > d1)
+                if exact:
+                    take = take | (in_d1 & (ok > t)) | (tie & (ties + _excl_cumsum(tie) < rem))
+                else:
+                    take = take | in_d1
+                pos = mc + _excl_cumsum(take)
+                low = ((tl.full([TILE], 1, tl.int64) << 32) - 1) - offs.to(tl.int64)
+                tl.store(comp + pos, (ok.to(tl.int64) << 32) | low, mask=take)
+                mc += tl_sum(take.to(tl.int32), 0)
+                ties += tl_sum(tie.to(tl.int32), 0)
+        tl.debug_barrier()
+        head = tl.load(head_pages_ptr + pid_b)
+        row = table_ptr + b64 * stride_tb
+        cand = cand_ptr + b64 * stride_cb
+        sel_out = sel_ptr + b64 * stride_selb
+        spare_out = spare_ptr + b64 * stride_spb
+        if mc <= SMALL:
+            _rank_and_write(comp, mc, k1, k2, cand, row, head, sel_out, spare_out, map_ptr,
+                            map_base, SMALL, 16, HAS_MAP, HAS_SPARE)
+        else:
+            _rank_and_write(comp, mc, k1, k2, cand, row, head, sel_out, spare_out, map_ptr,
+                            map_base, CAP, 8, HAS_MAP, HAS_SPARE)
+        j = tl.arange(0, BLOCK_W)
+        for j0 in range(0, topk, BLOCK_W):  # -1 after the selected ones
+            tl.store(sel_out + j0 + j, tl.full([BLOCK_W], -1, tl.int32),
+                     mask=(j0 + j >= k1) & (j0 + j < topk))
+        if HAS_SPARE:
+            for j0 in range(0, num_spare, BLOCK_W):
+                tl.store(spare_out + j0 + j, tl.full([BLOCK_W], -1, tl.int32),
+                         mask=(j0 + j >= k2 - k1) & (j0 + j < num_spare))
+        tl.store(nsel_ptr + pid_b, k1)
+        # the rest of the row: sink pages before the selection, local pages right after it
+        lo_w = head + k1
+        hi_w = lo_w + local_width
+        for p0 in range(0, width, BLOCK_W):
+            p = p0 + j
+            sink = tl.load(head_table_ptr + b64 * stride_hb + p, mask=p < head, other=0)
+            loc = tl.load(local_table_ptr + b64 * stride_lb + (p - lo_w),
+                          mask=(p >= lo_w) & (p < hi_w), other=0)
+            outside = (p < head) | (p >= lo_w)
+            tl.store(row + p, tl.where(p < head, sink, loc), mask=outside & (p < width))
+        tl.store(lens_ptr + pid_b, lo_w * chunk_size + tl.load(local_tokens_ptr + pid_b))
+
+
 def _check_scope_inputs(cand_pages, head_table, head_pages, local_table, local_tokens,
                         chunk_size, page_map=None) -> None:
     b = cand_pages.shape[0]
@@ -252,10 +489,13 @@ def select_scope_triton(q: torch.Tensor, cand_pages: torch.Tensor, num_cands: to
                         chunk_size: int, kmin: torch.Tensor | None = None,
                         kmax: torch.Tensor | None = None, kmean: torch.Tensor | None = None,
                         combine: str = "max", reps: int = 1, page_map: torch.Tensor | None = None,
-                        map_base: int = 0, spare: int = 0, sort_block: int | None = None):
+                        map_base: int = 0, spare: int = 0, sort_block: int | None = None,
+                        method: str = "radix"):
     """Triton ``select_scope``; see ``select_scope_ref`` for the semantics.
-    ``sort_block`` (a power of two >= the top-k rounded up) overrides the candidates per
-    sorted block, for tuning."""
+    ``method``: ``"radix"`` (histogram threshold, the default) or ``"sort"`` (sorting
+    networks over blocks of candidates, kept for comparison); ``sort_block`` (a power of two
+    >= the top-k rounded up) overrides the candidates per sorted block of ``"sort"``."""
+    check(method in ("radix", "sort"), f"method must be 'radix' or 'sort', got {method!r}")
     use_minmax = _check_score_inputs(q, cand_pages, num_cands, topk, kmin, kmax, kmean,
                                      combine, reps)
     _check_scope_inputs(cand_pages, head_table, head_pages, local_table, local_tokens,
@@ -273,6 +513,11 @@ def select_scope_triton(q: torch.Tensor, cand_pages: torch.Tensor, num_cands: to
     runners = torch.empty(batch, spare, dtype=torch.int32, device=dev)
     out = (table, lens, sel, nsel) + ((runners,) if spare else ())
     if batch == 0:
+        return out
+    if method == "radix":
+        _select_radix(q, cand_pages, num_cands, kmin, kmax, kmean, use_minmax, combine, reps,
+                      head_table, head_pages, local_table, local_tokens, topk, chunk_size,
+                      page_map, map_base, spare, out)
         return out
     kp = max(16, next_pow2(topk + spare))
     # candidates per block of the first pass: fixed sizes keep recompiles few as contexts grow
@@ -319,6 +564,54 @@ def select_scope_triton(q: torch.Tensor, cand_pages: torch.Tensor, num_cands: to
         HAS_SPARE=spare > 0, num_warps=8 if m >= 2048 else 4,
     )
     return out
+
+
+def _select_radix(q, cand_pages, num_cands, kmin, kmax, kmean, use_minmax, combine, reps,
+                  head_table, head_pages, local_table, local_tokens, topk, chunk_size,
+                  page_map, map_base, spare, out) -> None:
+    """Scorer, then ``_combine_select_kernel``: two launches after one zero fill."""
+    table, lens, sel, nsel = out[:4]
+    runners = out[4] if spare else nsel
+    dev = q.device
+    batch, n = cand_pages.shape
+    rows, num_q_heads, _ = q.shape
+    per_head = combine != "sum"
+    # one zero fill: the per-head maxima, the histograms and the arrival counters
+    n_scale = rows * num_q_heads if per_head else 0
+    ws = torch.zeros(n_scale + batch * SELECT_BINS + batch, dtype=torch.int32, device=dev)
+    scale = ws[:n_scale].view(torch.float32).view(rows, num_q_heads) if per_head else None
+    hist = ws[n_scale:n_scale + batch * SELECT_BINS]
+    count = ws[n_scale + batch * SELECT_BINS:]
+    n16 = aligned(max(n, 1))
+    if n:
+        scores = torch.empty((rows, num_q_heads, n16) if per_head else (rows, n16),
+                             dtype=torch.float32, device=dev)[..., :n]
+        launch_scorer(q, cand_pages, num_cands, kmin if use_minmax else None,
+                      kmax if use_minmax else None, None if use_minmax else kmean, scores,
+                      scale, reps)
+    else:
+        scores = ws
+    keys = torch.empty(batch, n16, dtype=torch.int32, device=dev)
+    cap = max(SELECT_CAP, next_pow2(topk + spare))
+    comp = torch.empty(batch, cap, dtype=torch.int64, device=dev)
+    cb = 256
+    width = table.shape[1]
+    _combine_select_kernel[(batch, max(1, triton.cdiv(n, cb)))](
+        scores, scale if per_head else scores, num_cands, keys, hist, count, comp,
+        cand_pages, head_table, head_pages, local_table, local_tokens, table, lens, sel, nsel,
+        page_map if page_map is not None else nsel, runners,
+        n, num_q_heads, 1.0 / num_q_heads, topk, chunk_size, local_table.shape[1], width,
+        map_base, spare,
+        scores.stride(0) if n else 0, scores.stride(1) if n and per_head else 0,
+        scale.stride(0) if per_head else 0, keys.stride(0),
+        cand_pages.stride(0), head_table.stride(0), local_table.stride(0), table.stride(0),
+        sel.stride(0) if topk else 0, runners.stride(0) if spare else 0,
+        REPS=reps, MAX_COMBINE=per_head, BLOCK=cb,
+        HEAD_TILE=max(1, min(next_pow2(num_q_heads), 32)), NBINS=SELECT_BINS,
+        LOG_BINS=SELECT_BINS.bit_length() - 1, TILE=2048, CAP=cap, SMALL=_SELECT_SMALL,
+        BLOCK_W=max(16, min(256, next_pow2(width))), HAS_MAP=page_map is not None,
+        HAS_SPARE=spare > 0, num_warps=8,
+    )
 
 
 def assemble_scope_ref(head_table: torch.Tensor, head_pages: torch.Tensor,

@@ -289,12 +289,50 @@ def test_select_scope_merges_blocks_in_tiles(topk, sort_block, max_cands, tile, 
     q, cand, nc, (kmin, kmax, _), scope = _scope_inputs(3, 1, 2, 4, 64, torch.float32, gen,
                                                         max_cands)
     args = (q, cand, nc, *scope, topk, 16, kmin, kmax, None, "max", 1)
-    out = K.select_scope_triton(*args, sort_block=sort_block)
+    out = K.select_scope_triton(*args, sort_block=sort_block, method="sort")
     ref = K.select_scope_ref(*args)
     for name, a, b in zip(("table", "lens", "sel_pages", "num_sel"), out, ref):
         assert torch.equal(a, b), name
     assert int(out[3][2]) == topk
 
+
+
+@pytest.mark.parametrize("bins,cap,small", [(32, 16, 16), (2048, 32, 16), (64, 1024, 256)])
+@pytest.mark.parametrize("combine,topk,spare", [("max", 9, 0), ("max", 40, 7), ("sum", 5, 3),
+                                                ("sum", 33, 0)])
+def test_select_scope_radix_threshold_paths(bins, cap, small, combine, topk, spare,
+                                            monkeypatch):
+    """The radix top-k with few histogram bins and a small rank buffer: bins crowded past
+    the buffer take the exact-threshold search, the others the one-scan copy; the ranked
+    buffer is wider or narrower than its small tile. Same as the reference, runners-up
+    included."""
+    g = K.select_scope_triton.__globals__
+    for name, value in (("SELECT_BINS", bins), ("SELECT_CAP", cap), ("_SELECT_SMALL", small)):
+        monkeypatch.setitem(g, name, value)
+    gen = torch.Generator().manual_seed(90 + topk + bins)
+    q, cand, nc, (kmin, kmax, _), scope = _scope_inputs(3, 1, 2, 4, 64, torch.float32, gen,
+                                                        1300)
+    args = (q, cand, nc, *scope, topk, 16, kmin, kmax, None, combine, 1, None, 0)
+    out = K.select_scope_triton(*args, spare)
+    ref = K.select_scope_ref(*args, spare)
+    for name, a, b in zip(("table", "lens", "sel_pages", "num_sel", "runners"), out, ref):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("cap", [16, 1024])
+def test_select_scope_radix_ties_beyond_the_buffer(cap, monkeypatch):
+    """Every chunk scores the same and (cap 16) more of them than the rank buffer holds: the
+    exact threshold is the common score and the ties go to the lower indices, runners-up
+    next in candidate order."""
+    monkeypatch.setitem(K.select_scope_triton.__globals__, "SELECT_CAP", cap)
+    gen = torch.Generator().manual_seed(3)
+    q, cand, nc, (kmin, kmax, _), scope = _scope_inputs(3, 1, 2, 4, 64, torch.float32, gen, 600)
+    kmin, kmax = torch.zeros_like(kmin), torch.ones_like(kmax)
+    _, _, sel, nsel, run = K.select_scope_triton(q, cand, nc, *scope, 9, 16, kmin, kmax, None,
+                                                 "max", 1, None, 0, 4)
+    assert nsel.tolist() == [0, 5, 9]
+    assert sel[2].tolist() == cand[2, :9].tolist() and sel[1, :5].tolist() == cand[1, :5].tolist()
+    assert run[2].tolist() == cand[2, 9:13].tolist() and run[1].tolist() == [-1] * 4
 
 def test_select_scope_ties_go_to_the_lower_index():
     gen = torch.Generator().manual_seed(1)

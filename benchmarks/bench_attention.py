@@ -365,11 +365,16 @@ def time_ours(ctx: int, s: Shape, bw: float, rep: int, cos, sin, device) -> dict
         "g_attn": bench_graph(lambda: ours.attend(*tables), rep),
         "ours_floor": (b["scorer"] + b["attn"]) / bw * 1e3,
         "scorer_floor": b["scorer"] / bw * 1e3,
+        "attn_floor": b["attn"] / bw * 1e3,
     }
-    if ctx == 1 << 20:  # decode over the same 8K scope with other split counts
-        for splits in (8, 16, 64):
-            row[f"g_attn_splits_{splits}"] = bench_graph(
+    if ctx == 1 << 20:  # decode over the same 8K scope: tiles, warps, stages, splits
+        dg = importlib.import_module("sglang_reattn.kernels.decode_attention").__dict__
+        saved = dg["DECODE_BLOCK_N"], dg["DECODE_WARPS"], dg["DECODE_STAGES"]
+        for cfg in DECODE_CONFIGS:
+            dg["DECODE_BLOCK_N"], dg["DECODE_WARPS"], dg["DECODE_STAGES"], splits = cfg
+            row["g_attn_" + "_".join(map(str, cfg))] = bench_graph(
                 lambda n=splits: ours.attend(*tables, num_splits=n), rep)
+        dg["DECODE_BLOCK_N"], dg["DECODE_WARPS"], dg["DECODE_STAGES"] = saved
     # the previous top-k (sorting networks over blocks of candidates), and 32 runners-up
     row["g_select_sort"] = bench_graph(lambda: ours.select("sort"), rep)
     row["sort_graph"] = bench_graph(lambda: ours.step("sort"), rep)
@@ -384,7 +389,11 @@ def time_ours(ctx: int, s: Shape, bw: float, rep: int, cos, sin, device) -> dict
     return row
 
 
-SCORER_CONFIGS = ((32, 4), (64, 4), (64, 8), (128, 4), (128, 8), (256, 8))
+# decode attention: keys per tile, warps, stages, splits (None: the default count)
+DECODE_CONFIGS = ((64, 4, 2, None), (64, 4, 2, 16), (64, 4, 2, 64), (64, 4, 3, None),
+                  (32, 4, 2, None), (32, 4, 2, 64), (64, 8, 2, None), (128, 8, 2, None),
+                  (128, 4, 2, 16))
+SCORER_CONFIGS = ((16, 2), (16, 4), (32, 2), (32, 4), (32, 8), (64, 4), (64, 8))
 
 
 def time_full(ctx: int, s: Shape, bw: float, rep: int, cos, sin, device) -> dict:
@@ -491,6 +500,13 @@ def main() -> None:
               f"| {ratio(r['ours_graph'], r['ours_floor'])} | {fmt_us(r['g_select_sort'])} "
               f"| {fmt_us(r['sort_graph'])} | {fmt_us(r['unfused_graph'])} |")
     print()
+    for r in (r for r in rows if "g_attn_64_4_2_None" in r):
+        print(f"decode attention over the 8K scope at {fmt_tokens(r['ctx'])} (CUDA graph, us; "
+              f"floor {fmt_us(r['attn_floor'])}) by keys per tile / warps / stages / splits:\n")
+        print("| " + " | ".join(" / ".join(map(str, c)) for c in DECODE_CONFIGS) + " |")
+        print("| " + " | ".join(["---"] * len(DECODE_CONFIGS)) + " |")
+        print("| " + " | ".join(fmt_us(r["g_attn_" + "_".join(map(str, c))])
+                                for c in DECODE_CONFIGS) + " |\n")
     sweep = [r for r in rows if "g_scores_64_4" in r]
     if sweep:
         print("scores kernel (CUDA graph, us) by candidates per program / warps; floor = the "

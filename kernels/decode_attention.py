@@ -32,6 +32,7 @@ from .rope import apply_rope_ref
 
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 64
+DECODE_BLOCK_N, DECODE_WARPS, DECODE_STAGES = 64, 4, 2  # keys per tile, warps, stages
 
 
 @triton.jit
@@ -196,7 +197,7 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     check(page_table.shape[0] == batch and scope_lens.shape[0] == batch,
           "page_table / scope_lens batch size must match q")
     group = num_q_heads // num_kv_heads
-    block_n = 64
+    block_n = DECODE_BLOCK_N
     if num_splits is None:
         num_splits = default_num_splits(batch, num_kv_heads, page_table.shape[1] * page_size,
                                         device_sms(q), block_n)
@@ -228,7 +229,8 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         *so, *sl,
         PAGE_SIZE=page_size, GROUP=group, HALF_D=half, NUM_SPLITS=num_splits,
         BLOCK_H=max(16, next_pow2(group)), BLOCK_N=block_n, BLOCK_DH=max(16, next_pow2(half)),
-        DOT_PRECISION=dot_precision, DOT_DTYPE=dot_dtype(q.dtype), num_warps=4, num_stages=2,
+        DOT_PRECISION=dot_precision, DOT_DTYPE=dot_dtype(q.dtype), num_warps=DECODE_WARPS,
+        num_stages=DECODE_STAGES,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_q_heads)](

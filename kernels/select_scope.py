@@ -240,17 +240,21 @@ MERGE_TILE = 4096
 
 
 # ----------------------------------------------------------------------------- radix path
-# The default top-k: no sorting network. The combine programs also count their keys into a
-# per-row histogram of SELECT_BINS bins (a monotone function of the combined score); the
-# last program of a row to finish (an atomic counter; no grid-wide wait) then reads the
-# histogram, finds the bin holding the (topk + spare)-th best key, copies every candidate at
-# or above that bin into a small buffer in one scan (a second search pins the exact
-# threshold only when more than SELECT_CAP candidates fall there: ties, or a "sum" combine
-# whose scale is unknown), ranks that buffer by pairwise comparison and writes the table.
+# The default top-k, without sorting networks over the candidates. Launches after the scorer:
+# - _combine_hist_kernel: combines the heads (as _combine_kernel) and counts the keys into a
+#   per-row histogram of SELECT_BINS bins, a monotone function of the combined score;
+# - _radix_select_kernel: every program finds, from the histogram, the bin holding the
+#   (topk + spare)-th best key and appends the candidates of its block at or above that
+#   bin to a small buffer. The row's last program to finish (an atomic counter, so no
+#   program waits for another) sorts that buffer, takes the top k and the runners-up, and
+#   writes the scope table. When more than SELECT_CAP candidates reach the bin (ties, or a
+#   "sum" combine, whose scale is unknown), that program instead searches the exact
+#   threshold key over the row by bisection and fills the buffer itself.
 
-SELECT_BINS = 2048  # bins of the combine pass's histogram
-SELECT_CAP = 1024  # most candidates ranked pairwise; beyond it the exact threshold is searched
-_SELECT_SMALL = 256  # a ranked buffer up to this size uses a narrower comparison tile
+SELECT_BINS = 2048  # bins of the histogram
+SELECT_CAP = 1024  # most candidates the buffer holds (rounded up to topk + spare)
+_SELECT_SMALL = 256  # a buffer of at most this many is sorted at this width
+_SELECT_BLOCK = 2048  # candidates per program of the select kernel
 
 
 @triton.jit
@@ -278,80 +282,25 @@ def _excl_cumsum(x):
 
 
 @triton.jit
-def _rank_and_write(comp, mc, k1, k2, cand, row, head, sel_out, spare_out, map_ptr, map_base,
-                    CW: tl.constexpr, RT: tl.constexpr, HAS_MAP: tl.constexpr,
-                    HAS_SPARE: tl.constexpr):
-    """Rank the ``mc`` packed keys of ``comp`` (candidate order) by pairwise comparison: the
-    k1 best go to the table and ``sel_out`` in candidate order, ranks k1 .. k2 - 1 to
-    ``spare_out`` best first."""
-    cols = tl.arange(0, CW)
-    low_pad = tl.full([CW], -2147483648, tl.int32).to(tl.int64) << 32
-    cj = tl.load(comp + cols, mask=cols < mc, other=0, cache_modifier=".cg")
-    cj = tl.where(cols < mc, cj, low_pad)
-    mask32 = (tl.full([RT], 1, tl.int64) << 32) - 1
-    base = 0
-    for r0 in range(0, mc, RT):
-        rows = r0 + tl.arange(0, RT)
-        live = rows < mc
-        ci = tl.load(comp + rows, mask=live, other=0, cache_modifier=".cg")
-        rank = tl_sum((cj[None, :] > ci[:, None]).to(tl.int32), 1)
-        is_sel = live & (rank < k1)
-        pos = base + _excl_cumsum(is_sel)
-        idx = mask32 - (ci & mask32)
-        wanted = is_sel
-        if HAS_SPARE:
-            is_run = live & (rank >= k1) & (rank < k2)
-            wanted = wanted | is_run
-        page = tl.load(cand + idx, mask=wanted, other=0)
-        if HAS_MAP:  # pages from map_base on are virtual: the table gets their mapped page
-            virt = is_sel & (page >= map_base)
-            mapped = tl.load(map_ptr + (page - map_base), mask=virt, other=0)
-            tl.store(row + head + pos, tl.where(virt, tl.maximum(mapped, 0), page), mask=is_sel)
-        else:
-            tl.store(row + head + pos, page, mask=is_sel)
-        tl.store(sel_out + pos, page, mask=is_sel)
-        if HAS_SPARE:
-            tl.store(spare_out + (rank - k1), page, mask=is_run)
-        base += tl_sum(is_sel.to(tl.int32), 0)
+def _packed(okey, offs, N: tl.constexpr):
+    """(score key, candidate index) as one int64: larger is better, equal scores prefer the
+    lower index."""
+    low = ((tl.full([N], 1, tl.int64) << 32) - 1) - offs.to(tl.int64)
+    return (okey.to(tl.int64) << 32) | low
 
 
 @triton.jit
-def _count_at_least(keys, n, d1, t, inv_range, LINEAR: tl.constexpr, NBINS: tl.constexpr,
-                    LOG_BINS: tl.constexpr, TILE: tl.constexpr):
-    """How many of the first n keys lie in bin d1 with a key >= t."""
-    cnt = 0
-    for t0 in range(0, n, TILE):
-        offs = t0 + tl.arange(0, TILE)
-        ok = tl.load(keys + offs, mask=offs < n, other=-2147483648, cache_modifier=".cg")
-        hit = (offs < n) & (_score_bin(ok, inv_range, LINEAR, NBINS, LOG_BINS) == d1) & (ok >= t)
-        cnt += tl_sum(hit.to(tl.int32), 0)
-    return cnt
-
-
-@triton.jit
-def _combine_select_kernel(
-    scores_ptr, scale_ptr, num_cands_ptr, keys_ptr, hist_ptr, count_ptr, comp_ptr,
-    cand_ptr, head_table_ptr, head_pages_ptr, local_table_ptr, local_tokens_ptr, table_ptr,
-    lens_ptr, sel_ptr, nsel_ptr, map_ptr, spare_ptr,
-    max_cands, num_q_heads, inv_range, topk, chunk_size, local_width, width, map_base,
-    num_spare,
+def _combine_hist_kernel(
+    scores_ptr, scale_ptr, num_cands_ptr, keys_ptr, hist_ptr, num_q_heads, inv_range,
     stride_sr, stride_sh,  # scores [B * REPS, Hq, N] (MAX_COMBINE) or [B * REPS, N]
     stride_scr,  # scale [B * REPS, Hq]: max |score| of each row and head
     stride_kb,  # keys [B, >= N] int32
-    stride_cb, stride_hb, stride_lb, stride_tb, stride_selb, stride_spb,
     REPS: tl.constexpr, MAX_COMBINE: tl.constexpr, BLOCK: tl.constexpr,
     HEAD_TILE: tl.constexpr, NBINS: tl.constexpr, LOG_BINS: tl.constexpr,
-    TILE: tl.constexpr, CAP: tl.constexpr, SMALL: tl.constexpr, BLOCK_W: tl.constexpr,
-    HAS_MAP: tl.constexpr, HAS_SPARE: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     pid_n = tl.program_id(1)
-    b64 = pid_b.to(tl.int64)
     n_cands = tl.load(num_cands_ptr + pid_b)
-    keys = keys_ptr + b64 * stride_kb
-    hist = hist_ptr + b64 * NBINS
-    bins = tl.arange(0, NBINS)
-    # --- every program: combine its block of candidates, count them into the histogram
     if pid_n * BLOCK < n_cands:
         offs = pid_n * BLOCK + tl.arange(0, BLOCK)
         valid = offs < n_cands
@@ -377,63 +326,136 @@ def _combine_select_kernel(
             best = tl.maximum(best, comb)
         bits = best.to(tl.int32, bitcast=True)
         okey = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # order-preserving as int32
-        tl.store(keys + offs, okey, mask=valid)
+        tl.store(keys_ptr + pid_b.to(tl.int64) * stride_kb + offs, okey, mask=valid)
+        bins = tl.arange(0, NBINS)
         bn = tl.where(valid, _score_bin(okey, inv_range, MAX_COMBINE, NBINS, LOG_BINS), 0)
         h = tl.histogram(bn, NBINS)
         h -= tl.where(bins == 0, tl_sum((~valid).to(tl.int32), 0), 0)  # the padding's zeros
-        tl.atomic_add(hist + bins, h, mask=h > 0, sem="relaxed")
+        tl.atomic_add(hist_ptr + pid_b.to(tl.int64) * NBINS + bins, h, mask=h > 0,
+                      sem="relaxed")
+
+
+@triton.jit
+def _count_at_least(keys, n, d1, t, inv_range, LINEAR: tl.constexpr, NBINS: tl.constexpr,
+                    LOG_BINS: tl.constexpr, TILE: tl.constexpr):
+    """How many of the first n keys lie in bin d1 with a key >= t."""
+    cnt = 0
+    for t0 in range(0, n, TILE):
+        offs = t0 + tl.arange(0, TILE)
+        ok = tl.load(keys + offs, mask=offs < n, other=-2147483648, cache_modifier=".cg")
+        hit = (offs < n) & (_score_bin(ok, inv_range, LINEAR, NBINS, LOG_BINS) == d1) & (ok >= t)
+        cnt += tl_sum(hit.to(tl.int32), 0)
+    return cnt
+
+
+@triton.jit
+def _fill_exact(keys, comp, n, d1, need, inv_range, LINEAR: tl.constexpr,
+                NBINS: tl.constexpr, LOG_BINS: tl.constexpr, TILE: tl.constexpr):
+    """Bin d1 holds too many keys for the buffer: find by bisection the exact key t of rank
+    `need` in it, then copy to `comp` the keys above bin d1, those above t in it, and the
+    first ties at t in candidate order, `need` in all from bin d1. Returns the count."""
+    lo = tl.full([], -2147483648, tl.int64)
+    hi = tl.full([], 2147483647, tl.int64)
+    for _ in range(32):
+        mid = (lo + hi + 1) >> 1
+        ok_mid = _count_at_least(keys, n, d1, mid.to(tl.int32), inv_range, LINEAR, NBINS,
+                                 LOG_BINS, TILE) >= need
+        lo = tl.where(ok_mid, mid, lo)
+        hi = tl.where(ok_mid, hi, mid - 1)
+    t = lo.to(tl.int32)
+    above_t = _count_at_least(keys, n, d1, tl.minimum(lo + 1, 2147483647).to(tl.int32),
+                              inv_range, LINEAR, NBINS, LOG_BINS, TILE)
+    rem = need - tl.where(lo < 2147483647, above_t, 0)  # ties at t to take
+    mc = tl.full([], 0, tl.int32)
+    ties = tl.full([], 0, tl.int32)
+    for t0 in range(0, n, TILE):
+        offs = t0 + tl.arange(0, TILE)
+        live = offs < n
+        ok = tl.load(keys + offs, mask=live, other=-2147483648, cache_modifier=".cg")
+        bn = _score_bin(ok, inv_range, LINEAR, NBINS, LOG_BINS)
+        in_d1 = live & (bn == d1)
+        tie = in_d1 & (ok == t)
+        take = (live & (bn > d1)) | (in_d1 & (ok > t)) | (tie & (ties + _excl_cumsum(tie) < rem))
+        tl.store(comp + mc + _excl_cumsum(take), _packed(ok, offs, TILE), mask=take)
+        mc += tl_sum(take.to(tl.int32), 0)
+        ties += tl_sum(tie.to(tl.int32), 0)
+    return mc
+
+
+@triton.jit
+def _rank_and_write(comp, mc, k1, k2, cand, row, head, sel_out, spare_out, map_ptr, map_base,
+                    CW: tl.constexpr, HAS_MAP: tl.constexpr, HAS_SPARE: tl.constexpr):
+    """The `mc` packed keys of `comp` (any order), sorted: the k1 best go to the table and
+    `sel_out` in candidate order, ranks k1 .. k2 - 1 to `spare_out`, best first."""
+    j = tl.arange(0, CW)
+    live = j < mc
+    pad = tl.full([CW], -2147483648, tl.int32).to(tl.int64) << 32
+    keys = tl.where(live, tl.load(comp + j, mask=live, other=0, cache_modifier=".cg"), pad)
+    ranked = _sort(keys, CW, True)  # best first
+    thr = tl_sum(tl.where(j == k1 - 1, ranked, 0), 0)  # the k1-th best key
+    mask32 = (tl.full([CW], 1, tl.int64) << 32) - 1
+    chosen = live & (keys >= thr) & (k1 > 0)
+    idx = _sort(tl.where(chosen, mask32 - (keys & mask32), mask32), CW, False)  # ascending
+    first = j < k1
+    page = tl.load(cand + idx, mask=first, other=0)
+    if HAS_MAP:  # pages from map_base on are virtual: the table gets their mapped page
+        virt = first & (page >= map_base)
+        mapped = tl.load(map_ptr + (page - map_base), mask=virt, other=0)
+        tl.store(row + head + j, tl.where(virt, tl.maximum(mapped, 0), page), mask=first)
+    else:
+        tl.store(row + head + j, page, mask=first)
+    tl.store(sel_out + j, page, mask=first)
+    if HAS_SPARE:  # ranks k1 .. k2 - 1, best first
+        run = (j >= k1) & (j < k2)
+        page = tl.load(cand + (mask32 - (ranked & mask32)), mask=run, other=0)
+        tl.store(spare_out + (j - k1), page, mask=run)
+
+
+@triton.jit
+def _radix_select_kernel(
+    num_cands_ptr, keys_ptr, hist_ptr, count_ptr, fill_ptr, comp_ptr,
+    cand_ptr, head_table_ptr, head_pages_ptr, local_table_ptr, local_tokens_ptr, table_ptr,
+    lens_ptr, sel_ptr, nsel_ptr, map_ptr, spare_ptr,
+    inv_range, topk, chunk_size, local_width, width, map_base, num_spare,
+    stride_kb, stride_cb, stride_hb, stride_lb, stride_tb, stride_selb, stride_spb,
+    LINEAR: tl.constexpr, NBINS: tl.constexpr, LOG_BINS: tl.constexpr, BLOCK: tl.constexpr,
+    CAP: tl.constexpr, SMALL: tl.constexpr, BLOCK_W: tl.constexpr, HAS_MAP: tl.constexpr,
+    HAS_SPARE: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    b64 = pid_b.to(tl.int64)
+    n_cands = tl.load(num_cands_ptr + pid_b)
+    keys = keys_ptr + b64 * stride_kb
+    comp = comp_ptr + b64 * CAP
+    k1 = tl.minimum(topk, n_cands)
+    k2 = tl.minimum(topk + num_spare, n_cands)
+    # the bin of the k2-th best key, from the histogram (every program computes the same)
+    bins = tl.arange(0, NBINS)
+    hh = tl.load(hist_ptr + b64 * NBINS + bins, cache_modifier=".cg")
+    c_ge = tl_sum(hh, 0) - tl_cumsum(hh, 0) + hh  # keys in this bin or above
+    d1 = tl_sum((c_ge >= k2).to(tl.int32), 0) - 1
+    h_d1 = tl_sum(tl.where(bins == d1, hh, 0), 0)
+    above = tl_sum(tl.where(bins == d1, c_ge, 0), 0) - h_d1
+    exact = above + h_d1 > CAP
+    if (k2 > 0) & (~exact) & (pid_n * BLOCK < n_cands):  # this block's keys from bin d1 up
+        offs = pid_n * BLOCK + tl.arange(0, BLOCK)
+        live = offs < n_cands
+        ok = tl.load(keys + offs, mask=live, other=-2147483648, cache_modifier=".cg")
+        take = live & (_score_bin(ok, inv_range, LINEAR, NBINS, LOG_BINS) >= d1)
+        cnt = tl_sum(take.to(tl.int32), 0)
+        if cnt > 0:
+            base = tl.atomic_add(fill_ptr + pid_b, cnt, sem="relaxed")
+            tl.store(comp + base + _excl_cumsum(take), _packed(ok, offs, BLOCK), mask=take)
     tl.debug_barrier()
     arrived = tl.atomic_add(count_ptr + pid_b, 1, sem="acq_rel")
-    if arrived == tl.num_programs(1) - 1:
-        # --- the row's last program: select, then write the scope table
-        k1 = tl.minimum(topk, n_cands)
-        k2 = tl.minimum(topk + num_spare, n_cands)
-        hh = tl.load(hist + bins, cache_modifier=".cg")
-        c_ge = tl_sum(hh, 0) - tl_cumsum(hh, 0) + hh  # keys in this bin or above
-        d1 = tl_sum((c_ge >= k2).to(tl.int32), 0) - 1  # the bin of the k2-th best key
-        h_d1 = tl_sum(tl.where(bins == d1, hh, 0), 0)
-        above = tl_sum(tl.where(bins == d1, c_ge, 0), 0) - h_d1
-        need = k2 - above  # keys still to take from bin d1
-        t = tl.full([], 2147483647, tl.int32)
-        rem = tl.full([], 0, tl.int32)
-        exact = (k2 > 0) & (above + h_d1 > CAP)
-        if exact:  # too many in bin d1: the exact key of rank `need` there, by bisection
-            lo = tl.full([], -2147483648, tl.int64)
-            hi = tl.full([], 2147483647, tl.int64)
-            for _ in range(32):
-                mid = (lo + hi + 1) >> 1
-                ok_mid = _count_at_least(keys, n_cands, d1, mid.to(tl.int32), inv_range,
-                                         MAX_COMBINE, NBINS, LOG_BINS, TILE) >= need
-                lo = tl.where(ok_mid, mid, lo)
-                hi = tl.where(ok_mid, hi, mid - 1)
-            t = lo.to(tl.int32)
-            # ties at t are taken in candidate order, after the keys above t
-            above_t = _count_at_least(keys, n_cands, d1, tl.minimum(lo + 1, 2147483647).to(
-                tl.int32), inv_range, MAX_COMBINE, NBINS, LOG_BINS, TILE)
-            rem = need - tl.where(lo < 2147483647, above_t, 0)
-        # one scan: the keys above bin d1 and (all, or down to the threshold) those in it
-        comp = comp_ptr + b64 * CAP
-        mc = tl.full([], 0, tl.int32)
-        ties = tl.full([], 0, tl.int32)
-        if k2 > 0:
-            for t0 in range(0, n_cands, TILE):
-                offs = t0 + tl.arange(0, TILE)
-                live = offs < n_cands
-                ok = tl.load(keys + offs, mask=live, other=-2147483648, cache_modifier=".cg")
-                bn = _score_bin(ok, inv_range, MAX_COMBINE, NBINS, LOG_BINS)
-                in_d1 = live & (bn == d1)
-                tie = in_d1 & (ok == t)
-                take = live & (bn > d1)
-                if exact:
-                    take = take | (in_d1 & (ok > t)) | (tie & (ties + _excl_cumsum(tie) < rem))
-                else:
-                    take = take | in_d1
-                pos = mc + _excl_cumsum(take)
-                low = ((tl.full([TILE], 1, tl.int64) << 32) - 1) - offs.to(tl.int64)
-                tl.store(comp + pos, (ok.to(tl.int64) << 32) | low, mask=take)
-                mc += tl_sum(take.to(tl.int32), 0)
-                ties += tl_sum(tie.to(tl.int32), 0)
-        tl.debug_barrier()
+    if arrived == tl.num_programs(1) - 1:  # the row's last program: rank, write the table
+        if exact & (k2 > 0):
+            mc = _fill_exact(keys, comp, n_cands, d1, k2 - above, inv_range, LINEAR, NBINS,
+                             LOG_BINS, BLOCK)
+            tl.debug_barrier()
+        else:
+            mc = tl.atomic_add(fill_ptr + pid_b, 0, sem="acquire")
         head = tl.load(head_pages_ptr + pid_b)
         row = table_ptr + b64 * stride_tb
         cand = cand_ptr + b64 * stride_cb
@@ -441,10 +463,10 @@ def _combine_select_kernel(
         spare_out = spare_ptr + b64 * stride_spb
         if mc <= SMALL:
             _rank_and_write(comp, mc, k1, k2, cand, row, head, sel_out, spare_out, map_ptr,
-                            map_base, SMALL, 16, HAS_MAP, HAS_SPARE)
+                            map_base, SMALL, HAS_MAP, HAS_SPARE)
         else:
             _rank_and_write(comp, mc, k1, k2, cand, row, head, sel_out, spare_out, map_ptr,
-                            map_base, CAP, 8, HAS_MAP, HAS_SPARE)
+                            map_base, CAP, HAS_MAP, HAS_SPARE)
         j = tl.arange(0, BLOCK_W)
         for j0 in range(0, topk, BLOCK_W):  # -1 after the selected ones
             tl.store(sel_out + j0 + j, tl.full([BLOCK_W], -1, tl.int32),
@@ -569,50 +591,52 @@ def select_scope_triton(q: torch.Tensor, cand_pages: torch.Tensor, num_cands: to
 def _select_radix(q, cand_pages, num_cands, kmin, kmax, kmean, use_minmax, combine, reps,
                   head_table, head_pages, local_table, local_tokens, topk, chunk_size,
                   page_map, map_base, spare, out) -> None:
-    """Scorer, then ``_combine_select_kernel``: two launches after one zero fill."""
+    """Zero fill, scorer, ``_combine_hist_kernel``, ``_radix_select_kernel``."""
     table, lens, sel, nsel = out[:4]
     runners = out[4] if spare else nsel
     dev = q.device
     batch, n = cand_pages.shape
     rows, num_q_heads, _ = q.shape
     per_head = combine != "sum"
-    # one zero fill: the per-head maxima, the histograms and the arrival counters
+    # one zero fill: the per-head maxima, the histograms, the arrival and fill counters
     n_scale = rows * num_q_heads if per_head else 0
-    ws = torch.zeros(n_scale + batch * SELECT_BINS + batch, dtype=torch.int32, device=dev)
+    ws = torch.zeros(n_scale + batch * (SELECT_BINS + 2), dtype=torch.int32, device=dev)
     scale = ws[:n_scale].view(torch.float32).view(rows, num_q_heads) if per_head else None
     hist = ws[n_scale:n_scale + batch * SELECT_BINS]
-    count = ws[n_scale + batch * SELECT_BINS:]
-    n16 = aligned(max(n, 1))
+    count = ws[n_scale + batch * SELECT_BINS:][:batch]
+    fill = ws[n_scale + batch * SELECT_BINS:][batch:]
+    keys = torch.empty(batch, aligned(max(n, 1)), dtype=torch.int32, device=dev)
+    log_bins = SELECT_BINS.bit_length() - 1
+    inv_range = 1.0 / num_q_heads
     if n:
-        scores = torch.empty((rows, num_q_heads, n16) if per_head else (rows, n16),
-                             dtype=torch.float32, device=dev)[..., :n]
+        scores = torch.empty((rows, num_q_heads, aligned(n)) if per_head
+                             else (rows, aligned(n)), dtype=torch.float32, device=dev)[..., :n]
         launch_scorer(q, cand_pages, num_cands, kmin if use_minmax else None,
                       kmax if use_minmax else None, None if use_minmax else kmean, scores,
                       scale, reps)
-    else:
-        scores = ws
-    keys = torch.empty(batch, n16, dtype=torch.int32, device=dev)
+        cb = 256
+        _combine_hist_kernel[(batch, triton.cdiv(n, cb))](
+            scores, scale if per_head else scores, num_cands, keys, hist, num_q_heads,
+            inv_range, scores.stride(0), scores.stride(1) if per_head else 0,
+            scale.stride(0) if per_head else 0, keys.stride(0),
+            REPS=reps, MAX_COMBINE=per_head, BLOCK=cb,
+            HEAD_TILE=max(1, min(next_pow2(num_q_heads), 32)), NBINS=SELECT_BINS,
+            LOG_BINS=log_bins, num_warps=4,
+        )
     cap = max(SELECT_CAP, next_pow2(topk + spare))
     comp = torch.empty(batch, cap, dtype=torch.int64, device=dev)
-    cb = 256
     width = table.shape[1]
-    _combine_select_kernel[(batch, max(1, triton.cdiv(n, cb)))](
-        scores, scale if per_head else scores, num_cands, keys, hist, count, comp,
+    _radix_select_kernel[(batch, max(1, triton.cdiv(n, _SELECT_BLOCK)))](
+        num_cands, keys, hist, count, fill, comp,
         cand_pages, head_table, head_pages, local_table, local_tokens, table, lens, sel, nsel,
         page_map if page_map is not None else nsel, runners,
-        n, num_q_heads, 1.0 / num_q_heads, topk, chunk_size, local_table.shape[1], width,
-        map_base, spare,
-        scores.stride(0) if n else 0, scores.stride(1) if n and per_head else 0,
-        scale.stride(0) if per_head else 0, keys.stride(0),
-        cand_pages.stride(0), head_table.stride(0), local_table.stride(0), table.stride(0),
-        sel.stride(0) if topk else 0, runners.stride(0) if spare else 0,
-        REPS=reps, MAX_COMBINE=per_head, BLOCK=cb,
-        HEAD_TILE=max(1, min(next_pow2(num_q_heads), 32)), NBINS=SELECT_BINS,
-        LOG_BINS=SELECT_BINS.bit_length() - 1, TILE=2048, CAP=cap, SMALL=_SELECT_SMALL,
-        BLOCK_W=max(16, min(256, next_pow2(width))), HAS_MAP=page_map is not None,
-        HAS_SPARE=spare > 0, num_warps=8,
+        inv_range, topk, chunk_size, local_table.shape[1], width, map_base, spare,
+        keys.stride(0), cand_pages.stride(0), head_table.stride(0), local_table.stride(0),
+        table.stride(0), sel.stride(0) if topk else 0, runners.stride(0) if spare else 0,
+        LINEAR=per_head, NBINS=SELECT_BINS, LOG_BINS=log_bins, BLOCK=_SELECT_BLOCK, CAP=cap,
+        SMALL=min(_SELECT_SMALL, cap), BLOCK_W=max(16, min(256, next_pow2(width))),
+        HAS_MAP=page_map is not None, HAS_SPARE=spare > 0, num_warps=8,
     )
-
 
 def assemble_scope_ref(head_table: torch.Tensor, head_pages: torch.Tensor,
                        sel_pages: torch.Tensor, num_sel: torch.Tensor,

@@ -297,17 +297,19 @@ def test_select_scope_merges_blocks_in_tiles(topk, sort_block, max_cands, tile, 
 
 
 
-@pytest.mark.parametrize("bins,cap,small", [(32, 16, 16), (2048, 32, 16), (64, 1024, 256)])
+@pytest.mark.parametrize("bins,cap,small,block", [(32, 16, 16, 2048), (2048, 32, 16, 128),
+                                                  (64, 1024, 256, 256), (2048, 1024, 16, 64)])
 @pytest.mark.parametrize("combine,topk,spare", [("max", 9, 0), ("max", 40, 7), ("sum", 5, 3),
                                                 ("sum", 33, 0)])
-def test_select_scope_radix_threshold_paths(bins, cap, small, combine, topk, spare,
+def test_select_scope_radix_threshold_paths(bins, cap, small, block, combine, topk, spare,
                                             monkeypatch):
-    """The radix top-k with few histogram bins and a small rank buffer: bins crowded past
-    the buffer take the exact-threshold search, the others the one-scan copy; the ranked
-    buffer is wider or narrower than its small tile. Same as the reference, runners-up
-    included."""
+    """The radix top-k with few histogram bins, a small buffer and small blocks: bins
+    crowded past the buffer take the exact-threshold search, the others are copied by
+    every block's program (up to 21 a row) into the buffer; the buffer is sorted wider or
+    narrower than its small width. Same as the reference, runners-up included."""
     g = K.select_scope_triton.__globals__
-    for name, value in (("SELECT_BINS", bins), ("SELECT_CAP", cap), ("_SELECT_SMALL", small)):
+    for name, value in (("SELECT_BINS", bins), ("SELECT_CAP", cap), ("_SELECT_SMALL", small),
+                        ("_SELECT_BLOCK", block)):
         monkeypatch.setitem(g, name, value)
     gen = torch.Generator().manual_seed(90 + topk + bins)
     q, cand, nc, (kmin, kmax, _), scope = _scope_inputs(3, 1, 2, 4, 64, torch.float32, gen,

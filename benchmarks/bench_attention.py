@@ -375,6 +375,7 @@ def time_ours(ctx: int, s: Shape, bw: float, rep: int, cos, sin, device) -> dict
             row["g_attn_" + "_".join(map(str, cfg))] = bench_graph(
                 lambda n=splits: ours.attend(*tables, num_splits=n), rep)
         dg["DECODE_BLOCK_N"], dg["DECODE_WARPS"], dg["DECODE_STAGES"] = saved
+    row["kernels"] = kernel_times(ours.step)
     # the previous top-k (sorting networks over blocks of candidates), and 32 runners-up
     row["g_select_sort"] = bench_graph(lambda: ours.select("sort"), rep)
     row["sort_graph"] = bench_graph(lambda: ours.step("sort"), rep)
@@ -389,11 +390,29 @@ def time_ours(ctx: int, s: Shape, bw: float, rep: int, cos, sin, device) -> dict
     return row
 
 
+def kernel_times(fn, steps: int = 20) -> list[tuple[str, float]]:
+    """Device time of each kernel of ``fn`` (eager launches, torch profiler), us per call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    out = []
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        if t > 0:
+            out.append((e.key, t / steps))
+    return sorted(out, key=lambda kv: -kv[1])
+
+
 # decode attention: keys per tile, warps, stages, splits (None: the default count)
-DECODE_CONFIGS = ((64, 4, 2, None), (64, 4, 2, 16), (64, 4, 2, 64), (64, 4, 3, None),
-                  (32, 4, 2, None), (32, 4, 2, 64), (64, 8, 2, None), (128, 8, 2, None),
-                  (128, 4, 2, 16))
-SCORER_CONFIGS = ((16, 2), (16, 4), (32, 2), (32, 4), (32, 8), (64, 4), (64, 8))
+DECODE_CONFIGS = ((64, 4, 2, None), (64, 4, 2, 64), (64, 4, 1, None), (64, 2, 2, None),
+                  (32, 4, 2, 64), (32, 2, 2, 64), (128, 8, 2, 32), (128, 4, 2, 32),
+                  (128, 8, 3, 64))
+SCORER_CONFIGS = ((8, 1), (16, 1), (16, 2), (32, 2), (32, 4), (64, 4))
 
 
 def time_full(ctx: int, s: Shape, bw: float, rep: int, cos, sin, device) -> dict:
@@ -465,7 +484,8 @@ def main() -> None:
             rows.append({"ctx": ctx, "error": f"OOM: {str(exc).splitlines()[0][:60]}"})
         print(f"# {fmt_tokens(ctx)} done at {time.time() - t0:.0f} s: "
               + ", ".join(f"{k} {v * 1e3:.1f} us" if isinstance(v, float) and k != "first_call_s"
-                          else f"{k} {v}" for k, v in rows[-1].items() if k != "ctx"),
+                          else f"{k} {v}" for k, v in rows[-1].items()
+                          if k not in ("ctx", "kernels")),
               flush=True)
         torch.cuda.empty_cache()
 
@@ -507,6 +527,11 @@ def main() -> None:
         print("| " + " | ".join(["---"] * len(DECODE_CONFIGS)) + " |")
         print("| " + " | ".join(fmt_us(r["g_attn_" + "_".join(map(str, c))])
                                 for c in DECODE_CONFIGS) + " |\n")
+    print("device time of each kernel of the step (eager launches, torch profiler, us):\n")
+    for r in (r for r in rows if "kernels" in r):
+        print(f"- {fmt_tokens(r['ctx'])}: " + ", ".join(
+            f"{name[:40]} {t:.1f}" for name, t in r["kernels"]))
+    print()
     sweep = [r for r in rows if "g_scores_64_4" in r]
     if sweep:
         print("scores kernel (CUDA graph, us) by candidates per program / warps; floor = the "

@@ -327,12 +327,11 @@ def _combine_hist_kernel(
         bits = best.to(tl.int32, bitcast=True)
         okey = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # order-preserving as int32
         tl.store(keys_ptr + pid_b.to(tl.int64) * stride_kb + offs, okey, mask=valid)
-        bins = tl.arange(0, NBINS)
-        bn = tl.where(valid, _score_bin(okey, inv_range, MAX_COMBINE, NBINS, LOG_BINS), 0)
-        h = tl.histogram(bn, NBINS)
-        h -= tl.where(bins == 0, tl_sum((~valid).to(tl.int32), 0), 0)  # the padding's zeros
-        tl.atomic_add(hist_ptr + pid_b.to(tl.int64) * NBINS + bins, h, mask=h > 0,
-                      sem="relaxed")
+        # one global atomic per key: tl.histogram's shared-memory pass (each lane owning
+        # NBINS / 32 consecutive bins, so every lane of a warp hits one bank) took 8.5 us
+        # a program on the H200 at 2048 bins
+        bn = _score_bin(okey, inv_range, MAX_COMBINE, NBINS, LOG_BINS)
+        tl.atomic_add(hist_ptr + pid_b.to(tl.int64) * NBINS + bn, 1, mask=valid, sem="relaxed")
 
 
 @triton.jit

@@ -149,8 +149,8 @@ def chunk_scores_triton(q: torch.Tensor, cand_pages: torch.Tensor, num_cands: to
     return out
 
 
-SCORE_BLOCK_N = 32  # candidates per scorer program (32 beat 64 and 128 on the H200)
-SCORE_WARPS = 4  # its warps
+SCORE_BLOCK_N = 16  # candidates per scorer program (16 or 32 beat 64 and 128 on the H200)
+SCORE_WARPS = 2  # its warps
 
 
 def launch_scorer(q, cand_pages, num_cands, kmin, kmax, kmean, out, scale, reps) -> None:

@@ -34,6 +34,7 @@ from ._triton_compat import (
     aligned,
     check,
     next_pow2,
+    resting_zeros,
     tl,
     tl_cumsum,
     tl_sum,
@@ -412,7 +413,8 @@ def _rank_and_write(comp, mc, k1, k2, cand, row, head, sel_out, spare_out, map_p
 
 @triton.jit
 def _radix_select_kernel(
-    num_cands_ptr, keys_ptr, hist_ptr, count_ptr, fill_ptr, comp_ptr,
+    num_cands_ptr, keys_ptr, hist_ptr, count_ptr, fill_ptr, comp_ptr, scale_ptr, num_q_heads,
+    reps,  # scale [B * reps, Hq] (LINEAR: a max-normalized combine's per-head maxima)
     cand_ptr, head_table_ptr, head_pages_ptr, local_table_ptr, local_tokens_ptr, table_ptr,
     lens_ptr, sel_ptr, nsel_ptr, map_ptr, spare_ptr,
     inv_range, topk, chunk_size, local_width, width, map_base, num_spare,
@@ -486,6 +488,16 @@ def _radix_select_kernel(
             outside = (p < head) | (p >= lo_w)
             tl.store(row + p, tl.where(p < head, sink, loc), mask=outside & (p < width))
         tl.store(lens_ptr + pid_b, lo_w * chunk_size + tl.load(local_tokens_ptr + pid_b))
+        # leave this row's workspace zeroed for the next call (every other program of the
+        # row is done with it: each arrived after its last read)
+        tl.debug_barrier()
+        tl.store(hist_ptr + b64 * NBINS + bins, tl.full([NBINS], 0, tl.int32))
+        if LINEAR:
+            for h0 in range(0, reps * num_q_heads, BLOCK_W):
+                tl.store(scale_ptr + b64 * reps * num_q_heads + h0 + j,
+                         tl.full([BLOCK_W], 0.0, tl.float32), mask=h0 + j < reps * num_q_heads)
+        tl.store(fill_ptr + pid_b, 0)
+        tl.store(count_ptr + pid_b, 0)
 
 
 def _check_scope_inputs(cand_pages, head_table, head_pages, local_table, local_tokens,
@@ -597,9 +609,10 @@ def _select_radix(q, cand_pages, num_cands, kmin, kmax, kmean, use_minmax, combi
     batch, n = cand_pages.shape
     rows, num_q_heads, _ = q.shape
     per_head = combine != "sum"
-    # one zero fill: the per-head maxima, the histograms, the arrival and fill counters
+    # zeros the select kernel leaves zeroed: the per-head maxima, the histograms, the
+    # arrival and fill counters
     n_scale = rows * num_q_heads if per_head else 0
-    ws = torch.zeros(n_scale + batch * (SELECT_BINS + 2), dtype=torch.int32, device=dev)
+    ws = resting_zeros(dev, n_scale + batch * (SELECT_BINS + 2), "select_scope")
     scale = ws[:n_scale].view(torch.float32).view(rows, num_q_heads) if per_head else None
     hist = ws[n_scale:n_scale + batch * SELECT_BINS]
     count = ws[n_scale + batch * SELECT_BINS:][:batch]
@@ -626,7 +639,7 @@ def _select_radix(q, cand_pages, num_cands, kmin, kmax, kmean, use_minmax, combi
     comp = torch.empty(batch, cap, dtype=torch.int64, device=dev)
     width = table.shape[1]
     _radix_select_kernel[(batch, max(1, triton.cdiv(n, _SELECT_BLOCK)))](
-        num_cands, keys, hist, count, fill, comp,
+        num_cands, keys, hist, count, fill, comp, scale if per_head else ws, num_q_heads, reps,
         cand_pages, head_table, head_pages, local_table, local_tokens, table, lens, sel, nsel,
         page_map if page_map is not None else nsel, runners,
         inv_range, topk, chunk_size, local_table.shape[1], width, map_base, spare,

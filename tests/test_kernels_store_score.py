@@ -319,6 +319,11 @@ def test_select_scope_radix_threshold_paths(bins, cap, small, block, combine, to
     ref = K.select_scope_ref(*args, spare)
     for name, a, b in zip(("table", "lens", "sel_pages", "num_sel", "runners"), out, ref):
         assert torch.equal(a, b), name
+    # the workspace (per-head maxima, histograms, counters) is left zeroed: a second call
+    # needs no fill and gives the same
+    assert not g["resting_zeros"](q.device, 3 * 8 + 3 * (bins + 2), "select_scope").any()
+    again = K.select_scope_triton(*args, spare)
+    assert all(torch.equal(a, b) for a, b in zip(out, again))
 
 
 @pytest.mark.parametrize("cap", [16, 1024])

@@ -375,9 +375,6 @@ def time_ours(ctx: int, s: Shape, bw: float, rep: int, cos, sin, device) -> dict
             row["g_attn_" + "_".join(map(str, cfg))] = bench_graph(
                 lambda n=splits: ours.attend(*tables, num_splits=n), rep)
         dg["DECODE_BLOCK_N"], dg["DECODE_WARPS"], dg["DECODE_STAGES"] = saved
-        dg["DECODE_MERGE_LAST"] = False  # the splits merged by a second kernel
-        row["g_attn_two_kernels"] = bench_graph(lambda: ours.attend(*tables), rep)
-        dg["DECODE_MERGE_LAST"] = True
     row["kernels"] = kernel_times(ours.step)
     # the previous top-k (sorting networks over blocks of candidates), and 32 runners-up
     row["g_select_sort"] = bench_graph(lambda: ours.select("sort"), rep)
@@ -525,12 +522,10 @@ def main() -> None:
     for r in (r for r in rows if "g_attn_64_4_2_None" in r):
         print(f"decode attention over the 8K scope at {fmt_tokens(r['ctx'])} (CUDA graph, us; "
               f"floor {fmt_us(r['attn_floor'])}) by keys per tile / warps / stages / splits:\n")
-        print("| " + " | ".join(" / ".join(map(str, c)) for c in DECODE_CONFIGS)
-              + " | default, splits merged by a second kernel |")
-        print("| " + " | ".join(["---"] * (len(DECODE_CONFIGS) + 1)) + " |")
+        print("| " + " | ".join(" / ".join(map(str, c)) for c in DECODE_CONFIGS) + " |")
+        print("| " + " | ".join(["---"] * len(DECODE_CONFIGS)) + " |")
         print("| " + " | ".join(fmt_us(r["g_attn_" + "_".join(map(str, c))])
-                                for c in DECODE_CONFIGS)
-              + f" | {fmt_us(r['g_attn_two_kernels'])} |\n")
+                                for c in DECODE_CONFIGS) + " |\n")
     print("device time of each kernel of the step (eager launches, torch profiler, us):\n")
     for r in (r for r in rows if "kernels" in r):
         print(f"- {fmt_tokens(r['ctx'])}: " + ", ".join(

@@ -6,10 +6,9 @@ query (whose own K/V is already stored as the last scope token) has position
 ``scope_len - 1``. Keys in the cache are un-rotated; both q and each key are rotated in
 registers, so nothing is gathered or copied.
 
-Kernel ``_decode_attention_kernel`` (grid ``(B, Hkv, num_splits)``; one program = one KV
-head x all its GQA query heads x one slice of the scope, flash-decoding style); the last
-split program of each KV head to finish merges the splits by their log-sum-exp
-(``_decode_reduce_kernel``, a second launch, does it when ``DECODE_MERGE_LAST`` is off). The
+Kernels: ``_decode_attention_kernel`` (grid ``(B, Hkv, num_splits)``; one program = one KV
+head x all its GQA query heads x one slice of the scope, flash-decoding style) and
+``_decode_reduce_kernel`` (grid ``(B, Hq)``; merges the splits by their log-sum-exp). The
 grid depends only on shapes and every loop bound is read from ``scope_lens`` on the device,
 so the op is CUDA-graph capturable.
 """
@@ -24,7 +23,6 @@ from ._triton_compat import (
     device_sms,
     dot_dtype,
     next_pow2,
-    resting_zeros,
     tl,
     tl_max,
     tl_sum,
@@ -35,15 +33,12 @@ from .rope import apply_rope_ref
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 64
 DECODE_BLOCK_N, DECODE_WARPS, DECODE_STAGES = 64, 4, 2  # keys per tile, warps, stages
-# The last split program of each KV head to finish merges the splits (an atomic counter
-# per head, zeroed again after use) instead of a second kernel.
-DECODE_MERGE_LAST = True
 
 
 @triton.jit
 def _decode_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, page_table_ptr, scope_lens_ptr, cos_ptr, sin_ptr,
-    out_ptr, lse_ptr, final_ptr, count_ptr,
+    out_ptr, lse_ptr,
     qk_scale,
     stride_qb, stride_qh,
     stride_kp, stride_kt, stride_kh,
@@ -51,11 +46,9 @@ def _decode_attention_kernel(
     stride_ptb, stride_rope, max_pos,
     stride_ob, stride_oh, stride_os,
     stride_lb, stride_lh,
-    stride_fb, stride_fh,  # final output [B, Hq, D] (MERGE_LAST)
     PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr, HALF_D: tl.constexpr,
     NUM_SPLITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DH: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    MERGE_LAST: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     pid_kvh = tl.program_id(1)
@@ -117,40 +110,6 @@ def _decode_attention_kernel(
         tl.store(out_ptr + o_off + HALF_D, o2, mask=hd_mask)
         lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
         tl.store(lse_ptr + pid_b * stride_lb + q_heads * stride_lh + pid_s, lse, mask=h_mask)
-        if MERGE_LAST:  # the last split of this KV head to finish merges its query heads
-            tl.debug_barrier()
-            counter = count_ptr + pid_b * tl.num_programs(1) + pid_kvh
-            if tl.atomic_add(counter, 1, sem="acq_rel") == NUM_SPLITS - 1:
-                for g in tl.static_range(GROUP):
-                    _merge_splits(out_ptr, lse_ptr, final_ptr, pid_b, pid_kvh * GROUP + g,
-                                  stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
-                                  stride_fb, stride_fh, 2 * HALF_D, NUM_SPLITS, BLOCK_S,
-                                  BLOCK_D)
-                tl.store(counter, 0)  # zeroed again for the next call
-
-
-@triton.jit
-def _merge_splits(part_o_ptr, part_lse_ptr, out_ptr, pid_b, pid_h,
-                  stride_pob, stride_poh, stride_pos, stride_plb, stride_plh, stride_ob,
-                  stride_oh, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                  BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Merge one head's split outputs by their log-sum-exp into ``out``."""
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    s_mask = offs_s < NUM_SPLITS
-    d_mask = offs_d < HEAD_DIM
-    lse = tl.load(part_lse_ptr + pid_b * stride_plb + pid_h * stride_plh + offs_s,
-                  mask=s_mask, other=float("-inf"), cache_modifier=".cg")
-    m = tl_max(lse, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp2(lse - m)  # empty splits have lse = -inf -> weight 0
-    denom = tl_sum(w, 0)
-    po = tl.load(part_o_ptr + pid_b.to(tl.int64) * stride_pob + pid_h * stride_poh
-                 + offs_s[:, None] * stride_pos + offs_d[None, :],
-                 mask=s_mask[:, None] & d_mask[None, :], other=0.0, cache_modifier=".cg")
-    o = tl_sum(po * w[:, None], 0) / tl.where(denom > 0, denom, 1.0)
-    tl.store(out_ptr + pid_b.to(tl.int64) * stride_ob + pid_h * stride_oh + offs_d,
-             o.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
 @triton.jit
@@ -162,9 +121,26 @@ def _decode_reduce_kernel(
     HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    _merge_splits(part_o_ptr, part_lse_ptr, out_ptr, tl.program_id(0), tl.program_id(1),
-                  stride_pob, stride_poh, stride_pos, stride_plb, stride_plh, stride_ob,
-                  stride_oh, HEAD_DIM, NUM_SPLITS, BLOCK_S, BLOCK_D)
+    pid_b = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < NUM_SPLITS
+    d_mask = offs_d < HEAD_DIM
+
+    lse = tl.load(part_lse_ptr + pid_b * stride_plb + pid_h * stride_plh + offs_s,
+                  mask=s_mask, other=float("-inf"))
+    m = tl_max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m)  # empty splits have lse = -inf -> weight 0
+    denom = tl_sum(w, 0)
+    po = tl.load(part_o_ptr + pid_b.to(tl.int64) * stride_pob + pid_h * stride_poh
+                 + offs_s[:, None] * stride_pos + offs_d[None, :],
+                 mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+    o = tl_sum(po * w[:, None], 0) / tl.where(denom > 0, denom, 1.0)
+    tl.store(out_ptr + pid_b.to(tl.int64) * stride_ob + pid_h * stride_oh + offs_d,
+             o.to(out_ptr.dtype.element_ty), mask=d_mask)
+
 
 def default_num_splits(batch: int, num_kv_heads: int, max_scope: int, num_sms: int,
                        block_n: int = 64) -> int:
@@ -242,24 +218,21 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                                device=q.device)
         so = (part_o.stride(0), part_o.stride(1), part_o.stride(2))
         sl = (part_lse.stride(0), part_lse.stride(1))
-    merge = num_splits > 1 and DECODE_MERGE_LAST
-    count = resting_zeros(q.device, batch * num_kv_heads, "decode_attention") if merge else out
     _decode_attention_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, page_table, scope_lens, cos, sin,
-        part_o, part_lse, out, count,
+        part_o, part_lse,
         sm_scale * _LOG2E,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         page_table.stride(0), cos.stride(0), cos.shape[0],
-        *so, *sl, out.stride(0), out.stride(1),
+        *so, *sl,
         PAGE_SIZE=page_size, GROUP=group, HALF_D=half, NUM_SPLITS=num_splits,
         BLOCK_H=max(16, next_pow2(group)), BLOCK_N=block_n, BLOCK_DH=max(16, next_pow2(half)),
-        DOT_PRECISION=dot_precision, DOT_DTYPE=dot_dtype(q.dtype), MERGE_LAST=merge,
-        BLOCK_S=max(2, next_pow2(num_splits)), BLOCK_D=next_pow2(head_dim),
-        num_warps=DECODE_WARPS, num_stages=DECODE_STAGES,
+        DOT_PRECISION=dot_precision, DOT_DTYPE=dot_dtype(q.dtype), num_warps=DECODE_WARPS,
+        num_stages=DECODE_STAGES,
     )
-    if num_splits > 1 and not merge:
+    if num_splits > 1:
         _decode_reduce_kernel[(batch, num_q_heads)](
             part_o, part_lse, out,
             part_o.stride(0), part_o.stride(1), part_o.stride(2),

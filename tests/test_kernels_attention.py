@@ -122,23 +122,6 @@ def test_decode_page_sizes_and_default_splits(page_size, tables):
 
 
 
-def test_decode_merge_in_the_last_split_equals_a_second_kernel(tables, monkeypatch):
-    """The splits merged by each KV head's last program give what the reduce kernel gives,
-    call after call (its per-head counters are zero again after each call)."""
-    gen = torch.Generator().manual_seed(5)
-    kc, vc, pt, sl, _, _ = _make_paged([1, 200, 65, 130], 16, 2, 64, torch.float32, gen)
-    q = torch.randn(4, 8, 64, generator=gen)
-    cos, sin = tables[64]
-    glb = K.decode_attention_triton.__globals__
-    outs = []
-    for merge in (True, True, False):
-        monkeypatch.setitem(glb, "DECODE_MERGE_LAST", merge)
-        outs.append(K.decode_attention_triton(q, kc, vc, pt, sl, cos, sin, 0.125, num_splits=5))
-        counters = glb["resting_zeros"](q.device, 8, "decode_attention")
-        assert not counters.any()
-    torch.testing.assert_close(outs[0], outs[2], rtol=0, atol=1e-6)
-    assert torch.equal(outs[0], outs[1])
-
 @pytest.mark.parametrize("group", [1, 3, 4])
 def test_decode_ref_equals_full_attention(group, tables):
     """Whole context in scope -> ordinary attention at the last position, exactly."""

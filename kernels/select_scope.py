@@ -383,10 +383,13 @@ def _fill_exact(keys, comp, n, d1, need, inv_range, LINEAR: tl.constexpr,
 
 
 @triton.jit
-def _rank_and_write(comp, mc, k1, k2, cand, row, head, sel_out, spare_out, map_ptr, map_base,
-                    CW: tl.constexpr, HAS_MAP: tl.constexpr, HAS_SPARE: tl.constexpr):
-    """The `mc` packed keys of `comp` (any order), sorted: the k1 best go to the table and
-    `sel_out` in candidate order, ranks k1 .. k2 - 1 to `spare_out`, best first."""
+def _rank_and_write(comp, mc, k1, k2, ordered, cand, row, head, sel_out, spare_out, map_ptr,
+                    map_base, CW: tl.constexpr, HAS_MAP: tl.constexpr,
+                    HAS_SPARE: tl.constexpr):
+    """The `mc` packed keys of `comp` sorted: the k1 best go to the table and `sel_out` in
+    candidate order, ranks k1 .. k2 - 1 to `spare_out`, best first. `ordered`: `comp` is
+    in candidate order already (filled by one program), so the chosen keys need no second
+    sort to be put in that order."""
     j = tl.arange(0, CW)
     live = j < mc
     pad = tl.full([CW], -2147483648, tl.int32).to(tl.int64) << 32
@@ -394,9 +397,14 @@ def _rank_and_write(comp, mc, k1, k2, cand, row, head, sel_out, spare_out, map_p
     ranked = _sort(keys, CW, True)  # best first
     thr = tl_sum(tl.where(j == k1 - 1, ranked, 0), 0)  # the k1-th best key
     mask32 = (tl.full([CW], 1, tl.int64) << 32) - 1
-    chosen = live & (keys >= thr) & (k1 > 0)
-    idx = _sort(tl.where(chosen, mask32 - (keys & mask32), mask32), CW, False)  # ascending
-    first = j < k1
+    chosen = live & (keys >= thr) & (tl.full([CW], 0, tl.int32) < k1)
+    if ordered:  # the chosen ones in place: slot = how many chosen ones come before
+        first = chosen
+        j = _excl_cumsum(chosen)
+        idx = mask32 - (keys & mask32)
+    else:
+        idx = _sort(tl.where(chosen, mask32 - (keys & mask32), mask32), CW, False)  # ascending
+        first = j < k1
     page = tl.load(cand + idx, mask=first, other=0)
     if HAS_MAP:  # pages from map_base on are virtual: the table gets their mapped page
         virt = first & (page >= map_base)
@@ -406,9 +414,10 @@ def _rank_and_write(comp, mc, k1, k2, cand, row, head, sel_out, spare_out, map_p
         tl.store(row + head + j, page, mask=first)
     tl.store(sel_out + j, page, mask=first)
     if HAS_SPARE:  # ranks k1 .. k2 - 1, best first
-        run = (j >= k1) & (j < k2)
+        r = tl.arange(0, CW)
+        run = (r >= k1) & (r < k2)
         page = tl.load(cand + (mask32 - (ranked & mask32)), mask=run, other=0)
-        tl.store(spare_out + (j - k1), page, mask=run)
+        tl.store(spare_out + (r - k1), page, mask=run)
 
 
 @triton.jit
@@ -462,12 +471,15 @@ def _radix_select_kernel(
         cand = cand_ptr + b64 * stride_cb
         sel_out = sel_ptr + b64 * stride_selb
         spare_out = spare_ptr + b64 * stride_spb
+        # one program filled the buffer (in candidate order) when the row has one block
+        # or the exact search ran
+        ordered = exact | (tl.num_programs(1) == 1)
         if mc <= SMALL:
-            _rank_and_write(comp, mc, k1, k2, cand, row, head, sel_out, spare_out, map_ptr,
-                            map_base, SMALL, HAS_MAP, HAS_SPARE)
+            _rank_and_write(comp, mc, k1, k2, ordered, cand, row, head, sel_out, spare_out,
+                            map_ptr, map_base, SMALL, HAS_MAP, HAS_SPARE)
         else:
-            _rank_and_write(comp, mc, k1, k2, cand, row, head, sel_out, spare_out, map_ptr,
-                            map_base, CAP, HAS_MAP, HAS_SPARE)
+            _rank_and_write(comp, mc, k1, k2, ordered, cand, row, head, sel_out, spare_out,
+                            map_ptr, map_base, CAP, HAS_MAP, HAS_SPARE)
         j = tl.arange(0, BLOCK_W)
         for j0 in range(0, topk, BLOCK_W):  # -1 after the selected ones
             tl.store(sel_out + j0 + j, tl.full([BLOCK_W], -1, tl.int32),

@@ -4,8 +4,8 @@ For Llama-3.1-8B head shapes (32 q heads, 8 KV heads, head dim 128, bf16, batch 
 context length, times (``triton.testing.do_bench`` median, plus a CUDA-graph replay of ours):
 
   (a) ours, the engine's step: ``select_scope`` (scorer over the bf16 min/max summaries of
-      every candidate chunk, per-head max-normalized combine, top-k, scope page table: a
-      zero fill and two launches), then ``decode_attention`` over the ~8K-token scope
+      every candidate chunk, per-head max-normalized combine, radix top-k, scope page
+      table: three launches), then ``decode_attention`` over the ~8K-token scope
       [sink | top-k chunks | local window] with RoPE on the fly;
   (b) ``torch`` SDPA full attention over the whole (already rotated) context;
   (c) exact per-token top-k (the original ReAttention decode): q.k over all un-rotated keys,

@@ -1,25 +1,29 @@
 """One ReAttention selection step, fused: score the candidate chunks, combine the heads, take
 the top k, and write the scope page table ``[sink | selected chunks | local window]``.
 
-Four launches (five with ``combine="max"``'s zero fill), no host sync, shape-static
-(CUDA-graph capturable):
+Shape-static, no host sync (CUDA-graph capturable). The default path (``method="radix"``)
+launches three kernels and no fill (its workspace is left zeroed by its last program):
 
 1. ``_score_chunks_kernel`` (score_chunks.py): per-head (or, for ``combine="sum"``, summed)
    scores of every candidate; for ``combine="max"`` it also folds each head's max
-   ``|score|`` into a ``[rows, Hq]`` buffer with atomic max, so the normalization needs no
-   second pass over the summaries.
-2. ``_combine_kernel``, grid ``(B, cdiv(N, 256))``: normalizes and sums the heads, takes the
-   max over a prefill piece's representative queries, and packs each (score, index) into
-   one int64 that orders by score, then by lower index.
-3. ``_block_topk_kernel``, grid ``(B, num_blocks)``: each block's ``KP`` best keys (``KP`` =
-   topk rounded up to a power of two; only those can be in the top k).
-4. ``_scope_table_kernel``, grid ``(B,)``: the ``KP`` best of the picks of the blocks that
-   hold candidates (``MERGE_TILE`` keys a pass, or half that when they fit; blocks of a
-   padded width past the sequence's candidates are not read). Of these the first
-   ``topk`` valid ones are kept, their indices re-sorted ascending (original order),
-   mapped to pages, and the scope table row and its length written.
+   ``|score|`` into a ``[rows, Hq]`` buffer with atomic max.
+2. ``_combine_hist_kernel``, grid ``(B, cdiv(N, 256))``: normalizes and sums the heads,
+   takes the max over a prefill piece's representative queries, stores each candidate's
+   order-preserving int32 key, and counts it into the row's histogram of ``SELECT_BINS``
+   bins (one global atomic per candidate).
+3. ``_radix_select_kernel``, grid ``(B, cdiv(N, _SELECT_BLOCK))``: every program finds the
+   bin of the ``(topk + spare)``-th best key and appends its block's candidates from that
+   bin up to a buffer; the row's last program sorts the buffer, takes the top k (placed in
+   original order) and the runners-up, writes the table and zeroes the workspace. When the
+   threshold bin holds more than ``SELECT_CAP`` candidates, that program searches the exact
+   threshold key by bisection and fills the buffer itself.
 
-Top-k uses ``tl.topk`` where this Triton has it, else ``tl.sort``; the interpreter ranks.
+``method="sort"``, the previous path, kept for comparison in ``bench_attention.py``: a
+combine kernel packing (score, index) into int64 keys, ``_block_topk_kernel`` (each block's
+``KP`` best by sorting network) and ``_scope_table_kernel`` (the ``KP`` best of those, then
+the table), after a zero fill.
+
+Top-k uses ``tl.topk`` / ``tl.sort`` where this Triton has them; the interpreter ranks.
 
 Semantics: ``select_scope_ref``. Ties between equal combined scores go to the lower index
 here; ``torch.topk`` in the reference breaks them arbitrarily.

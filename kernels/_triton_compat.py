@@ -159,19 +159,23 @@ tl_cumsum = _cumsum_interp if INTERPRETED else _cumsum_std  # inclusive prefix s
 
 
 _RESTING: dict[tuple[str, str], torch.Tensor] = {}
+_OUTGROWN: list[torch.Tensor] = []  # replaced buffers stay allocated: graphs may use them
 
 
 def resting_zeros(device: torch.device, numel: int, key: str) -> torch.Tensor:
     """An int32 ``[numel]`` view of zeros that the kernels using it leave zeroed again, so no
     fill runs before them (one launch fewer, in every layer of a CUDA graph). One buffer per
     device and ``key``, grown as needed outside a graph capture; inside one, a buffer that
-    is too small is replaced by ``torch.zeros`` (a fill recorded in the graph). Calls that
-    use one buffer must run in one stream order, as the engine's do."""
+    is too small is replaced by ``torch.zeros`` (a fill recorded in the graph). An outgrown
+    buffer is never freed, as a captured graph may still use it. Calls that use one buffer
+    must run in one stream order, as the engine's do."""
     slot = (str(torch.device(device)), key)
     buf = _RESTING.get(slot)
     if buf is None or buf.numel() < numel:
         if torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing():
             return torch.zeros(numel, dtype=torch.int32, device=device)
+        if buf is not None:
+            _OUTGROWN.append(buf)
         buf = torch.zeros(max(numel, 2 * (buf.numel() if buf is not None else 0)),
                           dtype=torch.int32, device=device)
         _RESTING[slot] = buf

@@ -618,7 +618,8 @@ def select_scope_triton(q: torch.Tensor, cand_pages: torch.Tensor, num_cands: to
 def _select_radix(q, cand_pages, num_cands, kmin, kmax, kmean, use_minmax, combine, reps,
                   head_table, head_pages, local_table, local_tokens, topk, chunk_size,
                   page_map, map_base, spare, out) -> None:
-    """Zero fill, scorer, ``_combine_hist_kernel``, ``_radix_select_kernel``."""
+    """Scorer, ``_combine_hist_kernel``, ``_radix_select_kernel``, on a workspace that the
+    last leaves zeroed."""
     table, lens, sel, nsel = out[:4]
     runners = out[4] if spare else nsel
     dev = q.device
@@ -634,37 +635,43 @@ def _select_radix(q, cand_pages, num_cands, kmin, kmax, kmean, use_minmax, combi
     count = ws[n_scale + batch * SELECT_BINS:][:batch]
     fill = ws[n_scale + batch * SELECT_BINS:][batch:]
     keys = torch.empty(batch, aligned(max(n, 1)), dtype=torch.int32, device=dev)
-    log_bins = SELECT_BINS.bit_length() - 1
-    inv_range = 1.0 / num_q_heads
-    if n:
-        scores = torch.empty((rows, num_q_heads, aligned(n)) if per_head
-                             else (rows, aligned(n)), dtype=torch.float32, device=dev)[..., :n]
-        launch_scorer(q, cand_pages, num_cands, kmin if use_minmax else None,
-                      kmax if use_minmax else None, None if use_minmax else kmean, scores,
-                      scale, reps)
-        cb = 256
-        _combine_hist_kernel[(batch, triton.cdiv(n, cb))](
-            scores, scale if per_head else scores, num_cands, keys, hist, num_q_heads,
-            inv_range, scores.stride(0), scores.stride(1) if per_head else 0,
-            scale.stride(0) if per_head else 0, keys.stride(0),
-            REPS=reps, MAX_COMBINE=per_head, BLOCK=cb,
-            HEAD_TILE=max(1, min(next_pow2(num_q_heads), 32)), NBINS=SELECT_BINS,
-            LOG_BINS=log_bins, num_warps=4,
+    try:  # a launch that fails leaves the workspace zeroed for the next call
+        log_bins = SELECT_BINS.bit_length() - 1
+        inv_range = 1.0 / num_q_heads
+        if n:
+            shape = (rows, num_q_heads, aligned(n)) if per_head else (rows, aligned(n))
+            scores = torch.empty(shape, dtype=torch.float32, device=dev)[..., :n]
+            launch_scorer(q, cand_pages, num_cands, kmin if use_minmax else None,
+                          kmax if use_minmax else None, None if use_minmax else kmean, scores,
+                          scale, reps)
+            cb = 256
+            _combine_hist_kernel[(batch, triton.cdiv(n, cb))](
+                scores, scale if per_head else scores, num_cands, keys, hist, num_q_heads,
+                inv_range, scores.stride(0), scores.stride(1) if per_head else 0,
+                scale.stride(0) if per_head else 0, keys.stride(0),
+                REPS=reps, MAX_COMBINE=per_head, BLOCK=cb,
+                HEAD_TILE=max(1, min(next_pow2(num_q_heads), 32)), NBINS=SELECT_BINS,
+                LOG_BINS=log_bins, num_warps=4,
+            )
+        cap = max(SELECT_CAP, next_pow2(topk + spare))
+        comp = torch.empty(batch, cap, dtype=torch.int64, device=dev)
+        width = table.shape[1]
+        _radix_select_kernel[(batch, max(1, triton.cdiv(n, _SELECT_BLOCK)))](
+            num_cands, keys, hist, count, fill, comp, scale if per_head else ws, num_q_heads,
+            reps, cand_pages, head_table, head_pages, local_table, local_tokens, table, lens,
+            sel, nsel,
+            page_map if page_map is not None else nsel, runners,
+            inv_range, topk, chunk_size, local_table.shape[1], width, map_base, spare,
+            keys.stride(0), cand_pages.stride(0), head_table.stride(0), local_table.stride(0),
+            table.stride(0), sel.stride(0) if topk else 0, runners.stride(0) if spare else 0,
+            LINEAR=per_head, NBINS=SELECT_BINS, LOG_BINS=log_bins, BLOCK=_SELECT_BLOCK,
+            CAP=cap, SMALL=min(_SELECT_SMALL, cap), BLOCK_W=max(16, min(256, next_pow2(width))),
+            HAS_MAP=page_map is not None, HAS_SPARE=spare > 0, num_warps=8,
         )
-    cap = max(SELECT_CAP, next_pow2(topk + spare))
-    comp = torch.empty(batch, cap, dtype=torch.int64, device=dev)
-    width = table.shape[1]
-    _radix_select_kernel[(batch, max(1, triton.cdiv(n, _SELECT_BLOCK)))](
-        num_cands, keys, hist, count, fill, comp, scale if per_head else ws, num_q_heads, reps,
-        cand_pages, head_table, head_pages, local_table, local_tokens, table, lens, sel, nsel,
-        page_map if page_map is not None else nsel, runners,
-        inv_range, topk, chunk_size, local_table.shape[1], width, map_base, spare,
-        keys.stride(0), cand_pages.stride(0), head_table.stride(0), local_table.stride(0),
-        table.stride(0), sel.stride(0) if topk else 0, runners.stride(0) if spare else 0,
-        LINEAR=per_head, NBINS=SELECT_BINS, LOG_BINS=log_bins, BLOCK=_SELECT_BLOCK, CAP=cap,
-        SMALL=min(_SELECT_SMALL, cap), BLOCK_W=max(16, min(256, next_pow2(width))),
-        HAS_MAP=page_map is not None, HAS_SPARE=spare > 0, num_warps=8,
-    )
+    except BaseException:
+        ws.zero_()
+        raise
+
 
 def assemble_scope_ref(head_table: torch.Tensor, head_pages: torch.Tensor,
                        sel_pages: torch.Tensor, num_sel: torch.Tensor,

@@ -326,6 +326,32 @@ def test_select_scope_radix_threshold_paths(bins, cap, small, block, combine, to
     assert all(torch.equal(a, b) for a, b in zip(out, again))
 
 
+
+def test_select_scope_radix_failed_launch_leaves_the_workspace_zeroed(monkeypatch):
+    """The scorer and combine fill the workspace (head maxima, histogram); when the select
+    launch then fails, the error propagates and the workspace is zeroed anyway, so the next
+    call's normalization and counts start clean and match the reference."""
+    g = K.select_scope_triton.__globals__
+    gen = torch.Generator().manual_seed(11)
+    q, cand, nc, (kmin, kmax, _), scope = _scope_inputs(3, 1, 2, 4, 64, torch.float32, gen, 300)
+    args = (q, cand, nc, *scope, 9, 16, kmin, kmax, None, "max", 1)
+
+    class Broken:
+        def __getitem__(self, grid):
+            def launch(*a, **kw):
+                raise RuntimeError("launch failed")
+            return launch
+
+    kernel = g["_radix_select_kernel"]
+    monkeypatch.setitem(g, "_radix_select_kernel", Broken())
+    with pytest.raises(RuntimeError, match="launch failed"):
+        K.select_scope_triton(*args)
+    assert not g["resting_zeros"](q.device, 3 * 8 + 3 * (g["SELECT_BINS"] + 2),
+                                  "select_scope").any()
+    monkeypatch.setitem(g, "_radix_select_kernel", kernel)
+    out, ref = K.select_scope_triton(*args), K.select_scope_ref(*args)
+    assert all(torch.equal(a, b) for a, b in zip(out, ref))
+
 @pytest.mark.parametrize("cap", [16, 1024])
 def test_select_scope_radix_ties_beyond_the_buffer(cap, monkeypatch):
     """Every chunk scores the same and (cap 16) more of them than the rank buffer holds: the

@@ -104,20 +104,12 @@ _topk = _topk_by_sort if INTERPRETED or not hasattr(tl, "topk") else _topk_built
 
 
 @triton.jit
-def _combine_kernel(
-    scores_ptr, scale_ptr, num_cands_ptr, keys_ptr,
-    max_cands, num_q_heads,
-    stride_sr, stride_sh,  # scores [B * REPS, Hq, N] (MAX_COMBINE) or [B * REPS, N]
-    stride_scr,  # scale [B * REPS, Hq]: max |score| of each row and head
-    stride_kb,  # keys [B, N] int64
-    REPS: tl.constexpr, MAX_COMBINE: tl.constexpr, BLOCK: tl.constexpr,
-    HEAD_TILE: tl.constexpr,
-):
-    pid_b = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    n_cands = tl.load(num_cands_ptr + pid_b)
-    offs = pid_n * BLOCK + tl.arange(0, BLOCK)
-    valid = offs < n_cands
+def _combined(scores_ptr, scale_ptr, pid_b, offs, valid, num_q_heads, stride_sr, stride_sh,
+              stride_scr, REPS: tl.constexpr, MAX_COMBINE: tl.constexpr, BLOCK: tl.constexpr,
+              HEAD_TILE: tl.constexpr):
+    """Combined scores of candidates `offs` of sequence pid_b: the heads' scores, each
+    divided by its max |score| and summed (MAX_COMBINE) or already summed, then the max over
+    the sequence's REPS query rows."""
     offs_h = tl.arange(0, HEAD_TILE)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
     for r in range(REPS):
@@ -137,6 +129,26 @@ def _combine_kernel(
         else:
             comb = tl.load(scores_ptr + row * stride_sr + offs, mask=valid, other=float("-inf"))
         best = tl.maximum(best, comb)
+    return best
+
+
+@triton.jit
+def _combine_kernel(
+    scores_ptr, scale_ptr, num_cands_ptr, keys_ptr,
+    max_cands, num_q_heads,
+    stride_sr, stride_sh,  # scores [B * REPS, Hq, N] (MAX_COMBINE) or [B * REPS, N]
+    stride_scr,  # scale [B * REPS, Hq]: max |score| of each row and head
+    stride_kb,  # keys [B, N] int64
+    REPS: tl.constexpr, MAX_COMBINE: tl.constexpr, BLOCK: tl.constexpr,
+    HEAD_TILE: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    n_cands = tl.load(num_cands_ptr + pid_b)
+    offs = pid_n * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < n_cands
+    best = _combined(scores_ptr, scale_ptr, pid_b, offs, valid, num_q_heads, stride_sr,
+                     stride_sh, stride_scr, REPS, MAX_COMBINE, BLOCK, HEAD_TILE)
     # (score, index) -> int64: the float's bits made order-preserving as int32, then the
     # complement of the index, so that larger keys are better and equal scores prefer the
     # lower index; past num_cands the smallest key (its index decodes as 2^32 - 1)
@@ -309,26 +321,8 @@ def _combine_hist_kernel(
     if pid_n * BLOCK < n_cands:
         offs = pid_n * BLOCK + tl.arange(0, BLOCK)
         valid = offs < n_cands
-        offs_h = tl.arange(0, HEAD_TILE)
-        best = tl.full([BLOCK], float("-inf"), tl.float32)
-        for r in range(REPS):
-            srow = (pid_b * REPS + r).to(tl.int64)
-            if MAX_COMBINE:
-                comb = tl.full([BLOCK], 0.0, tl.float32)
-                for h0 in range(0, num_q_heads, HEAD_TILE):
-                    h = h0 + offs_h
-                    h_ok = h < num_q_heads
-                    scale = tl.load(scale_ptr + srow * stride_scr + h, mask=h_ok, other=1.0)
-                    scale = tl.maximum(scale, 1e-30)
-                    sc = tl.load(scores_ptr + srow * stride_sr + h[:, None] * stride_sh
-                                 + offs[None, :], mask=h_ok[:, None] & valid[None, :],
-                                 other=float("-inf"))
-                    sc = tl.where(h_ok[:, None], sc / scale[:, None], 0.0)
-                    comb += tl_sum(sc, 0)
-            else:
-                comb = tl.load(scores_ptr + srow * stride_sr + offs, mask=valid,
-                               other=float("-inf"))
-            best = tl.maximum(best, comb)
+        best = _combined(scores_ptr, scale_ptr, pid_b, offs, valid, num_q_heads, stride_sr,
+                         stride_sh, stride_scr, REPS, MAX_COMBINE, BLOCK, HEAD_TILE)
         bits = best.to(tl.int32, bitcast=True)
         okey = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # order-preserving as int32
         tl.store(keys_ptr + pid_b.to(tl.int64) * stride_kb + offs, okey, mask=valid)

@@ -189,6 +189,18 @@ def _best_of_tile(best, m0, end, W: tl.constexpr, KP: tl.constexpr):
 
 
 @triton.jit
+def _store_pages(ptrs, page, mask, map_ptr, map_base, HAS_MAP: tl.constexpr):
+    """Store selected pages into the table; with HAS_MAP, pages from map_base on are
+    virtual and the table gets their mapped page (page 0 where the map holds -1)."""
+    if HAS_MAP:
+        virt = mask & (page >= map_base)
+        mapped = tl.load(map_ptr + (page - map_base), mask=virt, other=0)
+        tl.store(ptrs, tl.where(virt, tl.maximum(mapped, 0), page), mask=mask)
+    else:
+        tl.store(ptrs, page, mask=mask)
+
+
+@triton.jit
 def _scope_table_kernel(
     best_ptr, num_cands_ptr, cand_ptr, head_table_ptr, head_pages_ptr, local_table_ptr,
     local_tokens_ptr, table_ptr, lens_ptr, sel_ptr, nsel_ptr, map_ptr, spare_ptr,
@@ -230,12 +242,7 @@ def _scope_table_kernel(
     page = tl.load(cand_ptr + b.to(tl.int64) * stride_cb + idx, mask=keep, other=0)
     head = tl.load(head_pages_ptr + b)
     row = table_ptr + b.to(tl.int64) * stride_tb
-    if HAS_MAP:  # pages from map_base on are virtual: the table gets their mapped page
-        virt = keep & (page >= map_base)
-        mapped = tl.load(map_ptr + (page - map_base), mask=virt, other=0)
-        tl.store(row + head + m, tl.where(virt, tl.maximum(mapped, 0), page), mask=keep)
-    else:
-        tl.store(row + head + m, page, mask=keep)
+    _store_pages(row + head + m, page, keep, map_ptr, map_base, HAS_MAP)
     tl.store(sel_ptr + b.to(tl.int64) * stride_selb + m, tl.where(keep, page, -1), mask=m < topk)
     tl.store(nsel_ptr + b, nsel)
     # the rest of the row: sink pages before the selection, local pages right after it, zeros
@@ -404,12 +411,7 @@ def _rank_and_write(comp, mc, k1, k2, ordered, cand, row, head, sel_out, spare_o
         idx = _sort(tl.where(chosen, mask32 - (keys & mask32), mask32), CW, False)  # ascending
         first = j < k1
     page = tl.load(cand + idx, mask=first, other=0)
-    if HAS_MAP:  # pages from map_base on are virtual: the table gets their mapped page
-        virt = first & (page >= map_base)
-        mapped = tl.load(map_ptr + (page - map_base), mask=virt, other=0)
-        tl.store(row + head + j, tl.where(virt, tl.maximum(mapped, 0), page), mask=first)
-    else:
-        tl.store(row + head + j, page, mask=first)
+    _store_pages(row + head + j, page, first, map_ptr, map_base, HAS_MAP)
     tl.store(sel_out + j, page, mask=first)
     if HAS_SPARE:  # ranks k1 .. k2 - 1, best first
         r = tl.arange(0, CW)

@@ -327,6 +327,21 @@ def test_select_scope_radix_threshold_paths(bins, cap, small, block, combine, to
 
 
 
+
+@pytest.mark.parametrize("check", [False, True])
+def test_select_scope_scorer_reads_the_max_before_its_atomic(check, monkeypatch):
+    """SCORE_CHECK_SCALE: the scorer's atomic max runs only where it raises the head's max
+    so far; the per-head maxima, and so the selection, are the same (small blocks: 19
+    programs a head fold into each max)."""
+    sc = K.select_scope_triton.__globals__["launch_scorer"].__globals__
+    monkeypatch.setitem(sc, "SCORE_CHECK_SCALE", check)
+    monkeypatch.setitem(sc, "SCORE_BLOCK_N", 16)
+    gen = torch.Generator().manual_seed(13)
+    q, cand, nc, (kmin, kmax, _), scope = _scope_inputs(3, 2, 2, 4, 64, torch.float32, gen, 300)
+    args = (q, cand, nc, *scope, 9, 16, kmin, kmax, None, "max", 2)
+    out, ref = K.select_scope_triton(*args), K.select_scope_ref(*args)
+    assert all(torch.equal(a, b) for a, b in zip(out, ref))
+
 def test_select_scope_radix_failed_launch_leaves_the_workspace_zeroed(monkeypatch):
     """The scorer and combine fill the workspace (head maxima, histogram); when the select
     launch then fails, the error propagates and the workspace is zeroed anyway, so the next

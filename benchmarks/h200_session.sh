@@ -2,7 +2,7 @@
 # One H200 session (run through the device tool from the repo root), second of two calls:
 #   call 1: carry .gguf (first part only) -> copied to /root/gguf/
 #   call 2: carry .gguf (second part) and .whl -> this script
-# Steps that need only the tokenizer (attention, e2e8b, e2e1b) can run in one call without the
+# Steps that need only the tokenizer (attention, scoreratomics, e2e8b, e2e1b) can run in one call without the
 # GGUF: carry a folder of the default model's tokenizer files and set BENCH_TOKENIZER_DIR.
 # STEPS=stream with '--keep-store /root/keep' in STREAM_FLAGS keeps the 1M-token store; a
 # next call on the still-warm machine (within 30 s) with the same flag skips its prefill.
@@ -59,6 +59,8 @@ for step in ${STEPS:-check offline niah}; do
             done 2>&1 | tee "$OUT/niah_variants64.txt" ;;
         attention) timeout ${ATTN_TIMEOUT:-300} python3 benchmarks/bench_attention.py 2>&1 \
                     | tee "$OUT/bench_attention.txt" ;;
+        scoreratomics) timeout 200 python3 benchmarks/bench_scorer_atomics.py --contexts 1M,4M 2>&1 \
+                    | tee "$OUT/bench_scorer_atomics.txt" ;;
         stream) timeout ${STREAM_TIMEOUT:-560} python3 benchmarks/bench_stream.py --device cuda \
                     --tokens ${STREAM_TOKENS:-1M} --decode ${STREAM_DECODE:-64} --repeats 2 --dir /tmp/stream_store ${STREAM_FLAGS:-} \
                     --json "$OUT/stream.json" 2>&1 | tee "$OUT/bench_stream.txt" ;;

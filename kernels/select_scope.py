@@ -333,9 +333,9 @@ def _combine_hist_kernel(
         bits = best.to(tl.int32, bitcast=True)
         okey = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # order-preserving as int32
         tl.store(keys_ptr + pid_b.to(tl.int64) * stride_kb + offs, okey, mask=valid)
-        # one global atomic per key: tl.histogram's shared-memory pass (each lane owning
-        # NBINS / 32 consecutive bins, so every lane of a warp hits one bank) took 8.5 us
-        # a program on the H200 at 2048 bins
+        # one global atomic per key. With tl.histogram over 2048 bins (its cross-warp pass
+        # gives each lane 64 consecutive bins in shared memory, so a warp's adds meet in
+        # one bank) this kernel took 8.5 us at 32K on the H200, against 2.5 us so
         bn = _score_bin(okey, inv_range, MAX_COMBINE, NBINS, LOG_BINS)
         tl.atomic_add(hist_ptr + pid_b.to(tl.int64) * NBINS + bn, 1, mask=valid, sem="relaxed")
 

@@ -358,7 +358,7 @@ def main() -> None:
                     help="kernel and engine-part breakdown of 64 decode steps from the first "
                          "token on, streamed and resident")
     ap.add_argument("--variants", nargs="*", default=[],
-                    metavar="CAP:AHEAD:REPLAY[:EXPECT[:PACKS[:PARTS[:DEFER[:RUNNERS[:EARLY]]]]]]",
+                    metavar="CAP:AHEAD:REPLAY[:EXPECT[:PACKS[:PARTS[:DEFER[:RUNNERS]]]]]",
                     help="after the streamed measure, repeat it (a new engine, the same "
                          "questions) per variant: CAP replays of a streamed graph step before it "
                          "runs eagerly (model_runner.MAX_STREAM_REPLAYS); the first AHEAD "
@@ -373,9 +373,7 @@ def main() -> None:
                          "one layer's K/V read is split over (kv_store.store.KV_PARTS); DEFER 0 "
                          "runs a step's loads ahead right after it, not while the next graph "
                          "step replays (StreamTier.defer_prefetch); RUNNERS: "
-                         "--kv-prefetch-runners ('-': the engine's default); EARLY 0 reads "
-                         "the first decode step's due chunks once the prompt is done, not "
-                         "while its last piece computes (StreamTier.early_due)")
+                         "--kv-prefetch-runners ('-': the engine's default)")
     ap.add_argument("--profile-ttft", action="store_true",
                     help="after the variants, one more streamed engine's TTFT under the torch "
                          "profiler: host time by operation (CUDA runtime calls included)")
@@ -538,8 +536,8 @@ def main() -> None:
         res["variants"] = {}
         for k, variant in enumerate(args.variants):
             fields = variant.split(":")
-            cap, ahead, replay, expect, packs, parts, defer, runners, early = (
-                fields + [str(due_default), "1", str(default_parts), "1", "-", "1"][
+            cap, ahead, replay, expect, packs, parts, defer, runners = (
+                fields + [str(due_default), "1", str(default_parts), "1", "-"][
                     len(fields) - 3:])
             model_runner.MAX_STREAM_REPLAYS = int(cap)
             kv_store_mod.KV_PARTS = int(parts)
@@ -550,7 +548,6 @@ def main() -> None:
                 with Engine(model, **opts) as eng:
                     tier = eng.attn.stream
                     tier.defer_prefetch = tier.defer_prefetch and defer == "1"
-                    tier.early_due = tier.early_due and early == "1"
                     tier.ahead_runners = None if ahead == "all" else int(ahead)
                     tier.replay_runners = int(replay)
                     tier.expect_next = expect != "off"

@@ -371,33 +371,6 @@ def test_the_last_tokens_chunks_are_loaded_before_the_first_decode_step(stored, 
     assert first[True] < first[False]
 
 
-def test_due_chunks_are_read_while_the_last_prefill_piece_computes(stored, tiny_llama):
-    """With `early_due`, `expect` starts reading each layer's due chunks into the host
-    tier as soon as that layer has selected, on the store's reader threads: the due loads
-    before the first decode step then read nothing from the store themselves, and the
-    answer is the same."""
-    store, want = stored
-    due_reads = {}
-    for early in (False, True):
-        with Engine(tiny_llama, kv_store_path=store, **DUE_OPTS, **OPTS) as eng:
-            tier = eng.attn.stream
-            tier.expect_next, tier.early_due = True, early
-            load = tier._load
-
-            def counted(keys_of, stat, *a, load=load, tier=tier, early=early, **k):
-                before = tier.stats["stream_store_reads"]
-                load(keys_of, stat, *a, **k)
-                if stat == "stream_due_loads":
-                    due_reads[early] = (due_reads.get(early, 0)
-                                        + tier.stats["stream_store_reads"] - before)
-
-            tier._load = counted
-            out = eng.generate(input_ids=DOC + QUESTION, sampling_params=GREEDY)
-            s = eng.stats()
-        assert out["output_ids"] == want and s["stream_due_loads"] > 0
-    assert due_reads[False] > 0 and due_reads[True] == 0
-
-
 def test_expected_chunks_become_the_rows_hints_and_due_loads():
     """`expect` (a prefill row whose next step decodes): its hint is the last token's
     selection and runners-up in place of the piece's, its due chunks that selection and

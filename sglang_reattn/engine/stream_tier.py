@@ -366,15 +366,6 @@ class StreamTier:
         # on the H200 at 1M tokens, 32 decoded faster than 16 in both runs that compared
         # them, bench_stream.py 2026-11-30)
         self.due_runners = 32
-        # whether `expect` starts reading each layer's due chunks (those in neither cache
-        # tier) from LMDB into the host tier at once, on the store's reader threads, while
-        # the prefill piece computes the layers above it; `prefetch` waits for those reads
-        # (`_early`), so the first decode step's loads find the blocks in the host tier.
-        # Off: on the H200 at 1M tokens it shortened the first decode step (83-101 against
-        # 129 ms) but lengthened the TTFT it overlaps (0.54-0.66 against 0.46-0.48 s),
-        # with no faster decode (h200_bench_stream_1m_early_due_2026-11-30.txt).
-        self.early_due = False
-        self._early: list = []
         # layer -> [(batch row, chunk)] selected by the step in progress
         self._selected: dict[int, list[tuple[int, str]]] = {}
         # layer -> [(batch row, chunk)] the decode step after the step in progress will
@@ -753,12 +744,6 @@ class StreamTier:
         self._due[layer] = due
         self._selected[layer] = [(row, key) for row, key in self._selected.get(layer, ())
                                  if row not in rows] + due + rest
-        if self.early_due and self._q is not None:
-            keys = [k for k in self.cache.missing(layer, list(dict.fromkeys(k for _, k in due)))
-                    if (k, layer) not in self.host]
-            if keys:
-                self._early.append(self.tier._reader_pool().submit(self._prefetch_one,
-                                                                   (layer, keys)))
 
     def _cache_in(self, layer: int, keys: list[str]) -> list[int]:
         """One layer's selected chunks into the chunk cache (fetching those not cached)
@@ -982,9 +967,6 @@ class StreamTier:
         # (at most what the cache holds: several requests' dues may not fit)
         due = {layer: list(dict.fromkeys(k for d in dues for k in d.get(layer, ())))[
             : len(self.cache.pages)] for layer in sorted({layer for d in dues for layer in d})}
-        early, self._early = self._early, []
-        for f in early:  # (`expect`'s reads into the host tier; a fault is logged there)
-            f.result()
         # (a layer whose read fails is left out: the step that selects it meets it again)
         self._load(due, "stream_due_loads", faults=False)
         self._deferred = (list(hints), list(next_hints))

@@ -645,7 +645,7 @@ def main() -> None:
         print("| replays before eager : runners-up per layer loaded ahead : and before a "
               "replay : the last token's runners-up loaded before the first step : summary "
               "packs read : K/V read parts : loads ahead during the next replay : runners-up "
-              "ranked : due chunks read while the prompt's last piece computes | tok/s (of "
+              "ranked | tok/s (of "
               "resident) | median / max step ms | graph steps / replays / eager | store reads "
               "/ read ahead / hits / loaded before a replay / before the first step / loaded "
               "while the step that selected them replayed | TTFT s "

@@ -104,6 +104,21 @@ _topk = _topk_by_sort if INTERPRETED or not hasattr(tl, "topk") else _topk_built
 
 
 @triton.jit
+def _order_bits(v):
+    """A float32's bits (int32) -> an int32 key ordered as the floats are, and back: the
+    map is its own inverse."""
+    return tl.where(v >= 0, v, v ^ 0x7FFFFFFF)
+
+
+@triton.jit
+def _packed(okey, offs, N: tl.constexpr):
+    """(score key, candidate index) as one int64: larger is better, equal scores prefer the
+    lower index (its complement is the low half)."""
+    low = ((tl.full([N], 1, tl.int64) << 32) - 1) - offs.to(tl.int64)
+    return (okey.to(tl.int64) << 32) | low
+
+
+@triton.jit
 def _combined(scores_ptr, scale_ptr, pid_b, offs, valid, num_q_heads, stride_sr, stride_sh,
               stride_scr, REPS: tl.constexpr, MAX_COMBINE: tl.constexpr, BLOCK: tl.constexpr,
               HEAD_TILE: tl.constexpr):
@@ -149,15 +164,12 @@ def _combine_kernel(
     valid = offs < n_cands
     best = _combined(scores_ptr, scale_ptr, pid_b, offs, valid, num_q_heads, stride_sr,
                      stride_sh, stride_scr, REPS, MAX_COMBINE, BLOCK, HEAD_TILE)
-    # (score, index) -> int64: the float's bits made order-preserving as int32, then the
-    # complement of the index, so that larger keys are better and equal scores prefer the
-    # lower index; past num_cands the smallest key (its index decodes as 2^32 - 1)
-    bits = best.to(tl.int32, bitcast=True)
-    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
-    low = ((tl.full([BLOCK], 1, tl.int64) << 32) - 1) - offs.to(tl.int64)
+    # (score, index) packed into int64; past num_cands the smallest key (its index decodes
+    # as 2^32 - 1)
     pad = tl.full([BLOCK], -2147483648, tl.int32).to(tl.int64) << 32
-    tl.store(keys_ptr + pid_b.to(tl.int64) * stride_kb + offs,
-             tl.where(valid, (key << 32) | low, pad), mask=offs < max_cands)
+    packed = _packed(_order_bits(best.to(tl.int32, bitcast=True)), offs, BLOCK)
+    tl.store(keys_ptr + pid_b.to(tl.int64) * stride_kb + offs, tl.where(valid, packed, pad),
+             mask=offs < max_cands)
 
 
 @triton.jit
@@ -289,8 +301,7 @@ def _score_bin(okey, inv_range, LINEAR: tl.constexpr, NBINS: tl.constexpr,
     of Hq heads lies in [-Hq, Hq]); otherwise the key's top bits (a float's sign, exponent
     and leading mantissa bits)."""
     if LINEAR:
-        bits = tl.where(okey >= 0, okey, okey ^ 0x7FFFFFFF)
-        x = bits.to(tl.float32, bitcast=True)
+        x = _order_bits(okey).to(tl.float32, bitcast=True)
         t = tl.fma(x, inv_range, 1.0) * (NBINS // 2)  # one rounding, the same at every call
         t = tl.where(t == t, t, 0.0)  # NaN -> the lowest bin
         b = tl.minimum(tl.maximum(t, 0.0), NBINS - 1.0).to(tl.int32)
@@ -303,14 +314,6 @@ def _score_bin(okey, inv_range, LINEAR: tl.constexpr, NBINS: tl.constexpr,
 def _excl_cumsum(x):
     x = x.to(tl.int32)
     return tl_cumsum(x, 0) - x
-
-
-@triton.jit
-def _packed(okey, offs, N: tl.constexpr):
-    """(score key, candidate index) as one int64: larger is better, equal scores prefer the
-    lower index."""
-    low = ((tl.full([N], 1, tl.int64) << 32) - 1) - offs.to(tl.int64)
-    return (okey.to(tl.int64) << 32) | low
 
 
 @triton.jit
@@ -330,8 +333,7 @@ def _combine_hist_kernel(
         valid = offs < n_cands
         best = _combined(scores_ptr, scale_ptr, pid_b, offs, valid, num_q_heads, stride_sr,
                          stride_sh, stride_scr, REPS, MAX_COMBINE, BLOCK, HEAD_TILE)
-        bits = best.to(tl.int32, bitcast=True)
-        okey = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # order-preserving as int32
+        okey = _order_bits(best.to(tl.int32, bitcast=True))
         tl.store(keys_ptr + pid_b.to(tl.int64) * stride_kb + offs, okey, mask=valid)
         # one global atomic per key. With tl.histogram over 2048 bins (its cross-warp pass
         # gives each lane 64 consecutive bins in shared memory, so a warp's adds meet in
@@ -405,19 +407,19 @@ def _rank_and_write(comp, mc, k1, k2, ordered, cand, row, head, sel_out, spare_o
     chosen = live & (keys >= thr) & (tl.full([CW], 0, tl.int32) < k1)
     if ordered:  # the chosen ones in place: slot = how many chosen ones come before
         first = chosen
-        j = _excl_cumsum(chosen)
+        slot = _excl_cumsum(chosen)
         idx = mask32 - (keys & mask32)
     else:
         idx = _sort(tl.where(chosen, mask32 - (keys & mask32), mask32), CW, False)  # ascending
         first = j < k1
+        slot = j
     page = tl.load(cand + idx, mask=first, other=0)
-    _store_pages(row + head + j, page, first, map_ptr, map_base, HAS_MAP)
-    tl.store(sel_out + j, page, mask=first)
+    _store_pages(row + head + slot, page, first, map_ptr, map_base, HAS_MAP)
+    tl.store(sel_out + slot, page, mask=first)
     if HAS_SPARE:  # ranks k1 .. k2 - 1, best first
-        r = tl.arange(0, CW)
-        run = (r >= k1) & (r < k2)
+        run = (j >= k1) & (j < k2)
         page = tl.load(cand + (mask32 - (ranked & mask32)), mask=run, other=0)
-        tl.store(spare_out + (r - k1), page, mask=run)
+        tl.store(spare_out + (j - k1), page, mask=run)
 
 
 @triton.jit

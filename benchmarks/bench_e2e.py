@@ -194,6 +194,51 @@ def print_profile(prof, wall: float, steps: int, label: str, top: int = 12) -> N
         print(f"  {dev_time(e) / steps:9.1f} us/step  {e.count // steps:4d}/step  {e.key[:90]}")
 
 
+class time_steps:
+    """Wraps the engine's model runner: each step's device-synced wall time by the tokens
+    cached before it (where a long prefill's time goes as its context grows). With
+    `profile_from`, the steps from that many cached tokens on are also profiled."""
+
+    def __init__(self, eng, profile_from: int | None = None) -> None:
+        self.eng, self.orig = eng, eng.runner.forward
+        self.times: list[tuple[int, float]] = []
+        self.profile_from, self.prof, self.prof_wall = profile_from, None, 0.0
+        eng.runner.forward = self
+
+    def __call__(self, reqs, q_lens, is_decode, rows):
+        if self.profile_from is not None and self.prof is None \
+                and reqs[0].num_computed >= self.profile_from:
+            from torch.profiler import profile
+
+            self.prof = profile(activities=profiler_activities(self.eng))
+            self.prof.__enter__()
+            self.prof_steps = 0
+        sync(self.eng.device)
+        t = time.perf_counter()
+        out = self.orig(reqs, q_lens, is_decode, rows)
+        sync(self.eng.device)
+        dt = time.perf_counter() - t
+        self.times.append((reqs[0].num_computed, dt))
+        if self.prof is not None and self.prof_steps >= 0:
+            self.prof_wall += dt
+            self.prof_steps += 1
+            if reqs[0].num_computed + q_lens[0] >= reqs[0].num_tokens:  # (its thread's)
+                self.prof.__exit__(None, None, None)
+                print_profile(self.prof, self.prof_wall, self.prof_steps,
+                              f"the last {self.prof_steps} steps of the prefill")
+                self.prof_steps = -1
+        return out
+
+    def close(self) -> None:
+        self.eng.runner.forward = self.orig
+        t = self.times
+        if len(t) >= 8:
+            k = len(t) // 8
+            print("prefill step wall time by cached tokens: " + ", ".join(
+                f"{t[i][0] // 1024}K {statistics.median(x for _, x in t[i:i + k]) * 1e3:.1f} ms"
+                for i in range(0, 8 * k, k)))
+
+
 def prefill_floor(cfg, n: int, scope: int) -> float:
     """FLOPs of a prefill of n tokens: the linear layers plus attention over the scope."""
     h, d = cfg.hidden_size, cfg.head_dim
@@ -259,9 +304,11 @@ def main() -> None:
         ids = torch.randint(100, 40000, (n,), generator=torch.Generator().manual_seed(2))
         flops = prefill_floor(cfg, n, eng.reattn.scope_tokens if eng.reattn else n)
         rate = matmul_flops(dev)
+        steps = time_steps(eng, n - 8 * args.chunked_prefill_size if args.profile else None)
         t = time.perf_counter()
         eng.generate(input_ids=ids.tolist(), sampling_params={"max_new_tokens": 1})
         secs = time.perf_counter() - t
+        steps.close()
         prefill = {"tokens": n, "seconds": secs, "tok_s": n / secs, "flops": flops,
                    "matmul_flops_s": rate, "floor_seconds": flops / rate}
         print(json.dumps(prefill), flush=True)

@@ -2,7 +2,7 @@
 # One H200 session (run through the device tool from the repo root), second of two calls:
 #   call 1: carry .gguf (first part only) -> copied to /root/gguf/
 #   call 2: carry .gguf (second part) and .whl -> this script
-# Steps that need only the tokenizer (attention, scoreratomics, e2e8b, e2e1b, prefill1b) can run in one call without the
+# Steps that need only the tokenizer (attention, scoreratomics, e2e8b, e2e1b, prefill1b, prefillattn) can run in one call without the
 # GGUF: carry a folder of the default model's tokenizer files and set BENCH_TOKENIZER_DIR.
 # STEPS=stream with '--keep-store /root/keep' in STREAM_FLAGS keeps the 1M-token store; a
 # next call on the still-warm machine (within 30 s) with the same flag skips its prefill.
@@ -44,6 +44,8 @@ for step in ${STEPS:-check offline niah}; do
         prefill1b) timeout ${PREFILL_TIMEOUT:-300} python3 benchmarks/bench_e2e.py --model 1b \
                     --contexts 32K --prefill 1M --profile ${E2E_FLAGS:-} --json "$OUT/prefill_1b.json" 2>&1 \
                     | tee "$OUT/bench_prefill_1b.txt" ;;
+        prefillattn) timeout 200 python3 benchmarks/bench_prefill_attention.py --new 2048 4096 2>&1 \
+                    | tee "$OUT/bench_prefill_attention.txt" ;;
         niah64) timeout ${NIAH_TIMEOUT:-400} python3 benchmarks/niah.py --device cuda \
                     --dtype float32 --modes reattn --lengths 64K --trials 10 --tasks passkey \
                     --json "$OUT/niah64.json" 2>&1 | tee "$OUT/niah64.txt" ;;

@@ -154,11 +154,16 @@ def chunk_scores_triton(q: torch.Tensor, cand_pages: torch.Tensor, num_cands: to
     return out
 
 
-SCORE_BLOCK_N = 16  # candidates per scorer program (16 or 32 beat 64 and 128 on the H200)
-SCORE_WARPS = 2  # its warps
-# Read a head's max |score| so far before the atomic max, which then runs only where it
-# would raise it (the atomics of every program on the same Hq addresses serialize).
-SCORE_CHECK_SCALE = False
+# Candidates per scorer program and its warps. Read a head's max |score| so far before the
+# atomic max, which then runs only where it would raise it (the atomics of every program on
+# the same Hq addresses serialize). The whole selection of one 8B layer, H200, us
+# (benchmarks/bench_scorer_atomics.py, 2026-12-01):
+#   block / warps      16/2  16/2 read  32/4  32/4 read  64/4  64/4 read
+#   1M                 66.8    79.1     61.1    65.0     78.6    68.6
+#   4M                  219     191      188     172      254     206
+SCORE_BLOCK_N = 32
+SCORE_WARPS = 4
+SCORE_CHECK_SCALE = True
 
 
 def launch_scorer(q, cand_pages, num_cands, kmin, kmax, kmean, out, scale, reps) -> None:
@@ -181,7 +186,8 @@ def launch_scorer(q, cand_pages, num_cands, kmin, kmax, kmean, out, scale, reps)
         scale.stride(0) if scale is not None else 0,
         NUM_KV_HEADS=summ.shape[1], GROUP=num_q_heads // summ.shape[1], HEAD_DIM=head_dim,
         USE_MINMAX=kmin is not None, PER_HEAD=per_head, WRITE_SCALE=scale is not None,
-        CHECK_SCALE=SCORE_CHECK_SCALE, BLOCK_N=SCORE_BLOCK_N, BLOCK_D=next_pow2(head_dim), num_warps=SCORE_WARPS,
+        CHECK_SCALE=SCORE_CHECK_SCALE, BLOCK_N=SCORE_BLOCK_N, BLOCK_D=next_pow2(head_dim),
+        num_warps=SCORE_WARPS,
     )
 
 

@@ -203,6 +203,7 @@ class time_steps:
         self.eng, self.orig = eng, eng.runner.forward
         self.times: list[tuple[int, float]] = []
         self.profile_from, self.prof, self.prof_wall = profile_from, None, 0.0
+        self.last_end, self.between = None, 0.0  # host time between steps
         eng.runner.forward = self
 
     def __call__(self, reqs, q_lens, is_decode, rows):
@@ -215,9 +216,12 @@ class time_steps:
             self.prof_steps = 0
         sync(self.eng.device)
         t = time.perf_counter()
+        if self.last_end is not None:
+            self.between += t - self.last_end
         out = self.orig(reqs, q_lens, is_decode, rows)
         sync(self.eng.device)
-        dt = time.perf_counter() - t
+        self.last_end = time.perf_counter()
+        dt = self.last_end - t
         self.times.append((reqs[0].num_computed, dt))
         if self.prof is not None and self.prof_steps >= 0:
             self.prof_wall += dt
@@ -237,6 +241,10 @@ class time_steps:
             print("prefill step wall time by cached tokens: " + ", ".join(
                 f"{t[i][0] // 1024}K {statistics.median(x for _, x in t[i:i + k]) * 1e3:.1f} ms"
                 for i in range(0, 8 * k, k)))
+            slow = sorted(t, key=lambda x: -x[1])[:5]
+            print(f"prefill steps: {len(t)}, {sum(x for _, x in t):.2f} s in steps, "
+                  f"{self.between:.2f} s between them; slowest: " + ", ".join(
+                      f"{x * 1e3:.0f} ms at {p // 1024}K" for p, x in slow))
 
 
 def prefill_floor(cfg, n: int, scope: int) -> float:

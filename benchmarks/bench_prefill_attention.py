@@ -2,10 +2,12 @@
 against gathering and rotating the scope once, then a flash-attention kernel (torch SDPA
 backends) over contiguous keys (H200 A/B, one run).
 
-One chunked-prefill step of one layer: `--new` query tokens at the end of the engine's
-scope (sink 64 + top-k 95 chunks of 64 + local 2048 before the new tokens + the new ones).
-Every variant is checked against the first on the same inputs, and timed (median of
-back-to-back launches). TFLOP/s count the causal FLOPs.
+The engine's route for long query blocks is `prefill_attention_gathered` (one Triton
+launch gathers and rotates, then SDPA's flash backend). One chunked-prefill step of one
+layer: `--new` query tokens at the end of the engine's scope (sink 64 + top-k 95 chunks of
+64 + local 2048 before the new tokens + the new ones). Every variant is checked against
+the first on the same inputs, and timed (median of back-to-back launches). TFLOP/s count
+the causal FLOPs.
 
     python benchmarks/bench_prefill_attention.py --new 2048 4096
 """
@@ -79,7 +81,9 @@ def main() -> None:
     print(f"# bench_prefill_attention on {torch.cuda.get_device_name(dev)}, bf16; ms and "
           f"causal TFLOP/s of one layer's prefill step\n")
     variants = [("triton paged, RoPE in kernel", None),
-                ("gather+rotate only", "gather"),
+                ("gathered (engine)", "ours"),
+                ("Triton gather only", "triton_gather"),
+                ("torch gather+rotate only", "gather"),
                 ("SDPA flash, GQA", sdpa(SDPBackend.FLASH_ATTENTION)),
                 ("SDPA cuDNN, GQA", sdpa(SDPBackend.CUDNN_ATTENTION)),
                 ("SDPA cuDNN, expanded", sdpa_expanded(SDPBackend.CUDNN_ATTENTION)),
@@ -108,6 +112,13 @@ def main() -> None:
                     if fn is None:
                         call = lambda: K.prefill_attention_triton(  # noqa: E731
                             q, kc, vc, pt, sl, cu, new, cos, sin, scale)
+                        err = 0.0
+                    elif fn == "ours":
+                        call = lambda: K.prefill_attention_gathered(  # noqa: E731
+                            q, kc, vc, pt, [n], [new], cos, sin, scale)
+                        err = float((call().float() - ref.float()).abs().max())
+                    elif fn == "triton_gather":
+                        call = lambda: K.gather_rope_scope(q, kc, vc, pt[0], n, cos, sin)  # noqa
                         err = 0.0
                     elif fn == "gather":
                         call = lambda: gather_rotate(q, kc, vc, pages, n, cos, sin)  # noqa: E731

@@ -7,6 +7,7 @@ Ops (shapes in each function's docstring):
   - ``score_chunks``: score candidate pages by their summaries, one top-k per sequence.
   - ``select_scope``: scoring, top-k and the scope page table of one step, fused.
   - ``rms_norm_triton``: RMSNorm with the residual add fused in (the model uses it on GPUs).
+  - ``silu_mul_triton``: SwiGLU's ``silu(gate) * up`` in one pass (idem).
 
 The dispatchers below run Triton when the tensors are on CUDA (or ``TRITON_INTERPRET=1``
 is set) and the torch reference otherwise, so CPU inference works without Triton.
@@ -18,13 +19,20 @@ from __future__ import annotations
 import torch
 
 from ._triton_compat import HAS_TRITON, use_triton
+from .activation import silu_mul_ref, silu_mul_triton
 from .decode_attention import (
     decode_attention_ref,
     decode_attention_triton,
     default_num_splits,
     gather_scope_ref,
 )
-from .prefill_attention import prefill_attention_ref, prefill_attention_triton
+from .prefill_attention import (
+    GATHER_MIN_Q,
+    gather_rope_scope,
+    prefill_attention_gathered,
+    prefill_attention_ref,
+    prefill_attention_triton,
+)
 from .rms_norm import rms_norm_ref, rms_norm_triton
 from .rope import apply_rope_ref, rope_tables
 from .score_chunks import (
@@ -49,6 +57,7 @@ __all__ = [
     "HAS_TRITON", "COMBINE_MODES", "use_triton",
     "decode_attention", "decode_attention_ref", "decode_attention_triton", "default_num_splits",
     "prefill_attention", "prefill_attention_ref", "prefill_attention_triton",
+    "prefill_attention_gathered", "gather_rope_scope", "GATHER_MIN_Q",
     "store_kv", "store_kv_ref", "store_kv_triton", "chunk_summaries_ref",
     "score_chunks", "score_chunks_ref", "score_chunks_triton",
     "chunk_scores", "chunk_scores_ref", "chunk_scores_triton",
@@ -56,6 +65,7 @@ __all__ = [
     "select_scope", "select_scope_ref", "select_scope_triton", "assemble_scope_ref", "map_pages",
     "scope_scores_ref",
     "apply_rope_ref", "rope_tables", "gather_scope_ref", "rms_norm_ref", "rms_norm_triton",
+    "silu_mul_ref", "silu_mul_triton",
 ]
 
 
@@ -71,8 +81,15 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       page_table: torch.Tensor, scope_lens: torch.Tensor,
                       cu_q_lens: torch.Tensor, max_q_len: int, cos: torch.Tensor,
-                      sin: torch.Tensor, sm_scale: float) -> torch.Tensor:
-    """``[T, Hq, D]`` packed prefill attention; see ``prefill_attention_ref``."""
+                      sin: torch.Tensor, sm_scale: float, lens_host: list[int] | None = None,
+                      q_lens_host: list[int] | None = None) -> torch.Tensor:
+    """``[T, Hq, D]`` packed prefill attention; see ``prefill_attention_ref``. On a GPU,
+    with the scope and query lengths on the host (``lens_host``, ``q_lens_host``), query
+    blocks of at least ``GATHER_MIN_Q`` take ``prefill_attention_gathered``."""
+    if (q.is_cuda and lens_host is not None and q_lens_host is not None
+            and max(q_lens_host) >= GATHER_MIN_Q):
+        return prefill_attention_gathered(q, k_cache, v_cache, page_table, lens_host,
+                                          q_lens_host, cos, sin, sm_scale)
     fn = prefill_attention_triton if use_triton(q) else prefill_attention_ref
     return fn(q, k_cache, v_cache, page_table, scope_lens, cu_q_lens, max_q_len, cos, sin,
               sm_scale)

@@ -173,15 +173,17 @@ def _check_paged_inputs(q, k_cache, v_cache, page_table, scope_lens, cos, sin) -
           f"page_table must be int32 [B, max_pages], got {page_table.dtype} "
           f"{tuple(page_table.shape)}")
     check(page_table.stride(1) == 1, "page_table rows must be contiguous")
-    check(scope_lens.dtype == torch.int32 and scope_lens.dim() == 1 and scope_lens.is_contiguous(),
-          f"scope_lens must be a contiguous int32 [B], got {scope_lens.dtype} "
-          f"{tuple(scope_lens.shape)}")
+    check(scope_lens is None or (scope_lens.dtype == torch.int32 and scope_lens.dim() == 1
+                                 and scope_lens.is_contiguous()),
+          f"scope_lens must be a contiguous int32 [B], got "
+          f"{getattr(scope_lens, 'dtype', None)} {tuple(getattr(scope_lens, 'shape', ()))}")
     for name, t in (("cos", cos), ("sin", sin)):
         check(t.dtype == torch.float32 and t.dim() == 2 and t.shape[1] == d // 2,
               f"{name} must be float32 [max_pos, {d // 2}], got {t.dtype} {tuple(t.shape)}")
         check(t.stride(1) == 1 and t.stride(0) == cos.stride(0),
               f"{name} must be row-contiguous with the same row stride as cos")
-    devs = {t.device for t in (q, k_cache, v_cache, page_table, scope_lens, cos, sin)}
+    devs = {t.device for t in (q, k_cache, v_cache, page_table, scope_lens, cos, sin)
+            if t is not None}
     check(len(devs) == 1, f"all tensors must be on one device, got {devs}")
 
 

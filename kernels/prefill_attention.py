@@ -10,6 +10,14 @@ program takes ``Q_PER_BLOCK`` consecutive queries of one sequence times the ``GR
 heads of one KV head, packed as ``BLOCK_M`` rows (row r = query r // GROUP, head r % GROUP),
 so each key tile is loaded and rotated once for the whole GQA group. Key tiles strictly
 below the block's first query are visible to every row and skip the causal mask.
+
+``prefill_attention_gathered`` takes another route for long query blocks on a GPU: one
+Triton launch (``_gather_rope_kernel``) gathers each scope's keys and values through the
+page table into contiguous ``[Hkv, n, D]`` buffers, keys rotated at their virtual positions,
+and the queries rotated too; then torch's flash attention (SDPA, bottom-right causal, GQA)
+runs over them. The rotation is paid once per key instead of once per key and query block,
+and the flash kernel's full-width dots beat the paged kernel's half-width ones
+(benchmarks/bench_prefill_attention.py).
 """
 
 from __future__ import annotations
@@ -20,6 +28,10 @@ from ._paged_tile import _paged_rope_tile
 from ._triton_compat import check, dot_dtype, next_pow2, tl, triton
 from .decode_attention import _check_paged_inputs, gather_scope_ref
 from .rope import apply_rope_ref
+
+# Query blocks at least this long take the gathered route on a GPU (a short one would pay
+# a whole scope's gather for few queries).
+GATHER_MIN_Q = 256
 
 _LOG2E = 1.4426950408889634
 
@@ -181,3 +193,100 @@ def prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         scores = scores.masked_fill(~visible, float("-inf"))
         out[t0:t1] = torch.einsum("hqn,nhd->qhd", scores.softmax(-1), v)
     return out.to(q.dtype)
+
+
+@triton.jit
+def _gather_rope_kernel(
+    src_ptr, page_table_ptr, cos_ptr, sin_ptr, out_ptr,
+    n_tokens, pos0, max_pos, stride_rope,
+    stride_sp, stride_st, stride_sh,  # paged: [P, C, H, D]; packed: [T, H, D] (sp unused)
+    stride_oh, stride_ot,  # out [H, n, D]
+    PAGED: tl.constexpr, ROTATE: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    HALF_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_DH: tl.constexpr,
+):
+    """Tokens ``[pid*BLOCK_T, +BLOCK_T)`` of one head (axis 1) to ``out[h, t]``: token t read
+    through the page table (PAGED) or as row t, rotated at position ``pos0 + t`` (ROTATE)."""
+    h = tl.program_id(1)
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_DH)
+    t_mask = offs_t < n_tokens
+    m = t_mask[:, None] & (offs_d < HALF_D)[None, :]
+    if PAGED:
+        page = tl.load(page_table_ptr + offs_t // PAGE_SIZE, mask=t_mask, other=0).to(tl.int64)
+        row = page * stride_sp + (offs_t % PAGE_SIZE) * stride_st + h * stride_sh
+    else:
+        row = offs_t.to(tl.int64) * stride_st + h * stride_sh
+    ptrs = src_ptr + row[:, None] + offs_d[None, :]
+    x1 = tl.load(ptrs, mask=m, other=0.0)
+    x2 = tl.load(ptrs + HALF_D, mask=m, other=0.0)
+    if ROTATE:
+        pos = tl.minimum(pos0 + offs_t, max_pos - 1)  # a caller bug must not fault
+        rope_off = pos[:, None] * stride_rope + offs_d[None, :]
+        c = tl.load(cos_ptr + rope_off, mask=m, other=0.0)
+        sn = tl.load(sin_ptr + rope_off, mask=m, other=0.0)
+        a, b = x1.to(tl.float32), x2.to(tl.float32)
+        x1, x2 = a * c - b * sn, b * c + a * sn
+    dst = out_ptr + h.to(tl.int64) * stride_oh + offs_t[:, None].to(tl.int64) * stride_ot \
+        + offs_d[None, :]
+    tl.store(dst, x1.to(out_ptr.dtype.element_ty), mask=m)
+    tl.store(dst + HALF_D, x2.to(out_ptr.dtype.element_ty), mask=m)
+
+
+def _gather(src, page_row, n, pos0, cos, sin, rotate: bool) -> torch.Tensor:
+    """[H, n, D] from a paged cache (``page_row`` given) or packed rows [n, H, D]."""
+    heads, dim = src.shape[-2], src.shape[-1]
+    out = torch.empty(heads, n, dim, dtype=src.dtype, device=src.device)
+    if n == 0:
+        return out
+    paged = page_row is not None
+    block_t = 64
+    _gather_rope_kernel[(triton.cdiv(n, block_t), heads)](
+        src, page_row if paged else src, cos, sin, out,
+        n, pos0, cos.shape[0], cos.stride(0),
+        src.stride(0) if paged else 0, src.stride(-3), src.stride(-2),
+        out.stride(0), out.stride(1),
+        PAGED=paged, ROTATE=rotate, PAGE_SIZE=src.shape[1] if paged else 1,
+        HALF_D=dim // 2, BLOCK_T=block_t, BLOCK_DH=max(16, next_pow2(dim // 2)), num_warps=4,
+    )
+    return out
+
+
+def gather_rope_scope(q, k_cache, v_cache, page_row, n, cos, sin):
+    """One sequence's scope of ``n`` tokens (pages ``page_row``) and its ``q`` ([q_len,
+    Hq, D], the scope's last q_len tokens) -> (q, k rotated at their virtual positions, v),
+    each ``[H, L, D]`` contiguous in the cache's dtype."""
+    k = _gather(k_cache, page_row, n, 0, cos, sin, True)
+    v = _gather(v_cache, page_row, n, 0, cos, sin, False)
+    return _gather(q, None, q.shape[0], n - q.shape[0], cos, sin, True), k, v
+
+
+def prefill_attention_gathered(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               page_table: torch.Tensor, scope_lens_host: list[int],
+                               q_lens_host: list[int], cos: torch.Tensor, sin: torch.Tensor,
+                               sm_scale: float) -> torch.Tensor:
+    """``prefill_attention_ref``'s result by gathering each scope (``gather_rope_scope``),
+    then SDPA with a bottom-right causal mask; scope and query lengths are given on the
+    host (SDPA's shapes)."""
+    import torch.nn.functional as F
+    from torch.nn.attention.bias import causal_lower_right
+
+    _check_paged_inputs(q, k_cache, v_cache, page_table, None, cos, sin)
+    check(len(scope_lens_host) == len(q_lens_host) == page_table.shape[0],
+          "scope_lens_host, q_lens_host and page_table batch sizes differ")
+    check(sum(q_lens_host) == q.shape[0], "q_lens_host must sum to q's tokens")
+    out = torch.empty_like(q)
+    t0 = 0
+    for b, (n, ql) in enumerate(zip(scope_lens_host, q_lens_host)):
+        check(ql <= n <= page_table.shape[1] * k_cache.shape[1],
+              f"sequence {b}: scope of {n} tokens for {ql} queries, table of "
+              f"{page_table.shape[1]} pages")
+        if ql == 0:
+            continue
+        qr, kr, v = gather_rope_scope(q[t0:t0 + ql], k_cache, v_cache, page_table[b], n,
+                                      cos, sin)
+        o = F.scaled_dot_product_attention(
+            qr[None], kr[None], v[None], attn_mask=causal_lower_right(ql, n), scale=sm_scale,
+            enable_gqa=qr.shape[0] != kr.shape[0])
+        out[t0:t0 + ql] = o[0].transpose(0, 1)
+        t0 += ql
+    return out

@@ -234,3 +234,49 @@ def test_non_power_of_two_head_dim(tables):
     torch.testing.assert_close(
         K.decode_attention_triton(qd, kc, vc, pt, sl, cos, sin, scale, num_splits=2),
         K.decode_attention_ref(qd, kc, vc, pt, sl, cos, sin, scale), **TOL[torch.float32])
+
+
+# ----------------------------------------------------------------------------- gathered
+
+
+@pytest.mark.parametrize("num_kv_heads,group", [(2, 1), (1, 4), (1, 8)])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_prefill_gathered_matches_ref(num_kv_heads, group, head_dim, dtype, tables):
+    """The long-query route: Triton gather + rotation of each scope (interpreter), then
+    SDPA with a bottom-right causal mask; odd lengths, an empty query block, a whole-scope
+    prefill, partial pages."""
+    gen = torch.Generator().manual_seed(3000 * group + head_dim)
+    q_lens = [70, 0, 33, 1]
+    scope_lens = [150, 5, 33, 9]
+    q, kc, vc, pt, sl, cu, _, _ = _prefill_inputs(q_lens, scope_lens, 7, num_kv_heads, group,
+                                                  head_dim, dtype, gen)
+    cos, sin = tables[head_dim]
+    scale = head_dim ** -0.5
+    out = K.prefill_attention_gathered(q, kc, vc, pt, scope_lens, q_lens, cos, sin, scale)
+    ref = K.prefill_attention_ref(q, kc, vc, pt, sl, cu, max(q_lens), cos, sin, scale)
+    assert out.dtype == dtype and out.shape == q.shape and torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+
+
+def test_gather_rope_scope_layout(tables):
+    """Keys gathered through the page table and rotated at positions 0..n-1, values as
+    stored, queries rotated at the scope's last positions; each [H, L, D]."""
+    gen = torch.Generator().manual_seed(77)
+    q, kc, vc, pt, _, _, ks, vs = _prefill_inputs([5], [37], 8, 2, 3, 64, torch.float32, gen)
+    cos, sin = tables[64]
+    qr, kr, v = K.gather_rope_scope(q, kc, vc, pt[0], 37, cos, sin)
+    assert qr.shape == (6, 5, 64) and kr.shape == (2, 37, 64) and v.shape == (2, 37, 64)
+    torch.testing.assert_close(kr, _rope_hf(ks[0], torch.arange(37), cos, sin).transpose(0, 1))
+    torch.testing.assert_close(v, vs[0].transpose(0, 1))
+    torch.testing.assert_close(qr, _rope_hf(q, torch.arange(32, 37), cos, sin).transpose(0, 1))
+
+
+def test_prefill_gathered_rejects_bad_lengths(tables):
+    gen = torch.Generator().manual_seed(78)
+    q, kc, vc, pt, _, _, _, _ = _prefill_inputs([5], [37], 8, 2, 1, 64, torch.float32, gen)
+    cos, sin = tables[64]
+    with pytest.raises(ValueError, match="scope of 4 tokens for 5 queries"):
+        K.prefill_attention_gathered(q, kc, vc, pt, [4], [5], cos, sin, 0.125)
+    with pytest.raises(ValueError, match="sum to q's tokens"):
+        K.prefill_attention_gathered(q, kc, vc, pt, [37], [4], cos, sin, 0.125)

@@ -235,7 +235,7 @@ class PagedAttention:
                                            self.rope.sin, self.scale)
             return kn.prefill_attention(q, k_cache, v_cache, table, lens, batch.cu_q_lens,
                                         batch.max_q_len, self.rope.cos, self.rope.sin,
-                                        self.scale)
+                                        self.scale, lens_host, batch.q_lens_host)
         if pages_host is None:
             c = self.pool.page_size
             lens_host = lens.tolist()

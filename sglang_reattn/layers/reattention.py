@@ -41,6 +41,9 @@ class ScopePlan:
     rep_index: torch.Tensor  # [B * R] int64 rows of the packed q that score for each seq
     reps: int  # R
     needs_select: bool  # some sequence has more candidates than topk
+    # each sequence's scope length in tokens after the selection (it always takes
+    # min(topk, candidates) chunks), for kernels that need it on the host
+    scope_lens_host: list[int] | None = None
     # Streamed prefill pieces that complete their prompt: the batch rows ([B'] int64, and
     # as a list) and the packed q row of each one's last token. Each layer also selects
     # for that token alone, as the decode step after the piece will: the streaming tier
@@ -106,6 +109,8 @@ def build_scope_plan(cfg: ReAttnConfig, page_lists: list[list[int]], cached: lis
         rep_index=dev(torch.tensor(rep_index, dtype=torch.int64)),
         reps=reps,
         needs_select=any(len(x) > cfg.topk for x in cands),
+        scope_lens_host=[(len(h) + min(cfg.topk, len(x))) * cfg.chunk_size + t
+                         for h, x, t in zip(heads, cands, ltoks)],
         next_rows=dev(torch.tensor(next_rows, dtype=torch.int64)) if next_rows else None,
         next_rows_host=list(next_rows) or None,
         next_index=(dev(torch.tensor([start_of[b] + q_lens[b] - 1 for b in next_rows],
@@ -194,7 +199,7 @@ class ReAttention(PagedAttention):
                                      batch.pages_host, batch.scope_lens_host)
         # Virtual pages are never read: the selection always runs and maps them to pages.
         table, lens = self.select(layer_id, q, plan, batch.streamed, batch.in_graph)
-        return self.attend_scope(layer_id, q, batch, table, lens, None, None)
+        return self.attend_scope(layer_id, q, batch, table, lens, None, plan.scope_lens_host)
 
     def select(self, layer_id: int, q: torch.Tensor, plan: ScopePlan, streamed: bool = False,
                in_graph: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

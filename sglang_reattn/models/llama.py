@@ -79,7 +79,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if (gate_up.is_cuda and gate_up.dtype != torch.float32 and gate_up.dim() == 2
+                and kernels.HAS_TRITON):  # one launch for silu, mul and the strided read
+            return self.down_proj(kernels.silu_mul_triton(gate_up))
+        gate, up = gate_up.split(self.inter, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 

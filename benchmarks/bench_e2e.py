@@ -192,6 +192,9 @@ def print_profile(prof, wall: float, steps: int, label: str, top: int = 12) -> N
           f"{busy / steps / 1e3:.3f} ms/step ({busy / 1e6 / wall:.0%} busy)")
     for e in sorted(evs, key=dev_time, reverse=True)[:top]:
         print(f"  {dev_time(e) / steps:9.1f} us/step  {e.count // steps:4d}/step  {e.key[:90]}")
+    host = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    print("  host: " + ", ".join(f"{e.key[:40]} {e.self_cpu_time_total / steps:.0f} us/step"
+                                 for e in host[:8]))
 
 
 class time_steps:
@@ -312,6 +315,14 @@ def main() -> None:
         ids = torch.randint(100, 40000, (n,), generator=torch.Generator().manual_seed(2))
         flops = prefill_floor(cfg, n, eng.reattn.scope_tokens if eng.reattn else n)
         rate = matmul_flops(dev)
+        # Warm-up: a prefill just past the scope compiles every kernel of the path (the
+        # selection's first; 12 s of a cold 1M-token run on the H200, 2026-12-01)
+        scope_tokens = eng.reattn.scope_tokens if eng.reattn else 0
+        warm = torch.randint(100, 40000, (scope_tokens + 4 * args.chunked_prefill_size,))
+        t = time.perf_counter()
+        eng.generate(input_ids=warm.tolist(), sampling_params={"max_new_tokens": 1})
+        print(f"warm-up prefill of {warm.numel():,} tokens (kernel compiles): "
+              f"{time.perf_counter() - t:.1f} s", flush=True)
         steps = time_steps(eng, n - 8 * args.chunked_prefill_size if args.profile else None)
         t = time.perf_counter()
         eng.generate(input_ids=ids.tolist(), sampling_params={"max_new_tokens": 1})
@@ -321,7 +332,7 @@ def main() -> None:
                    "matmul_flops_s": rate, "floor_seconds": flops / rate}
         print(json.dumps(prefill), flush=True)
         if args.profile:  # 32 prefill chunks past the scope, on a fresh context
-            m = 32 * args.chunked_prefill_size + (eng.reattn.scope_tokens if eng.reattn else 0)
+            m = min(n, 32 * args.chunked_prefill_size + scope_tokens)
             ids = torch.randint(100, 40000, (m,), generator=torch.Generator().manual_seed(3))
 
             def prefill_run() -> float:

@@ -1,10 +1,10 @@
-"""The selection's scorer: atomic max of every program against read-before-atomic, by
-candidates per program and warps (H200 A/B, one run).
+"""The selection's scorer, A/B on the H200 (one run): elementwise kernel by candidates per
+program and warps, its head-max atomics against read-before-atomic, and the
+matrix-product kernel (max(q, 0) . kmax + min(q, 0) . kmin on the tensor cores).
 
-The scorer folds each head's max |score| into Hq floats with atomic max, one per program,
-head and query row; with small blocks thousands of programs hit the same addresses. This
-times the whole selection (``select_scope``, CUDA-graph replay) of one Llama-3.1-8B layer
-at each context for every combination, and checks that all give the same scope table.
+Times the whole selection (``select_scope``, CUDA-graph replay) of one Llama-3.1-8B layer
+at each context, for a decode step (1 query row) and a prefill piece (16 voting rows), for
+every setting, and checks that all settings give the first one's scope table.
 
     python benchmarks/bench_scorer_atomics.py --contexts 1M,4M
 """
@@ -24,7 +24,16 @@ import sglang_reattn.kernels as K  # noqa: E402
 from bench_attention import OursDecode, Shape, bench_graph, fmt_tokens, parse_size  # noqa: E402
 
 SC = importlib.import_module("sglang_reattn.kernels.score_chunks").__dict__
-CONFIGS = ((16, 2), (32, 4), (64, 4))
+KNOBS = ("SCORE_BLOCK_N", "SCORE_WARPS", "SCORE_CHECK_SCALE", "SCORE_DOT_MIN_ROWS",
+         "SCORE_DOT_BLOCK_N", "SCORE_DOT_WARPS")
+NO_DOT = dict(SCORE_DOT_MIN_ROWS=1 << 20)
+VARIANTS = (
+    ("16/2 atomic", dict(SCORE_BLOCK_N=16, SCORE_WARPS=2, SCORE_CHECK_SCALE=False, **NO_DOT)),
+    ("32/4 read", dict(SCORE_BLOCK_N=32, SCORE_WARPS=4, SCORE_CHECK_SCALE=True, **NO_DOT)),
+    ("dot 32/4", dict(SCORE_DOT_MIN_ROWS=1, SCORE_DOT_BLOCK_N=32, SCORE_DOT_WARPS=4)),
+    ("dot 64/4", dict(SCORE_DOT_MIN_ROWS=1, SCORE_DOT_BLOCK_N=64, SCORE_DOT_WARPS=4)),
+    ("dot 128/8", dict(SCORE_DOT_MIN_ROWS=1, SCORE_DOT_BLOCK_N=128, SCORE_DOT_WARPS=8)),
+)
 
 
 def main() -> None:
@@ -38,42 +47,46 @@ def main() -> None:
     t0 = time.time()
     s = Shape()
     print(f"# bench_scorer_atomics on {torch.cuda.get_device_name(dev)}; selection of one "
-          f"Llama-3.1-8B layer (top {s.topk}), CUDA-graph replay, us\n")
+          f"Llama-3.1-8B layer (top {s.topk}), CUDA-graph replay, us; defaults: "
+          + ", ".join(f"{k}={SC[k]}" for k in KNOBS) + "\n")
     cos, sin = K.rope_tables(s.scope, s.head_dim, base=500000.0, device=dev)
-    saved = SC["SCORE_BLOCK_N"], SC["SCORE_WARPS"], SC["SCORE_CHECK_SCALE"]
+    saved = {k: SC[k] for k in KNOBS}
     rows = []
     for ctx in (parse_size(c) for c in args.contexts.split(",")):
         ours = OursDecode(ctx, s, cos, sin, dev)
-        first = None  # every setting must give the first one's table (same scores)
-        row = {"ctx": ctx}
-        for bn, warps in CONFIGS:
-            for check in (False, True):
-                SC["SCORE_BLOCK_N"], SC["SCORE_WARPS"], SC["SCORE_CHECK_SCALE"] = bn, warps, check
-                table = ours.select()[0].clone()
+        for reps in (1, 16):
+            q = torch.randn(reps, s.num_q_heads, s.head_dim, device=dev, dtype=s.dtype)
+
+            def select(q=q, reps=reps, o=ours):
+                return K.select_scope_triton(
+                    q, o.cand, o.ncand, o.head_table, o.head_pages, o.local_table,
+                    o.local_tokens, s.topk, s.chunk, o.kmin, o.kmax, None, "max", reps)[:2]
+            first = None  # every setting must give the first one's table (same scores)
+            row = {"ctx": ctx, "reps": reps}
+            for label, knobs in VARIANTS:
+                SC.update(saved)
+                SC.update(knobs)
+                table = select()[0].clone()
                 first = table if first is None else first
-                same = torch.equal(table, first)
-                t = bench_graph(ours.select, args.rep)
-                row[(bn, warps, check)] = (t, same)
-        rows.append(row)
-        print(f"# {fmt_tokens(ctx)} done at {time.time() - t0:.0f} s: " + ", ".join(
-            f"{k[0]}/{k[1]}/{'read' if k[2] else 'atomic'} {v[0] * 1e3:.1f} us"
-            + ("" if v[1] else " (table differs)")
-            for k, v in row.items() if k != "ctx" and isinstance(v[0], float)), flush=True)
+                row[label] = (bench_graph(select, args.rep), torch.equal(table, first))
+            SC.update(saved)
+            rows.append(row)
+            print(f"# {fmt_tokens(ctx)}, {reps} rows, at {time.time() - t0:.0f} s: " + ", ".join(
+                f"{k} {v[0] * 1e3:.1f} us" + ("" if v[1] else " (table differs)")
+                for k, v in row.items() if isinstance(v, tuple) and isinstance(v[0], float)),
+                flush=True)
         del ours
         torch.cuda.empty_cache()
-    SC["SCORE_BLOCK_N"], SC["SCORE_WARPS"], SC["SCORE_CHECK_SCALE"] = saved
-    head = [f"{bn} / {w}, {'read first' if c else 'atomic'}" for bn, w in CONFIGS
-            for c in (False, True)]
-    print("| context | " + " | ".join(head) + " |")
-    print("| " + " | ".join(["---"] * (len(head) + 1)) + " |")
+    head = [label for label, _ in VARIANTS]
+    print("| context | query rows | " + " | ".join(head) + " |")
+    print("| " + " | ".join(["---"] * (len(head) + 2)) + " |")
     for r in rows:
         cells = []
-        for bn, w in CONFIGS:
-            for c in (False, True):
-                t, same = r[(bn, w, c)]
-                val = f"{t * 1e3:.1f}" if isinstance(t, float) else str(t)
-                cells.append(val + ("" if same else " (table differs)"))
-        print(f"| {fmt_tokens(r['ctx'])} | " + " | ".join(cells) + " |")
+        for label in head:
+            t, same = r[label]
+            val = f"{t * 1e3:.1f}" if isinstance(t, float) else str(t)
+            cells.append(val + ("" if same else " (table differs)"))
+        print(f"| {fmt_tokens(r['ctx'])} | {r['reps']} | " + " | ".join(cells) + " |")
     print(f"\ntotal {time.time() - t0:.0f} s")
 
 

@@ -64,7 +64,7 @@ for step in ${STEPS:-check offline niah}; do
             done 2>&1 | tee "$OUT/niah_variants64.txt" ;;
         attention) timeout ${ATTN_TIMEOUT:-300} python3 benchmarks/bench_attention.py 2>&1 \
                     | tee "$OUT/bench_attention.txt" ;;
-        scoreratomics) timeout 200 python3 benchmarks/bench_scorer_atomics.py --contexts 1M,4M 2>&1 \
+        scoreratomics) timeout 200 python3 benchmarks/bench_scorer_atomics.py --contexts ${SCORER_CONTEXTS:-32K,1M,4M} 2>&1 \
                     | tee "$OUT/bench_scorer_atomics.txt" ;;
         stream) timeout ${STREAM_TIMEOUT:-560} python3 benchmarks/bench_stream.py --device cuda \
                     --tokens ${STREAM_TOKENS:-1M} --decode ${STREAM_DECODE:-64} --repeats 2 --dir /tmp/stream_store ${STREAM_FLAGS:-} \

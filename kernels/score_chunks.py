@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton_compat import check, next_pow2, tl, tl_max, tl_sum, triton
+from ._triton_compat import check, dot_dtype, next_pow2, tl, tl_max, tl_sum, triton
 
 COMBINE_MODES = ("sum", "max")
 
@@ -108,6 +108,68 @@ def _score_chunks_kernel(
                  tl.where(n_mask, total, float("-inf")), mask=offs_n < max_cands)
 
 
+@triton.jit
+def _score_dot_kernel(
+    q_ptr, kmin_ptr, kmax_ptr, kmean_ptr, cand_ptr, num_cands_ptr, out_ptr, scale_ptr,
+    max_cands,
+    stride_qb, stride_qh, stride_sp, stride_sh, stride_cb, stride_ob, stride_oh, stride_scb,
+    REPS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    USE_MINMAX: tl.constexpr, WRITE_SCALE: tl.constexpr, CHECK_SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Per-head scores as matrix products, grid ``(B, cdiv(max_cands, BLOCK_N), Hkv)``: the
+    REPS x GROUP query rows of a sequence and KV head (row m: rep m // GROUP, head
+    m % GROUP) against a block of candidates. The min/max bound is
+    ``sum_d max(q_d kmin_d, q_d kmax_d) = max(q, 0) . kmax + min(q, 0) . kmin``, so the
+    summaries are read once for every row and the products run on the tensor cores (16-bit
+    operands are exact products, accumulated in float32)."""
+    seq = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    h = tl.program_id(2)
+    n_cands = tl.load(num_cands_ptr + seq)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_valid = offs_m < REPS * GROUP
+    n_mask = offs_n < n_cands
+    d_mask = offs_d < HEAD_DIM
+    q_row = (seq * REPS + offs_m // GROUP).to(tl.int64)
+    q_head = h * GROUP + offs_m % GROUP
+    out_off = q_row[:, None] * stride_ob + q_head[:, None] * stride_oh + offs_n[None, :]
+    out_mask = m_valid[:, None] & (offs_n < max_cands)[None, :]
+    if pid_n * BLOCK_N < n_cands:
+        q = tl.load(q_ptr + q_row[:, None] * stride_qb + q_head[:, None] * stride_qh
+                    + offs_d[None, :], mask=m_valid[:, None] & d_mask[None, :],
+                    other=0.0).to(tl.float32)
+        page = tl.load(cand_ptr + seq.to(tl.int64) * stride_cb + offs_n, mask=n_mask,
+                       other=0).to(tl.int64)
+        row = page[:, None] * stride_sp + h * stride_sh + offs_d[None, :]
+        nd_mask = n_mask[:, None] & d_mask[None, :]
+        if USE_MINMAX:
+            mx = tl.load(kmax_ptr + row, mask=nd_mask, other=0.0).to(DOT_DTYPE)
+            mn = tl.load(kmin_ptr + row, mask=nd_mask, other=0.0).to(DOT_DTYPE)
+            s = tl.dot(tl.maximum(q, 0.0).to(DOT_DTYPE), tl.trans(mx),
+                       input_precision=DOT_PRECISION)
+            s += tl.dot(tl.minimum(q, 0.0).to(DOT_DTYPE), tl.trans(mn),
+                        input_precision=DOT_PRECISION)
+        else:
+            mean = tl.load(kmean_ptr + row, mask=nd_mask, other=0.0).to(DOT_DTYPE)
+            s = tl.dot(q.to(DOT_DTYPE), tl.trans(mean), input_precision=DOT_PRECISION)
+        tl.store(out_ptr + out_off, tl.where(n_mask[None, :], s, float("-inf")), mask=out_mask)
+        if WRITE_SCALE:
+            top = tl_max(tl.where(n_mask[None, :], tl.abs(s), 0.0), 1)  # [BLOCK_M]
+            at = scale_ptr + q_row * stride_scb + q_head
+            if CHECK_SCALE:  # most programs find a larger max already there
+                cur = tl.load(at, mask=m_valid, other=0.0, cache_modifier=".cg")
+                tl.atomic_max(at, top, mask=m_valid & (top > cur))
+            else:
+                tl.atomic_max(at, top, mask=m_valid)
+    else:
+        tl.store(out_ptr + out_off, tl.full([BLOCK_M, BLOCK_N], float("-inf"), tl.float32),
+                 mask=out_mask)
+
+
 def _check_score_inputs(q, cand_pages, num_cands, topk, kmin, kmax, kmean, combine,
                         reps: int = 1) -> bool:
     """Validates arguments; returns True for the min/max bound, False for the mean.
@@ -164,6 +226,12 @@ def chunk_scores_triton(q: torch.Tensor, cand_pages: torch.Tensor, num_cands: to
 SCORE_BLOCK_N = 32
 SCORE_WARPS = 4
 SCORE_CHECK_SCALE = True
+# Per-head scores of at least this many query rows per sequence and KV head (reps x GQA
+# group: a prefill piece's 16 voting queries) take the matrix-product kernel, with this
+# many candidates a program and warps.
+SCORE_DOT_MIN_ROWS = 16
+SCORE_DOT_BLOCK_N = 64
+SCORE_DOT_WARPS = 4
 
 
 def launch_scorer(q, cand_pages, num_cands, kmin, kmax, kmean, out, scale, reps) -> None:
@@ -176,6 +244,24 @@ def launch_scorer(q, cand_pages, num_cands, kmin, kmax, kmean, out, scale, reps)
     max_cands = cand_pages.shape[1]
     per_head = out.dim() == 3
     if rows == 0 or max_cands == 0:
+        return
+    group = num_q_heads // summ.shape[1]
+    if per_head and reps * group >= SCORE_DOT_MIN_ROWS:
+        # 16-bit operands of one dtype multiply exactly on the tensor cores; otherwise fp32
+        half = q.dtype in (torch.float16, torch.bfloat16) and summ.dtype == q.dtype
+        _score_dot_kernel[(rows // reps, triton.cdiv(max_cands, SCORE_DOT_BLOCK_N),
+                           summ.shape[1])](
+            q, summ, kmax if kmin is not None else summ, summ, cand_pages, num_cands, out,
+            scale if scale is not None else out, max_cands,
+            q.stride(0), q.stride(1), summ.stride(0), summ.stride(1), cand_pages.stride(0),
+            out.stride(0), out.stride(1), scale.stride(0) if scale is not None else 0,
+            REPS=reps, GROUP=group, HEAD_DIM=head_dim, USE_MINMAX=kmin is not None,
+            WRITE_SCALE=scale is not None, CHECK_SCALE=SCORE_CHECK_SCALE,
+            BLOCK_M=max(16, next_pow2(reps * group)), BLOCK_N=SCORE_DOT_BLOCK_N,
+            BLOCK_D=max(16, next_pow2(head_dim)),
+            DOT_DTYPE=dot_dtype(q.dtype) if half else tl.float32,
+            DOT_PRECISION="tf32" if half else "ieee", num_warps=SCORE_DOT_WARPS,
+        )
         return
     grid = (rows, triton.cdiv(max_cands, SCORE_BLOCK_N), summ.shape[1] if per_head else 1)
     _score_chunks_kernel[grid](

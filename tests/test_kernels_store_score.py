@@ -161,6 +161,27 @@ def test_chunk_scores_triton_matches_ref(num_kv_heads, group, head_dim, q_dtype,
         torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("num_kv_heads,group", [(2, 1), (3, 3), (1, 8)])
+@pytest.mark.parametrize("head_dim", [64, 96])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("kind", ["minmax", "mean"])
+def test_chunk_scores_dot_kernel_matches_ref(num_kv_heads, group, head_dim, dtype, kind,
+                                             monkeypatch):
+    """The matrix-product scorer (max(q, 0) . kmax + min(q, 0) . kmin) for every row count:
+    per-head scores, a block of candidates past the valid ones, a padded head dim."""
+    sc = K.chunk_scores_triton.__globals__
+    monkeypatch.setitem(sc, "SCORE_DOT_MIN_ROWS", 1)
+    monkeypatch.setitem(sc, "SCORE_DOT_BLOCK_N", 16)
+    gen = torch.Generator().manual_seed(group * 100 + head_dim)
+    q, cand, nc, kmin, kmax, kmean = _scorer_inputs(3, num_kv_heads, group, head_dim, dtype,
+                                                    dtype, gen)
+    summ = dict(kmin=kmin, kmax=kmax) if kind == "minmax" else dict(kmean=kmean)
+    out = K.chunk_scores_triton(q, cand, nc, per_head=True, **summ)
+    ref = K.chunk_scores_ref(q, cand, nc, per_head=True, **summ)
+    assert torch.isinf(ref[0]).all() and torch.isfinite(ref[2]).all()
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
 def test_scores_bound_and_mean_match_real_keys():
     """The min/max score bounds q.k of every key in the page; the mean score is its mean."""
     gen = torch.Generator().manual_seed(4)
@@ -253,7 +274,7 @@ def _scope_inputs(batch, reps, num_kv_heads, group, head_dim, dtype, gen, max_ca
 @pytest.mark.parametrize("combine,reps,topk,max_cands", [
     ("max", 1, 0, 70), ("max", 1, 1, 70), ("max", 1, 5, 600), ("max", 1, 70, 300),
     ("max", 1, 300, 70), ("sum", 1, 5, 600), ("sum", 1, 64, 300), ("max", 3, 5, 600),
-    ("sum", 3, 17, 300)])
+    ("sum", 3, 17, 300), ("max", 4, 9, 600), ("max", 16, 40, 300)])
 @pytest.mark.parametrize("kind,dtype", [("minmax", torch.float32), ("mean", torch.bfloat16)])
 def test_select_scope_triton_matches_ref(combine, reps, topk, max_cands, kind, dtype):
     """Scores, head combine, top-k over several sorted blocks, the table: one fused op."""
@@ -329,13 +350,16 @@ def test_select_scope_radix_threshold_paths(bins, cap, small, block, combine, to
 
 
 @pytest.mark.parametrize("check", [False, True])
-def test_select_scope_scorer_reads_the_max_before_its_atomic(check, monkeypatch):
+@pytest.mark.parametrize("dot", [False, True])
+def test_select_scope_scorer_reads_the_max_before_its_atomic(check, dot, monkeypatch):
     """SCORE_CHECK_SCALE: the scorer's atomic max runs only where it raises the head's max
     so far; the per-head maxima, and so the selection, are the same (small blocks: 19
     programs a head fold into each max)."""
     sc = K.select_scope_triton.__globals__["launch_scorer"].__globals__
     monkeypatch.setitem(sc, "SCORE_CHECK_SCALE", check)
     monkeypatch.setitem(sc, "SCORE_BLOCK_N", 16)
+    monkeypatch.setitem(sc, "SCORE_DOT_BLOCK_N", 16)
+    monkeypatch.setitem(sc, "SCORE_DOT_MIN_ROWS", 1 if dot else 1000)
     gen = torch.Generator().manual_seed(13)
     q, cand, nc, (kmin, kmax, _), scope = _scope_inputs(3, 2, 2, 4, 64, torch.float32, gen, 300)
     args = (q, cand, nc, *scope, 9, 16, kmin, kmax, None, "max", 2)

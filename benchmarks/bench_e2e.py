@@ -265,7 +265,8 @@ def prefill_floor(cfg, n: int, scope: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", choices=sorted(SHAPES), default="8b")
-    ap.add_argument("--contexts", nargs="+", default=["32K", "128K", "512K"])
+    ap.add_argument("--contexts", nargs="*", default=["32K", "128K", "512K"],
+                    help="decode contexts (none: only --prefill)")
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--prefill", default=None, help="also time a real prefill of this size")

@@ -41,9 +41,11 @@ for step in ${STEPS:-check offline niah}; do
         e2e1b) timeout ${E2E1B_TIMEOUT:-400} python3 benchmarks/bench_e2e.py --model 1b \
                     --contexts 32K 128K 1M --prefill 1M ${E2E_FLAGS:-} --json "$OUT/e2e_1b.json" 2>&1 \
                     | tee "$OUT/bench_e2e_1b.txt" ;;
-        prefill1b) timeout ${PREFILL_TIMEOUT:-300} python3 benchmarks/bench_e2e.py --model 1b \
-                    --contexts 32K --prefill 1M --profile ${E2E_FLAGS:-} --json "$OUT/prefill_1b.json" 2>&1 \
-                    | tee "$OUT/bench_prefill_1b.txt" ;;
+        prefill1b) for cps in ${PREFILL_CHUNKS:-2048}; do
+                timeout ${PREFILL_TIMEOUT:-300} python3 benchmarks/bench_e2e.py --model 1b \
+                    --contexts --prefill 1M --profile --chunked-prefill-size $cps ${E2E_FLAGS:-} \
+                    --json "$OUT/prefill_1b_$cps.json" 2>&1 | tee "$OUT/bench_prefill_1b_$cps.txt"
+            done ;;
         prefillattn) timeout 200 python3 benchmarks/bench_prefill_attention.py --new 2048 4096 2>&1 \
                     | tee "$OUT/bench_prefill_attention.txt" ;;
         niah64) timeout ${NIAH_TIMEOUT:-400} python3 benchmarks/niah.py --device cuda \

@@ -198,55 +198,53 @@ def print_profile(prof, wall: float, steps: int, label: str, top: int = 12) -> N
 
 
 class time_steps:
-    """Wraps the engine's model runner: each step's device-synced wall time by the tokens
-    cached before it (where a long prefill's time goes as its context grows). With
-    `profile_from`, the steps from that many cached tokens on are also profiled."""
+    """Wraps the engine's model runner: each step's time on the device, by the tokens
+    cached before it (where a long prefill's time goes as its context grows). Steps are
+    timed with CUDA events between consecutive step starts, so nothing syncs and host work
+    overlaps the device as in an uninstrumented run."""
 
-    def __init__(self, eng, profile_from: int | None = None) -> None:
+    def __init__(self, eng) -> None:
         self.eng, self.orig = eng, eng.runner.forward
-        self.times: list[tuple[int, float]] = []
-        self.profile_from, self.prof, self.prof_wall = profile_from, None, 0.0
-        self.last_end, self.between = None, 0.0  # host time between steps
+        self.cuda = eng.device.type == "cuda"
+        self.marks: list[tuple[int, object]] = []  # (cached tokens, event or host time)
+        self.started = time.perf_counter()
+        self.first_call = None  # host time of the first step, from `started`
         eng.runner.forward = self
 
-    def __call__(self, reqs, q_lens, is_decode, rows):
-        if self.profile_from is not None and self.prof is None \
-                and reqs[0].num_computed >= self.profile_from:
-            from torch.profiler import profile
+    def _mark(self, cached: int) -> None:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.marks.append((cached, ev))
+        else:
+            self.marks.append((cached, time.perf_counter()))
 
-            self.prof = profile(activities=profiler_activities(self.eng))
-            self.prof.__enter__()
-            self.prof_steps = 0
-        sync(self.eng.device)
-        t = time.perf_counter()
-        if self.last_end is not None:
-            self.between += t - self.last_end
+    def __call__(self, reqs, q_lens, is_decode, rows):
+        if self.first_call is None:
+            self.first_call = time.perf_counter() - self.started
+        self._mark(reqs[0].num_computed)
         out = self.orig(reqs, q_lens, is_decode, rows)
-        sync(self.eng.device)
-        self.last_end = time.perf_counter()
-        dt = self.last_end - t
-        self.times.append((reqs[0].num_computed, dt))
-        if self.prof is not None and self.prof_steps >= 0:
-            self.prof_wall += dt
-            self.prof_steps += 1
-            if reqs[0].num_computed + q_lens[0] >= reqs[0].num_tokens:  # (its thread's)
-                self.prof.__exit__(None, None, None)
-                print_profile(self.prof, self.prof_wall, self.prof_steps,
-                              f"the last {self.prof_steps} steps of the prefill")
-                self.prof_steps = -1
+        if reqs[0].num_computed + q_lens[0] >= reqs[0].num_tokens:
+            self._mark(reqs[0].num_tokens)
         return out
 
     def close(self) -> None:
         self.eng.runner.forward = self.orig
-        t = self.times
+        sync(self.eng.device)
+        m = self.marks
+        if self.cuda:
+            t = [(c, a.elapsed_time(b) / 1e3) for (c, a), (_, b) in zip(m, m[1:])]
+        else:
+            t = [(c, b - a) for (c, a), (_, b) in zip(m, m[1:])]
         if len(t) >= 8:
             k = len(t) // 8
-            print("prefill step wall time by cached tokens: " + ", ".join(
+            print("prefill step time on the device by cached tokens: " + ", ".join(
                 f"{t[i][0] // 1024}K {statistics.median(x for _, x in t[i:i + k]) * 1e3:.1f} ms"
                 for i in range(0, 8 * k, k)))
             slow = sorted(t, key=lambda x: -x[1])[:5]
-            print(f"prefill steps: {len(t)}, {sum(x for _, x in t):.2f} s in steps, "
-                  f"{self.between:.2f} s between them; slowest: " + ", ".join(
+            print(f"prefill steps: {len(t)}, {sum(x for _, x in t):.2f} s from the first "
+                  f"step's start to the last one's end; the first started "
+                  f"{self.first_call:.2f} s after the request; slowest: " + ", ".join(
                       f"{x * 1e3:.0f} ms at {p // 1024}K" for p, x in slow))
 
 
@@ -324,9 +322,10 @@ def main() -> None:
         eng.generate(input_ids=warm.tolist(), sampling_params={"max_new_tokens": 1})
         print(f"warm-up prefill of {warm.numel():,} tokens (kernel compiles): "
               f"{time.perf_counter() - t:.1f} s", flush=True)
-        steps = time_steps(eng, n - 8 * args.chunked_prefill_size if args.profile else None)
+        ids = ids.tolist()
+        steps = time_steps(eng)
         t = time.perf_counter()
-        eng.generate(input_ids=ids.tolist(), sampling_params={"max_new_tokens": 1})
+        eng.generate(input_ids=ids, sampling_params={"max_new_tokens": 1})
         secs = time.perf_counter() - t
         steps.close()
         prefill = {"tokens": n, "seconds": secs, "tok_s": n / secs, "flops": flops,

@@ -66,7 +66,9 @@ def main() -> None:
             for label, knobs in VARIANTS:
                 SC.update(saved)
                 SC.update(knobs)
+                print(f"# {fmt_tokens(ctx)}, {reps} rows: {label}", flush=True)
                 table = select()[0].clone()
+                torch.cuda.synchronize()  # a fault names its variant
                 first = table if first is None else first
                 row[label] = (bench_graph(select, args.rep), torch.equal(table, first))
             SC.update(saved)

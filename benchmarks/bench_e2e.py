@@ -209,6 +209,7 @@ class time_steps:
         self.marks: list[tuple[int, object]] = []  # (cached tokens, event or host time)
         self.started = time.perf_counter()
         self.first_call = None  # host time of the first step, from `started`
+        self.host: list[float] = []  # host seconds in each step's forward call
         eng.runner.forward = self
 
     def _mark(self, cached: int) -> None:
@@ -223,7 +224,9 @@ class time_steps:
         if self.first_call is None:
             self.first_call = time.perf_counter() - self.started
         self._mark(reqs[0].num_computed)
+        t = time.perf_counter()
         out = self.orig(reqs, q_lens, is_decode, rows)
+        self.host.append(time.perf_counter() - t)  # launching it (the device runs behind)
         if reqs[0].num_computed + q_lens[0] >= reqs[0].num_tokens:
             self._mark(reqs[0].num_tokens)
         return out
@@ -245,7 +248,9 @@ class time_steps:
             print(f"prefill steps: {len(t)}, {sum(x for _, x in t):.2f} s from the first "
                   f"step's start to the last one's end; the first started "
                   f"{self.first_call:.2f} s after the request; slowest: " + ", ".join(
-                      f"{x * 1e3:.0f} ms at {p // 1024}K" for p, x in slow))
+                      f"{x * 1e3:.0f} ms at {p // 1024}K" for p, x in slow)
+                  + f"; host time in a step's forward call: median "
+                  f"{statistics.median(self.host) * 1e3:.1f} ms")
 
 
 def prefill_floor(cfg, n: int, scope: int) -> float:

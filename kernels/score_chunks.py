@@ -216,20 +216,24 @@ def chunk_scores_triton(q: torch.Tensor, cand_pages: torch.Tensor, num_cands: to
     return out
 
 
-# Candidates per scorer program and its warps. Read a head's max |score| so far before the
-# atomic max, which then runs only where it would raise it (the atomics of every program on
-# the same Hq addresses serialize). The whole selection of one 8B layer, H200, us
-# (benchmarks/bench_scorer_atomics.py, 2026-12-01):
-#   block / warps      16/2  16/2 read  32/4  32/4 read  64/4  64/4 read
-#   1M                 66.8    79.1     61.1    65.0     78.6    68.6
-#   4M                  219     191      188     172      254     206
+# The elementwise kernel (summed scores, and per-head ones of fewer rows than below):
+# candidates per program and warps. Read a head's max |score| so far before the atomic max,
+# which then runs only where it would raise it (the atomics of every program on the same
+# Hq addresses serialize).
 SCORE_BLOCK_N = 32
 SCORE_WARPS = 4
 SCORE_CHECK_SCALE = True
 # Per-head scores of at least this many query rows per sequence and KV head (reps x GQA
-# group: a prefill piece's 16 voting queries) take the matrix-product kernel, with this
-# many candidates a program and warps.
-SCORE_DOT_MIN_ROWS = 16
+# group) take the matrix-product kernel, with this many candidates a program and warps.
+# The whole selection of one 8B layer, H200, us (benchmarks/bench_scorer_atomics.py,
+# 2026-12-01; query rows 1: a decode step, 16: a prefill piece's voting queries):
+#   context, rows     16/2 atomic  32/4 read  dot 32/4  dot 64/4  dot 128/8
+#   32K, 1               16.0        16.7       14.0      14.6      15.3
+#   1M, 1                66.9        65.1       46.4      43.7      46.7
+#   4M, 1                 216         171        133       120       134
+#   1M, 16                632         529       83.8      80.0       114
+#   4M, 16               2452        1962        220       208       336
+SCORE_DOT_MIN_ROWS = 1
 SCORE_DOT_BLOCK_N = 64
 SCORE_DOT_WARPS = 4
 

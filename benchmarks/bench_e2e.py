@@ -253,6 +253,33 @@ class time_steps:
                   f"{statistics.median(self.host) * 1e3:.1f} ms")
 
 
+def host_profile(eng, run, steps: int, top: int = 25) -> None:
+    """cProfile of the host side of the model runner's steps during `run()` (it runs in the
+    engine's thread): where the Python time of a step goes, by own time per step."""
+    import cProfile
+    import pstats
+
+    prof, orig = cProfile.Profile(), eng.runner.forward
+
+    def forward(*args):
+        prof.enable()
+        try:
+            return orig(*args)
+        finally:
+            prof.disable()
+    eng.runner.forward = forward
+    try:
+        run()
+    finally:
+        eng.runner.forward = orig
+    st = pstats.Stats(prof)
+    rows = sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:top]  # by own time
+    print(f"host profile (cProfile, own time per step over {steps} steps):")
+    for (fn, line, name), (_, calls, own, cum, _) in rows:
+        print(f"  {own / steps * 1e3:7.3f} ms  {calls // steps:5d}/step  cum "
+              f"{cum / steps * 1e3:7.3f} ms  {os.path.basename(fn)}:{line}({name})")
+
+
 def prefill_floor(cfg, n: int, scope: int) -> float:
     """FLOPs of a prefill of n tokens: the linear layers plus attention over the scope."""
     h, d = cfg.hidden_size, cfg.head_dim
@@ -346,6 +373,7 @@ def main() -> None:
                 return time.perf_counter() - t
             profile_run(eng, prefill_run, m // args.chunked_prefill_size,
                         f"a {m:,}-token prefill (per {args.chunked_prefill_size}-token chunk)")
+            host_profile(eng, prefill_run, m // args.chunked_prefill_size)
     eng.shutdown()
 
     dtype = str(eng.dtype).removeprefix("torch.")

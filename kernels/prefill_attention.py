@@ -12,10 +12,10 @@ so each key tile is loaded and rotated once for the whole GQA group. Key tiles s
 below the block's first query are visible to every row and skip the causal mask.
 
 ``prefill_attention_gathered`` takes another route for long query blocks on a GPU: one
-Triton launch (``_gather_rope_kernel``) gathers each scope's keys and values through the
+Triton launch (``_gather_scope_kernel``) gathers each scope's keys and values through the
 page table into contiguous ``[Hkv, n, D]`` buffers, keys rotated at their virtual positions,
-and the queries rotated too; then torch's flash attention (SDPA, bottom-right causal, GQA)
-runs over them. The rotation is paid once per key instead of once per key and query block,
+and the queries rotated too; then torch's flash attention (bottom-right causal, GQA) runs
+over them. The rotation is paid once per key instead of once per key and query block,
 and the flash kernel's full-width dots beat the paged kernel's half-width ones
 (benchmarks/bench_prefill_attention.py).
 """
@@ -196,68 +196,97 @@ def prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
 
 
 @triton.jit
-def _gather_rope_kernel(
-    src_ptr, page_table_ptr, cos_ptr, sin_ptr, out_ptr,
-    n_tokens, pos0, max_pos, stride_rope,
-    stride_sp, stride_st, stride_sh,  # paged: [P, C, H, D]; packed: [T, H, D] (sp unused)
-    stride_oh, stride_ot,  # out [H, n, D]
-    PAGED: tl.constexpr, ROTATE: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    HALF_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_DH: tl.constexpr,
-):
-    """Tokens ``[pid*BLOCK_T, +BLOCK_T)`` of one head (axis 1) to ``out[h, t]``: token t read
-    through the page table (PAGED) or as row t, rotated at position ``pos0 + t`` (ROTATE)."""
-    h = tl.program_id(1)
-    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_d = tl.arange(0, BLOCK_DH)
-    t_mask = offs_t < n_tokens
-    m = t_mask[:, None] & (offs_d < HALF_D)[None, :]
-    if PAGED:
-        page = tl.load(page_table_ptr + offs_t // PAGE_SIZE, mask=t_mask, other=0).to(tl.int64)
-        row = page * stride_sp + (offs_t % PAGE_SIZE) * stride_st + h * stride_sh
-    else:
-        row = offs_t.to(tl.int64) * stride_st + h * stride_sh
-    ptrs = src_ptr + row[:, None] + offs_d[None, :]
-    x1 = tl.load(ptrs, mask=m, other=0.0)
-    x2 = tl.load(ptrs + HALF_D, mask=m, other=0.0)
+def _rope_rows(src, dst, pos, mask, cos_ptr, sin_ptr, max_pos, stride_rope, offs_d,
+               ROTATE: tl.constexpr, HALF_D: tl.constexpr):
+    """Copy rows ``src [T, D] -> dst`` (pointer tensors of the first half), rotating row t
+    at position ``pos[t]`` when ROTATE (float32 math, rounded to dst's dtype)."""
+    x1 = tl.load(src, mask=mask, other=0.0)
+    x2 = tl.load(src + HALF_D, mask=mask, other=0.0)
     if ROTATE:
-        pos = tl.minimum(pos0 + offs_t, max_pos - 1)  # a caller bug must not fault
-        rope_off = pos[:, None] * stride_rope + offs_d[None, :]
-        c = tl.load(cos_ptr + rope_off, mask=m, other=0.0)
-        sn = tl.load(sin_ptr + rope_off, mask=m, other=0.0)
+        rope_off = tl.minimum(pos, max_pos - 1)[:, None] * stride_rope + offs_d[None, :]
+        c = tl.load(cos_ptr + rope_off, mask=mask, other=0.0)
+        sn = tl.load(sin_ptr + rope_off, mask=mask, other=0.0)
         a, b = x1.to(tl.float32), x2.to(tl.float32)
         x1, x2 = a * c - b * sn, b * c + a * sn
-    dst = out_ptr + h.to(tl.int64) * stride_oh + offs_t[:, None].to(tl.int64) * stride_ot \
-        + offs_d[None, :]
-    tl.store(dst, x1.to(out_ptr.dtype.element_ty), mask=m)
-    tl.store(dst + HALF_D, x2.to(out_ptr.dtype.element_ty), mask=m)
+    tl.store(dst, x1.to(dst.dtype.element_ty), mask=mask)
+    tl.store(dst + HALF_D, x2.to(dst.dtype.element_ty), mask=mask)
 
 
-def _gather(src, page_row, n, pos0, cos, sin, rotate: bool) -> torch.Tensor:
-    """[H, n, D] from a paged cache (``page_row`` given) or packed rows [n, H, D]."""
-    heads, dim = src.shape[-2], src.shape[-1]
-    out = torch.empty(heads, n, dim, dtype=src.dtype, device=src.device)
-    if n == 0:
-        return out
-    paged = page_row is not None
-    block_t = 64
-    _gather_rope_kernel[(triton.cdiv(n, block_t), heads)](
-        src, page_row if paged else src, cos, sin, out,
-        n, pos0, cos.shape[0], cos.stride(0),
-        src.stride(0) if paged else 0, src.stride(-3), src.stride(-2),
-        out.stride(0), out.stride(1),
-        PAGED=paged, ROTATE=rotate, PAGE_SIZE=src.shape[1] if paged else 1,
-        HALF_D=dim // 2, BLOCK_T=block_t, BLOCK_DH=max(16, next_pow2(dim // 2)), num_warps=4,
-    )
-    return out
+@triton.jit
+def _gather_scope_kernel(
+    k_cache_ptr, v_cache_ptr, q_ptr, page_row_ptr, cos_ptr, sin_ptr, k_out, v_out, q_out,
+    n, q_len, max_pos, stride_rope,
+    stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, stride_qt, stride_qh,
+    stride_koh, stride_kot, stride_voh, stride_vot, stride_qoh, stride_qot,
+    PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr, HALF_D: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_DH: tl.constexpr,
+):
+    """One launch for a scope of ``n`` tokens, grid ``(cdiv(max(n, q_len), BLOCK_T), Hkv,
+    2 + GROUP)``: axis 2 picks keys (gathered through the page row, rotated at positions
+    0..n-1), values (gathered), or query head ``h * GROUP + (axis2 - 2)`` (its ``q_len``
+    rows rotated at positions ``n - q_len ..``); every output is ``[H, L, D]``."""
+    h = tl.program_id(1)
+    role = tl.program_id(2)
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_DH)
+    d_mask = (offs_d < HALF_D)[None, :]
+    t64 = offs_t.to(tl.int64)[:, None]
+    if role < 2:
+        t_mask = offs_t < n
+        page = tl.load(page_row_ptr + offs_t // PAGE_SIZE, mask=t_mask, other=0).to(tl.int64)
+        slot = offs_t % PAGE_SIZE
+        mask = t_mask[:, None] & d_mask
+        if role == 0:
+            _rope_rows(k_cache_ptr + (page * stride_kp + slot * stride_kt
+                                      + h * stride_kh)[:, None] + offs_d[None, :],
+                       k_out + h.to(tl.int64) * stride_koh + t64 * stride_kot
+                       + offs_d[None, :], offs_t, mask, cos_ptr, sin_ptr, max_pos,
+                       stride_rope, offs_d, True, HALF_D)
+        else:
+            _rope_rows(v_cache_ptr + (page * stride_vp + slot * stride_vt
+                                      + h * stride_vh)[:, None] + offs_d[None, :],
+                       v_out + h.to(tl.int64) * stride_voh + t64 * stride_vot
+                       + offs_d[None, :], offs_t, mask, cos_ptr, sin_ptr, max_pos,
+                       stride_rope, offs_d, False, HALF_D)
+    else:
+        qh = (h * GROUP + role - 2).to(tl.int64)
+        mask = (offs_t < q_len)[:, None] & d_mask
+        _rope_rows(q_ptr + t64 * stride_qt + qh * stride_qh + offs_d[None, :],
+                   q_out + qh * stride_qoh + t64 * stride_qot + offs_d[None, :],
+                   n - q_len + offs_t, mask, cos_ptr, sin_ptr, max_pos, stride_rope, offs_d,
+                   True, HALF_D)
 
 
 def gather_rope_scope(q, k_cache, v_cache, page_row, n, cos, sin):
     """One sequence's scope of ``n`` tokens (pages ``page_row``) and its ``q`` ([q_len,
     Hq, D], the scope's last q_len tokens) -> (q, k rotated at their virtual positions, v),
-    each ``[H, L, D]`` contiguous in the cache's dtype."""
-    k = _gather(k_cache, page_row, n, 0, cos, sin, True)
-    v = _gather(v_cache, page_row, n, 0, cos, sin, False)
-    return _gather(q, None, q.shape[0], n - q.shape[0], cos, sin, True), k, v
+    each ``[H, L, D]`` contiguous in the cache's dtype; one launch."""
+    q_len, num_q_heads, dim = q.shape
+    hkv = k_cache.shape[2]
+    kw = dict(dtype=k_cache.dtype, device=k_cache.device)
+    k, v = torch.empty(hkv, n, dim, **kw), torch.empty(hkv, n, dim, **kw)
+    qr = torch.empty(num_q_heads, q_len, dim, **kw)
+    block_t = 64
+    if max(n, q_len):
+        group = num_q_heads // hkv
+        _gather_scope_kernel[(triton.cdiv(max(n, q_len), block_t), hkv, 2 + group)](
+            k_cache, v_cache, q, page_row, cos, sin, k, v, qr,
+            n, q_len, cos.shape[0], cos.stride(0),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), q.stride(0), q.stride(1),
+            k.stride(0), k.stride(1), v.stride(0), v.stride(1), qr.stride(0), qr.stride(1),
+            PAGE_SIZE=k_cache.shape[1], GROUP=group, HALF_D=dim // 2, BLOCK_T=block_t,
+            BLOCK_DH=max(16, next_pow2(dim // 2)), num_warps=4,
+        )
+    return qr, k, v
+
+
+def _flash_op_usable(q: torch.Tensor) -> bool:
+    """torch's flash-attention op takes the gathered scope directly: CUDA, 16-bit, head
+    dims a multiple of 8 up to 256 (otherwise the public SDPA call dispatches)."""
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256
+            and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention"))
 
 
 def prefill_attention_gathered(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -265,16 +294,18 @@ def prefill_attention_gathered(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
                                q_lens_host: list[int], cos: torch.Tensor, sin: torch.Tensor,
                                sm_scale: float) -> torch.Tensor:
     """``prefill_attention_ref``'s result by gathering each scope (``gather_rope_scope``),
-    then SDPA with a bottom-right causal mask; scope and query lengths are given on the
-    host (SDPA's shapes)."""
-    import torch.nn.functional as F
-    from torch.nn.attention.bias import causal_lower_right
+    then flash attention with a bottom-right causal mask; scope and query lengths are
+    given on the host (the attention's shapes).
 
+    On a GPU the flash op is called directly: with ``is_causal`` it aligns the mask to the
+    bottom right (what ``causal_lower_right`` dispatches to, without that dispatch's host
+    time in every layer), and it reads GQA's shared KV heads itself."""
     _check_paged_inputs(q, k_cache, v_cache, page_table, None, cos, sin)
     check(len(scope_lens_host) == len(q_lens_host) == page_table.shape[0],
           "scope_lens_host, q_lens_host and page_table batch sizes differ")
     check(sum(q_lens_host) == q.shape[0], "q_lens_host must sum to q's tokens")
-    out = torch.empty_like(q)
+    flash = _flash_op_usable(q)
+    outs = []
     t0 = 0
     for b, (n, ql) in enumerate(zip(scope_lens_host, q_lens_host)):
         check(ql <= n <= page_table.shape[1] * k_cache.shape[1],
@@ -284,9 +315,23 @@ def prefill_attention_gathered(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
             continue
         qr, kr, v = gather_rope_scope(q[t0:t0 + ql], k_cache, v_cache, page_table[b], n,
                                       cos, sin)
-        o = F.scaled_dot_product_attention(
-            qr[None], kr[None], v[None], attn_mask=causal_lower_right(ql, n), scale=sm_scale,
-            enable_gqa=qr.shape[0] != kr.shape[0])
-        out[t0:t0 + ql] = o[0].transpose(0, 1)
+        if flash:
+            o = torch.ops.aten._scaled_dot_product_flash_attention(
+                qr[None], kr[None], v[None], 0.0, is_causal=True, scale=sm_scale)[0]
+        else:
+            import torch.nn.functional as F
+            from torch.nn.attention.bias import causal_lower_right
+
+            o = F.scaled_dot_product_attention(
+                qr[None], kr[None], v[None], attn_mask=causal_lower_right(ql, n),
+                scale=sm_scale, enable_gqa=qr.shape[0] != kr.shape[0])
+        outs.append(o[0].transpose(0, 1))  # [ql, Hq, D]
         t0 += ql
+    if len(outs) == 1 and outs[0].shape[0] == q.shape[0]:
+        return outs[0].contiguous()  # (flash writes [L, H, D] rows: no copy)
+    out = torch.empty_like(q)
+    t0 = 0
+    for o in outs:
+        out[t0:t0 + o.shape[0]] = o
+        t0 += o.shape[0]
     return out

@@ -18,6 +18,7 @@ def test_static_buffer_decode_matches_eager(tiny_llama):
                 log_level="warning") as eng:
         ref = [o["output_ids"] for o in eng.generate(input_ids=prompts, sampling_params=params)]
         eng.flush_cache()
+        eng.runner.prefill_tokens = 0  # decode graphs only (the prefill one: below)
         eng._call(lambda: eng.runner._capture(4))
         assert set(eng.runner.graphs) == {(b, s) for b in (1, 2, 4) for s in (False, True)}
         out = [o["output_ids"] for o in eng.generate(input_ids=prompts, sampling_params=params)]
@@ -40,3 +41,33 @@ def test_page_tensor_follows_the_page_list():
     for new_pages in ([5, 9, 2, 7, 1], [6, 9, 2, 7, 1, 4], [6, 9, 2, 7, 1, 5], [8], [], [5, 6]):
         r.pages = list(new_pages)
         assert ModelRunner._pages_cpu(r).tolist() == new_pages
+
+
+def test_prefill_graph_matches_eager(tiny_llama):
+    """The prefill graph (one sequence's pieces past the scope) on the CPU stand-in: the
+    pieces it takes replay it from its static buffers, the others (the first pieces, the
+    last one, a batch of two) run eagerly; tokens are the same as without it."""
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 49152, (n,), generator=g).tolist() for n in (1000, 700)]
+    params = {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True}
+    scope = dict(reattn_chunk_size=16, reattn_sink=16, reattn_topk=4, reattn_local=64)
+    # (a short context length keeps the graph's candidate width, which the CPU stand-in
+    # scores in full, small)
+    with Engine(tiny_llama, device="cpu", chunked_prefill_size=64, log_level="warning",
+                disable_radix_cache=True, context_length=1200, **scope) as eng:
+        ref = [eng.generate(input_ids=p, sampling_params=params)["output_ids"] for p in prompts]
+        both = [o["output_ids"] for o in eng.generate(input_ids=prompts, sampling_params=params)]
+        runner = eng.runner
+        runner.prefill_tokens = 64
+        eng._call(lambda: runner._capture(2))
+        replays = []
+        graph = runner._pf_graph
+        orig = graph.replay
+        graph.replay = lambda: (replays.append(1), orig())
+        out = [eng.generate(input_ids=p, sampling_params=params)["output_ids"] for p in prompts]
+        # full pieces whose context is past the scope: more than 4 candidate chunks between
+        # the sink (16) and the local window (64 before the piece), so from 192 cached on
+        assert len(replays) == sum(1 for n in (1000, 700) for start in range(192, n, 64)
+                                   if start + 64 < n)
+        out2 = [o["output_ids"] for o in eng.generate(input_ids=prompts, sampling_params=params)]
+    assert out == ref and out2 == both

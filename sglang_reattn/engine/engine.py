@@ -144,6 +144,7 @@ class Engine(NamedContexts):
             max_pages_per_seq=(min(self.context_length, capacity) + c - 1) // c + 2,
             use_cuda_graph=use_triton and not args.disable_cuda_graph,
             cuda_graph_max_bs=min(args.cuda_graph_max_bs, args.max_running_requests),
+            prefill_graph_tokens=args.chunked_prefill_size,
         )
         if streaming:
             self._check_chunk_cache()

@@ -14,6 +14,7 @@ from sglang_reattn.engine.request import Request
 from sglang_reattn.kernels._triton_compat import aligned
 from sglang_reattn.layers.attention import ForwardBatch, KVPool, PagedAttention
 from sglang_reattn.layers.reattention import (
+    REP_QUERIES,
     ReAttention,
     ScopePlan,
     build_scope_plan,
@@ -47,7 +48,7 @@ class _EagerGraph:
 class ModelRunner:
     def __init__(self, model: CausalLM, pool: KVPool, attn: PagedAttention,
                  device: torch.device, max_pages_per_seq: int, use_cuda_graph: bool,
-                 cuda_graph_max_bs: int) -> None:
+                 cuda_graph_max_bs: int, prefill_graph_tokens: int = 0) -> None:
         self.model = model
         self.pool = pool
         self.attn = attn
@@ -65,6 +66,11 @@ class ModelRunner:
         self._splan: ScopePlan | None = None
         # static buffer (by its memory) -> (graph batch size, rows) of its last fill
         self._filled: dict[int, tuple[int, list]] = {}
+        # The steady state of a long prefill (one sequence, pieces of `prefill_graph_tokens`,
+        # past the scope) replays one captured graph: eager, its host work (launching ~10
+        # kernels a layer) took longer than the device's (bench_e2e.py, H200, 2026-12-01).
+        self.prefill_tokens = prefill_graph_tokens if self.reattn is not None else 0
+        self._pf_graph = None
         if use_cuda_graph:
             self._capture(cuda_graph_max_bs)
 
@@ -133,6 +139,10 @@ class ModelRunner:
         tier = getattr(self.attn, "stream", None)
         if tier is not None and not (graph and streamed and self._splan is not None):
             tier.run_deferred()  # (a streamed graph step runs them while it replays)
+        if (not is_decode and self._pf_graph is not None and not logit_rows
+                and len(reqs) == 1 and q_lens[0] == self.prefill_tokens and not streamed
+                and self._replay_prefill(reqs[0])):
+            return self._no_logits
         if graph:
             # Streamed contexts: the graph variant that maps virtual pages on the device.
             if not streamed:
@@ -199,10 +209,72 @@ class ModelRunner:
                         self._sel_out[bs] = [self.attn.last_selection[i] for i in layers]
                         if self.attn.spare:
                             self._spare_out[bs] = [self.attn.last_runners[i] for i in layers]
+        if self.prefill_tokens:
+            self._capture_prefill(self.prefill_tokens)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         self.graph_bs = sizes
-        logger.info("captured CUDA graphs for decode batch sizes %s", sizes)
+        logger.info("captured CUDA graphs for decode batch sizes %s%s", sizes,
+                    f" and {self.prefill_tokens}-token prefill pieces" if self.prefill_tokens
+                    else "")
+
+    def _prefill_geometry(self, n: int) -> tuple[int, int, int]:
+        """The captured prefill piece of n tokens: (sink pages, local-window pages, scope
+        tokens) once its context is past the scope."""
+        cfg, c = self.reattn, self.page_size
+        return cfg.sink // c, (cfg.local + n) // c, (cfg.sink // c + cfg.topk) * c + cfg.local + n
+
+    def _capture_prefill(self, n: int) -> None:
+        """Capture a prefill piece of `n` tokens of one sequence whose context is past the
+        scope: every layer selects (16 voting queries), the scope is always the sink, top-k
+        chunks and a full local window (one length), and no logits are needed (a middle
+        piece). Captured on buffers that point every page at reserved page 0, which the
+        capture writes."""
+        dev = self.device
+        sink_p, local_w, scope = self._prefill_geometry(n)
+        z = lambda *shape: torch.zeros(*shape, dtype=torch.int32, device=dev)  # noqa: E731
+        self._pf_ids = torch.zeros(n, dtype=torch.long, device=dev)
+        self._pf_plan = ScopePlan(
+            head_table=z(1, max(sink_p, 1)), head_pages=z(1),
+            cand_pages=z(1, aligned(self.max_pages)), num_cands=z(1),
+            local_table=z(1, local_w + 2), local_tokens=z(1),
+            rep_index=torch.arange(n - min(n, REP_QUERIES), n, device=dev),
+            reps=min(n, REP_QUERIES), needs_select=True, scope_lens_host=[scope])
+        self._pf_batch = ForwardBatch(
+            False, torch.zeros(n, dtype=torch.int64, device=dev), z(1, 1),
+            torch.full((1,), scope, dtype=torch.int32, device=dev),
+            torch.tensor([0, n], dtype=torch.int32, device=dev), n, q_lens_host=[n],
+            in_graph=True)
+        self._pf_batch.scope_plan = self._pf_plan
+        # a scope of the captured length over page 0 (any lengths read past their pages)
+        self._pf_plan.head_pages.fill_(sink_p)
+        self._pf_plan.num_cands.fill_(self.reattn.topk + 1)
+        self._pf_plan.local_tokens.fill_(self.reattn.local + n)
+        self._no_logits = torch.empty(0, self.model.config.vocab_size, device=dev)
+        with torch.inference_mode():
+            self._pf_graph, _ = self._record(
+                lambda: self.model(self._pf_ids, self.attn, self._pf_batch))
+
+    def _replay_prefill(self, r: Request) -> bool:
+        """Replay the prefill graph for the next piece of `r` when its geometry is the
+        captured one; False: run it eagerly."""
+        n, c, cfg = self.prefill_tokens, self.page_size, self.reattn
+        start = r.num_computed
+        sink_p, local_w, _ = self._prefill_geometry(n)
+        head, cand, local, ltok = split_scope(cfg, self._pages_cpu(r), start, n)
+        if (start % c or len(head) != sink_p or len(cand) <= cfg.topk or len(local) != local_w
+                or ltok != cfg.local + n):
+            return False
+        self._pf_ids.copy_(torch.tensor(r.ids_between(start, start + n), dtype=torch.long),
+                           non_blocking=True)
+        self._pf_batch.slot_mapping.copy_(
+            torch.tensor(self._slots(r, start, n), dtype=torch.int64), non_blocking=True)
+        self._fill_plan([r], 1, self._pf_plan, new=n)
+        if self.device.type != "cuda":  # the eager stand-in's torch path (see _fill_inputs)
+            self._pf_batch.completed_pages = torch.tensor(
+                completed_pages([r.pages], [start], [n], c), dtype=torch.long)
+        self._pf_graph.replay()
+        return True
 
     def _record(self, run):
         """Capture `run` (reads only the static buffers) -> (replayable, its output).
@@ -253,13 +325,15 @@ class ModelRunner:
         r._pages_cpu = t
         return t
 
-    def _fill_plan(self, reqs: list[Request], gbs: int, p: ScopePlan) -> None:
-        """The decode step's ScopePlan (as `build_scope_plan` lays it out) into the graph's
-        static buffers `p`. A buffer whose rows are what it already holds (the same batch
+    def _fill_plan(self, reqs: list[Request], gbs: int, p: ScopePlan, new: int = 1) -> None:
+        """The step's ScopePlan (as `build_scope_plan` lays it out for `new` tokens a
+        sequence: a decode step, or the prefill graph's piece) into a graph's static
+        buffers `p`. A buffer whose rows are what it already holds (the same batch
         size and the same rows as the last fill: a decode's tables change once a chunk)
         is not copied again: a million-token context's candidates are 16K pages."""
         bs = len(reqs)
-        parts = [split_scope(self.reattn, self._pages_cpu(r), r.num_computed, 1) for r in reqs]
+        parts = [split_scope(self.reattn, self._pages_cpu(r), r.num_computed, new)
+                 for r in reqs]
         for k, name in enumerate(("head_table", "cand_pages", "local_table")):
             dst = getattr(p, name)
             rows = [part[k] for part in parts]

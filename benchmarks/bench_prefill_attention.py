@@ -69,6 +69,34 @@ def sdpa_expanded(backend):
     return run
 
 
+def split_merge(backend: str, expand: bool = False):
+    """The scope before the new tokens (no mask) and the new tokens' own block (causal,
+    square: both alignments agree) as two attention calls, merged by their log-sum-exps:
+    for kernels whose bottom-right causal mask is slow or missing."""
+    def attend(q, k, v, causal, scale):
+        if expand:
+            g = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+        if backend == "cudnn":
+            out = torch.ops.aten._scaled_dot_product_cudnn_attention(
+                q, k, v, None, True, 0.0, causal, False, scale=scale)
+        else:
+            out = torch.ops.aten._scaled_dot_product_flash_attention(
+                q, k, v, 0.0, causal, False, scale=scale)
+        return out[0], out[1].reshape(q.shape[:3]).float()
+
+    def run(q, kc, vc, pages, n, cos, sin, scale):
+        qr, kr, v = K.gather_rope_scope(q, kc, vc, pages.int(), n, cos, sin)
+        pre = n - q.shape[0]
+        o1, l1 = attend(qr[None], kr[None, :, :pre], v[None, :, :pre], False, scale)
+        o2, l2 = attend(qr[None], kr[None, :, pre:], v[None, :, pre:], True, scale)
+        m = torch.maximum(l1, l2)
+        w1, w2 = torch.exp(l1 - m)[..., None], torch.exp(l2 - m)[..., None]
+        o = (o1.float() * w1 + o2.float() * w2) / (w1 + w2)
+        return o[0].transpose(0, 1).to(q.dtype)
+    return run
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--new", type=int, nargs="+", default=[2048, 4096])
@@ -87,7 +115,10 @@ def main() -> None:
                 ("SDPA flash, GQA", sdpa(SDPBackend.FLASH_ATTENTION)),
                 ("SDPA cuDNN, GQA", sdpa(SDPBackend.CUDNN_ATTENTION)),
                 ("SDPA cuDNN, expanded", sdpa_expanded(SDPBackend.CUDNN_ATTENTION)),
-                ("SDPA efficient, expanded", sdpa_expanded(SDPBackend.EFFICIENT_ATTENTION))]
+                ("SDPA efficient, expanded", sdpa_expanded(SDPBackend.EFFICIENT_ATTENTION)),
+                ("flash, split + merge", split_merge("flash")),
+                ("cuDNN, split + merge", split_merge("cudnn")),
+                ("cuDNN expanded, split + merge", split_merge("cudnn", True))]
     rows = []
     for name, (hq, hkv, d) in SHAPES.items():
         for new in args.new:

@@ -260,12 +260,15 @@ def _gather_scope_kernel(
 def gather_rope_scope(q, k_cache, v_cache, page_row, n, cos, sin):
     """One sequence's scope of ``n`` tokens (pages ``page_row``) and its ``q`` ([q_len,
     Hq, D], the scope's last q_len tokens) -> (q, k rotated at their virtual positions, v),
-    each ``[H, L, D]`` contiguous in the cache's dtype; one launch."""
+    each ``[H, L, D]`` in the cache's dtype (k and v contiguous, q a view of token-major
+    rows); one launch."""
     q_len, num_q_heads, dim = q.shape
     hkv = k_cache.shape[2]
     kw = dict(dtype=k_cache.dtype, device=k_cache.device)
     k, v = torch.empty(hkv, n, dim, **kw), torch.empty(hkv, n, dim, **kw)
-    qr = torch.empty(num_q_heads, q_len, dim, **kw)
+    # queries token-major underneath: flash attention then writes its output that way too,
+    # and [q_len, Hq, D] needs no copy
+    qr = torch.empty(q_len, num_q_heads, dim, **kw).transpose(0, 1)
     block_t = 64
     if max(n, q_len):
         group = num_q_heads // hkv
@@ -328,7 +331,7 @@ def prefill_attention_gathered(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         outs.append(o[0].transpose(0, 1))  # [ql, Hq, D]
         t0 += ql
     if len(outs) == 1 and outs[0].shape[0] == q.shape[0]:
-        return outs[0].contiguous()  # (flash writes [L, H, D] rows: no copy)
+        return outs[0].contiguous()  # (flash writes q's token-major layout: no copy)
     out = torch.empty_like(q)
     t0 = 0
     for o in outs:

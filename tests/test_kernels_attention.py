@@ -280,3 +280,22 @@ def test_prefill_gathered_rejects_bad_lengths(tables):
         K.prefill_attention_gathered(q, kc, vc, pt, [4], [5], cos, sin, 0.125)
     with pytest.raises(ValueError, match="sum to q's tokens"):
         K.prefill_attention_gathered(q, kc, vc, pt, [37], [4], cos, sin, 0.125)
+
+
+def test_merge_lse_of_two_key_blocks_is_the_whole_attention():
+    """The cuDNN route's merge: attention over keys [0, m) and over [m, n), each with its
+    log-sum-exp, combine into the attention over all n keys (causal inside the second)."""
+    from sglang_reattn.kernels.prefill_attention import _merge_lse
+
+    gen = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(1, 4, s, 32, generator=gen) for s in (6, 20, 20))
+    scores = (q @ k.transpose(-1, -2)) * 0.2
+    scores[..., 14:] = scores[..., 14:].masked_fill(
+        torch.ones(6, 6, dtype=torch.bool).triu(1), float("-inf"))  # bottom-right causal
+    whole = scores.softmax(-1) @ v
+
+    def part(s, vv):
+        return s.softmax(-1) @ vv, s.logsumexp(-1)
+    merged = _merge_lse(*part(scores[..., :14], v[:, :, :14]),
+                        *part(scores[..., 14:], v[:, :, 14:]))
+    torch.testing.assert_close(merged, whole, atol=1e-5, rtol=1e-5)

@@ -251,9 +251,21 @@ class ModelRunner:
         self._pf_plan.num_cands.fill_(self.reattn.topk + 1)
         self._pf_plan.local_tokens.fill_(self.reattn.local + n)
         self._no_logits = torch.empty(0, self.model.config.vocab_size, device=dev)
+        from sglang_reattn.kernels import prefill_attention as pa
+
         with torch.inference_mode():
-            self._pf_graph, _ = self._record(
-                lambda: self.model(self._pf_ids, self.attn, self._pf_batch))
+            try:
+                self._pf_graph, _ = self._record(
+                    lambda: self.model(self._pf_ids, self.attn, self._pf_batch))
+            except RuntimeError as e:
+                if not pa.PREFILL_CUDNN:
+                    raise
+                # cuDNN's attention would not capture here: its flash route does
+                logger.warning("prefill graph capture with cuDNN attention failed (%s); "
+                               "using flash attention", e)
+                pa.PREFILL_CUDNN = False
+                self._pf_graph, _ = self._record(
+                    lambda: self.model(self._pf_ids, self.attn, self._pf_batch))
 
     def _replay_prefill(self, r: Request) -> bool:
         """Replay the prefill graph for the next piece of `r` when its geometry is the

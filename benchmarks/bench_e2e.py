@@ -24,6 +24,7 @@ token's scope) at the bf16 matmul rate measured in the same run.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shutil
@@ -303,11 +304,17 @@ def main() -> None:
     ap.add_argument("--chunked-prefill-size", type=int, default=2048)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--merge-triton", action="store_true",
+                    help="prefill: merge the cuDNN split attention in one Triton launch")
     ap.add_argument("--profile", action="store_true",
                     help="after each context, profile 16 decode steps (kernel breakdown)")
     args = ap.parse_args()
 
     from sglang_reattn import Engine
+
+    if args.merge_triton:
+        importlib.import_module("sglang_reattn.kernels.prefill_attention") \
+            .PREFILL_MERGE_TRITON = True
 
     dev = torch.device(args.device)
     path = model_dir(args.model)

@@ -15,6 +15,7 @@ the causal FLOPs.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 
@@ -97,6 +98,21 @@ def split_merge(backend: str, expand: bool = False):
     return run
 
 
+def engine_route(merge_triton: bool):
+    """The engine's route (``prefill_attention_gathered``) with the log-sum-exp merge of
+    the cuDNN split as torch ops or as one Triton launch."""
+    pa = importlib.import_module("sglang_reattn.kernels.prefill_attention")
+
+    def run(q, kc, vc, pages, n, cos, sin, scale):
+        saved, pa.PREFILL_MERGE_TRITON = pa.PREFILL_MERGE_TRITON, merge_triton
+        try:
+            return pa.prefill_attention_gathered(q, kc, vc, pages.int()[None], [n],
+                                                 [q.shape[0]], cos, sin, scale)
+        finally:
+            pa.PREFILL_MERGE_TRITON = saved
+    return run
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--new", type=int, nargs="+", default=[2048, 4096])
@@ -118,7 +134,9 @@ def main() -> None:
                 ("SDPA efficient, expanded", sdpa_expanded(SDPBackend.EFFICIENT_ATTENTION)),
                 ("flash, split + merge", split_merge("flash")),
                 ("cuDNN, split + merge", split_merge("cudnn")),
-                ("cuDNN expanded, split + merge", split_merge("cudnn", True))]
+                ("cuDNN expanded, split + merge", split_merge("cudnn", True)),
+                ("engine, torch merge", engine_route(False)),
+                ("engine, Triton merge", engine_route(True))]
     rows = []
     for name, (hq, hkv, d) in SHAPES.items():
         for new in args.new:

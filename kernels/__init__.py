@@ -29,6 +29,7 @@ from .decode_attention import (
 from .prefill_attention import (
     GATHER_MIN_Q,
     gather_rope_scope,
+    merge_lse_triton,
     prefill_attention_gathered,
     prefill_attention_ref,
     prefill_attention_triton,
@@ -57,7 +58,7 @@ __all__ = [
     "HAS_TRITON", "COMBINE_MODES", "use_triton",
     "decode_attention", "decode_attention_ref", "decode_attention_triton", "default_num_splits",
     "prefill_attention", "prefill_attention_ref", "prefill_attention_triton",
-    "prefill_attention_gathered", "gather_rope_scope", "GATHER_MIN_Q",
+    "prefill_attention_gathered", "gather_rope_scope", "merge_lse_triton", "GATHER_MIN_Q",
     "store_kv", "store_kv_ref", "store_kv_triton", "chunk_summaries_ref",
     "score_chunks", "score_chunks_ref", "score_chunks_triton",
     "chunk_scores", "chunk_scores_ref", "chunk_scores_triton",

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from ._paged_tile import _paged_rope_tile
-from ._triton_compat import check, dot_dtype, next_pow2, tl, triton
+from ._triton_compat import check, dot_dtype, next_pow2, tl, triton, use_triton
 from .decode_attention import _check_paged_inputs, gather_scope_ref
 from .rope import apply_rope_ref
 
@@ -301,8 +301,58 @@ PREFILL_CUDNN = True
 _cudnn_ok: bool | None = None  # the check's outcome (None: not made yet)
 
 
+# The merge as one Triton launch instead of ~8 torch ops (their kernels took at least 1.2 ms
+# of a 16.5 ms 1B prefill piece, H200, 2026-12-01). Off until measured: A/B in
+# benchmarks/bench_prefill_attention.py ("engine, Triton merge") and bench_e2e.py
+# --merge-triton.
+PREFILL_MERGE_TRITON = False
+
+
+@triton.jit
+def _merge_lse_kernel(o1_ptr, l1_ptr, o2_ptr, l2_ptr, out_ptr, n_rows,
+                      s1h, s1t, s2h, s2t, sl1h, sl1t, sl2h, sl2t, soh, sot,
+                      HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows ``[pid*BLOCK_T, +BLOCK_T)`` of head axis-1: ``out = (o1 e^(l1-m) + o2 e^(l2-m))
+    / (e^(l1-m) + e^(l2-m))`` with ``m = max(l1, l2)`` (natural-log LSEs), float32 math."""
+    h = tl.program_id(1).to(tl.int64)
+    t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    t_mask = t < n_rows
+    mask = t_mask[:, None] & (d < HEAD_DIM)[None, :]
+    l1 = tl.load(l1_ptr + h * sl1h + t * sl1t, mask=t_mask, other=0.0).to(tl.float32)
+    l2 = tl.load(l2_ptr + h * sl2h + t * sl2t, mask=t_mask, other=0.0).to(tl.float32)
+    m = tl.maximum(l1, l2)
+    w1, w2 = tl.exp(l1 - m), tl.exp(l2 - m)
+    o1 = tl.load(o1_ptr + h * s1h + t[:, None] * s1t + d[None, :], mask=mask, other=0.0)
+    o2 = tl.load(o2_ptr + h * s2h + t[:, None] * s2t + d[None, :], mask=mask, other=0.0)
+    o = (o1.to(tl.float32) * w1[:, None] + o2.to(tl.float32) * w2[:, None]) \
+        / (w1 + w2)[:, None]
+    tl.store(out_ptr + h * soh + t[:, None] * sot + d[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def merge_lse_triton(o1, l1, o2, l2) -> torch.Tensor:
+    """``_merge_lse`` in one launch: ``o1``/``o2`` ``[1, H, L, D]`` (last dim contiguous),
+    ``l1``/``l2`` ``[1, H, L]`` or ``[1, H, L, 1]`` -> ``[1, H, L, D]`` in o1's dtype, laid
+    out token-major (``[L, H, D]`` rows underneath)."""
+    _, heads, rows, dim = o1.shape
+    check(o2.shape == o1.shape and o1.stride(-1) == 1 and o2.stride(-1) == 1,
+          "o1 and o2 must be [1, H, L, D] with contiguous rows")
+    l1, l2 = l1.reshape(heads, rows), l2.reshape(heads, rows)
+    out = torch.empty(rows, heads, dim, dtype=o1.dtype, device=o1.device)
+    if rows:
+        block_t = 32
+        _merge_lse_kernel[(triton.cdiv(rows, block_t), heads)](
+            o1, l1, o2, l2, out, rows, o1.stride(1), o1.stride(2), o2.stride(1), o2.stride(2),
+            l1.stride(0), l1.stride(1), l2.stride(0), l2.stride(1), out.stride(1), out.stride(0),
+            HEAD_DIM=dim, BLOCK_T=block_t, BLOCK_D=next_pow2(dim), num_warps=4)
+    return out.transpose(0, 1)[None]
+
+
 def _merge_lse(o1, l1, o2, l2) -> torch.Tensor:
     """Two partial attentions of the same queries over disjoint keys -> the whole one."""
+    if PREFILL_MERGE_TRITON and use_triton(o1):
+        return merge_lse_triton(o1, l1, o2, l2)
     l1, l2 = l1.reshape(o1.shape[:3]).float(), l2.reshape(o2.shape[:3]).float()
     m = torch.maximum(l1, l2)
     w1, w2 = torch.exp(l1 - m)[..., None], torch.exp(l2 - m)[..., None]

@@ -299,3 +299,23 @@ def test_merge_lse_of_two_key_blocks_is_the_whole_attention():
     merged = _merge_lse(*part(scores[..., :14], v[:, :, :14]),
                         *part(scores[..., 14:], v[:, :, 14:]))
     torch.testing.assert_close(merged, whole, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_merge_lse_triton_matches_torch(dtype):
+    """The one-launch merge (interpreter) against the torch ops: strided [1, H, L, D]
+    inputs (head-major and token-major underneath), LSEs with a trailing unit dim, a row
+    block past L."""
+    from sglang_reattn.kernels.prefill_attention import _merge_lse
+
+    gen = torch.Generator().manual_seed(9)
+    h, n, d = 3, 45, 64
+    o1 = torch.randn(1, h, n, d, generator=gen).to(dtype)
+    o2 = torch.randn(1, n, h, d, generator=gen).to(dtype).transpose(1, 2)
+    l1 = 3 * torch.randn(1, h, n, 1, generator=gen)
+    l2 = 3 * torch.randn(1, h, n, generator=gen)
+    out = K.merge_lse_triton(o1, l1, o2, l2)
+    ref = _merge_lse(o1, l1, o2, l2)
+    assert out.shape == ref.shape and out.dtype == dtype
+    assert out[0].transpose(0, 1).is_contiguous()  # token-major rows, as o_proj reads them
+    torch.testing.assert_close(out, ref, **TOL[dtype])

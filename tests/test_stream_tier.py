@@ -1106,13 +1106,13 @@ def test_a_decode_plan_refilled_only_where_it_changed_equals_a_full_fill(stored,
     checked = []
     fill = ModelRunner._fill_plan
 
-    def checked_fill(self, reqs, gbs, p):
-        fill(self, reqs, gbs, p)
+    def checked_fill(self, reqs, gbs, p, new=1):  # (new: the prefill graph's pieces too)
+        fill(self, reqs, gbs, p, new)
         names = ("head_table", "cand_pages", "local_table", "head_pages", "num_cands",
                  "local_tokens")
         got = [getattr(p, n).clone() for n in names]
         self._filled.clear()
-        fill(self, reqs, gbs, p)
+        fill(self, reqs, gbs, p, new)
         checked.append(all(torch.equal(a, getattr(p, n)) for a, n in zip(got, names)))
 
     params = dict(GREEDY, max_new_tokens=24)

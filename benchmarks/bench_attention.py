@@ -225,6 +225,10 @@ def check_ops(device) -> list[tuple[str, float, bool]]:
         out = K.decode_attention_triton(q, kc, vc, pt, sl, cos, sin, sc, num_splits=ns)
         err = (out.float() - ref.float()).abs().max().item()
         results.append((f"decode_attention (num_splits={ns})", err, err < 4e-2))
+    with decode_knobs(DECODE_ROPE_ANGLE=True):
+        out = K.decode_attention_triton(q, kc, vc, pt, sl, cos, sin, sc)
+    err = (out.float() - ref.float()).abs().max().item()
+    results.append(("decode_attention (RoPE by angle addition)", err, err < 4e-2))
     q_lens = [1, 300, 1000]
     qp = torch.randn(sum(q_lens), s.num_q_heads, s.head_dim, generator=g, device=device,
                      dtype=s.dtype)
@@ -381,6 +385,8 @@ def time_ours(ctx: int, s: Shape, bw: float, rep: int, cos, sin, device) -> dict
             row["g_attn_" + "_".join(map(str, cfg))] = bench_graph(
                 lambda n=splits: ours.attend(*tables, num_splits=n), rep)
         dg["DECODE_BLOCK_N"], dg["DECODE_WARPS"], dg["DECODE_STAGES"] = saved
+    with decode_knobs(DECODE_ROPE_ANGLE=True):  # the A/B of the key rotation's table reads
+        row["angle_graph"] = bench_graph(ours.step, rep)
     row["kernels"] = kernel_times(ours.step)
     # the previous top-k (sorting networks over blocks of candidates), and 32 runners-up
     row["g_select_sort"] = bench_graph(lambda: ours.select("sort"), rep)
@@ -394,6 +400,21 @@ def time_ours(ctx: int, s: Shape, bw: float, rep: int, cos, sin, device) -> dict
             row[f"g_scores_{bn}_{warps}"] = bench_graph(ours.scores, rep)
         sc["SCORE_DOT_BLOCK_N"], sc["SCORE_DOT_WARPS"] = saved
     return row
+
+
+class decode_knobs:
+    """Set module knobs of the decode kernel for a `with` block, restored after."""
+
+    def __init__(self, **knobs) -> None:
+        self.g = importlib.import_module("sglang_reattn.kernels.decode_attention").__dict__
+        self.knobs = knobs
+
+    def __enter__(self):
+        self.saved = {k: self.g[k] for k in self.knobs}
+        self.g.update(self.knobs)
+
+    def __exit__(self, *exc) -> None:
+        self.g.update(self.saved)
 
 
 def kernel_times(fn, steps: int = 20) -> list[tuple[str, float]]:
@@ -516,14 +537,15 @@ def main() -> None:
           "path (scorer, then torch combine, top-k and table):\n")
     print("| context | scores kernel | selection | + 32 runners-up | decode alone | whole step "
           "| floor | step / floor | sort top-k: selection | sort top-k: whole step "
-          "| unfused step |")
-    print("| " + " | ".join(["---"] * 11) + " |")
+          "| unfused step | whole step, keys rotated by angle addition |")
+    print("| " + " | ".join(["---"] * 12) + " |")
     for r in (r for r in rows if "error" not in r):
         print(f"| {fmt_tokens(r['ctx'])} | {fmt_us(r['g_scores'])} | {fmt_us(r['g_select'])} "
               f"| {fmt_us(r['g_select_spare'])} | {fmt_us(r['g_attn'])} "
               f"| {fmt_us(r['ours_graph'])} | {fmt_us(r['ours_floor'])} "
               f"| {ratio(r['ours_graph'], r['ours_floor'])} | {fmt_us(r['g_select_sort'])} "
-              f"| {fmt_us(r['sort_graph'])} | {fmt_us(r['unfused_graph'])} |")
+              f"| {fmt_us(r['sort_graph'])} | {fmt_us(r['unfused_graph'])} "
+              f"| {fmt_us(r['angle_graph'])} |")
     print()
     for r in (r for r in rows if "g_attn_64_4_2_None" in r):
         print(f"decode attention over the 8K scope at {fmt_tokens(r['ctx'])} (CUDA graph, us; "

@@ -6,7 +6,8 @@ rotates the keys to their virtual positions j in registers, and folds the tile i
 online-softmax state ``(acc1, acc2, m_i, l_i)`` of ``BLOCK_M`` query rows. Head dims are
 processed as two halves (``x1 = x[:D/2]``, ``x2 = x[D/2:]``), which is what the neox RoPE
 rotation pairs, so ``q.k = q1r.k1r + q2r.k2r`` and the output is kept as two halves too.
-Scores are in the log2 domain (``qk_scale = sm_scale * log2(e)``).
+Scores are in the log2 domain (``qk_scale = sm_scale * log2(e)``). With ``ANGLE_ADD`` a
+tile reads two rows of the cos/sin tables instead of ``BLOCK_N``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ def _paged_rope_tile(
     PAGE_SIZE: tl.constexpr, HALF_D: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DH: tl.constexpr, CAUSAL: tl.constexpr, BOUNDS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    cos_step=0.0, sin_step=0.0, ANGLE_ADD: tl.constexpr = False,
 ):
     kv_dtype = k_cache_ptr.dtype.element_ty
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -45,10 +47,20 @@ def _paged_rope_tile(
     k_ptrs = k_cache_ptr + k_row[:, None] + offs_d[None, :]
     k1 = tl.load(k_ptrs, mask=nd_mask, other=0.0).to(tl.float32)
     k2 = tl.load(k_ptrs + HALF_D, mask=nd_mask, other=0.0).to(tl.float32)
-    # positions past the RoPE table (a caller bug) are clamped: wrong numbers, never a fault
-    rope_off = tl.minimum(offs_n, max_pos - 1)[:, None] * stride_rope + offs_d[None, :]
-    ck = tl.load(cos_ptr + rope_off, mask=nd_mask, other=0.0)
-    sk = tl.load(sin_ptr + rope_off, mask=nd_mask, other=0.0)
+    if ANGLE_ADD:
+        # the tile's positions are n0 + t: cos/sin of n0 (one table row each) combined with
+        # those of t (`cos_step`/`sin_step`, the table's first BLOCK_N rows, loaded once by
+        # the caller) by the angle-addition identities, instead of BLOCK_N rows a tile
+        base = tl.minimum(n0, max_pos - 1) * stride_rope + offs_d
+        cb = tl.load(cos_ptr + base, mask=d_mask, other=0.0)[None, :]
+        sb = tl.load(sin_ptr + base, mask=d_mask, other=0.0)[None, :]
+        ck = cb * cos_step - sb * sin_step
+        sk = sb * cos_step + cb * sin_step
+    else:
+        # positions past the RoPE table (a caller bug) are clamped: wrong numbers, no fault
+        rope_off = tl.minimum(offs_n, max_pos - 1)[:, None] * stride_rope + offs_d[None, :]
+        ck = tl.load(cos_ptr + rope_off, mask=nd_mask, other=0.0)
+        sk = tl.load(sin_ptr + rope_off, mask=nd_mask, other=0.0)
     k1r = (k1 * ck - k2 * sk).to(kv_dtype).to(DOT_DTYPE)
     k2r = (k2 * ck + k1 * sk).to(kv_dtype).to(DOT_DTYPE)
 

@@ -33,6 +33,11 @@ from .rope import apply_rope_ref
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 64
 DECODE_BLOCK_N, DECODE_WARPS, DECODE_STAGES = 64, 4, 2  # keys per tile, warps, stages
+# Rotate keys with cos/sin of each tile's first position and of offsets 0..BLOCK_N-1 (the
+# angle-addition identities): 2 table rows a tile instead of BLOCK_N, whose fp32 loads are
+# as many bytes as the bf16 keys and values of a 128-dim head. Off until measured on a GPU
+# (benchmarks/bench_attention.py times both).
+DECODE_ROPE_ANGLE = False
 
 
 @triton.jit
@@ -49,6 +54,7 @@ def _decode_attention_kernel(
     PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr, HALF_D: tl.constexpr,
     NUM_SPLITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DH: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    ANGLE_ADD: tl.constexpr = False,
 ):
     pid_b = tl.program_id(0)
     pid_kvh = tl.program_id(1)
@@ -88,12 +94,20 @@ def _decode_attention_kernel(
     acc1 = tl.full([BLOCK_H, BLOCK_DH], 0.0, tl.float32)  # output, first half of head_dim
     acc2 = tl.full([BLOCK_H, BLOCK_DH], 0.0, tl.float32)  # output, second half
     pt_row = page_table_ptr + pid_b.to(tl.int64) * stride_ptb
+    cos_step = 0.0
+    sin_step = 0.0
+    if ANGLE_ADD:  # cos/sin of offsets 0..BLOCK_N-1 inside a tile (table rows, kept)
+        step_off = tl.minimum(tl.arange(0, BLOCK_N), max_pos - 1)[:, None] * stride_rope \
+            + offs_d[None, :]
+        cos_step = tl.load(cos_ptr + step_off, mask=d_mask[None, :], other=0.0)
+        sin_step = tl.load(sin_ptr + step_off, mask=d_mask[None, :], other=0.0)
     for n0 in range(start, end, BLOCK_N):
         acc1, acc2, m_i, l_i = _paged_rope_tile(
             acc1, acc2, m_i, l_i, q1r, q2r, offs_h, n0, end,
             pt_row, k_cache_ptr, v_cache_ptr, cos_ptr, sin_ptr, pid_kvh, qk_scale,
             stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, stride_rope, max_pos,
             PAGE_SIZE, HALF_D, BLOCK_N, BLOCK_DH, False, True, DOT_PRECISION, DOT_DTYPE,
+            cos_step, sin_step, ANGLE_ADD,
         )
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)  # empty slice / empty scope -> zeros, never NaN
@@ -231,7 +245,8 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         *so, *sl,
         PAGE_SIZE=page_size, GROUP=group, HALF_D=half, NUM_SPLITS=num_splits,
         BLOCK_H=max(16, next_pow2(group)), BLOCK_N=block_n, BLOCK_DH=max(16, next_pow2(half)),
-        DOT_PRECISION=dot_precision, DOT_DTYPE=dot_dtype(q.dtype), num_warps=DECODE_WARPS,
+        DOT_PRECISION=dot_precision, DOT_DTYPE=dot_dtype(q.dtype),
+        ANGLE_ADD=DECODE_ROPE_ANGLE and cos.shape[0] >= block_n, num_warps=DECODE_WARPS,
         num_stages=DECODE_STAGES,
     )
     if num_splits > 1:

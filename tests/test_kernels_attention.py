@@ -88,7 +88,12 @@ def tables():
 @pytest.mark.parametrize("num_kv_heads,group", [(2, 1), (3, 3), (1, 4), (2, 8)])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_decode_triton_matches_ref(num_kv_heads, group, head_dim, dtype, tables):
+@pytest.mark.parametrize("angle", [False, True])
+def test_decode_triton_matches_ref(num_kv_heads, group, head_dim, dtype, angle, tables,
+                                   monkeypatch):
+    """Also with DECODE_ROPE_ANGLE: keys rotated by the angle-addition identities from each
+    tile's first position (split slices start mid-table: 64, 128)."""
+    monkeypatch.setitem(K.decode_attention_triton.__globals__, "DECODE_ROPE_ANGLE", angle)
     gen = torch.Generator().manual_seed(1000 * group + head_dim)
     page_size = 7
     # empty scope, one token, exactly one page, partial last page, several tiles

@@ -306,6 +306,8 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--merge-triton", action="store_true",
                     help="prefill: merge the cuDNN split attention in one Triton launch")
+    ap.add_argument("--decode-angle", action="store_true",
+                    help="decode: rotate keys by angle addition (DECODE_ROPE_ANGLE)")
     ap.add_argument("--profile", action="store_true",
                     help="after each context, profile 16 decode steps (kernel breakdown)")
     args = ap.parse_args()
@@ -315,6 +317,9 @@ def main() -> None:
     if args.merge_triton:
         importlib.import_module("sglang_reattn.kernels.prefill_attention") \
             .PREFILL_MERGE_TRITON = True
+    if args.decode_angle:
+        importlib.import_module("sglang_reattn.kernels.decode_attention") \
+            .DECODE_ROPE_ANGLE = True
 
     dev = torch.device(args.device)
     path = model_dir(args.model)

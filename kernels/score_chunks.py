@@ -14,9 +14,13 @@ ONE selection per sequence (decision 3 of the design), so a fetched chunk serves
 - ``combine="max"``: each head's scores divided by that head's max ``|score|`` over the
   valid candidates, then summed, so that no single head with a large query norm dominates.
 
-Kernel ``_score_chunks_kernel``, grid ``(B, cdiv(max_cands, BLOCK_N), Hkv or 1)``: one pass
-over the candidates' summaries (memory-bound), one program per block of candidates and KV
-head (per-head scores) or per block looping over the KV heads (summed scores). Here the
+Kernels: per-head scores (the ``max`` combine's input) come from ``_score_dot_kernel``, grid
+``(B, cdiv(max_cands, BLOCK_N), Hkv)``: all query rows of a sequence and KV head (the GQA
+group, times a prefill piece's voting queries) against a block of candidates as matrix
+products, the bound being ``max(q, 0) . kmax + min(q, 0) . kmin``. Summed scores come from
+``_score_chunks_kernel``, grid ``(B, cdiv(max_cands, BLOCK_N), 1)``, elementwise, one
+program per block of candidates looping over the KV heads. Either reads the summaries once
+(memory-bound). Here the
 top-k is ``torch.topk`` on the small score matrix (select_scope.py fuses it instead);
 everything is shape-static, so the whole op is CUDA-graph capturable.
 """

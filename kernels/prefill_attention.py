@@ -14,10 +14,11 @@ below the block's first query are visible to every row and skip the causal mask.
 ``prefill_attention_gathered`` takes another route for long query blocks on a GPU: one
 Triton launch (``_gather_scope_kernel``) gathers each scope's keys and values through the
 page table into contiguous ``[Hkv, n, D]`` buffers, keys rotated at their virtual positions,
-and the queries rotated too; then torch's flash attention (bottom-right causal, GQA) runs
-over them. The rotation is paid once per key instead of once per key and query block,
-and the flash kernel's full-width dots beat the paged kernel's half-width ones
-(benchmarks/bench_prefill_attention.py).
+and the queries rotated too; then a library attention kernel runs over them: torch's
+cuDNN attention as two calls merged by log-sum-exps (``_cudnn_split``), or its flash op
+(bottom-right causal, GQA) where cuDNN is missing or disagrees. The rotation is paid once
+per key instead of once per key and query block, and the library kernels' full-width dots
+beat the paged kernel's half-width ones (benchmarks/bench_prefill_attention.py).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from .decode_attention import _check_paged_inputs, gather_scope_ref
 from .rope import apply_rope_ref
 
 # Query blocks at least this long take the gathered route on a GPU (a short one would pay
-# a whole scope's gather for few queries).
+# a whole scope's gather for few queries). Chosen, not tuned: only 2,048 and 4,096 were
+# measured.
 GATHER_MIN_Q = 256
 
 _LOG2E = 1.4426950408889634

@@ -71,3 +71,15 @@ def test_prefill_graph_matches_eager(tiny_llama):
                                    if start + 64 < n)
         out2 = [o["output_ids"] for o in eng.generate(input_ids=prompts, sampling_params=params)]
     assert out == ref and out2 == both
+
+
+def test_no_prefill_graph_when_no_sequence_gets_past_the_scope(tiny_llama):
+    """A context length within the scope: no piece could replay the prefill graph (and its
+    capture's candidates would not fit the table), so none is captured."""
+    scope = dict(reattn_chunk_size=16, reattn_sink=16, reattn_topk=20, reattn_local=64)
+    with Engine(tiny_llama, device="cpu", chunked_prefill_size=64, log_level="warning",
+                context_length=400, **scope) as eng:  # 27 pages < 1 + 20 + 8 of a scope
+        runner = eng.runner
+        runner.prefill_tokens = 64
+        eng._call(lambda: runner._capture(1))
+        assert runner._pf_graph is None and runner.prefill_tokens == 0

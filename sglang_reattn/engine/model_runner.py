@@ -210,7 +210,11 @@ class ModelRunner:
                         if self.attn.spare:
                             self._spare_out[bs] = [self.attn.last_runners[i] for i in layers]
         if self.prefill_tokens:
-            self._capture_prefill(self.prefill_tokens)
+            sink_p, local_w, _ = self._prefill_geometry(self.prefill_tokens)
+            if self.max_pages > sink_p + self.reattn.topk + local_w:
+                self._capture_prefill(self.prefill_tokens)
+            else:  # no sequence this engine holds gets past the scope (nor could the
+                self.prefill_tokens = 0  # capture's top-k + 1 candidates fit its table)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         self.graph_bs = sizes
@@ -248,7 +252,7 @@ class ModelRunner:
         self._pf_batch.scope_plan = self._pf_plan
         # a scope of the captured length over page 0 (any lengths read past their pages)
         self._pf_plan.head_pages.fill_(sink_p)
-        self._pf_plan.num_cands.fill_(self.reattn.topk + 1)
+        self._pf_plan.num_cands.fill_(self.reattn.topk + 1)  # (< max_pages: see _capture)
         self._pf_plan.local_tokens.fill_(self.reattn.local + n)
         self._no_logits = torch.empty(0, self.model.config.vocab_size, device=dev)
         from sglang_reattn.kernels import prefill_attention as pa

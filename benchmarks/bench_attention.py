@@ -23,6 +23,7 @@ GPU, and it times one chunked-prefill step. Prints markdown tables.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import time
 from dataclasses import dataclass
@@ -71,6 +72,19 @@ def fmt_tokens(n: int) -> str:
         if n >= size and n % size == 0:
             return f"{n // size}{unit}"
     return str(n)
+
+
+@contextlib.contextmanager
+def knobs(module: str, **values):
+    """Module-level knobs of ``sglang_reattn.kernels.<module>`` set for a ``with`` block
+    (read at each launch), restored after."""
+    g = importlib.import_module(f"sglang_reattn.kernels.{module}").__dict__
+    saved = {k: g[k] for k in values}
+    g.update(values)
+    try:
+        yield
+    finally:
+        g.update(saved)
 
 
 def bench(fn, rep: int) -> float:
@@ -225,7 +239,7 @@ def check_ops(device) -> list[tuple[str, float, bool]]:
         out = K.decode_attention_triton(q, kc, vc, pt, sl, cos, sin, sc, num_splits=ns)
         err = (out.float() - ref.float()).abs().max().item()
         results.append((f"decode_attention (num_splits={ns})", err, err < 4e-2))
-    with decode_knobs(DECODE_ROPE_ANGLE=True):
+    with knobs("decode_attention", DECODE_ROPE_ANGLE=True):
         out = K.decode_attention_triton(q, kc, vc, pt, sl, cos, sin, sc)
     err = (out.float() - ref.float()).abs().max().item()
     results.append(("decode_attention (RoPE by angle addition)", err, err < 4e-2))
@@ -291,20 +305,15 @@ def check_select_scope(device, g, n: int = 16351) -> list[tuple[str, float, bool
     scope = (torch.tensor([[0]], device=device, dtype=i32), torch.tensor([1], device=device,
              dtype=i32), torch.arange(n, n + 32, device=device, dtype=i32)[None],
              torch.tensor([2048], device=device, dtype=i32))
-    glb = S.select_scope_triton.__globals__
     for combine, reps, method, cap in (("max", 1, "radix", None), ("sum", 1, "radix", None),
                                        ("max", 16, "radix", None), ("max", 1, "radix", 16),
                                        ("max", 1, "sort", None), ("max", 16, "sort", None)):
         q = torch.randn(reps, s.num_q_heads, s.head_dim, generator=g, device=device,
                         dtype=s.dtype)
         args = (q, cand, ncand, *scope, s.topk, s.chunk, kmin, kmax, None, combine, reps)
-        saved = glb["SELECT_CAP"], glb["SELECT_BINS"]
-        if cap:  # few bins, a small rank buffer: the exact-threshold search
-            glb["SELECT_CAP"], glb["SELECT_BINS"] = cap, 32
-        try:
+        # with cap: few bins, a small rank buffer (the exact-threshold search)
+        with knobs("select_scope", **(dict(SELECT_CAP=cap, SELECT_BINS=32) if cap else {})):
             out = K.select_scope_triton(*args, None, 0, 0, method=method)
-        finally:
-            glb["SELECT_CAP"], glb["SELECT_BINS"] = saved
         ref = K.select_scope_ref(*args)
         scores = K.scope_scores_ref(q, cand, ncand, kmin, kmax, None, combine, reps)[0]
         page_score = torch.full((n + 40,), float("-inf"), device=device)
@@ -378,14 +387,13 @@ def time_ours(ctx: int, s: Shape, bw: float, rep: int, cos, sin, device) -> dict
         "attn_floor": b["attn"] / bw * 1e3,
     }
     if ctx == 1 << 20:  # decode over the same 8K scope: tiles, warps, stages, splits
-        dg = importlib.import_module("sglang_reattn.kernels.decode_attention").__dict__
-        saved = dg["DECODE_BLOCK_N"], dg["DECODE_WARPS"], dg["DECODE_STAGES"]
         for cfg in DECODE_CONFIGS:
-            dg["DECODE_BLOCK_N"], dg["DECODE_WARPS"], dg["DECODE_STAGES"], splits = cfg
-            row["g_attn_" + "_".join(map(str, cfg))] = bench_graph(
-                lambda n=splits: ours.attend(*tables, num_splits=n), rep)
-        dg["DECODE_BLOCK_N"], dg["DECODE_WARPS"], dg["DECODE_STAGES"] = saved
-    with decode_knobs(DECODE_ROPE_ANGLE=True):  # the A/B of the key rotation's table reads
+            block_n, warps, stages, splits = cfg
+            with knobs("decode_attention", DECODE_BLOCK_N=block_n, DECODE_WARPS=warps,
+                       DECODE_STAGES=stages):
+                row["g_attn_" + "_".join(map(str, cfg))] = bench_graph(
+                    lambda n=splits: ours.attend(*tables, num_splits=n), rep)
+    with knobs("decode_attention", DECODE_ROPE_ANGLE=True):  # the A/B of its table reads
         row["angle_graph"] = bench_graph(ours.step, rep)
     row["kernels"] = kernel_times(ours.step)
     # the previous top-k (sorting networks over blocks of candidates), and 32 runners-up
@@ -393,28 +401,10 @@ def time_ours(ctx: int, s: Shape, bw: float, rep: int, cos, sin, device) -> dict
     row["sort_graph"] = bench_graph(lambda: ours.step("sort"), rep)
     row["g_select_spare"] = bench_graph(lambda: ours.select("radix", 32), rep)
     if ctx >= 1 << 20:  # the scorer's candidates per program and warps
-        sc = S.launch_scorer.__globals__
-        saved = sc["SCORE_DOT_BLOCK_N"], sc["SCORE_DOT_WARPS"]
         for bn, warps in SCORER_CONFIGS:
-            sc["SCORE_DOT_BLOCK_N"], sc["SCORE_DOT_WARPS"] = bn, warps
-            row[f"g_scores_{bn}_{warps}"] = bench_graph(ours.scores, rep)
-        sc["SCORE_DOT_BLOCK_N"], sc["SCORE_DOT_WARPS"] = saved
+            with knobs("score_chunks", SCORE_DOT_BLOCK_N=bn, SCORE_DOT_WARPS=warps):
+                row[f"g_scores_{bn}_{warps}"] = bench_graph(ours.scores, rep)
     return row
-
-
-class decode_knobs:
-    """Set module knobs of the decode kernel for a `with` block, restored after."""
-
-    def __init__(self, **knobs) -> None:
-        self.g = importlib.import_module("sglang_reattn.kernels.decode_attention").__dict__
-        self.knobs = knobs
-
-    def __enter__(self):
-        self.saved = {k: self.g[k] for k in self.knobs}
-        self.g.update(self.knobs)
-
-    def __exit__(self, *exc) -> None:
-        self.g.update(self.saved)
 
 
 def kernel_times(fn, steps: int = 20) -> list[tuple[str, float]]:

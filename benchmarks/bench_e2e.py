@@ -198,7 +198,7 @@ def print_profile(prof, wall: float, steps: int, label: str, top: int = 12) -> N
                                  for e in host[:8]))
 
 
-class time_steps:
+class StepTimer:
     """Wraps the engine's model runner: each step's time on the device, by the tokens
     cached before it (where a long prefill's time goes as its context grows). Steps are
     timed with CUDA events between consecutive step starts, so nothing syncs and host work
@@ -367,7 +367,7 @@ def main() -> None:
         print(f"warm-up prefill of {warm.numel():,} tokens (kernel compiles): "
               f"{time.perf_counter() - t:.1f} s", flush=True)
         ids = ids.tolist()
-        steps = time_steps(eng)
+        steps = StepTimer(eng)
         t = time.perf_counter()
         eng.generate(input_ids=ids, sampling_params={"max_new_tokens": 1})
         secs = time.perf_counter() - t

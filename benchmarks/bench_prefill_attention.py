@@ -15,7 +15,6 @@ the causal FLOPs.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sglang_reattn.kernels as K  # noqa: E402
-from bench_attention import bench  # noqa: E402
+from bench_attention import bench, knobs  # noqa: E402
 
 SHAPES = {"1b": (32, 8, 64), "8b": (32, 8, 128)}  # query heads, KV heads, head dim
 BEFORE = 64 + 95 * 64 + 2048  # scope tokens before the new ones
@@ -101,15 +100,10 @@ def split_merge(backend: str, expand: bool = False):
 def engine_route(merge_triton: bool):
     """The engine's route (``prefill_attention_gathered``) with the log-sum-exp merge of
     the cuDNN split as torch ops or as one Triton launch."""
-    pa = importlib.import_module("sglang_reattn.kernels.prefill_attention")
-
     def run(q, kc, vc, pages, n, cos, sin, scale):
-        saved, pa.PREFILL_MERGE_TRITON = pa.PREFILL_MERGE_TRITON, merge_triton
-        try:
-            return pa.prefill_attention_gathered(q, kc, vc, pages.int()[None], [n],
-                                                 [q.shape[0]], cos, sin, scale)
-        finally:
-            pa.PREFILL_MERGE_TRITON = saved
+        with knobs("prefill_attention", PREFILL_MERGE_TRITON=merge_triton):
+            return K.prefill_attention_gathered(q, kc, vc, pages.int()[None], [n],
+                                                [q.shape[0]], cos, sin, scale)
     return run
 
 

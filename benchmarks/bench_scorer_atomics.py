@@ -21,7 +21,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sglang_reattn.kernels as K  # noqa: E402
-from bench_attention import OursDecode, Shape, bench_graph, fmt_tokens, parse_size  # noqa: E402
+from bench_attention import (  # noqa: E402
+    OursDecode,
+    Shape,
+    bench_graph,
+    fmt_tokens,
+    knobs,
+    parse_size,
+)
 
 SC = importlib.import_module("sglang_reattn.kernels.score_chunks").__dict__
 KNOBS = ("SCORE_BLOCK_N", "SCORE_WARPS", "SCORE_CHECK_SCALE", "SCORE_DOT_MIN_ROWS",
@@ -50,7 +57,6 @@ def main() -> None:
           f"Llama-3.1-8B layer (top {s.topk}), CUDA-graph replay, us; defaults: "
           + ", ".join(f"{k}={SC[k]}" for k in KNOBS) + "\n")
     cos, sin = K.rope_tables(s.scope, s.head_dim, base=500000.0, device=dev)
-    saved = {k: SC[k] for k in KNOBS}
     rows = []
     for ctx in (parse_size(c) for c in args.contexts.split(",")):
         ours = OursDecode(ctx, s, cos, sin, dev)
@@ -63,15 +69,13 @@ def main() -> None:
                     o.local_tokens, s.topk, s.chunk, o.kmin, o.kmax, None, "max", reps)[:2]
             first = None  # every setting must give the first one's table (same scores)
             row = {"ctx": ctx, "reps": reps}
-            for label, knobs in VARIANTS:
-                SC.update(saved)
-                SC.update(knobs)
+            for label, values in VARIANTS:
                 print(f"# {fmt_tokens(ctx)}, {reps} rows: {label}", flush=True)
-                table = select()[0].clone()
-                torch.cuda.synchronize()  # a fault names its variant
-                first = table if first is None else first
-                row[label] = (bench_graph(select, args.rep), torch.equal(table, first))
-            SC.update(saved)
+                with knobs("score_chunks", **values):
+                    table = select()[0].clone()
+                    torch.cuda.synchronize()  # a fault names its variant
+                    first = table if first is None else first
+                    row[label] = (bench_graph(select, args.rep), torch.equal(table, first))
             rows.append(row)
             print(f"# {fmt_tokens(ctx)}, {reps} rows, at {time.time() - t0:.0f} s: " + ", ".join(
                 f"{k} {v[0] * 1e3:.1f} us" + ("" if v[1] else " (table differs)")

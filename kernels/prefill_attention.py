@@ -24,6 +24,8 @@ beat the paged kernel's half-width ones (benchmarks/bench_prefill_attention.py).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from ._paged_tile import _paged_rope_tile
 from ._triton_compat import check, dot_dtype, next_pow2, tl, triton, use_triton
@@ -428,19 +430,12 @@ def prefill_attention_gathered(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
             o = torch.ops.aten._scaled_dot_product_flash_attention(
                 qr[None], kr[None], v[None], 0.0, is_causal=True, scale=sm_scale)[0]
         else:
-            import torch.nn.functional as F
-            from torch.nn.attention.bias import causal_lower_right
-
             o = F.scaled_dot_product_attention(
                 qr[None], kr[None], v[None], attn_mask=causal_lower_right(ql, n),
                 scale=sm_scale, enable_gqa=qr.shape[0] != kr.shape[0])
         outs.append(o[0].transpose(0, 1))  # [ql, Hq, D]
         t0 += ql
-    if len(outs) == 1 and outs[0].shape[0] == q.shape[0]:
-        return outs[0].contiguous()  # (flash writes q's token-major layout: no copy)
-    out = torch.empty_like(q)
-    t0 = 0
-    for o in outs:
-        out[t0:t0 + o.shape[0]] = o
-        t0 += o.shape[0]
-    return out
+    if not outs:
+        return torch.empty_like(q)
+    # one sequence: no copy (the kernels write q's token-major layout)
+    return outs[0].contiguous() if len(outs) == 1 else torch.cat(outs)

@@ -257,10 +257,12 @@ class ModelRunner:
         self._no_logits = torch.empty(0, self.model.config.vocab_size, device=dev)
         from sglang_reattn.kernels import prefill_attention as pa
 
+        def run() -> torch.Tensor:
+            return self.model(self._pf_ids, self.attn, self._pf_batch)
+
         with torch.inference_mode():
             try:
-                self._pf_graph, _ = self._record(
-                    lambda: self.model(self._pf_ids, self.attn, self._pf_batch))
+                self._pf_graph, _ = self._record(run)
             except RuntimeError as e:
                 if not pa.PREFILL_CUDNN:
                     raise
@@ -268,8 +270,7 @@ class ModelRunner:
                 logger.warning("prefill graph capture with cuDNN attention failed (%s); "
                                "using flash attention", e)
                 pa.PREFILL_CUDNN = False
-                self._pf_graph, _ = self._record(
-                    lambda: self.model(self._pf_ids, self.attn, self._pf_batch))
+                self._pf_graph, _ = self._record(run)
 
     def _replay_prefill(self, r: Request) -> bool:
         """Replay the prefill graph for the next piece of `r` when its geometry is the

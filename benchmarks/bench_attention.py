@@ -95,7 +95,9 @@ def bench(fn, rep: int) -> float:
 def bench_graph(fn, rep: int) -> float | str:
     """Median milliseconds of a CUDA-graph replay of ``fn``; the error text if capture fails."""
     # do_bench_cudagraph captures and replays on a stream of its own, which does not wait
-    # for the default one: the kernels' resting workspaces must not be in use there.
+    # for the default one: the kernels' resting workspaces must not be in use there. One
+    # eager call first grows any workspace outside the capture (knob variants change sizes).
+    fn()
     torch.cuda.synchronize()
     try:
         return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median")
@@ -305,14 +307,19 @@ def check_select_scope(device, g, n: int = 16351) -> list[tuple[str, float, bool
     scope = (torch.tensor([[0]], device=device, dtype=i32), torch.tensor([1], device=device,
              dtype=i32), torch.arange(n, n + 32, device=device, dtype=i32)[None],
              torch.tensor([2048], device=device, dtype=i32))
-    for combine, reps, method, cap in (("max", 1, "radix", None), ("sum", 1, "radix", None),
-                                       ("max", 16, "radix", None), ("max", 1, "radix", 16),
-                                       ("max", 1, "sort", None), ("max", 16, "sort", None)):
+    for combine, reps, method, cap, tuned in (
+            ("max", 1, "radix", None, False), ("sum", 1, "radix", None, False),
+            ("max", 16, "radix", None, False), ("max", 1, "radix", 16, False),
+            ("max", 1, "sort", None, False), ("max", 16, "sort", None, False),
+            ("max", 1, "radix", None, True), ("max", 16, "radix", None, True)):
         q = torch.randn(reps, s.num_q_heads, s.head_dim, generator=g, device=device,
                         dtype=s.dtype)
         args = (q, cand, ncand, *scope, s.topk, s.chunk, kmin, kmax, None, combine, reps)
-        # with cap: few bins, a small rank buffer (the exact-threshold search)
-        with knobs("select_scope", **(dict(SELECT_CAP=cap, SELECT_BINS=32) if cap else {})):
+        # with cap: few bins, a small rank buffer (the exact-threshold search); tuned: the
+        # scorer's grid heads first and 16 histogram copies (bench variants)
+        with knobs("select_scope", **(dict(SELECT_CAP=cap, SELECT_BINS=32) if cap else {}),
+                   **(dict(SELECT_HIST_COPIES=16) if tuned else {})), \
+                knobs("score_chunks", **(dict(SCORE_DOT_HEADS_FIRST=True) if tuned else {})):
             out = K.select_scope_triton(*args, None, 0, 0, method=method)
         ref = K.select_scope_ref(*args)
         scores = K.scope_scores_ref(q, cand, ncand, kmin, kmax, None, combine, reps)[0]
@@ -327,7 +334,8 @@ def check_select_scope(device, g, n: int = 16351) -> list[tuple[str, float, bool
         in_order = bool((position[picked].diff() > 0).all())  # original (context) order
         ok = (int(out[3][0]) == s.topk and in_order and gap <= 1e-5 * float(scores.abs().max())
               and torch.equal(out[1], ref[1]))
-        label = f"{method}{', exact threshold' if cap else ''}"
+        label = (f"{method}{', exact threshold' if cap else ''}"
+                 f"{', heads first, 16 histogram copies' if tuned else ''}")
         results.append((f"select_scope ({combine}, reps {reps}, {n} chunks, {label})", gap, ok))
     return results
 
@@ -393,17 +401,22 @@ def time_ours(ctx: int, s: Shape, bw: float, rep: int, cos, sin, device) -> dict
                        DECODE_STAGES=stages):
                 row["g_attn_" + "_".join(map(str, cfg))] = bench_graph(
                     lambda n=splits: ours.attend(*tables, num_splits=n), rep)
-    with knobs("decode_attention", DECODE_ROPE_ANGLE=True):  # the A/B of its table reads
-        row["angle_graph"] = bench_graph(ours.step, rep)
+    for label, settings in STEP_VARIANTS:  # A/Bs of the whole step (and of its selection)
+        with contextlib.ExitStack() as stack:
+            for module, values in settings.items():
+                stack.enter_context(knobs(module, **values))
+            row[f"variant_step {label}"] = bench_graph(ours.step, rep)
+            row[f"variant_select {label}"] = bench_graph(ours.select, rep)
     row["kernels"] = kernel_times(ours.step)
     # the previous top-k (sorting networks over blocks of candidates), and 32 runners-up
     row["g_select_sort"] = bench_graph(lambda: ours.select("sort"), rep)
     row["sort_graph"] = bench_graph(lambda: ours.step("sort"), rep)
     row["g_select_spare"] = bench_graph(lambda: ours.select("radix", 32), rep)
-    if ctx >= 1 << 20:  # the scorer's candidates per program and warps
-        for bn, warps in SCORER_CONFIGS:
-            with knobs("score_chunks", SCORE_DOT_BLOCK_N=bn, SCORE_DOT_WARPS=warps):
-                row[f"g_scores_{bn}_{warps}"] = bench_graph(ours.scores, rep)
+    if ctx >= 1 << 20:  # the scorer's candidates per program, warps and grid order
+        for bn, warps, first in SCORER_CONFIGS:
+            with knobs("score_chunks", SCORE_DOT_BLOCK_N=bn, SCORE_DOT_WARPS=warps,
+                       SCORE_DOT_HEADS_FIRST=first):
+                row[f"g_scores_{bn}_{warps}_{first:d}"] = bench_graph(ours.scores, rep)
     return row
 
 
@@ -428,7 +441,21 @@ def kernel_times(fn, steps: int = 20) -> list[tuple[str, float]]:
 # decode attention: keys per tile, warps, stages, splits (None: the default count)
 DECODE_CONFIGS = ((64, 4, 2, None), (64, 4, 2, 64), (64, 2, 2, None), (32, 4, 2, 64),
                   (128, 8, 2, 32))
-SCORER_CONFIGS = ((32, 4), (64, 4), (128, 8))  # the per-head (matrix-product) scorer
+# the per-head (matrix-product) scorer: candidates per program, warps, heads first
+SCORER_CONFIGS = ((32, 4, False), (64, 4, False), (128, 8, False), (32, 4, True),
+                  (64, 4, True), (128, 8, True))
+# the whole step with other kernel settings: label, {kernels module: {knob: value}}
+STEP_VARIANTS = (
+    ("keys rotated by angle addition", {"decode_attention": dict(DECODE_ROPE_ANGLE=True)}),
+    ("scorer heads first", {"score_chunks": dict(SCORE_DOT_HEADS_FIRST=True)}),
+    ("4 histogram copies", {"select_scope": dict(SELECT_HIST_COPIES=4)}),
+    ("16 histogram copies", {"select_scope": dict(SELECT_HIST_COPIES=16)}),
+    ("heads first + 16 copies", {"score_chunks": dict(SCORE_DOT_HEADS_FIRST=True),
+                                 "select_scope": dict(SELECT_HIST_COPIES=16)}),
+    ("heads first + 16 copies + angle", {"score_chunks": dict(SCORE_DOT_HEADS_FIRST=True),
+                                         "select_scope": dict(SELECT_HIST_COPIES=16),
+                                         "decode_attention": dict(DECODE_ROPE_ANGLE=True)}),
+)
 
 
 def time_full(ctx: int, s: Shape, bw: float, rep: int, cos, sin, device) -> dict:
@@ -527,15 +554,22 @@ def main() -> None:
           "path (scorer, then torch combine, top-k and table):\n")
     print("| context | scores kernel | selection | + 32 runners-up | decode alone | whole step "
           "| floor | step / floor | sort top-k: selection | sort top-k: whole step "
-          "| unfused step | whole step, keys rotated by angle addition |")
-    print("| " + " | ".join(["---"] * 12) + " |")
+          "| unfused step |")
+    print("| " + " | ".join(["---"] * 11) + " |")
     for r in (r for r in rows if "error" not in r):
         print(f"| {fmt_tokens(r['ctx'])} | {fmt_us(r['g_scores'])} | {fmt_us(r['g_select'])} "
               f"| {fmt_us(r['g_select_spare'])} | {fmt_us(r['g_attn'])} "
               f"| {fmt_us(r['ours_graph'])} | {fmt_us(r['ours_floor'])} "
               f"| {ratio(r['ours_graph'], r['ours_floor'])} | {fmt_us(r['g_select_sort'])} "
-              f"| {fmt_us(r['sort_graph'])} | {fmt_us(r['unfused_graph'])} "
-              f"| {fmt_us(r['angle_graph'])} |")
+              f"| {fmt_us(r['sort_graph'])} | {fmt_us(r['unfused_graph'])} |")
+    print("\nthe step with other kernel settings (CUDA graph, us: selection / whole step; the "
+          "engine's settings above):\n")
+    print("| context | " + " | ".join(label for label, _ in STEP_VARIANTS) + " |")
+    print("| " + " | ".join(["---"] * (1 + len(STEP_VARIANTS))) + " |")
+    for r in (r for r in rows if "error" not in r):
+        print(f"| {fmt_tokens(r['ctx'])} | " + " | ".join(
+            f"{fmt_us(r[f'variant_select {label}'])} / {fmt_us(r[f'variant_step {label}'])}"
+            for label, _ in STEP_VARIANTS) + " |")
     print()
     for r in (r for r in rows if "g_attn_64_4_2_None" in r):
         print(f"decode attention over the 8K scope at {fmt_tokens(r['ctx'])} (CUDA graph, us; "
@@ -549,16 +583,18 @@ def main() -> None:
         print(f"- {fmt_tokens(r['ctx'])}: " + ", ".join(
             f"{name[:40]} {t:.1f}" for name, t in r["kernels"]))
     print()
-    sweep = [r for r in rows if "g_scores_64_4" in r]
+    sweep = [r for r in rows if "g_scores_64_4_0" in r]
     if sweep:
         print("per-head scores kernel (matrix products; CUDA graph, us) by candidates per "
               "program / warps; floor = the summaries' bytes / copy rate:\n")
-        print("| context | floor | " + " | ".join(f"{bn} / {w}" for bn, w in SCORER_CONFIGS)
-              + " |")
+        print("| context | floor | " + " | ".join(
+            f"{bn} / {w}{', heads first' if first else ''}" for bn, w, first in SCORER_CONFIGS)
+            + " |")
         print("| " + " | ".join(["---"] * (2 + len(SCORER_CONFIGS))) + " |")
         for r in sweep:
             print(f"| {fmt_tokens(r['ctx'])} | {fmt_us(r['scorer_floor'])} | " + " | ".join(
-                fmt_us(r[f"g_scores_{bn}_{w}"]) for bn, w in SCORER_CONFIGS) + " |")
+                fmt_us(r[f"g_scores_{bn}_{w}_{first:d}"]) for bn, w, first in SCORER_CONFIGS)
+                + " |")
         print()
 
     ms, tflops = bench_prefill(s, device, args.rep)

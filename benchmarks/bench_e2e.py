@@ -24,6 +24,7 @@ token's scope) at the bf16 matmul rate measured in the same run.
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
 import json
 import os
@@ -308,6 +309,9 @@ def main() -> None:
                     help="prefill: merge the cuDNN split attention in one Triton launch")
     ap.add_argument("--decode-angle", action="store_true",
                     help="decode: rotate keys by angle addition (DECODE_ROPE_ANGLE)")
+    ap.add_argument("--knob", action="append", default=[], metavar="MODULE.NAME=VALUE",
+                    help="set a kernel module's knob, e.g. score_chunks.SCORE_DOT_HEADS_FIRST="
+                         "True (a Python literal; repeatable)")
     ap.add_argument("--profile", action="store_true",
                     help="after each context, profile 16 decode steps (kernel breakdown)")
     args = ap.parse_args()
@@ -320,6 +324,14 @@ def main() -> None:
     if args.decode_angle:
         importlib.import_module("sglang_reattn.kernels.decode_attention") \
             .DECODE_ROPE_ANGLE = True
+    for knob in args.knob:
+        target, _, value = knob.partition("=")
+        module, _, name = target.rpartition(".")
+        mod = importlib.import_module(f"sglang_reattn.kernels.{module}")
+        if not value or not hasattr(mod, name):
+            ap.error(f"--knob {knob}: no knob {name!r} in kernels.{module}, or no value")
+        setattr(mod, name, ast.literal_eval(value))
+        print(f"# knob: kernels.{module}.{name} = {getattr(mod, name)!r}", flush=True)
 
     dev = torch.device(args.device)
     path = model_dir(args.model)

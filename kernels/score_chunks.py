@@ -120,17 +120,23 @@ def _score_dot_kernel(
     REPS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     USE_MINMAX: tl.constexpr, WRITE_SCALE: tl.constexpr, CHECK_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, HEADS_FIRST: tl.constexpr,
 ):
-    """Per-head scores as matrix products, grid ``(B, cdiv(max_cands, BLOCK_N), Hkv)``: the
+    """Per-head scores as matrix products, grid ``(B, cdiv(max_cands, BLOCK_N), Hkv)``
+    (HEADS_FIRST: ``(Hkv, cdiv(max_cands, BLOCK_N), B)``, so that the programs of one block
+    of candidates, one per KV head, are launched together and read whole summary rows): the
     REPS x GROUP query rows of a sequence and KV head (row m: rep m // GROUP, head
     m % GROUP) against a block of candidates. The min/max bound is
     ``sum_d max(q_d kmin_d, q_d kmax_d) = max(q, 0) . kmax + min(q, 0) . kmin``, so the
     summaries are read once for every row and the products run on the tensor cores (16-bit
     operands are exact products, accumulated in float32)."""
-    seq = tl.program_id(0)
+    if HEADS_FIRST:
+        h = tl.program_id(0)
+        seq = tl.program_id(2)
+    else:
+        seq = tl.program_id(0)
+        h = tl.program_id(2)
     pid_n = tl.program_id(1)
-    h = tl.program_id(2)
     n_cands = tl.load(num_cands_ptr + seq)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -240,6 +246,10 @@ SCORE_CHECK_SCALE = True
 SCORE_DOT_MIN_ROWS = 1
 SCORE_DOT_BLOCK_N = 64
 SCORE_DOT_WARPS = 4
+# The programs of a block's KV heads launched one after the other (grid (Hkv, blocks, B)):
+# each summary row [Hkv, D] is then read whole by programs running together, not a head's
+# 1 / Hkv of it by each of Hkv programs far apart in the launch order. Not measured yet.
+SCORE_DOT_HEADS_FIRST = False
 
 
 def launch_scorer(q, cand_pages, num_cands, kmin, kmax, kmean, out, scale, reps) -> None:
@@ -257,8 +267,8 @@ def launch_scorer(q, cand_pages, num_cands, kmin, kmax, kmean, out, scale, reps)
     if per_head and reps * group >= SCORE_DOT_MIN_ROWS:
         # 16-bit operands of one dtype multiply exactly on the tensor cores; otherwise fp32
         half = q.dtype in (torch.float16, torch.bfloat16) and summ.dtype == q.dtype
-        _score_dot_kernel[(rows // reps, triton.cdiv(max_cands, SCORE_DOT_BLOCK_N),
-                           summ.shape[1])](
+        grid = (rows // reps, triton.cdiv(max_cands, SCORE_DOT_BLOCK_N), summ.shape[1])
+        _score_dot_kernel[grid[::-1] if SCORE_DOT_HEADS_FIRST else grid](
             q, summ, kmax if kmin is not None else summ, summ, cand_pages, num_cands, out,
             scale if scale is not None else out, max_cands,
             q.stride(0), q.stride(1), summ.stride(0), summ.stride(1), cand_pages.stride(0),
@@ -268,7 +278,8 @@ def launch_scorer(q, cand_pages, num_cands, kmin, kmax, kmean, out, scale, reps)
             BLOCK_M=max(16, next_pow2(reps * group)), BLOCK_N=SCORE_DOT_BLOCK_N,
             BLOCK_D=max(16, next_pow2(head_dim)),
             DOT_DTYPE=dot_dtype(q.dtype) if half else tl.float32,
-            DOT_PRECISION="tf32" if half else "ieee", num_warps=SCORE_DOT_WARPS,
+            DOT_PRECISION="tf32" if half else "ieee", HEADS_FIRST=SCORE_DOT_HEADS_FIRST,
+            num_warps=SCORE_DOT_WARPS,
         )
         return
     grid = (rows, triton.cdiv(max_cands, SCORE_BLOCK_N), summ.shape[1] if per_head else 1)

@@ -291,6 +291,10 @@ SELECT_BINS = 2048  # bins of the histogram
 SELECT_CAP = 1024  # most candidates the buffer holds (rounded up to topk + spare)
 _SELECT_SMALL = 256  # a buffer of at most this many is sorted at this width
 _SELECT_BLOCK = 2048  # candidates per program of the select kernel
+# Histograms per row: block j of the combine kernel counts into copy j % SELECT_HIST_COPIES
+# (its keys cluster in a few bins, whose atomic adds serialize; 17.5 us of a 4M-token step
+# on the H200 with one copy, 2026-12-01). Other counts not measured yet.
+SELECT_HIST_COPIES = 1
 
 
 @triton.jit
@@ -324,6 +328,7 @@ def _combine_hist_kernel(
     stride_kb,  # keys [B, >= N] int32
     REPS: tl.constexpr, MAX_COMBINE: tl.constexpr, BLOCK: tl.constexpr,
     HEAD_TILE: tl.constexpr, NBINS: tl.constexpr, LOG_BINS: tl.constexpr,
+    COPIES: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -339,7 +344,10 @@ def _combine_hist_kernel(
         # gives each lane 64 consecutive bins in shared memory, so a warp's adds meet in
         # one bank) this kernel took 8.5 us at 32K on the H200, against 2.5 us so
         bn = _score_bin(okey, inv_range, MAX_COMBINE, NBINS, LOG_BINS)
-        tl.atomic_add(hist_ptr + pid_b.to(tl.int64) * NBINS + bn, 1, mask=valid, sem="relaxed")
+        # (COPIES histograms per row, a block adding to copy pid_n % COPIES: fewer adds
+        # meet at one address; the select kernel sums them)
+        hist = hist_ptr + (pid_b.to(tl.int64) * COPIES + pid_n % COPIES) * NBINS
+        tl.atomic_add(hist + bn, 1, mask=valid, sem="relaxed")
 
 
 @triton.jit
@@ -432,7 +440,7 @@ def _radix_select_kernel(
     stride_kb, stride_cb, stride_hb, stride_lb, stride_tb, stride_selb, stride_spb,
     LINEAR: tl.constexpr, NBINS: tl.constexpr, LOG_BINS: tl.constexpr, BLOCK: tl.constexpr,
     CAP: tl.constexpr, SMALL: tl.constexpr, BLOCK_W: tl.constexpr, HAS_MAP: tl.constexpr,
-    HAS_SPARE: tl.constexpr,
+    HAS_SPARE: tl.constexpr, COPIES: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -444,7 +452,10 @@ def _radix_select_kernel(
     k2 = tl.minimum(topk + num_spare, n_cands)
     # the bin of the k2-th best key, from the histogram (every program computes the same)
     bins = tl.arange(0, NBINS)
-    hh = tl.load(hist_ptr + b64 * NBINS + bins, cache_modifier=".cg")
+    hist = hist_ptr + b64 * COPIES * NBINS
+    hh = tl.load(hist + bins, cache_modifier=".cg")
+    for c in range(1, COPIES):
+        hh += tl.load(hist + c * NBINS + bins, cache_modifier=".cg")
     c_ge = tl_sum(hh, 0) - tl_cumsum(hh, 0) + hh  # keys in this bin or above
     d1 = tl_sum((c_ge >= k2).to(tl.int32), 0) - 1
     h_d1 = tl_sum(tl.where(bins == d1, hh, 0), 0)
@@ -505,7 +516,8 @@ def _radix_select_kernel(
         # leave this row's workspace zeroed for the next call (every other program of the
         # row is done with it: each arrived after its last read)
         tl.debug_barrier()
-        tl.store(hist_ptr + b64 * NBINS + bins, tl.full([NBINS], 0, tl.int32))
+        for c in range(COPIES):
+            tl.store(hist + c * NBINS + bins, tl.full([NBINS], 0, tl.int32))
         if LINEAR:
             for h0 in range(0, reps * num_q_heads, BLOCK_W):
                 tl.store(scale_ptr + b64 * reps * num_q_heads + h0 + j,
@@ -627,11 +639,12 @@ def _select_radix(q, cand_pages, num_cands, kmin, kmax, kmean, use_minmax, combi
     # zeros the select kernel leaves zeroed: the per-head maxima, the histograms, the
     # arrival and fill counters
     n_scale = rows * num_q_heads if per_head else 0
-    ws = resting_zeros(dev, n_scale + batch * (SELECT_BINS + 2), "select_scope")
+    nh = batch * SELECT_HIST_COPIES * SELECT_BINS
+    ws = resting_zeros(dev, n_scale + nh + 2 * batch, "select_scope")
     scale = ws[:n_scale].view(torch.float32).view(rows, num_q_heads) if per_head else None
-    hist = ws[n_scale:n_scale + batch * SELECT_BINS]
-    count = ws[n_scale + batch * SELECT_BINS:][:batch]
-    fill = ws[n_scale + batch * SELECT_BINS:][batch:]
+    hist = ws[n_scale:n_scale + nh]
+    count = ws[n_scale + nh:][:batch]
+    fill = ws[n_scale + nh:][batch:]
     keys = torch.empty(batch, aligned(max(n, 1)), dtype=torch.int32, device=dev)
     try:  # a launch that fails leaves the workspace zeroed for the next call
         log_bins = SELECT_BINS.bit_length() - 1
@@ -649,7 +662,7 @@ def _select_radix(q, cand_pages, num_cands, kmin, kmax, kmean, use_minmax, combi
                 scale.stride(0) if per_head else 0, keys.stride(0),
                 REPS=reps, MAX_COMBINE=per_head, BLOCK=cb,
                 HEAD_TILE=max(1, min(next_pow2(num_q_heads), 32)), NBINS=SELECT_BINS,
-                LOG_BINS=log_bins, num_warps=4,
+                LOG_BINS=log_bins, COPIES=SELECT_HIST_COPIES, num_warps=4,
             )
         cap = max(SELECT_CAP, next_pow2(topk + spare))
         comp = torch.empty(batch, cap, dtype=torch.int64, device=dev)
@@ -664,7 +677,8 @@ def _select_radix(q, cand_pages, num_cands, kmin, kmax, kmean, use_minmax, combi
             table.stride(0), sel.stride(0) if topk else 0, runners.stride(0) if spare else 0,
             LINEAR=per_head, NBINS=SELECT_BINS, LOG_BINS=log_bins, BLOCK=_SELECT_BLOCK,
             CAP=cap, SMALL=min(_SELECT_SMALL, cap), BLOCK_W=max(16, min(256, next_pow2(width))),
-            HAS_MAP=page_map is not None, HAS_SPARE=spare > 0, num_warps=8,
+            HAS_MAP=page_map is not None, HAS_SPARE=spare > 0, COPIES=SELECT_HIST_COPIES,
+            num_warps=8,
         )
     except BaseException:
         ws.zero_()

@@ -168,10 +168,12 @@ def test_chunk_scores_triton_matches_ref(num_kv_heads, group, head_dim, q_dtype,
 def test_chunk_scores_dot_kernel_matches_ref(num_kv_heads, group, head_dim, dtype, kind,
                                              monkeypatch):
     """The matrix-product scorer (max(q, 0) . kmax + min(q, 0) . kmin) for every row count:
-    per-head scores, a block of candidates past the valid ones, a padded head dim."""
+    per-head scores, a block of candidates past the valid ones, a padded head dim; its grid
+    in both orders (heads first for the mean and float32)."""
     sc = K.chunk_scores_triton.__globals__
     monkeypatch.setitem(sc, "SCORE_DOT_MIN_ROWS", 1)
     monkeypatch.setitem(sc, "SCORE_DOT_BLOCK_N", 16)
+    monkeypatch.setitem(sc, "SCORE_DOT_HEADS_FIRST", (kind == "mean") != (dtype == torch.float32))
     gen = torch.Generator().manual_seed(group * 100 + head_dim)
     q, cand, nc, kmin, kmax, kmean = _scorer_inputs(3, num_kv_heads, group, head_dim, dtype,
                                                     dtype, gen)
@@ -318,19 +320,21 @@ def test_select_scope_merges_blocks_in_tiles(topk, sort_block, max_cands, tile, 
 
 
 
-@pytest.mark.parametrize("bins,cap,small,block", [(32, 16, 16, 2048), (2048, 32, 16, 128),
-                                                  (64, 1024, 256, 256), (2048, 1024, 16, 64)])
+@pytest.mark.parametrize("bins,cap,small,block,copies", [
+    (32, 16, 16, 2048, 1), (2048, 32, 16, 128, 4), (64, 1024, 256, 256, 3),
+    (2048, 1024, 16, 64, 1)])
 @pytest.mark.parametrize("combine,topk,spare", [("max", 9, 0), ("max", 40, 7), ("sum", 5, 3),
                                                 ("sum", 33, 0)])
-def test_select_scope_radix_threshold_paths(bins, cap, small, block, combine, topk, spare,
-                                            monkeypatch):
+def test_select_scope_radix_threshold_paths(bins, cap, small, block, copies, combine, topk,
+                                            spare, monkeypatch):
     """The radix top-k with few histogram bins, a small buffer and small blocks: bins
     crowded past the buffer take the exact-threshold search, the others are copied by
     every block's program (up to 21 a row) into the buffer; the buffer is sorted wider or
-    narrower than its small width. Same as the reference, runners-up included."""
+    narrower than its small width; the histogram of a row in one or several copies. Same as
+    the reference, runners-up included."""
     g = K.select_scope_triton.__globals__
     for name, value in (("SELECT_BINS", bins), ("SELECT_CAP", cap), ("_SELECT_SMALL", small),
-                        ("_SELECT_BLOCK", block)):
+                        ("_SELECT_BLOCK", block), ("SELECT_HIST_COPIES", copies)):
         monkeypatch.setitem(g, name, value)
     gen = torch.Generator().manual_seed(90 + topk + bins)
     q, cand, nc, (kmin, kmax, _), scope = _scope_inputs(3, 1, 2, 4, 64, torch.float32, gen,
@@ -342,7 +346,8 @@ def test_select_scope_radix_threshold_paths(bins, cap, small, block, combine, to
         assert torch.equal(a, b), name
     # the workspace (per-head maxima, histograms, counters) is left zeroed: a second call
     # needs no fill and gives the same
-    assert not g["resting_zeros"](q.device, 3 * 8 + 3 * (bins + 2), "select_scope").any()
+    assert not g["resting_zeros"](q.device, 3 * 8 + 3 * (copies * bins + 2),
+                                  "select_scope").any()
     again = K.select_scope_triton(*args, spare)
     assert all(torch.equal(a, b) for a, b in zip(out, again))
 

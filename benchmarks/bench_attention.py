@@ -241,10 +241,16 @@ def check_ops(device) -> list[tuple[str, float, bool]]:
         out = K.decode_attention_triton(q, kc, vc, pt, sl, cos, sin, sc, num_splits=ns)
         err = (out.float() - ref.float()).abs().max().item()
         results.append((f"decode_attention (num_splits={ns})", err, err < 4e-2))
-    with knobs("decode_attention", DECODE_ROPE_ANGLE=True):
-        out = K.decode_attention_triton(q, kc, vc, pt, sl, cos, sin, sc)
-    err = (out.float() - ref.float()).abs().max().item()
-    results.append(("decode_attention (RoPE by angle addition)", err, err < 4e-2))
+    for label, values in (("RoPE by angle addition", dict(DECODE_ROPE_ANGLE=True)),
+                          ("a tile's loads together", dict(DECODE_PIPELINE=1)),
+                          ("next tile loaded ahead", dict(DECODE_PIPELINE=2)),
+                          ("next tile ahead, angle addition",
+                           dict(DECODE_PIPELINE=2, DECODE_ROPE_ANGLE=True))):
+        for ns in (None, 1):
+            with knobs("decode_attention", **values):
+                out = K.decode_attention_triton(q, kc, vc, pt, sl, cos, sin, sc, num_splits=ns)
+            err = (out.float() - ref.float()).abs().max().item()
+            results.append((f"decode_attention ({label}, num_splits={ns})", err, err < 4e-2))
     q_lens = [1, 300, 1000]
     qp = torch.randn(sum(q_lens), s.num_q_heads, s.head_dim, generator=g, device=device,
                      dtype=s.dtype)
@@ -316,10 +322,10 @@ def check_select_scope(device, g, n: int = 16351) -> list[tuple[str, float, bool
                         dtype=s.dtype)
         args = (q, cand, ncand, *scope, s.topk, s.chunk, kmin, kmax, None, combine, reps)
         # with cap: few bins, a small rank buffer (the exact-threshold search); tuned: the
-        # scorer's grid heads first and 16 histogram copies (bench variants)
+        # scorer's looping programs and 8 histogram copies (bench variants)
         with knobs("select_scope", **(dict(SELECT_CAP=cap, SELECT_BINS=32) if cap else {}),
-                   **(dict(SELECT_HIST_COPIES=16) if tuned else {})), \
-                knobs("score_chunks", **(dict(SCORE_DOT_HEADS_FIRST=True) if tuned else {})):
+                   **(dict(SELECT_HIST_COPIES=8) if tuned else {})), \
+                knobs("score_chunks", **(dict(SCORE_DOT_WAVES=4) if tuned else {})):
             out = K.select_scope_triton(*args, None, 0, 0, method=method)
         ref = K.select_scope_ref(*args)
         scores = K.scope_scores_ref(q, cand, ncand, kmin, kmax, None, combine, reps)[0]
@@ -335,7 +341,7 @@ def check_select_scope(device, g, n: int = 16351) -> list[tuple[str, float, bool
         ok = (int(out[3][0]) == s.topk and in_order and gap <= 1e-5 * float(scores.abs().max())
               and torch.equal(out[1], ref[1]))
         label = (f"{method}{', exact threshold' if cap else ''}"
-                 f"{', heads first, 16 histogram copies' if tuned else ''}")
+                 f"{', looping scorer, 8 histogram copies' if tuned else ''}")
         results.append((f"select_scope ({combine}, reps {reps}, {n} chunks, {label})", gap, ok))
     return results
 
@@ -413,10 +419,10 @@ def time_ours(ctx: int, s: Shape, bw: float, rep: int, cos, sin, device) -> dict
     row["sort_graph"] = bench_graph(lambda: ours.step("sort"), rep)
     row["g_select_spare"] = bench_graph(lambda: ours.select("radix", 32), rep)
     if ctx >= 1 << 20:  # the scorer's candidates per program, warps and grid order
-        for bn, warps, first in SCORER_CONFIGS:
+        for bn, warps, waves in SCORER_CONFIGS:
             with knobs("score_chunks", SCORE_DOT_BLOCK_N=bn, SCORE_DOT_WARPS=warps,
-                       SCORE_DOT_HEADS_FIRST=first):
-                row[f"g_scores_{bn}_{warps}_{first:d}"] = bench_graph(ours.scores, rep)
+                       SCORE_DOT_WAVES=waves):
+                row[f"g_scores_{bn}_{warps}_{waves}"] = bench_graph(ours.scores, rep)
     return row
 
 
@@ -441,20 +447,20 @@ def kernel_times(fn, steps: int = 20) -> list[tuple[str, float]]:
 # decode attention: keys per tile, warps, stages, splits (None: the default count)
 DECODE_CONFIGS = ((64, 4, 2, None), (64, 4, 2, 64), (64, 2, 2, None), (32, 4, 2, 64),
                   (128, 8, 2, 32))
-# the per-head (matrix-product) scorer: candidates per program, warps, heads first
-SCORER_CONFIGS = ((32, 4, False), (64, 4, False), (128, 8, False), (32, 4, True),
-                  (64, 4, True), (128, 8, True))
+# the per-head (matrix-product) scorer: candidates per program, warps, looping programs per
+# SM (0: a program per block)
+SCORER_CONFIGS = ((32, 4, 0), (64, 4, 0), (128, 8, 0), (64, 4, 2), (64, 4, 4), (32, 4, 8))
 # the whole step with other kernel settings: label, {kernels module: {knob: value}}
+_ANGLE = {"decode_attention": dict(DECODE_ROPE_ANGLE=True)}
 STEP_VARIANTS = (
-    ("keys rotated by angle addition", {"decode_attention": dict(DECODE_ROPE_ANGLE=True)}),
-    ("scorer heads first", {"score_chunks": dict(SCORE_DOT_HEADS_FIRST=True)}),
-    ("4 histogram copies", {"select_scope": dict(SELECT_HIST_COPIES=4)}),
-    ("16 histogram copies", {"select_scope": dict(SELECT_HIST_COPIES=16)}),
-    ("heads first + 16 copies", {"score_chunks": dict(SCORE_DOT_HEADS_FIRST=True),
-                                 "select_scope": dict(SELECT_HIST_COPIES=16)}),
-    ("heads first + 16 copies + angle", {"score_chunks": dict(SCORE_DOT_HEADS_FIRST=True),
-                                         "select_scope": dict(SELECT_HIST_COPIES=16),
-                                         "decode_attention": dict(DECODE_ROPE_ANGLE=True)}),
+    ("keys rotated by angle addition", _ANGLE),
+    ("a tile's loads together", {"decode_attention": dict(DECODE_PIPELINE=1)}),
+    ("next tile loaded ahead", {"decode_attention": dict(DECODE_PIPELINE=2)}),
+    ("next tile ahead + angle", {"decode_attention": dict(DECODE_PIPELINE=2,
+                                                          DECODE_ROPE_ANGLE=True)}),
+    ("1 histogram copy", {"select_scope": dict(SELECT_HIST_COPIES=1)}),
+    ("8 histogram copies", {"select_scope": dict(SELECT_HIST_COPIES=8)}),
+    ("scorer looping, 4 a SM", {"score_chunks": dict(SCORE_DOT_WAVES=4)}),
 )
 
 
@@ -588,12 +594,12 @@ def main() -> None:
         print("per-head scores kernel (matrix products; CUDA graph, us) by candidates per "
               "program / warps; floor = the summaries' bytes / copy rate:\n")
         print("| context | floor | " + " | ".join(
-            f"{bn} / {w}{', heads first' if first else ''}" for bn, w, first in SCORER_CONFIGS)
+            f"{bn} / {w}{f', looping, {v} a SM' if v else ''}" for bn, w, v in SCORER_CONFIGS)
             + " |")
         print("| " + " | ".join(["---"] * (2 + len(SCORER_CONFIGS))) + " |")
         for r in sweep:
             print(f"| {fmt_tokens(r['ctx'])} | {fmt_us(r['scorer_floor'])} | " + " | ".join(
-                fmt_us(r[f"g_scores_{bn}_{w}_{first:d}"]) for bn, w, first in SCORER_CONFIGS)
+                fmt_us(r[f"g_scores_{bn}_{w}_{v}"]) for bn, w, v in SCORER_CONFIGS)
                 + " |")
         print()
 

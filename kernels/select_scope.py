@@ -292,9 +292,11 @@ SELECT_CAP = 1024  # most candidates the buffer holds (rounded up to topk + spar
 _SELECT_SMALL = 256  # a buffer of at most this many is sorted at this width
 _SELECT_BLOCK = 2048  # candidates per program of the select kernel
 # Histograms per row: block j of the combine kernel counts into copy j % SELECT_HIST_COPIES
-# (its keys cluster in a few bins, whose atomic adds serialize; 17.5 us of a 4M-token step
-# on the H200 with one copy, 2026-12-01). Other counts not measured yet.
-SELECT_HIST_COPIES = 1
+# (its keys cluster in a few bins, whose atomic adds serialize). The selection of one 8B
+# layer, CUDA graph, H200 (bench_attention.py, 2026-12-01), us at 32K / 128K / 1M / 4M:
+# 1 copy 14.6 / 16.7 / 44.1 / 117, 4 copies 14.8 / 16.6 / 41.9 / 107, 16 copies 17.0 /
+# 18.8 / 43.7 / 108 (the select kernel reads every copy).
+SELECT_HIST_COPIES = 4
 
 
 @triton.jit

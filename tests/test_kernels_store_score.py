@@ -168,12 +168,12 @@ def test_chunk_scores_triton_matches_ref(num_kv_heads, group, head_dim, q_dtype,
 def test_chunk_scores_dot_kernel_matches_ref(num_kv_heads, group, head_dim, dtype, kind,
                                              monkeypatch):
     """The matrix-product scorer (max(q, 0) . kmax + min(q, 0) . kmin) for every row count:
-    per-head scores, a block of candidates past the valid ones, a padded head dim; its grid
-    in both orders (heads first for the mean and float32)."""
+    per-head scores, a block of candidates past the valid ones, a padded head dim; a program
+    per block, or fewer programs looping over the blocks (the mean or float32, not both)."""
     sc = K.chunk_scores_triton.__globals__
     monkeypatch.setitem(sc, "SCORE_DOT_MIN_ROWS", 1)
     monkeypatch.setitem(sc, "SCORE_DOT_BLOCK_N", 16)
-    monkeypatch.setitem(sc, "SCORE_DOT_HEADS_FIRST", (kind == "mean") != (dtype == torch.float32))
+    monkeypatch.setitem(sc, "SCORE_DOT_WAVES", int((kind == "mean") != (dtype == torch.float32)))
     gen = torch.Generator().manual_seed(group * 100 + head_dim)
     q, cand, nc, kmin, kmax, kmean = _scorer_inputs(3, num_kv_heads, group, head_dim, dtype,
                                                     dtype, gen)
@@ -355,13 +355,14 @@ def test_select_scope_radix_threshold_paths(bins, cap, small, block, copies, com
 
 
 @pytest.mark.parametrize("check", [False, True])
-@pytest.mark.parametrize("dot", [False, True])
-def test_select_scope_scorer_reads_the_max_before_its_atomic(check, dot, monkeypatch):
+@pytest.mark.parametrize("dot,waves", [(False, 0), (True, 0), (True, 1)])
+def test_select_scope_scorer_reads_the_max_before_its_atomic(check, dot, waves, monkeypatch):
     """SCORE_CHECK_SCALE: the scorer's atomic max runs only where it raises the head's max
     so far; the per-head maxima, and so the selection, are the same (small blocks: 19
-    programs a head fold into each max)."""
+    programs a head fold into each max; or, looping, 2 programs of 9-10 blocks each)."""
     sc = K.select_scope_triton.__globals__["launch_scorer"].__globals__
     monkeypatch.setitem(sc, "SCORE_CHECK_SCALE", check)
+    monkeypatch.setitem(sc, "SCORE_DOT_WAVES", waves)
     monkeypatch.setitem(sc, "SCORE_BLOCK_N", 16)
     monkeypatch.setitem(sc, "SCORE_DOT_BLOCK_N", 16)
     monkeypatch.setitem(sc, "SCORE_DOT_MIN_ROWS", 1 if dot else 1000)

@@ -35,13 +35,18 @@ _MAX_SPLITS = 64
 DECODE_BLOCK_N, DECODE_WARPS, DECODE_STAGES = 64, 4, 2  # keys per tile, warps, stages
 # Rotate keys with cos/sin of each tile's first position and of offsets 0..BLOCK_N-1 (the
 # angle-addition identities): 2 table rows a tile instead of BLOCK_N, whose fp32 loads are
-# as many bytes as the bf16 keys and values of a 128-dim head. Off until measured on a GPU
-# (benchmarks/bench_attention.py times both).
+# as many bytes as the bf16 keys and values of a 128-dim head. The whole 8B step (CUDA
+# graph, H200, bench_attention.py, two runs), us at 32K / 128K / 1M / 4M: off 34.2 / 38.3 /
+# 67.0 / 141 and 34.6 / 39.5 / 65.7 / 141; on 32.0 / 35.6 / 67.9 / 140 and 31.9 / 36.8 /
+# 66.5 / 140. End to end (8B shape, one call, tok/s at 32K / 128K / 512K): off 165.8 /
+# 164.3 / 156.7, on 160.2 / 160.3 / 152.5. Off until an end-to-end run shows the gain.
 DECODE_ROPE_ANGLE = False
-# The order of a tile's loads: 0, its values after its scores are computed (two trips to
-# memory a tile); 1, keys, values and cos/sin issued together at the tile's start; 2, also
-# the next tile's issued before this one is computed (held across the iteration). Not
-# measured yet.
+# The order of a tile's loads: 0, its values after its scores are computed (Triton's
+# pipeliner then stages the loop's loads through shared memory); 1, keys, values and
+# cos/sin issued together at the tile's start; 2, also the next tile's issued before this
+# one is computed (held in registers across the iteration). The 8B decode step (CUDA graph,
+# H200, bench_attention.py, 2026-12-01), us at 32K / 128K / 1M / 4M: 0: 34.6 / 39.5 /
+# 65.7 / 141; 1: 33.1 / 37.7 / 66.2 / 140; 2: 42.0 / 46.0 / 75.2 / 149.
 DECODE_PIPELINE = 0
 
 

@@ -15,9 +15,10 @@ ONE selection per sequence (decision 3 of the design), so a fetched chunk serves
   valid candidates, then summed, so that no single head with a large query norm dominates.
 
 Kernels: per-head scores (the ``max`` combine's input) come from ``_score_dot_kernel``, grid
-``(B, cdiv(max_cands, BLOCK_N), Hkv)``: all query rows of a sequence and KV head (the GQA
-group, times a prefill piece's voting queries) against a block of candidates as matrix
-products, the bound being ``max(q, 0) . kmax + min(q, 0) . kmin``. Summed scores come from
+``(B, P, Hkv)``: all query rows of a sequence and KV head (the GQA group, times a prefill
+piece's voting queries) against blocks of candidates as matrix products, the bound being
+``max(q, 0) . kmax + min(q, 0) . kmin``; each of the P programs takes every P-th block
+(P = a few programs per SM). Summed scores come from
 ``_score_chunks_kernel``, grid ``(B, cdiv(max_cands, BLOCK_N), 1)``, elementwise, one
 program per block of candidates looping over the KV heads. Either reads the summaries once
 (memory-bound). Here the
@@ -282,10 +283,12 @@ SCORE_DOT_MIN_ROWS = 1
 SCORE_DOT_BLOCK_N = 64
 SCORE_DOT_WARPS = 4
 # Looping programs: about this many per SM (0: a program per block of candidates), each
-# taking every P-th block and loading the next while it computes one (SCORE_DOT_STAGES).
-# Not measured yet. (Programs of one block's KV heads launched together, the grid heads
-# first, read no faster than the default order: 85.6 / 85.8 us at 4M, H200, 2026-12-01.)
-SCORE_DOT_WAVES = 0
+# taking every P-th block of candidates. The scores kernel of one 8B layer, CUDA graph,
+# H200 (bench_attention.py, 2026-12-01), us at 1M / 4M (floor 15.8 / 63.1): a program per
+# block 24.7 / 85.3; looping, 2 a SM 22.3 / 73.0, 4 a SM 21.7 / 71.2, 8 a SM (32 a
+# program) 21.9 / 72.9. (Programs of one block's KV heads launched together, the grid
+# heads first, were no faster than the default order: 85.6 / 85.8 us at 4M.)
+SCORE_DOT_WAVES = 4
 SCORE_DOT_STAGES = 3
 
 

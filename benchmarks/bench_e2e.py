@@ -310,8 +310,8 @@ def main() -> None:
     ap.add_argument("--decode-angle", action="store_true",
                     help="decode: rotate keys by angle addition (DECODE_ROPE_ANGLE)")
     ap.add_argument("--knob", action="append", default=[], metavar="MODULE.NAME=VALUE",
-                    help="set a kernel module's knob, e.g. score_chunks.SCORE_DOT_HEADS_FIRST="
-                         "True (a Python literal; repeatable)")
+                    help="set a kernel module's knob, e.g. score_chunks.SCORE_DOT_WAVES=0"
+                         " (a Python literal; repeatable)")
     ap.add_argument("--profile", action="store_true",
                     help="after each context, profile 16 decode steps (kernel breakdown)")
     args = ap.parse_args()

@@ -290,6 +290,10 @@ SCORE_DOT_WARPS = 4
 # heads first, were no faster than the default order: 85.6 / 85.8 us at 4M.)
 SCORE_DOT_WAVES = 4
 SCORE_DOT_STAGES = 3
+# ... for at most this many query rows a program (reps x GQA group): a decode step's. A
+# prefill piece's 16 voting queries (48-64 rows) keep a program per block, as measured in
+# the 1M-token prefill (the looping kernel was timed for decode rows only).
+SCORE_DOT_LOOP_MAX_ROWS = 16
 
 
 def launch_scorer(q, cand_pages, num_cands, kmin, kmax, kmean, out, scale, reps) -> None:
@@ -309,8 +313,9 @@ def launch_scorer(q, cand_pages, num_cands, kmin, kmax, kmean, out, scale, reps)
         half = q.dtype in (torch.float16, torch.bfloat16) and summ.dtype == q.dtype
         blocks = triton.cdiv(max_cands, SCORE_DOT_BLOCK_N)
         hkv = summ.shape[1]
+        loop = SCORE_DOT_WAVES and reps * group <= SCORE_DOT_LOOP_MAX_ROWS
         progs = (min(blocks, triton.cdiv(SCORE_DOT_WAVES * device_sms(q), rows // reps * hkv))
-                 if SCORE_DOT_WAVES else blocks)
+                 if loop else blocks)
         _score_dot_kernel[(rows // reps, progs, hkv)](
             q, summ, kmax if kmin is not None else summ, summ, cand_pages, num_cands, out,
             scale if scale is not None else out, max_cands,

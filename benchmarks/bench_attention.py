@@ -241,11 +241,7 @@ def check_ops(device) -> list[tuple[str, float, bool]]:
         out = K.decode_attention_triton(q, kc, vc, pt, sl, cos, sin, sc, num_splits=ns)
         err = (out.float() - ref.float()).abs().max().item()
         results.append((f"decode_attention (num_splits={ns})", err, err < 4e-2))
-    for label, values in (("RoPE by angle addition", dict(DECODE_ROPE_ANGLE=True)),
-                          ("a tile's loads together", dict(DECODE_PIPELINE=1)),
-                          ("next tile loaded ahead", dict(DECODE_PIPELINE=2)),
-                          ("next tile ahead, angle addition",
-                           dict(DECODE_PIPELINE=2, DECODE_ROPE_ANGLE=True))):
+    for label, values in (("RoPE by angle addition", dict(DECODE_ROPE_ANGLE=True)),):
         for ns in (None, 1):
             with knobs("decode_attention", **values):
                 out = K.decode_attention_triton(q, kc, vc, pt, sl, cos, sin, sc, num_splits=ns)
@@ -322,10 +318,10 @@ def check_select_scope(device, g, n: int = 16351) -> list[tuple[str, float, bool
                         dtype=s.dtype)
         args = (q, cand, ncand, *scope, s.topk, s.chunk, kmin, kmax, None, combine, reps)
         # with cap: few bins, a small rank buffer (the exact-threshold search); tuned: the
-        # scorer's looping programs and 8 histogram copies (bench variants)
+        # 8 histogram copies, the scorer a program per block (bench variants)
         with knobs("select_scope", **(dict(SELECT_CAP=cap, SELECT_BINS=32) if cap else {}),
                    **(dict(SELECT_HIST_COPIES=8) if tuned else {})), \
-                knobs("score_chunks", **(dict(SCORE_DOT_WAVES=4) if tuned else {})):
+                knobs("score_chunks", **(dict(SCORE_DOT_WAVES=0) if tuned else {})):
             out = K.select_scope_triton(*args, None, 0, 0, method=method)
         ref = K.select_scope_ref(*args)
         scores = K.scope_scores_ref(q, cand, ncand, kmin, kmax, None, combine, reps)[0]
@@ -341,7 +337,7 @@ def check_select_scope(device, g, n: int = 16351) -> list[tuple[str, float, bool
         ok = (int(out[3][0]) == s.topk and in_order and gap <= 1e-5 * float(scores.abs().max())
               and torch.equal(out[1], ref[1]))
         label = (f"{method}{', exact threshold' if cap else ''}"
-                 f"{', looping scorer, 8 histogram copies' if tuned else ''}")
+                 f"{', scorer a program per block, 8 histogram copies' if tuned else ''}")
         results.append((f"select_scope ({combine}, reps {reps}, {n} chunks, {label})", gap, ok))
     return results
 
@@ -451,16 +447,11 @@ DECODE_CONFIGS = ((64, 4, 2, None), (64, 4, 2, 64), (64, 2, 2, None), (32, 4, 2,
 # SM (0: a program per block)
 SCORER_CONFIGS = ((32, 4, 0), (64, 4, 0), (128, 8, 0), (64, 4, 2), (64, 4, 4), (32, 4, 8))
 # the whole step with other kernel settings: label, {kernels module: {knob: value}}
-_ANGLE = {"decode_attention": dict(DECODE_ROPE_ANGLE=True)}
 STEP_VARIANTS = (
-    ("keys rotated by angle addition", _ANGLE),
-    ("a tile's loads together", {"decode_attention": dict(DECODE_PIPELINE=1)}),
-    ("next tile loaded ahead", {"decode_attention": dict(DECODE_PIPELINE=2)}),
-    ("next tile ahead + angle", {"decode_attention": dict(DECODE_PIPELINE=2,
-                                                          DECODE_ROPE_ANGLE=True)}),
+    ("keys rotated by angle addition", {"decode_attention": dict(DECODE_ROPE_ANGLE=True)}),
     ("1 histogram copy", {"select_scope": dict(SELECT_HIST_COPIES=1)}),
     ("8 histogram copies", {"select_scope": dict(SELECT_HIST_COPIES=8)}),
-    ("scorer looping, 4 a SM", {"score_chunks": dict(SCORE_DOT_WAVES=4)}),
+    ("scorer: a program per block", {"score_chunks": dict(SCORE_DOT_WAVES=0)}),
 )
 
 

@@ -19,6 +19,15 @@ DEV = os.environ.get("CHECK_DEVICE", "cuda")
 SMALL = DEV != "cuda"
 
 
+class Results(list):
+    """(name, error, tolerance) rows, each printed as it is added: a run cut short by a time
+    limit still shows the checks it finished (the table at the end repeats them)."""
+
+    def append(self, row: tuple[str, float, float]) -> None:
+        print(f"{row[0]}: error {row[1]:.2e}, tolerance {row[2]:.0e}", flush=True)
+        super().append(row)
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
@@ -41,7 +50,7 @@ def paged(seq_lens, c, hkv, d, dtype, gen):
 
 def check_kernels() -> list[tuple[str, float, float]]:
     gen = torch.Generator(device=DEV).manual_seed(0)
-    out = []
+    out = Results()
     for dtype, tol in ((torch.float32, 5e-3), (torch.bfloat16, 2e-2)):
         for hq, hkv, d, c in ((9, 3, 64, 64), (32, 8, 128, 64), (8, 8, 64, 16), (32, 4, 128, 128)):
             cos, sin = K.rope_tables(70000 if not SMALL else 2000, d, 10000.0, device=DEV)
@@ -110,7 +119,7 @@ def check_engine() -> list[tuple[str, float, float]]:
     prompts = ["The capital of France is", "def fibonacci(n):\n    ",
                "Once upon a time, in a small village,", "List three colors:",
                "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"]
-    out = []
+    out = Results()
     for dtype in ("float32", "bfloat16"):
         eng = Engine(device=DEV, dtype=dtype, log_level="warning", max_total_tokens=1 << 17)
         hf = AutoModelForCausalLM.from_pretrained(eng.model_path, dtype=getattr(torch, dtype))

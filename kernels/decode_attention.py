@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ._paged_tile import _paged_rope_tile, _tile_fold, _tile_ptrs, _tile_rope, _tile_scores
+from ._paged_tile import _paged_rope_tile
 from ._triton_compat import (
     check,
     device_sms,
@@ -41,13 +41,12 @@ DECODE_BLOCK_N, DECODE_WARPS, DECODE_STAGES = 64, 4, 2  # keys per tile, warps, 
 # 66.5 / 140. End to end (8B shape, one call, tok/s at 32K / 128K / 512K): off 165.8 /
 # 164.3 / 156.7, on 160.2 / 160.3 / 152.5. Off until an end-to-end run shows the gain.
 DECODE_ROPE_ANGLE = False
-# The order of a tile's loads: 0, its values after its scores are computed (Triton's
-# pipeliner then stages the loop's loads through shared memory); 1, keys, values and
-# cos/sin issued together at the tile's start; 2, also the next tile's issued before this
-# one is computed (held in registers across the iteration). The 8B decode step (CUDA graph,
-# H200, bench_attention.py, 2026-12-01), us at 32K / 128K / 1M / 4M: 0: 34.6 / 39.5 /
-# 65.7 / 141; 1: 33.1 / 37.7 / 66.2 / 140; 2: 42.0 / 46.0 / 75.2 / 149.
-DECODE_PIPELINE = 0
+# A tile's values are loaded after its scores (Triton's pipeliner stages the loop's loads
+# through shared memory). Two other orders were measured and dropped (commit a9fcfbb; the
+# 8B decode step, CUDA graph, H200, us at 32K / 128K / 1M / 4M, this order 34.6 / 39.5 /
+# 65.7 / 141): keys, values and cos/sin issued together at each tile's start, 33.1 / 37.7
+# / 66.2 / 140; and the next tile's loaded into registers before this one is computed,
+# 42.0 / 46.0 / 75.2 / 149 (both lose the pipeliner's staging).
 
 
 @triton.jit
@@ -64,7 +63,7 @@ def _decode_attention_kernel(
     PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr, HALF_D: tl.constexpr,
     NUM_SPLITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DH: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    ANGLE_ADD: tl.constexpr = False, PIPELINE: tl.constexpr = 0,
+    ANGLE_ADD: tl.constexpr = False,
 ):
     pid_b = tl.program_id(0)
     pid_kvh = tl.program_id(1)
@@ -111,54 +110,14 @@ def _decode_attention_kernel(
             + offs_d[None, :]
         cos_step = tl.load(cos_ptr + step_off, mask=d_mask[None, :], other=0.0)
         sin_step = tl.load(sin_ptr + step_off, mask=d_mask[None, :], other=0.0)
-    if PIPELINE == 0:  # a tile's values loaded after its scores
-        for n0 in range(start, end, BLOCK_N):
-            acc1, acc2, m_i, l_i = _paged_rope_tile(
-                acc1, acc2, m_i, l_i, q1r, q2r, offs_h, n0, end,
-                pt_row, k_cache_ptr, v_cache_ptr, cos_ptr, sin_ptr, pid_kvh, qk_scale,
-                stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, stride_rope,
-                max_pos, PAGE_SIZE, HALF_D, BLOCK_N, BLOCK_DH, False, True, DOT_PRECISION,
-                DOT_DTYPE, cos_step, sin_step, ANGLE_ADD,
-            )
-    else:  # all of a tile's loads issued together; PIPELINE 2: the next tile's before this
-        # tile is computed (held in registers across the iteration)
-        k_ptrs, v_ptrs, nd_mask = _tile_ptrs(
-            start, end, pt_row, k_cache_ptr, v_cache_ptr, pid_kvh, stride_kp, stride_kt,
-            stride_kh, stride_vp, stride_vt, stride_vh, PAGE_SIZE, HALF_D, BLOCK_N, BLOCK_DH,
-            True)
-        k1 = tl.load(k_ptrs, mask=nd_mask, other=0.0)
-        k2 = tl.load(k_ptrs + HALF_D, mask=nd_mask, other=0.0)
-        v1 = tl.load(v_ptrs, mask=nd_mask, other=0.0)
-        v2 = tl.load(v_ptrs + HALF_D, mask=nd_mask, other=0.0)
-        ck, sk = _tile_rope(start, cos_ptr, sin_ptr, stride_rope, max_pos, nd_mask, HALF_D,
-                            BLOCK_N, BLOCK_DH, cos_step, sin_step, ANGLE_ADD)
-        for n0 in range(start, end, BLOCK_N):
-            k_ptrs, v_ptrs, nd_mask = _tile_ptrs(
-                n0 + BLOCK_N, end, pt_row, k_cache_ptr, v_cache_ptr, pid_kvh, stride_kp,
-                stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, PAGE_SIZE, HALF_D,
-                BLOCK_N, BLOCK_DH, True)
-            if PIPELINE == 2:
-                nk1 = tl.load(k_ptrs, mask=nd_mask, other=0.0)
-                nk2 = tl.load(k_ptrs + HALF_D, mask=nd_mask, other=0.0)
-                nv1 = tl.load(v_ptrs, mask=nd_mask, other=0.0)
-                nv2 = tl.load(v_ptrs + HALF_D, mask=nd_mask, other=0.0)
-                nck, nsk = _tile_rope(n0 + BLOCK_N, cos_ptr, sin_ptr, stride_rope, max_pos,
-                                      nd_mask, HALF_D, BLOCK_N, BLOCK_DH, cos_step, sin_step,
-                                      ANGLE_ADD)
-            qk = _tile_scores(q1r, q2r, k1, k2, ck, sk, offs_h, n0, end, qk_scale, BLOCK_N,
-                              False, True, DOT_PRECISION, DOT_DTYPE)
-            acc1, acc2, m_i, l_i = _tile_fold(acc1, acc2, m_i, l_i, qk, v1, v2,
-                                              DOT_PRECISION, DOT_DTYPE)
-            if PIPELINE == 2:
-                k1, k2, v1, v2, ck, sk = nk1, nk2, nv1, nv2, nck, nsk
-            else:
-                k1 = tl.load(k_ptrs, mask=nd_mask, other=0.0)
-                k2 = tl.load(k_ptrs + HALF_D, mask=nd_mask, other=0.0)
-                v1 = tl.load(v_ptrs, mask=nd_mask, other=0.0)
-                v2 = tl.load(v_ptrs + HALF_D, mask=nd_mask, other=0.0)
-                ck, sk = _tile_rope(n0 + BLOCK_N, cos_ptr, sin_ptr, stride_rope, max_pos,
-                                    nd_mask, HALF_D, BLOCK_N, BLOCK_DH, cos_step, sin_step,
-                                    ANGLE_ADD)
+    for n0 in range(start, end, BLOCK_N):
+        acc1, acc2, m_i, l_i = _paged_rope_tile(
+            acc1, acc2, m_i, l_i, q1r, q2r, offs_h, n0, end,
+            pt_row, k_cache_ptr, v_cache_ptr, cos_ptr, sin_ptr, pid_kvh, qk_scale,
+            stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, stride_rope, max_pos,
+            PAGE_SIZE, HALF_D, BLOCK_N, BLOCK_DH, False, True, DOT_PRECISION, DOT_DTYPE,
+            cos_step, sin_step, ANGLE_ADD,
+        )
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)  # empty slice / empty scope -> zeros, never NaN
     o1 = acc1 / l_safe[:, None]
@@ -296,8 +255,7 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         PAGE_SIZE=page_size, GROUP=group, HALF_D=half, NUM_SPLITS=num_splits,
         BLOCK_H=max(16, next_pow2(group)), BLOCK_N=block_n, BLOCK_DH=max(16, next_pow2(half)),
         DOT_PRECISION=dot_precision, DOT_DTYPE=dot_dtype(q.dtype),
-        ANGLE_ADD=DECODE_ROPE_ANGLE and cos.shape[0] >= block_n, PIPELINE=DECODE_PIPELINE,
-        num_warps=DECODE_WARPS,
+        ANGLE_ADD=DECODE_ROPE_ANGLE and cos.shape[0] >= block_n, num_warps=DECODE_WARPS,
         num_stages=DECODE_STAGES,
     )
     if num_splits > 1:

@@ -88,15 +88,12 @@ def tables():
 @pytest.mark.parametrize("num_kv_heads,group", [(2, 1), (3, 3), (1, 4), (2, 8)])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("angle,pipeline", [(False, 0), (True, 1), (False, 2), (True, 2)])
-def test_decode_triton_matches_ref(num_kv_heads, group, head_dim, dtype, angle, pipeline,
-                                   tables, monkeypatch):
+@pytest.mark.parametrize("angle", [False, True])
+def test_decode_triton_matches_ref(num_kv_heads, group, head_dim, dtype, angle, tables,
+                                   monkeypatch):
     """Also with DECODE_ROPE_ANGLE: keys rotated by the angle-addition identities from each
-    tile's first position (split slices start mid-table: 64, 128); and with a tile's loads
-    issued together (DECODE_PIPELINE 1) or the next tile's before this one (2)."""
-    g = K.decode_attention_triton.__globals__
-    monkeypatch.setitem(g, "DECODE_ROPE_ANGLE", angle)
-    monkeypatch.setitem(g, "DECODE_PIPELINE", pipeline)
+    tile's first position (split slices start mid-table: 64, 128)."""
+    monkeypatch.setitem(K.decode_attention_triton.__globals__, "DECODE_ROPE_ANGLE", angle)
     gen = torch.Generator().manual_seed(1000 * group + head_dim)
     page_size = 7
     # empty scope, one token, exactly one page, partial last page, several tiles
@@ -115,9 +112,7 @@ def test_decode_triton_matches_ref(num_kv_heads, group, head_dim, dtype, angle, 
 
 
 @pytest.mark.parametrize("page_size", [1, 16, 64])
-@pytest.mark.parametrize("pipeline", [0, 2])
-def test_decode_page_sizes_and_default_splits(page_size, pipeline, tables, monkeypatch):
-    monkeypatch.setitem(K.decode_attention_triton.__globals__, "DECODE_PIPELINE", pipeline)
+def test_decode_page_sizes_and_default_splits(page_size, tables):
     gen = torch.Generator().manual_seed(page_size)
     seq_lens = [1, 200, 65, 64]
     kc, vc, pt, sl, _, _ = _make_paged(seq_lens, page_size, 2, 64, torch.float16, gen)

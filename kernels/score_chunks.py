@@ -164,8 +164,8 @@ def _score_dot_kernel(
     one each). The min/max bound is
     ``sum_d max(q_d kmin_d, q_d kmax_d) = max(q, 0) . kmax + min(q, 0) . kmin``, so the
     summaries are read once for every row and the products run on the tensor cores (16-bit
-    operands are exact products, accumulated in float32). A looping program loads its next
-    block while it computes one (the launch's stages) and makes one atomic of its maxima."""
+    operands are exact products, accumulated in float32). A looping program loads its query
+    rows once and makes one atomic of its maxima for all of its blocks."""
     seq = tl.program_id(0)
     pid_n = tl.program_id(1)
     h = tl.program_id(2)
@@ -289,7 +289,7 @@ SCORE_DOT_WARPS = 4
 # program) 21.9 / 72.9. (Programs of one block's KV heads launched together, the grid
 # heads first, were no faster than the default order: 85.6 / 85.8 us at 4M.)
 SCORE_DOT_WAVES = 4
-SCORE_DOT_STAGES = 3
+SCORE_DOT_STAGES = 3  # the launch's num_stages (as measured; not swept)
 # ... for at most this many query rows a program (reps x GQA group): a decode step's. A
 # prefill piece's 16 voting queries (48-64 rows) keep a program per block, as measured in
 # the 1M-token prefill (the looping kernel was timed for decode rows only).

@@ -415,10 +415,11 @@ def time_ours(ctx: int, s: Shape, bw: float, rep: int, cos, sin, device) -> dict
     row["sort_graph"] = bench_graph(lambda: ours.step("sort"), rep)
     row["g_select_spare"] = bench_graph(lambda: ours.select("radix", 32), rep)
     if ctx >= 1 << 20:  # the scorer's candidates per program, warps and grid order
-        for bn, warps, waves in SCORER_CONFIGS:
+        for cfg in SCORER_CONFIGS:
+            bn, warps, waves, stages = cfg
             with knobs("score_chunks", SCORE_DOT_BLOCK_N=bn, SCORE_DOT_WARPS=warps,
-                       SCORE_DOT_WAVES=waves):
-                row[f"g_scores_{bn}_{warps}_{waves}"] = bench_graph(ours.scores, rep)
+                       SCORE_DOT_WAVES=waves, SCORE_DOT_STAGES=stages):
+                row["g_scores_" + "_".join(map(str, cfg))] = bench_graph(ours.scores, rep)
     return row
 
 
@@ -444,8 +445,9 @@ def kernel_times(fn, steps: int = 20) -> list[tuple[str, float]]:
 DECODE_CONFIGS = ((64, 4, 2, None), (64, 4, 2, 64), (64, 2, 2, None), (32, 4, 2, 64),
                   (128, 8, 2, 32))
 # the per-head (matrix-product) scorer: candidates per program, warps, looping programs per
-# SM (0: a program per block)
-SCORER_CONFIGS = ((32, 4, 0), (64, 4, 0), (128, 8, 0), (64, 4, 2), (64, 4, 4), (32, 4, 8))
+# SM (0: a program per block), stages (the engine's: 64, 4, 4, 3)
+SCORER_CONFIGS = ((64, 4, 0, 3), (64, 4, 2, 3), (64, 4, 4, 3), (64, 4, 4, 1), (64, 4, 4, 2),
+                  (64, 8, 4, 3), (128, 8, 4, 3), (32, 4, 8, 3))
 # the whole step with other kernel settings: label, {kernels module: {knob: value}}
 STEP_VARIANTS = (
     ("keys rotated by angle addition", {"decode_attention": dict(DECODE_ROPE_ANGLE=True)}),
@@ -580,17 +582,18 @@ def main() -> None:
         print(f"- {fmt_tokens(r['ctx'])}: " + ", ".join(
             f"{name[:40]} {t:.1f}" for name, t in r["kernels"]))
     print()
-    sweep = [r for r in rows if "g_scores_64_4_0" in r]
+    sweep = [r for r in rows if "g_scores_64_4_0_3" in r]
     if sweep:
         print("per-head scores kernel (matrix products; CUDA graph, us) by candidates per "
-              "program / warps; floor = the summaries' bytes / copy rate:\n")
+              "program / warps / looping programs per SM (0: one per block) / stages; floor = "
+              "the summaries' bytes / copy rate:\n")
         print("| context | floor | " + " | ".join(
-            f"{bn} / {w}{f', looping, {v} a SM' if v else ''}" for bn, w, v in SCORER_CONFIGS)
+            " / ".join(map(str, cfg)) for cfg in SCORER_CONFIGS)
             + " |")
         print("| " + " | ".join(["---"] * (2 + len(SCORER_CONFIGS))) + " |")
         for r in sweep:
             print(f"| {fmt_tokens(r['ctx'])} | {fmt_us(r['scorer_floor'])} | " + " | ".join(
-                fmt_us(r[f"g_scores_{bn}_{w}_{v}"]) for bn, w, v in SCORER_CONFIGS)
+                fmt_us(r["g_scores_" + "_".join(map(str, cfg))]) for cfg in SCORER_CONFIGS)
                 + " |")
         print()
 

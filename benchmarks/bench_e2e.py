@@ -318,13 +318,9 @@ def main() -> None:
 
     from sglang_reattn import Engine
 
-    if args.merge_triton:
-        importlib.import_module("sglang_reattn.kernels.prefill_attention") \
-            .PREFILL_MERGE_TRITON = True
-    if args.decode_angle:
-        importlib.import_module("sglang_reattn.kernels.decode_attention") \
-            .DECODE_ROPE_ANGLE = True
-    for knob in args.knob:
+    shorthands = {"merge_triton": "prefill_attention.PREFILL_MERGE_TRITON=True",
+                  "decode_angle": "decode_attention.DECODE_ROPE_ANGLE=True"}
+    for knob in [v for k, v in shorthands.items() if getattr(args, k)] + args.knob:
         target, _, value = knob.partition("=")
         module, _, name = target.rpartition(".")
         mod = importlib.import_module(f"sglang_reattn.kernels.{module}")

@@ -32,7 +32,7 @@ from bench_attention import (  # noqa: E402
 
 SC = importlib.import_module("sglang_reattn.kernels.score_chunks").__dict__
 KNOBS = ("SCORE_BLOCK_N", "SCORE_WARPS", "SCORE_CHECK_SCALE", "SCORE_DOT_MIN_ROWS",
-         "SCORE_DOT_BLOCK_N", "SCORE_DOT_WARPS")
+         "SCORE_DOT_BLOCK_N", "SCORE_DOT_WARPS", "SCORE_DOT_WAVES")
 NO_DOT = dict(SCORE_DOT_MIN_ROWS=1 << 20)
 VARIANTS = (
     ("16/2 atomic", dict(SCORE_BLOCK_N=16, SCORE_WARPS=2, SCORE_CHECK_SCALE=False, **NO_DOT)),

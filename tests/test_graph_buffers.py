@@ -83,3 +83,29 @@ def test_no_prefill_graph_when_no_sequence_gets_past_the_scope(tiny_llama):
         runner.prefill_tokens = 64
         eng._call(lambda: runner._capture(1))
         assert runner._pf_graph is None and runner.prefill_tokens == 0
+
+
+def test_prefill_capture_retries_without_cudnn(tiny_llama, monkeypatch):
+    """A prefill capture that fails while cuDNN attention is on is retried with it off
+    (flash); the knob is the prefill_attention module's, not the package's dispatcher."""
+    import importlib
+
+    pa = importlib.import_module("sglang_reattn.kernels.prefill_attention")
+    monkeypatch.setattr(pa, "PREFILL_CUDNN", True)
+    scope = dict(reattn_chunk_size=16, reattn_sink=16, reattn_topk=4, reattn_local=64)
+    with Engine(tiny_llama, device="cpu", chunked_prefill_size=64, log_level="warning",
+                disable_radix_cache=True, context_length=1200, **scope) as eng:
+        runner = eng.runner
+        runner.prefill_tokens = 64
+        record, calls = runner._record, []
+
+        def failing_once(run):
+            calls.append(pa.PREFILL_CUDNN)
+            if len(calls) == 1:
+                raise RuntimeError("capture failed")
+            return record(run)
+
+        monkeypatch.setattr(runner, "_record", failing_once)
+        eng._call(lambda: runner._capture_prefill(64))
+        assert calls == [True, False] and runner._pf_graph is not None
+        assert pa.PREFILL_CUDNN is False

@@ -5,6 +5,7 @@ captured CUDA graphs (one per padded batch size)."""
 from __future__ import annotations
 
 import bisect
+import importlib
 import logging
 
 import numpy as np
@@ -255,7 +256,8 @@ class ModelRunner:
         self._pf_plan.num_cands.fill_(self.reattn.topk + 1)  # (< max_pages: see _capture)
         self._pf_plan.local_tokens.fill_(self.reattn.local + n)
         self._no_logits = torch.empty(0, self.model.config.vocab_size, device=dev)
-        from sglang_reattn.kernels import prefill_attention as pa
+        # (the module: the package's `prefill_attention` attribute is its dispatcher)
+        pa = importlib.import_module("sglang_reattn.kernels.prefill_attention")
 
         def run() -> torch.Tensor:
             return self.model(self._pf_ids, self.attn, self._pf_batch)

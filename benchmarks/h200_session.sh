@@ -79,6 +79,8 @@ for step in ${STEPS:-check offline niah}; do
                 rm -f /tmp/ddtest; } | tee "$OUT/disk.txt" ;;
         store) timeout ${STORE_TIMEOUT:-150} python3 benchmarks/bench_store.py --mb 16 --dir /tmp 2>&1 \
                     | tee "$OUT/bench_store.txt" ;;
+        checks) timeout ${CHECKS_TIMEOUT:-200} python3 benchmarks/bench_block_checks.py --dir /tmp 2>&1 \
+                    | tee "$OUT/bench_block_checks.txt" ;;
         dueloads) timeout 200 python3 benchmarks/bench_due_loads.py --dir /tmp ${DUE_FLAGS:-} 2>&1 \
                     | tee -a "$OUT/bench_due_loads.txt" ;;
         coldreads) timeout 120 python3 benchmarks/bench_cold_reads.py --dir /tmp 2>&1 \
@@ -92,4 +94,4 @@ for step in ${STEPS:-check offline niah}; do
 done
 tail -n 12 "$OUT"/check_gpu.txt "$OUT"/bench_offline.txt "$OUT"/niah*.txt \
     "$OUT"/bench_e2e*.txt "$OUT"/niah_variants64.txt "$OUT"/bench_stream*.txt "$OUT"/bench_cold_reads.txt "$OUT"/disk.txt \
-    "$OUT"/bench_store.txt 2>/dev/null
+    "$OUT"/bench_store.txt "$OUT"/bench_block_checks.txt 2>/dev/null

@@ -52,7 +52,11 @@ _U32 = struct.Struct("<I")
 # overhead outweighs it)
 KV_PARTS, KV_PART_MIN, KV_PART_BYTES = 4, 8, 16 << 10
 
-FORMAT_VERSION = 2  # 2: last uses in their own index (touches rewrite no header)
+# 2: last uses in their own index (touches rewrite no header); 3: blocks may carry the
+# `mix` check (codecs.py), which format-2 code would take for damage. This code reads both;
+# a writer opening a format-2 store marks it 3 before it writes.
+FORMAT_VERSION = 3
+READS_FORMATS = (2, 3)
 _HEADROOM = 64 << 20  # map ceiling = 2 * capacity + this (LMDB page and B-tree overhead)
 
 
@@ -123,8 +127,9 @@ class ChunkStore:
 
     def _apply_meta(self, meta, fingerprint, capacity_bytes, codec, level) -> None:
         version = int(meta[b"format_version"])
-        if version != FORMAT_VERSION:
-            raise StoreError(f"store format {version} at {self.path}; this code reads {FORMAT_VERSION}")
+        if version not in READS_FORMATS:
+            raise StoreError(f"store format {version} at {self.path}; this code reads "
+                             f"{', '.join(map(str, READS_FORMATS))}")
         stored = fpmod.decode(meta[b"fingerprint"])
         if fingerprint is not None:
             fpmod.check(self.path, stored, fpmod.normalize(fingerprint))
@@ -141,7 +146,8 @@ class ChunkStore:
         self._env.max_map_size = self.max_map_size = 2 * self.capacity + _HEADROOM
         if not self.readonly:
             changed = {b"codec": self.codec.encode(), b"level": str(self.level).encode(),
-                       b"capacity": str(self.capacity).encode()}
+                       b"capacity": str(self.capacity).encode(),
+                       b"format_version": str(FORMAT_VERSION).encode()}
             if any(meta.get(k) != v for k, v in changed.items()):
                 self._write(lambda txn: [txn.put(k, v, db=self.dbs.meta) for k, v in changed.items()])
             if self._counter(b"bytes_used") > self.capacity:
@@ -321,13 +327,35 @@ class ChunkStore:
         if not out.flags.c_contiguous or flat.shape[1] != want:
             raise ValueError(f"out must be C-contiguous with {want} bytes per chunk")
 
+        # raw blocks with a `mix` check are copied first and checked after, a run of
+        # rows in one numpy pass (`codecs.mix_checks`); other blocks one at a time
+        bulk = want % 8 == 0 and flat.ctypes.data % 8 == 0
+
+        def check_run(a: int, b: int, heads: list[int], checks: list[int]) -> None:
+            if a == b:
+                return
+            bad = np.flatnonzero(codecs.mix_checks(flat[a:b], np.array(heads, np.uint64))
+                                 != np.array(checks, np.uint32))
+            if len(bad):
+                raise CorruptBlock(chunk_ids[a + int(bad[0])], layer, "kv", "checksum mismatch")
+
         def decode(rows: range, blocks: list) -> None:
+            run, heads, checks = rows.start, [], []  # the unchecked run [run, i)
             for i, block in zip(rows, blocks):
+                payload = codecs.raw_mix_payload(block) if bulk else None
+                if payload is not None and len(payload) == want:
+                    flat[i] = np.frombuffer(payload, dtype=np.uint8)
+                    checks.append(_U32.unpack_from(block)[0])
+                    heads.append(codecs.frame_head(block))
+                    continue
+                check_run(run, i, heads, checks)  # (errors in chunk order)
+                run, heads, checks = i + 1, [], []
                 raw = codecs.decode_block(block, chunk_ids[i], layer, "kv", copy=False)
                 if len(raw) != flat.shape[1]:
                     raise CorruptBlock(chunk_ids[i], layer, "kv",
                                        f"{len(raw)} bytes, expected {flat.shape[1]}")
                 flat[i] = np.frombuffer(raw, dtype=np.uint8)
+            check_run(run, rows.stop, heads, checks)
 
         def read(txn):
             blocks = []

@@ -408,3 +408,150 @@ def test_kv_reads_split_over_threads_equal_plain_reads(tmp_path, monkeypatch):
             with pytest.raises(CorruptBlock) as e:
                 s.get_kv_many(ids, 1)
             assert e.value.chunk_id == ids[33]
+
+
+_M64 = (1 << 64) - 1
+
+
+def _splitmix(i: int) -> int:
+    z = i * 0x9E3779B97F4A7C15 & _M64
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 & _M64
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EB & _M64
+    return z ^ (z >> 31)
+
+
+def _mix_reference(body: bytes) -> int:
+    """The `mix` check as codecs.py's comment defines it, in Python integers."""
+    head, payload = int.from_bytes(body[:8], "little"), body[8:]
+    s = head * 0x9E3779B97F4A7C15 + len(payload) * 0xC2B2AE3D27D4EB4F
+    padded = payload + bytes(-len(payload) % 8)
+    for i in range(len(padded) // 8):
+        s += int.from_bytes(padded[8 * i: 8 * i + 8], "little") * (_splitmix(i + 1) | 1)
+    s &= _M64
+    for mult in (0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53):
+        s ^= s >> 33
+        s = s * mult & _M64
+    return (s ^ (s >> 33)) & 0xFFFFFFFF
+
+
+def test_mix_check_matches_its_definition():
+    """One block (any length, the weight table grown past its first size) and runs of
+    blocks in one pass give the check the definition gives, on fresh random bytes."""
+    rng = np.random.default_rng()
+    for n in (8, 9, 15, 16, 100, 8 * 9000 + 8 + 5):
+        body = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+        assert codecs.mix_check(body) == _mix_reference(body), n
+    rows = rng.integers(0, 256, (7, 48 << 10), dtype=np.uint8)
+    heads = rng.integers(0, 1 << 63, 7, dtype=np.uint64)
+    want = [_mix_reference(int(h).to_bytes(8, "little") + r.tobytes())
+            for h, r in zip(heads, rows)]
+    assert codecs.mix_checks(rows, heads).tolist() == want
+    # the temporary bounded to fewer rows than a run
+    assert codecs.mix_checks(rows[:, :1 << 19 >> 3], heads).tolist() == [
+        _mix_reference(int(h).to_bytes(8, "little") + r[:1 << 16].tobytes())
+        for h, r in zip(heads, rows)]
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_mix_check_catches_damage(codec):
+    """A flipped bit anywhere in a block (frame or payload) fails its check; blocks of
+    either check kind decode to the same bytes."""
+    from sglang_reattn.kv_store import CorruptBlock
+
+    rng = np.random.default_rng()
+    raw = gaussian_kv(rng, (2, 64, 2, 32), "bfloat16").tobytes()
+    for check in (codecs.CHECK_MIX, codecs.CHECK_CRC32):
+        block = codecs.encode_block(raw, codec, 3, 2, check=check)
+        assert codecs.decode_block(block, "x", 0, "kv") == raw
+    block = codecs.encode_block(raw, codec, 3, 2)
+    assert int.from_bytes(block[6:8], "little") == codecs.CHECK_MIX  # the default
+    for at in [0, 4, 6, 8, len(block) - 1] + rng.integers(0, len(block), 200).tolist():
+        bad = bytearray(block)
+        bad[at] ^= 1 << int(rng.integers(8))
+        with pytest.raises(CorruptBlock):
+            codecs.decode_block(bytes(bad), "x", 0, "kv")
+
+
+def test_bulk_checked_reads_name_the_first_damaged_chunk(tmp_path, monkeypatch):
+    """get_kv_many over blocks of both check kinds (runs of `mix` blocks checked in one
+    pass, CRC-32 blocks one at a time) returns the stored arrays; with damaged blocks it
+    raises CorruptBlock naming the first one in the order asked, whichever kinds are
+    damaged, with its reads split over threads or not."""
+    from sglang_reattn.kv_store import CorruptBlock
+    from sglang_reattn.kv_store import store as store_mod
+
+    fp = tiny_fingerprint(num_layers=2, num_kv_heads=2, head_dim=64, chunk_size=64,
+                          dtype="bfloat16")
+    recs = make_chain(fp, 24, seed=9)
+    ids = [r.chunk_id for r in recs]
+    with ChunkStore(tmp_path / "s", fp, GB, codec="raw") as s:
+        for a in range(0, 24, 6):  # CRC-32 and mix blocks in turn, 6 chunks each
+            monkeypatch.setattr(codecs, "WRITE_CHECK", (a // 6) % 2)
+            s.put_chunks(recs[a:a + 6])
+        monkeypatch.setattr(codecs, "WRITE_CHECK", codecs.CHECK_MIX)
+        order = ids[::-1]
+        for parts in (1, 3):
+            monkeypatch.setattr(store_mod, "KV_PARTS", parts)
+            k, v = s.get_kv_many(order, 1)
+            for j, cid in enumerate(order):
+                want_k, want_v = kv_for(cid, fp)
+                assert np.array_equal(k[j], want_k[1]) and np.array_equal(v[j], want_v[1])
+
+        def damage(i):
+            def fn(txn):
+                key = bytes.fromhex(ids[i]) + (1).to_bytes(2, "big")
+                v = bytearray(txn.get(key, db=s.dbs.kv))
+                v[codecs.FRAME_SIZE + int(np.random.default_rng().integers(len(v) - 12))] ^= 4
+                txn.put(key, bytes(v), db=s.dbs.kv)
+            s._write(fn)
+
+        damage(20)  # a mix block (chunks 18-23)
+        damage(3)   # a CRC-32 block
+        damage(8)   # a mix block
+        for parts in (1, 3):
+            monkeypatch.setattr(store_mod, "KV_PARTS", parts)
+            for asked, first in ((ids, 3), (ids[::-1], 20), (ids[6:], 8), (ids[4:8], None)):
+                if first is None:
+                    s.get_kv_many(asked, 1)
+                    continue
+                with pytest.raises(CorruptBlock) as e:
+                    s.get_kv_many(asked, 1)
+                assert e.value.chunk_id == ids[first]
+
+
+def test_format_2_store_is_read_and_marked_3_by_a_writer(tmp_path):
+    """A format-2 store (CRC-32 blocks only) opens: a reader leaves its format alone, a
+    writer marks it 3 (format-2 code would take `mix` blocks for damage); an unknown format
+    is refused."""
+    from sglang_reattn.kv_store import store as store_mod
+
+    fp = tiny_fingerprint()
+    recs = make_chain(fp, 4, seed=2)
+
+    def set_version(s, v):
+        s._write(lambda txn: txn.put(b"format_version", v, db=s.dbs.meta))
+
+    def version(path):
+        with ChunkStore(path, None, readonly=True) as s:
+            return s._load_meta()[b"format_version"]
+
+    codecs_check = codecs.WRITE_CHECK
+    codecs.WRITE_CHECK = codecs.CHECK_CRC32
+    try:
+        with ChunkStore(tmp_path / "s", fp, GB) as s:
+            s.put_chunks(recs)
+            set_version(s, b"2")
+    finally:
+        codecs.WRITE_CHECK = codecs_check
+    assert version(tmp_path / "s") == b"2"
+    with ChunkStore(tmp_path / "s", fp, readonly=True) as s:
+        assert np.array_equal(s.get_kv(recs[1].chunk_id, 0)[0], recs[1].k[0])
+    assert version(tmp_path / "s") == b"2"
+    with ChunkStore(tmp_path / "s", fp) as s:
+        assert np.array_equal(s.get_kv(recs[2].chunk_id, 1)[1], recs[2].v[1])
+    assert version(tmp_path / "s") == b"3"
+    with ChunkStore(tmp_path / "s", fp) as s:
+        set_version(s, b"1")
+    assert store_mod.FORMAT_VERSION == 3
+    with pytest.raises(StoreError, match="store format 1"):
+        ChunkStore(tmp_path / "s", fp)

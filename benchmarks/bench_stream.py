@@ -224,6 +224,25 @@ def cache_matches_store(eng) -> tuple[int, int]:
     return checked, bad
 
 
+def summaries_match_store(eng) -> tuple[int, int]:
+    """Every attached chunk's summary rows on the device (kmin, kmax of its slot) against
+    the store's, dequantized the same way (the engine idle): (chunks checked, chunks that
+    differ). Reading them in pieces through buffers changes no value."""
+    tier, store = eng.stream_tier, eng.store_tier.store
+    slots = [(i, c) for i, c in enumerate(tier._slot_ids) if c is not None]
+    if not slots:
+        return 0, 0
+    q, sc = store.get_summaries([c for _, c in slots], dequantize=False)
+    want = (torch.from_numpy(q).to(eng.device).float()
+            * torch.from_numpy(sc).to(eng.device)[..., None]).transpose(0, 1)  # [L, n, 2, ...]
+    rows = torch.tensor([i for i, _ in slots], device=eng.device) + tier.base
+    bad = torch.zeros(len(slots), dtype=torch.bool, device=eng.device)
+    for j, t in enumerate((tier.attn.kmin, tier.attn.kmax)):
+        got = t[:, rows]
+        bad |= (got != want[:, :, j].to(t.dtype)).flatten(2).any(2).any(0)
+    return len(slots), int(bad.sum())
+
+
 def rates_of(eng, doc: list[int], questions: list[list[int]], n: int, label: str) -> float:
     """Median decode tok/s over the questions; prints the step-time spread."""
     rates, gaps, steps = [], [], []
@@ -510,6 +529,9 @@ def main() -> None:
                 print(f"  streamed TTFT: {sec * 1e3:9.1f} ms in {calls:5d} calls of {key}")
             print(f"# streamed after restart: TTFT {res['streamed_ttft_s']:.2f} s, cached "
                   f"{res['streamed_cached']:,}", flush=True)
+            res["summaries_checked"], res["summaries_wrong"] = summaries_match_store(eng)
+            print(f"# summaries on the device against the store: {res['summaries_wrong']} of "
+                  f"{res['summaries_checked']:,} chunks differ", flush=True)
             before, faults = eng.stats(), major_faults()
             res["streamed_tok_s"] = rates_of(eng, doc, questions[2:], args.decode, "streamed")
             after = eng.stats()
@@ -632,6 +654,8 @@ def main() -> None:
     print(f"| bytes read from the store per token | {res['store_bytes_per_token'] / 1e6:.2f} MB |")
     print(f"| chunk-cache blocks that differ from the store (after decode) | "
           f"{res['cache_blocks_wrong']} of {res['cache_blocks_checked']:,} |")
+    print(f"| summaries on the device that differ from the store (after the TTFT) | "
+          f"{res['summaries_wrong']} of {res['summaries_checked']:,} chunks |")
     print(f"| bytes copied into the chunk cache per token | "
           f"{res['device_bytes_per_token'] / 1e6:.2f} MB |")
     if res["variants"]:

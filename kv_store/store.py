@@ -47,10 +47,12 @@ from .writes import PreparedChunk, lmdb_bytes, prepare_chunk
 
 logger = logging.getLogger(__name__)
 _U32 = struct.Struct("<I")
-# get_kv_many splits a read's checksums and copies into up to KV_PARTS parts of at least
-# KV_PART_MIN blocks when a block has KV_PART_BYTES or more (smaller ones: the threads'
-# overhead outweighs it)
-KV_PARTS, KV_PART_MIN, KV_PART_BYTES = 4, 8, 16 << 10
+# get_kv_many can split a read's checks and copies into up to KV_PARTS parts of at least
+# KV_PART_MIN blocks when a block has KV_PART_BYTES or more. One part by default: with the
+# `mix` check, 30 layers of 95 blocks of 48 KiB read in 43 ms on one thread and 77 ms in
+# 4 parts on the H200's host (28 and 39 ms on the 2-core CI machine; bench_block_checks.py),
+# and a streamed 1M-token TTFT took 0.43-0.45 s against 0.49-0.50 s in 4 parts.
+KV_PARTS, KV_PART_MIN, KV_PART_BYTES = 1, 8, 16 << 10
 
 # 2: last uses in their own index (touches rewrite no header); 3: blocks may carry the
 # `mix` check (codecs.py), which format-2 code would take for damage. This code reads both;
@@ -378,16 +380,20 @@ class ChunkStore:
         self._read(read)
         return out[:, 0], out[:, 1]
 
-    def get_summaries(self, chunk_ids: Sequence[str], dequantize: bool = True):
+    def get_summaries(self, chunk_ids: Sequence[str], dequantize: bool = True,
+                      out: tuple[np.ndarray, np.ndarray] | None = None):
         """Summaries of many chunks (reads).
 
         dequantize=True: float32 [n, L, n_desc, H, D]. False: (int8 [n, L, n_desc, H, D],
-        float32 per-row scales [n, L, n_desc, H]) for dequantizing on the GPU. All chunks
+        float32 per-row scales [n, L, n_desc, H]) for dequantizing on the GPU, written into
+        `out` when given (arrays of those shapes and dtypes, e.g. views of pinned buffers
+        reused from read to read; StoreError when the stored shape differs). All chunks
         must share one summary shape. Runs of chunks held by a summary pack
         (`pack_summaries`) are read from it, a pack per LMDB value; the others one by one.
         """
         n = len(chunk_ids)
         keys = [bytes.fromhex(c) for c in chunk_ids]
+        given = out
         out: list[np.ndarray] = []  # int8 q [n, *shape] and float32 scales [n, *shape[:-1]]
         # the first block's framing, which every chunk must share: row size, where the
         # quantized part starts, the header bytes (and as an array), and the outputs' bytes
@@ -400,8 +406,19 @@ class ChunkStore:
                 q0, s0 = split_summary(rows[0].tobytes())
                 cut = rows.shape[1] - q0.nbytes
                 head = rows[0, : cut - s0.nbytes].tobytes()
-                out[:] = [np.empty((n,) + q0.shape, np.int8),
-                          np.empty((n,) + s0.shape, np.float32)]
+                if given is None:
+                    out[:] = [np.empty((n,) + q0.shape, np.int8),
+                              np.empty((n,) + s0.shape, np.float32)]
+                elif (given[0].shape, given[1].shape) != ((n,) + q0.shape, (n,) + s0.shape) \
+                        or (given[0].dtype, given[1].dtype) != (np.int8, np.float32) \
+                        or not (given[0].flags.c_contiguous and given[1].flags.c_contiguous):
+                    raise StoreError(f"stored summaries are int8 {q0.shape} and float32 "
+                                     f"{s0.shape} a chunk; the buffers given (C-contiguous "
+                                     "ones needed) are "
+                                     f"{given[0].dtype} {given[0].shape[1:]} and "
+                                     f"{given[1].dtype} {given[1].shape[1:]}")
+                else:
+                    out[:] = given
                 shape[:] = [rows.shape[1], cut, head, np.frombuffer(head, np.uint8),
                             out[0].reshape(n, -1).view(np.uint8),
                             out[1].reshape(n, -1).view(np.uint8)]

@@ -555,3 +555,30 @@ def test_format_2_store_is_read_and_marked_3_by_a_writer(tmp_path):
     assert store_mod.FORMAT_VERSION == 3
     with pytest.raises(StoreError, match="store format 1"):
         ChunkStore(tmp_path / "s", fp)
+
+
+def test_summaries_read_into_given_buffers(tmp_path):
+    """get_summaries(out=...) writes into the arrays given (views of bigger buffers, as the
+    streaming tier's pinned ones) and returns them, equal to a plain read, packs or not; a
+    buffer of another shape, dtype or layout is refused with StoreError."""
+    fp = tiny_fingerprint(num_layers=3, num_kv_heads=2, head_dim=16, chunk_size=8)
+    recs = make_chain(fp, 20, seed=4)
+    ids = [r.chunk_id for r in recs]
+    with ChunkStore(tmp_path / "s", fp, GB) as s:
+        s.put_chunks(recs)
+        s.pack_summaries(ids[:8])
+        want_q, want_s = s.get_summaries(ids, dequantize=False)
+        big_q = np.full((32,) + want_q.shape[1:], 99, np.int8)
+        big_s = np.full((32,) + want_s.shape[1:], -1.0, np.float32)
+        for lo, hi in ((0, 20), (3, 11), (12, 13)):
+            big_q[:] = 99
+            q, sc = s.get_summaries(ids[lo:hi], dequantize=False,
+                                    out=(big_q[:hi - lo], big_s[:hi - lo]))
+            assert np.shares_memory(q, big_q) and np.shares_memory(sc, big_s)
+            assert np.array_equal(big_q[:hi - lo], want_q[lo:hi])
+            assert np.array_equal(big_s[:hi - lo], want_s[lo:hi])
+            assert (big_q[hi - lo:] == 99).all()  # (nothing past the rows asked)
+        for bad in ((big_q[:4, :2], big_s[:4]), (big_q[:4].astype(np.int16), big_s[:4]),
+                    (big_q[:4], big_s[:4].astype(np.float64)), (big_q[:8:2], big_s[:4])):
+            with pytest.raises(StoreError, match="buffers given"):
+                s.get_summaries(ids[:4], dequantize=False, out=bad)

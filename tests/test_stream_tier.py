@@ -203,7 +203,7 @@ def test_streamed_summaries_come_from_summary_packs(tiny_llama, tmp_path, monkey
     pieces = []
     read = store_tier.StoreTier.get_summaries
     monkeypatch.setattr(store_tier.StoreTier, "get_summaries",
-                        lambda self, ids: pieces.append(len(ids)) or read(self, ids))
+                        lambda self, ids, **kw: pieces.append(len(ids)) or read(self, ids, **kw))
     store = str(tmp_path / "store")
     with Engine(tiny_llama, kv_store_path=store, **OPTS) as eng:
         want = eng.generate(input_ids=DOC + QUESTION, sampling_params=GREEDY)["output_ids"]

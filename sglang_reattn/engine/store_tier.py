@@ -468,11 +468,11 @@ class StoreTier:
         finally:
             self.cold = major_faults() > before
 
-    def get_summaries(self, chunk_ids: list[str]):
-        """ChunkStore.get_summaries (quantized: int8 and scales), noting whether the store
-        is being read from disk."""
+    def get_summaries(self, chunk_ids: list[str], out=None):
+        """ChunkStore.get_summaries (quantized: int8 and scales, into `out` if given),
+        noting whether the store is being read from disk."""
         with self._watch_faults():
-            return self.store.get_summaries(chunk_ids, dequantize=False)
+            return self.store.get_summaries(chunk_ids, dequantize=False, out=out)
 
     def get_kv(self, chunk_ids: list[str], layer: int, out: np.ndarray | None = None,
                split: bool | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -65,6 +65,14 @@ from sglang_reattn.kv_store import ChunkNotFound, CorruptBlock, StoreError
 logger = logging.getLogger(__name__)
 
 SUMMARY_PIECE = 8 * SUMMARY_PACK  # chunks per piece of a pipelined summary read
+# (CUDA) pinned memory taken when the tier is made, not on a request's path: fresh pinned
+# memory cost 0.6-0.9 ms per MiB on the H200's host (bench_pinned_alloc.py). Each of the two
+# staging buffers starts with room for every layer's selection and due runners-up, up to
+# STAGE_BYTES (a 1M-token prompt's first decode step staged 877 blocks, 42 MB, and grew
+# one to 64 MiB in that step); each of the two summary buffers holds a piece of at most
+# SUMMARY_BUFFER_BYTES (whole packs).
+STAGE_BYTES = 64 << 20
+SUMMARY_BUFFER_BYTES = 32 << 20
 READ_JOBS_MIN = 32  # blocks to read at least before a fill splits them over reader threads
 PREFETCH_YIELD_S = 0.5  # longest a read ahead waits for a fill on the engine thread
 
@@ -395,6 +403,21 @@ class StreamTier:
         # that it does not take the interpreter from a fill that step waits for.
         self._go = threading.Event()
         self._go.set()
+        # chunks per piece of a summary read, and (CUDA) the two pinned buffers the pieces
+        # are read into in turn, each [piece, L, 2, Hkv, D] int8, [piece, L, 2, Hkv] float32
+        # scales, and the event of its last copy to the device
+        self._piece = SUMMARY_PIECE  # (halved, packs staying whole, to fit a buffer)
+        while (self._piece > SUMMARY_PACK and self._piece % 2 == 0
+               and self._piece * num_layers * 2 * hkv * (d + 4) > SUMMARY_BUFFER_BYTES):
+            self._piece //= 2
+        self._summary_bufs = []
+        if self._pin:
+            topk = getattr(getattr(attn, "cfg", None), "topk", 0)
+            self._prestage(num_layers * (topk + self.due_runners))
+            self._summary_bufs = [
+                (self._pinned(self._piece * num_layers * 2 * hkv * d, torch.int8),
+                 self._pinned(self._piece * num_layers * 2 * hkv, torch.float32),
+                 torch.cuda.Event()) for _ in range(2)]
         self._q: queue.Queue | None = None
         if prefetch:
             self._q = queue.Queue()
@@ -474,33 +497,48 @@ class StreamTier:
 
     def _read_summaries(self, chunk_ids: list[str], first: int):
         """The quantized summaries of chunks (int8 [n, L, 2, Hkv, D], float32 scales
-        [n, L, 2, Hkv]) as tensors on the device. More than SUMMARY_PIECE are read in
-        pieces of that many chunks (aligned to the chain from `first`, as the store's packs
-        are), each read on a reader thread while the engine thread copies the one before
-        into device memory. The read and the copy of a 1M-token context's took 71 and 31
-        ms one after the other on the H200's host."""
+        [n, L, 2, Hkv]) as tensors on the device. They are read in pieces of `_piece` chunks
+        (aligned to the chain from `first`, as the store's packs are), each on a reader
+        thread while the engine thread copies the one before into device memory; on CUDA
+        each piece is read into one of two pinned buffers, in turn, and copied from it
+        asynchronously. (Read into fresh arrays, then copied from pageable memory, a
+        1M-token context's took 71 and 31 ms one after the other on the H200's host.)"""
         n = len(chunk_ids)
         dev = self.attn.kmin.device
-        if n <= SUMMARY_PIECE:
-            return tuple(torch.from_numpy(a).to(dev) for a in self.tier.get_summaries(chunk_ids))
-        cuts = list(range(SUMMARY_PIECE - first % SUMMARY_PIECE, n, SUMMARY_PIECE))
+        piece = self._piece
+        cuts = list(range(piece - first % piece, n, piece))
         bounds = list(zip([0] + cuts, cuts + [n]))
-        readers = self.tier._reader_pool()
-        pending = readers.submit(self.tier.get_summaries, chunk_ids[:bounds[0][1]])
+
+        def read(j: int):
+            a, b = bounds[j]
+            if not self._summary_bufs:
+                return tuple(map(torch.from_numpy, self.tier.get_summaries(chunk_ids[a:b])))
+            q_buf, s_buf, copied = self._summary_bufs[j % 2]
+            copied.synchronize()  # (its last piece is on the device)
+            shape = (b - a, self.num_layers, 2) + self._shape[1:]
+            q = q_buf[: math.prod(shape)].view(shape)
+            s = s_buf[: math.prod(shape[:-1])].view(shape[:-1])
+            self.tier.get_summaries(chunk_ids[a:b], out=(q.numpy(), s.numpy()))
+            return q, s
+
+        readers = self.tier._reader_pool() if len(bounds) > 1 else None  # (one: inline)
+        pending = readers.submit(read, 0) if readers else None
         q_dev = s_dev = None
-        for i, (a, b) in enumerate(bounds):
-            q, sc = pending.result()  # (at most one read in flight: nothing left on errors)
-            if i + 1 < len(bounds):
-                pending = readers.submit(self.tier.get_summaries,
-                                         chunk_ids[bounds[i + 1][0]:bounds[i + 1][1]])
+        for j, (a, b) in enumerate(bounds):
+            # (at most one read in flight: nothing left on errors)
+            q, sc = pending.result() if readers else read(0)
+            if j + 1 < len(bounds):
+                pending = readers.submit(read, j + 1)
             if q_dev is None:
                 q_dev = torch.empty((n,) + q.shape[1:], dtype=torch.int8, device=dev)
                 s_dev = torch.empty((n,) + sc.shape[1:], dtype=torch.float32, device=dev)
             if q.shape[1:] != q_dev.shape[1:]:
                 raise StoreError(f"summaries of {chunk_ids[a]}: their shape differs from the "
                                  "first chunk's (one model per store)")
-            q_dev[a:b].copy_(torch.from_numpy(q))
-            s_dev[a:b].copy_(torch.from_numpy(sc))
+            q_dev[a:b].copy_(q, non_blocking=True)
+            s_dev[a:b].copy_(sc, non_blocking=True)
+            if self._summary_bufs:
+                self._summary_bufs[j % 2][2].record()
         return q_dev, s_dev
 
     def _put_summaries(self, slots: list[int], q: torch.Tensor, scales: torch.Tensor,
@@ -906,6 +944,15 @@ class StreamTier:
         out = ibuf[: idx.numel()].view(idx.shape)
         out.copy_(idx)
         return out
+
+    def _prestage(self, rows: int) -> None:
+        """Both staging buffers (and their index buffers) allocated now with room for
+        `rows` blocks, at most STAGE_BYTES each."""
+        per_row = 2 * math.prod(self.pool.k.shape[2:])
+        need = min(rows * per_row, STAGE_BYTES // self.pool.k.element_size())
+        for entry in self._staged:
+            entry[0] = self._pinned(need, self.pool.k.dtype)
+            entry[2] = self._pinned(2 * max(1, need // per_row), torch.int64)
 
     @staticmethod
     def _pinned(n: int, dtype: torch.dtype) -> torch.Tensor:

@@ -111,16 +111,10 @@ def main() -> None:
     ap.add_argument("--touches", type=int, default=16384, help="background marks")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--dir", default=None)
-    ap.add_argument("--read-jobs-min", type=int, default=None,
-                    help="stream_tier.READ_JOBS_MIN (blocks before a fill's reads go to "
-                         "reader threads; a large value keeps them on the calling thread)")
     ap.add_argument("--profile", action="store_true",
                     help="also print the calling thread's profile (cProfile) of the loads "
                          "without background work")
     args = ap.parse_args()
-    if args.read_jobs_min is not None:
-        from sglang_reattn.engine import stream_tier
-        stream_tier.READ_JOBS_MIN = args.read_jobs_min
     prof = None
     if args.profile:
         import cProfile

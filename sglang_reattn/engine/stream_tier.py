@@ -73,7 +73,6 @@ SUMMARY_PIECE = 8 * SUMMARY_PACK  # chunks per piece of a pipelined summary read
 # SUMMARY_BUFFER_BYTES (whole packs).
 STAGE_BYTES = 64 << 20
 SUMMARY_BUFFER_BYTES = 32 << 20
-READ_JOBS_MIN = 32  # blocks to read at least before a fill splits them over reader threads
 PREFETCH_YIELD_S = 0.5  # longest a read ahead waits for a fill on the engine thread
 
 
@@ -806,9 +805,9 @@ class StreamTier:
                    ) -> list[int]:
         """Pages just acquired in several layers ({layer: [(chunk, page)]}) filled in one
         staging buffer and one copy to the device: blocks in neither tier are read from
-        LMDB straight into its first rows (a job per layer, on the store's reader threads
-        when there are several), the host tier's copied after them. A 1M-token prompt's
-        first decode step loads 400-500 blocks over 30 layers before it (`prefetch`'s due
+        LMDB straight into its first rows (on this thread), the host tier's copied after
+        them. A 1M-token prompt's first decode step loads about 880 blocks over 30 layers
+        before it (`prefetch`'s due
         chunks); loaded a layer at a time, through the host tier, they took 50-100 ms on
         the H200's host (reads into fresh memory, 30 staging copies). Returns the layers
         filled; a layer whose read fails keeps none of its pages mapped, and with
@@ -868,8 +867,8 @@ class StreamTier:
     def _read_rows(self, reads: list[tuple[int, list[tuple[str, int]]]], rows: torch.Tensor,
                    bounds: list[int]) -> list[tuple[int, StreamFault]]:
         """Each (layer, [(chunk, page)]) of `reads` from LMDB into rows[bounds[j]:
-        bounds[j + 1]] (checksums verified); with several layers a job per layer on the
-        store's reader threads. -> [(layer, fault)] of the reads that failed, in order."""
+        bounds[j + 1]] (checksums verified). -> [(layer, fault)] of the reads that failed,
+        in order."""
         def read(j: int) -> StreamFault | None:
             layer, todo = reads[j]
             try:
@@ -879,10 +878,10 @@ class StreamTier:
                 return StreamFault(e.chunk_id, e)
             return None
 
-        if len(reads) > 1 and bounds[-1] >= READ_JOBS_MIN:
-            got = list(self.tier._reader_pool().map(read, range(len(reads))))
-        else:
-            got = [read(j) for j in range(len(reads))]
+        # (on this thread: 870 due blocks in 30 layers filled in 32-34 ms read here, 46-47
+        # ms read a layer per job on the store's reader threads, and a replay's 60 misses
+        # in 20 layers in 4.6 ms against 11 ms; H200 host, bench_due_loads.py 2026-12-01)
+        got = [read(j) for j in range(len(reads))]
         if bounds[-1]:
             with self._stats_lock:
                 self.stats["stream_store_reads"] += bounds[-1]

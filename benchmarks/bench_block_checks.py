@@ -12,8 +12,8 @@ Blocks have the default model's shape (3 KV heads, head dim 64, chunks of 64 tok
   taking its share; the interpreter's switch interval is the engine's (0.1 ms).
 - store reads (page cache warm), ms, median of `--repeats`: a streamed question's 30
   layers of `--picks` random chunks each, one layer after the other (`get_kv_many`, as the
-  TTFT's forward reads them), with a layer's checks split over 1 and over KV_PARTS
-  threads; and every chunk's summaries from their packs of 256 (`get_summaries`, as a
+  TTFT's forward reads them), with a layer's checks on 1 thread (KV_PARTS, the default)
+  and split over 4; and every chunk's summaries from their packs of 256 (`get_summaries`, as a
   streamed request's admission reads them).
 Both stores hold the same chunks, one written with CRC-32 checks, one with `mix` checks.
 """
@@ -35,11 +35,11 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sglang_reattn.kv_store import ChunkStore, codecs, synthetic  # noqa: E402
-from sglang_reattn.kv_store import store as store_mod  # noqa: E402
 
 LAYERS, HKV, D, C = 30, 3, 64, 64
 BLOCK = 2 * C * HKV * D * 2
 PACK = 256
+SPLIT = 4  # the parts of a layer's read in the split row (KV_PARTS was 4 before format 3)
 
 
 def per_block(fn, items: list, threads: int, blocks: int) -> float:
@@ -158,9 +158,8 @@ def main() -> None:
         for label, fn in (
                 (f"{LAYERS} layers x {args.picks} blocks, checks on 1 thread",
                  lambda s, ids: timed_reads(s, ids, args.picks, args.repeats, 1)),
-                (f"{LAYERS} layers x {args.picks} blocks, checks on {store_mod.KV_PARTS} "
-                 "threads", lambda s, ids: timed_reads(s, ids, args.picks, args.repeats,
-                                                       store_mod.KV_PARTS)),
+                (f"{LAYERS} layers x {args.picks} blocks, checks on {SPLIT} threads",
+                 lambda s, ids: timed_reads(s, ids, args.picks, args.repeats, SPLIT)),
                 (f"summaries of {args.chunks} chunks (packs of {PACK})",
                  lambda s, ids: timed_summaries(s, ids, args.repeats))):
             med = {name: statistics.median(fn(*stores[name])) for name in stores}

@@ -50,8 +50,9 @@ _U32 = struct.Struct("<I")
 # get_kv_many can split a read's checks and copies into up to KV_PARTS parts of at least
 # KV_PART_MIN blocks when a block has KV_PART_BYTES or more. One part by default: with the
 # `mix` check, 30 layers of 95 blocks of 48 KiB read in 43 ms on one thread and 77 ms in
-# 4 parts on the H200's host (28 and 39 ms on the 2-core CI machine; bench_block_checks.py),
-# and a streamed 1M-token TTFT took 0.43-0.45 s against 0.49-0.50 s in 4 parts.
+# 4 parts on the H200's host (28 and 39 ms on a 2-core machine; bench_block_checks.py);
+# a streamed 1M-token TTFT took 0.43-0.45 s against 0.49-0.50 s in 4 parts in one run, and
+# 0.37-0.40 s against 0.37 s in the next.
 KV_PARTS, KV_PART_MIN, KV_PART_BYTES = 1, 8, 16 << 10
 
 # 2: last uses in their own index (touches rewrite no header); 3: blocks may carry the

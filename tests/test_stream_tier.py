@@ -792,6 +792,41 @@ def _tier_for_test(slots: int = 8):
                        prefetch=False), store)
 
 
+def test_a_failed_summary_read_ends_the_read_in_flight_first(monkeypatch):
+    """Summaries read in pieces, the next piece on a reader thread while this one is
+    checked: when a piece fails after the next read started, `attach` raises only once that
+    read has ended (on CUDA it writes into a buffer the next attach reuses); nothing is
+    attached and the tier serves the next request."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sglang_reattn.engine import stream_tier
+    from sglang_reattn.kv_store import StoreError
+
+    monkeypatch.setattr(stream_tier, "SUMMARY_PIECE", 2)
+    tier, store = _tier_for_test()
+    pool = ThreadPoolExecutor(1)
+    tier.tier._reader_pool = lambda: pool
+    ended, plain = [], store.get_summaries
+
+    def get(ids, dequantize=True):
+        q, s = plain(ids, dequantize)
+        if ids[0] == "c3":  # the second piece: another shape
+            return q[:, :, :1], s[:, :, :1]
+        if ids[0] == "c5":  # the third: slow
+            time.sleep(0.3)
+            ended.append(list(ids))
+        return q, s
+
+    store.get_summaries = get
+    with pytest.raises(StoreError, match="shape differs"):
+        tier.attach([f"c{i}" for i in range(1, 7)])
+    assert ended == [["c5", "c6"]] and not tier.tier.held
+    store.get_summaries = plain
+    assert len(tier.attach([f"c{i}" for i in range(1, 7)])) == 6
+    pool.shutdown()
+
+
 def test_summary_slots_are_shared_and_kept_while_idle():
     tier, store = _tier_for_test()
     a = tier.attach(["c1", "c2", "c3"])

@@ -169,9 +169,10 @@ class PagedAttention:
         """Pages whose keys were written outside `store` (e.g. loaded from the disk tier)."""
         self.invalidate_rotated(pages)
 
-    def invalidate_rotated(self, pages: torch.Tensor) -> None:
-        """Forget the rotated keys of pages rewritten outside `store` (all layers)."""
-        for p in pages.tolist():
+    def invalidate_rotated(self, pages) -> None:
+        """Forget the rotated keys of pages (a tensor or ints) rewritten outside `store`
+        (all layers)."""
+        for p in (pages.tolist() if torch.is_tensor(pages) else pages):
             self._rot_base[p] = -1
 
     def _store_rotated(self, layer_id: int, k: torch.Tensor, batch: ForwardBatch) -> None:

@@ -2,10 +2,11 @@
 
     python benchmarks/bench_store.py [--mb 64] [--level 3] [--dir /tmp]
 
-Data is synthetic Gaussian KV (bf16 and fp16); real KV compresses differently, so real
-numbers come from real model KV (to be added). GB/s are of raw (uncompressed) KV bytes on
-one core. Store and file reads are warm (page cache) in both columns; the file write
-and the store's commit both fsync.
+Data is synthetic Gaussian KV (bf16 and fp16) and, with `--real-kv TOKENS`, the default
+model's own KV: its K (before RoPE) and V of this repository's README text, prefilled on
+the CPU in bf16 through the engine with a store, and read back from it. GB/s are of raw
+(uncompressed) KV bytes on one core. Store and file reads are warm (page cache) in both
+columns; the file write and the store's commit both fsync.
 """
 
 from __future__ import annotations
@@ -33,13 +34,17 @@ def best_of(fn, repeat: int = 3) -> float:
     return min(times)
 
 
-def bench_codecs(mb: int, level: int) -> None:
-    print(f"\n## Codecs ({mb} MiB of Gaussian KV per dtype, zstd level {level}, one core)\n")
-    print("| dtype | codec | ratio | compress GB/s | decompress GB/s |")
+def bench_codecs(mb: int, level: int, data: dict[str, bytes] | None = None) -> None:
+    """Ratio and speed of each codec on `data` ({label: 2-byte KV bytes}; default: `mb`
+    MiB of Gaussian KV per dtype)."""
+    what = "of Gaussian KV per dtype" if data is None else "of the default model's KV"
+    print(f"\n## Codecs ({mb} MiB {what}, zstd level {level}, one core)\n")
+    print("| data | codec | ratio | compress GB/s | decompress GB/s |")
     print("| --- | --- | --- | --- | --- |")
-    for dtype in ("bfloat16", "float16"):
-        a = gaussian_kv(np.random.default_rng(0), (mb << 20) // 2, dtype)
-        raw = a.tobytes()
+    if data is None:
+        data = {dtype: gaussian_kv(np.random.default_rng(0), (mb << 20) // 2, dtype).tobytes()
+                for dtype in ("bfloat16", "float16")}
+    for dtype, raw in data.items():
         for codec in CODECS:
             payload = codecs.compress(raw, codec, level, 2)
             tc = best_of(lambda raw=raw, codec=codec: codecs.compress(raw, codec, level, 2))
@@ -68,18 +73,27 @@ def make_records(fp: dict, n_chunks: int) -> list[ChunkRecord]:
     return recs
 
 
-def bench_store(mb: int, level: int, root: str) -> None:
-    fp = {
-        "architecture": "LlamaForCausalLM", "num_layers": 4, "num_kv_heads": 8, "head_dim": 128,
-        "dtype": "bfloat16", "chunk_size": 64, "summary_kind": "minmax",
-        "rope": {"theta": 500000.0}, "tokenizer_hash": "bench",
-    }
-    per_chunk = 2 * fp["num_layers"] * fp["chunk_size"] * fp["num_kv_heads"] * fp["head_dim"] * 2
-    n_chunks = max(8, (mb << 20) // per_chunk)
-    recs = make_records(fp, n_chunks)
+def bench_store(mb: int, level: int, root: str, real: tuple | None = None) -> None:
+    """Store writes and reads per codec against a plain file of the same bytes; real:
+    (fingerprint, records) of real KV, else `mb` MiB of Gaussian KV."""
+    if real is None:
+        fp = {
+            "architecture": "LlamaForCausalLM", "num_layers": 4, "num_kv_heads": 8,
+            "head_dim": 128, "dtype": "bfloat16", "chunk_size": 64, "summary_kind": "minmax",
+            "rope": {"theta": 500000.0}, "tokenizer_hash": "bench",
+        }
+        per_chunk = (2 * fp["num_layers"] * fp["chunk_size"] * fp["num_kv_heads"]
+                     * fp["head_dim"] * 2)
+        recs = make_records(fp, max(8, (mb << 20) // per_chunk))
+        what = "bf16 Gaussian KV"
+    else:
+        fp, recs = real
+        per_chunk = sum(x.nbytes for x in (recs[0].k, recs[0].v))
+        what = "the default model's bf16 KV"
+    n_chunks = len(recs)
     total = n_chunks * per_chunk
     blob = b"".join(np.ascontiguousarray(x).tobytes() for r in recs for x in (r.k, r.v))
-    print(f"\n## Store vs plain file ({total >> 20} MiB bf16 KV, {n_chunks} chunks of "
+    print(f"\n## Store vs plain file ({total >> 20} MiB of {what}, {n_chunks} chunks of "
           f"{fp['num_layers']} layers x [{fp['chunk_size']}, {fp['num_kv_heads']}, "
           f"{fp['head_dim']}] K and V, {per_chunk >> 10} KiB per chunk, batches of 8)\n")
     print("| what | write GB/s | read GB/s | bytes on disk / raw |")
@@ -117,6 +131,50 @@ def bench_store(mb: int, level: int, root: str) -> None:
         print(f"| ChunkStore {codec} | {total / tw / 1e9:.2f} | {total / tr / 1e9:.2f} | "
               f"{on_disk / total:.3f} |")
         shutil.rmtree(sdir)
+
+
+def real_kv(n_tokens: int, root: str) -> tuple[dict, list[ChunkRecord]]:
+    """The default model's KV of the first n_tokens of this repository's README (repeated
+    if short): prefilled on the CPU in bf16 by the engine, written to a store, read back
+    -> (the store's fingerprint, a record per whole chunk, with its stored summary)."""
+    import torch
+
+    from sglang_reattn import Engine
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(here, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    path = os.path.join(root, "store-real")
+    t = time.perf_counter()
+    with Engine(device="cpu", dtype="bfloat16", kv_store_path=path,
+                kv_store_codec="raw") as eng:
+        ids = eng.tokenizer.encode(text)
+        while len(ids) < n_tokens:
+            ids += ids
+        ids = ids[:n_tokens]
+        eng.generate(input_ids=ids, sampling_params={"max_new_tokens": 1})
+        eng.store_tier.flush()
+    print(f"# real KV: {n_tokens} tokens of README.md prefilled (bf16, CPU) and stored in "
+          f"{time.perf_counter() - t:.1f} s", flush=True)
+    with ChunkStore(path, None, readonly=True) as s:
+        fp = s.fingerprint
+        c, layers = fp["chunk_size"], fp["num_layers"]
+        toks = np.asarray(ids[: len(ids) // c * c], dtype=np.uint32)
+        chain = chunk_hashes(toks, c)
+        have = s.has_many(chain)
+        chain = chain[: have.index(False) if False in have else len(chain)]
+        summaries = s.get_summaries(chain)
+        recs, parent = [], None
+        kv = [s.get_kv_many(chain, layer) for layer in range(layers)]  # [L] (K, V) [n, ...]
+        for i, cid in enumerate(chain):
+            k = np.stack([kv[layer][0][i] for layer in range(layers)])
+            v = np.stack([kv[layer][1][i] for layer in range(layers)])
+            recs.append(ChunkRecord(cid, parent, "", toks[i * c:(i + 1) * c], k, v,
+                                    summaries[i]))
+            parent = cid
+    shutil.rmtree(path)
+    return fp, recs
 
 
 def bench_summaries(n_chunks: int, root: str, per_pack: int = 256) -> None:
@@ -168,16 +226,25 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
     ap.add_argument("--summaries", type=int, default=16384,
                     help="chunks of the bulk summary read (16384: a million tokens)")
+    ap.add_argument("--real-kv", type=int, default=0, metavar="TOKENS",
+                    help="also measure codecs and the store on the default model's KV of "
+                         "this many tokens of README.md (0: synthetic KV only)")
     args = ap.parse_args()
     print(f"# bench_store: {platform.platform()}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, Python {platform.python_version()}, lmdb {lmdb.__version__}, "
           f"zstandard {zstandard.__version__}")
     print(f"command: python benchmarks/bench_store.py --mb {args.mb} --level {args.level} "
-          f"--summaries {args.summaries}")
+          f"--summaries {args.summaries} --real-kv {args.real_kv}")
     bench_codecs(args.mb, args.level)
     root = tempfile.mkdtemp(prefix="bench_store-", dir=args.dir)
     try:
         bench_store(args.mb, args.level, root)
+        if args.real_kv:
+            real = real_kv(args.real_kv, root)
+            blob = b"".join(x.tobytes() for r in real[1] for x in (r.k, r.v))
+            bench_codecs(len(blob) >> 20, args.level, {"default model, bf16": blob})
+            del blob
+            bench_store(0, args.level, root, real)
         bench_summaries(args.summaries, root)
     finally:
         shutil.rmtree(root, ignore_errors=True)

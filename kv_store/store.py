@@ -86,7 +86,7 @@ class ChunkStore:
         fingerprint: the engine's model fingerprint; a mismatch raises ModelMismatch. None
         accepts the store's own (inspection tools). capacity_bytes: bound on the bytes
         charged to chunks (required when creating). codec/level: settings for new blocks,
-        recorded in meta; None keeps the store's (defaults "zstd-planes", level 3).
+        recorded in meta; None keeps the store's (defaults "zstd", level 3).
         """
         self.path = os.fspath(path)
         self.readonly = readonly
@@ -121,7 +121,7 @@ class ChunkStore:
         meta = {
             b"format_version": str(FORMAT_VERSION).encode(),
             b"fingerprint": fpmod.encode(fpmod.normalize(fingerprint)),
-            b"codec": (codec or "zstd-planes").encode(),
+            b"codec": (codec or "zstd").encode(),
             b"level": str(codecs.DEFAULT_LEVEL if level is None else level).encode(),
             b"capacity": str(int(capacity_bytes)).encode(),
         }

@@ -193,17 +193,18 @@ def frame_head(block: bytes | memoryview, at: int = 4) -> int:
     return _U64.unpack_from(block, at)[0]
 
 
-def raw_mix_payload(block: bytes | memoryview) -> memoryview | None:
-    """The payload of a ``raw`` block framed with a ``mix`` check (a view, NOT verified: the
-    caller checks it with :func:`mix_checks`, e.g. after copying many of them), or None for
-    any other block (read it with :func:`decode_block`)."""
+def raw_mix_payload(block: bytes | memoryview) -> tuple[int, int, memoryview] | None:
+    """(stored check, frame head as `frame_head` reads it, payload view) of a ``raw`` block
+    framed with a ``mix`` check, its check NOT verified (the caller checks it with
+    :func:`mix_checks`, e.g. after copying many of them); None for any other block (read it
+    with :func:`decode_block`). One parse of the frame."""
     mv = memoryview(block)
     if len(mv) < FRAME_SIZE:
         return None
-    _, codec_id, _, kind, raw_len = _FRAME.unpack_from(mv)
+    check, codec_id, _, kind, raw_len = _FRAME.unpack_from(mv)
     if codec_id != CODEC_IDS["raw"] or kind != CHECK_MIX or len(mv) - FRAME_SIZE != raw_len:
         return None
-    return mv[FRAME_SIZE:]
+    return check, frame_head(mv), mv[FRAME_SIZE:]
 
 
 def _check(body: memoryview, kind: int) -> int | None:

@@ -345,11 +345,11 @@ class ChunkStore:
         def decode(rows: range, blocks: list) -> None:
             run, heads, checks = rows.start, [], []  # the unchecked run [run, i)
             for i, block in zip(rows, blocks):
-                payload = codecs.raw_mix_payload(block) if bulk else None
-                if payload is not None and len(payload) == want:
-                    flat[i] = np.frombuffer(payload, dtype=np.uint8)
-                    checks.append(_U32.unpack_from(block)[0])
-                    heads.append(codecs.frame_head(block))
+                framed = codecs.raw_mix_payload(block) if bulk else None
+                if framed is not None and len(framed[2]) == want:
+                    flat[i] = np.frombuffer(framed[2], dtype=np.uint8)
+                    checks.append(framed[0])
+                    heads.append(framed[1])
                     continue
                 check_run(run, i, heads, checks)  # (errors in chunk order)
                 run, heads, checks = i + 1, [], []

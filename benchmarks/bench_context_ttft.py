@@ -3,8 +3,9 @@ with the document's token ids, and by the name of a stored context.
 
     python benchmarks/bench_context_ttft.py [--tokens 1M] [--repeats 3] [--dir /tmp]
 
-A tiny random model (4 layers, trained length 8K, so ReAttention's default scope: sink 64,
-top-62 chunks of 64 tokens, local window 2,048) and a synthetic store holding a document
+A random model (`--shape tiny`: 4 layers; `default`: the default model's shapes) trained
+to 8K, so ReAttention's default scope (sink 64, top-62 chunks of 64 tokens, local window
+2,048), and a synthetic store holding a document
 of `--tokens` random tokens (its chunks' K/V and summaries are synthetic, with summary
 packs as the engine writes them), named "doc". Each repeat starts new engines on the
 store, as a restarted server, with a streamed KV pool far smaller than the document:
@@ -18,8 +19,10 @@ top-k selection over 16K chunks in torch) is a fixed part of every figure.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import os
 import platform
+import pstats
 import shutil
 import statistics
 import tempfile
@@ -34,6 +37,9 @@ from sglang_reattn.kv_store.synthetic import kv_for, summary_for
 from sglang_reattn.testing import make_tiny_model
 
 PACK = 256  # chunks per summary pack, as the engine writes them
+SHAPES = {"tiny": dict(num_hidden_layers=4),
+          "default": dict(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                          head_dim=64, hidden_size=576, intermediate_size=1536)}
 
 
 def parse_size(text: str) -> int:
@@ -74,15 +80,24 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dir", default=None)
+    ap.add_argument("--shape", choices=("tiny", "default"), default="tiny",
+                    help="tiny: 4 layers; default: the default model's shapes (30 layers, 9 "
+                         "query and 3 KV heads of 64, hidden 576), random weights")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--cprofile", type=int, default=0, metavar="N",
+                    help="after the repeats, one more restart whose TTFT (the document's ids "
+                         "sent) runs under cProfile: its N costliest functions, by own time "
+                         "and by time inside")
     args = ap.parse_args()
     n = parse_size(args.tokens)
     c = 64
     root = tempfile.mkdtemp(prefix="bench_context_", dir=args.dir)
     try:
         model = make_tiny_model(f"{root}/model", "llama", max_position_embeddings=8192,
-                                num_hidden_layers=4)
+                                **SHAPES[args.shape])
         store = f"{root}/store"
-        opts = dict(device=args.device, reattn_chunk_size=c, chunked_prefill_size=2048,
+        opts = dict(device=args.device, dtype=args.dtype, reattn_chunk_size=c,
+                    chunked_prefill_size=2048,
                     log_level="warning", context_length=n + 4096)
         doc = np.random.default_rng(0).integers(3, 49152, n // c * c, dtype=np.int64)
         t = time.perf_counter()
@@ -108,11 +123,24 @@ def main() -> None:
                               "named context, the engine's second question"):
                     sec, cached[label] = ttft(eng, input_ids=question(), context="doc")
                     rows.setdefault(label, []).append(sec)
+        if args.cprofile:
+            with Engine(model, kv_store_path=store, **streamed) as eng:
+                here, engine = cProfile.Profile(), cProfile.Profile()
+                eng._call(engine.enable)  # (the engine thread admits and runs the request)
+                here.enable()
+                sec, _ = ttft(eng, input_ids=doc_ids + question())
+                here.disable()
+                eng._call(engine.disable)
+            print(f"# TTFT under cProfile (document's ids sent): {sec * 1e3:.0f} ms")
+            for label, prof in (("calling thread", here), ("engine thread", engine)):
+                for key in ("tottime", "cumulative"):
+                    print(f"## {label}, by {key}")
+                    pstats.Stats(prof).sort_stats(key).print_stats(args.cprofile)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     hw = (torch.cuda.get_device_name(0) if args.device.startswith("cuda")
           else f"{platform.machine()} CPU, {os.cpu_count()} cores")
-    print(f"# {hw}; tiny model (4 layers), document {n:,} tokens in {n // c:,} chunks of {c}, "
+    print(f"# {hw}; {args.shape} shape, random weights ({SHAPES[args.shape]}), document {n:,} tokens in {n // c:,} chunks of {c}, "
           f"synthetic store built in {built:.0f} s; median of {args.repeats}\n")
     print("| question | TTFT | cached tokens |\n|---|---|---|")
     for label, secs in rows.items():

@@ -37,7 +37,8 @@ that moved in them (and, with `--step-timers`, the time spent in the engine's pa
 `--profile` adds a breakdown of 64 decode steps (from a question's first token on) of the
 streamed and the resident engine, by kernel and by engine part, and the time the
 measure's streamed TTFT spent in the engine's parts;
-`--profile-ttft` one more restart whose streamed TTFT runs under the torch profiler.
+`--profile-ttft` one more restart whose streamed TTFT runs under the torch profiler;
+`--cprofile-ttft N` one more under cProfile.
 """
 
 from __future__ import annotations
@@ -99,6 +100,28 @@ def profile_ttft(eng, ids: list[int], top: int = 30) -> None:
           f"{dev / 1e3:.1f} ms; host self time by operation:")
     for e in sorted(evs, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]:
         print(f"  {e.self_cpu_time_total / 1e3:8.1f} ms  {e.count:6d} calls  {e.key[:80]}")
+
+
+def cprofile_ttft(eng, ids: list[int], top: int) -> None:
+    """A streamed TTFT under cProfile, on the calling thread (the request's checks) and
+    the engine thread (admission and the forward): the `top` functions of each by own
+    time, then by time inside."""
+    import cProfile
+    import pstats
+
+    here, engine = cProfile.Profile(), cProfile.Profile()
+    eng._call(engine.enable)
+    here.enable()
+    try:
+        t, _ = ttft(eng, ids)
+    finally:
+        here.disable()
+        eng._call(engine.disable)
+    print(f"cProfile of a streamed TTFT: wall {t * 1e3:.1f} ms (profiled)")
+    for label, prof in (("calling thread", here), ("engine thread", engine)):
+        for key in ("tottime", "cumulative"):
+            print(f"## {label}, by {key}")
+            pstats.Stats(prof, stream=sys.stdout).sort_stats(key).print_stats(top)
 
 
 def ttft(eng, ids: list[int]) -> tuple[float, int]:
@@ -396,6 +419,9 @@ def main() -> None:
     ap.add_argument("--profile-ttft", action="store_true",
                     help="after the variants, one more streamed engine's TTFT under the torch "
                          "profiler: host time by operation (CUDA runtime calls included)")
+    ap.add_argument("--cprofile-ttft", type=int, default=0, metavar="N",
+                    help="after the variants, one more streamed engine's TTFT under cProfile "
+                         "(the calling and engine threads): its N costliest functions")
     ap.add_argument("--step-timers", action="store_true",
                     help="time the engine's parts during the timed decode too, to show what "
                          "the slowest steps spent their time in (adds a little to each step)")
@@ -601,6 +627,10 @@ def main() -> None:
             release(eng)
             with Engine(model, **stream_opts) as eng:
                 profile_ttft(eng, doc + questions[1])
+        if args.cprofile_ttft:  # and under cProfile
+            release(eng)
+            with Engine(model, **stream_opts) as eng:
+                cprofile_ttft(eng, doc + questions[1], args.cprofile_ttft)
 
         release(eng)
         with Engine(model, **common) as eng:

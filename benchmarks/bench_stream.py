@@ -103,25 +103,11 @@ def profile_ttft(eng, ids: list[int], top: int = 30) -> None:
 
 
 def cprofile_ttft(eng, ids: list[int], top: int) -> None:
-    """A streamed TTFT under cProfile, on the calling thread (the request's checks) and
-    the engine thread (admission and the forward): the `top` functions of each by own
-    time, then by time inside."""
-    import cProfile
-    import pstats
+    """A streamed TTFT under cProfile (bench_context_ttft.cprofiled), both threads."""
+    from bench_context_ttft import cprofiled
 
-    here, engine = cProfile.Profile(), cProfile.Profile()
-    eng._call(engine.enable)
-    here.enable()
-    try:
-        t, _ = ttft(eng, ids)
-    finally:
-        here.disable()
-        eng._call(engine.disable)
+    t, _ = cprofiled(eng, lambda: ttft(eng, ids), top)
     print(f"cProfile of a streamed TTFT: wall {t * 1e3:.1f} ms (profiled)")
-    for label, prof in (("calling thread", here), ("engine thread", engine)):
-        for key in ("tottime", "cumulative"):
-            print(f"## {label}, by {key}")
-            pstats.Stats(prof, stream=sys.stdout).sort_stats(key).print_stats(top)
 
 
 def ttft(eng, ids: list[int]) -> tuple[float, int]:

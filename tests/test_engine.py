@@ -86,6 +86,9 @@ def test_bad_input_raises_and_engine_keeps_working(tiny_engine):
         (dict(input_ids=[5, -1]), "input_ids"),
         (dict(input_ids=[5, True]), "input_ids"),
         (dict(input_ids=[5, 6.0]), "input_ids"),
+        (dict(input_ids=[0, False, 7]), "input_ids"),
+        (dict(input_ids=[5, None]), "input_ids"),
+        (dict(input_ids=[5, "6"]), "input_ids"),
         (dict(input_ids=[[5], "6"]), "input_ids"),
         (dict(prompt="hi", top_logprobs_num=-2, return_logprob=True), "top_logprobs_num"),
     ]

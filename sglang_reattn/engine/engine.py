@@ -8,6 +8,7 @@ an `asyncio.Queue` (via `call_soon_threadsafe`) for async ones.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import gc
 import itertools
@@ -337,7 +338,7 @@ class Engine(NamedContexts):
             is_batch = bool(input_ids) and isinstance(input_ids[0], list)
             ids_list = input_ids if is_batch else [input_ids]
             for ids in ids_list:
-                if not isinstance(ids, list) or not _all_ints(ids, skip):
+                if not isinstance(ids, list):
                     raise InvalidRequest("input_ids must be a list of ints or a list of lists")
         if not ids_list:
             raise InvalidRequest("empty batch")
@@ -356,11 +357,8 @@ class Engine(NamedContexts):
         for i, (ids, sp, r) in enumerate(zip(ids_list, sp_list, rids)):
             if not ids:
                 raise InvalidRequest("prompt is empty")
-            try:  # also the disk tier's input for chunk ids, converted once
-                rest = np.fromiter(itertools.islice(ids, skip, None), np.int64, len(ids) - skip)
-                arr = np.concatenate([prefix, rest]) if skip else rest
-            except OverflowError:
-                arr = None
+            rest = _int_array(ids, skip)  # also the disk tier's input for chunk ids
+            arr = np.concatenate([prefix, rest]) if skip and rest is not None else rest
             if arr is None or arr.min() < 0 or arr.max() >= vocab:
                 raise InvalidRequest(f"input_ids must be in [0, {vocab})")
             params = SamplingParams.from_dict(sp)
@@ -583,13 +581,22 @@ class Engine(NamedContexts):
             pass
 
 
-def _all_ints(ids: list, skip: int = 0) -> bool:
-    """Every element from `skip` on an int and none a bool; for a plain int list one
-    pass over the element types in C (a 1M-token prompt's check was 66 ms as a
-    generator)."""
-    return set(map(type, itertools.islice(ids, skip, None))) <= {int} or all(
-        isinstance(t, int) and not isinstance(t, bool)
-        for t in itertools.islice(ids, skip, None))
+def _int_array(ids: list, skip: int = 0) -> np.ndarray | None:
+    """ids[skip:] as an int64 array, converted in one pass in C (`array.array`), which
+    refuses what is not an integer (a float, a string, None, a list); InvalidRequest for
+    those and for a bool (only ids of 0 or 1 can have been one: those few are looked at).
+    None when one is out of int64 range (the caller's range check refuses it). Integers
+    of other types (numpy's) are taken as their value. A 1M-token prompt took 42-46 ms
+    as a type check then np.fromiter, 22-27 ms this way (2-core CI machine)."""
+    try:
+        arr = np.frombuffer(array.array("q", itertools.islice(ids, skip, None)), np.int64)
+    except TypeError:
+        raise InvalidRequest("input_ids must be a list of ints or a list of lists") from None
+    except OverflowError:
+        return None
+    if any(type(ids[skip + i]) is bool for i in np.flatnonzero(arr <= 1).tolist()):
+        raise InvalidRequest("input_ids must be a list of ints or a list of lists")
+    return arr
 
 
 def _logprob_options(return_logprob, start, top_n, with_text) -> LogprobOptions:

@@ -116,6 +116,9 @@ def main() -> None:
                     help="after the repeats, one more restart whose TTFT (the document's ids "
                          "sent) runs under cProfile: its N costliest functions, by own time "
                          "and by time inside")
+    ap.add_argument("--sample", type=int, default=0, metavar="N",
+                    help="one more restart whose TTFT runs under a stack sampler "
+                         "(stack_sampler.py): its N costliest lines and functions per thread")
     args = ap.parse_args()
     n = parse_size(args.tokens)
     c = 64
@@ -156,6 +159,13 @@ def main() -> None:
                 q = question()
                 sec, _ = cprofiled(eng, lambda: ttft(eng, input_ids=doc_ids + q), args.cprofile)
             print(f"# TTFT under cProfile (document's ids sent): {sec * 1e3:.0f} ms")
+        if args.sample:
+            from stack_sampler import sampled
+
+            with Engine(model, kv_store_path=store, **streamed) as eng:
+                q = question()
+                sec, _ = sampled(lambda: ttft(eng, input_ids=doc_ids + q), args.sample)
+            print(f"# TTFT under the stack sampler (document's ids sent): {sec * 1e3:.0f} ms")
     finally:
         shutil.rmtree(root, ignore_errors=True)
     hw = (torch.cuda.get_device_name(0) if args.device.startswith("cuda")

@@ -405,6 +405,10 @@ def main() -> None:
     ap.add_argument("--profile-ttft", action="store_true",
                     help="after the variants, one more streamed engine's TTFT under the torch "
                          "profiler: host time by operation (CUDA runtime calls included)")
+    ap.add_argument("--sample-ttft", type=int, default=0, metavar="N",
+                    help="after the variants, one more streamed engine's TTFT under a stack "
+                         "sampler (stack_sampler.py): its N costliest lines and functions "
+                         "per thread")
     ap.add_argument("--cprofile-ttft", type=int, default=0, metavar="N",
                     help="after the variants, one more streamed engine's TTFT under cProfile "
                          "(the calling and engine threads): its N costliest functions")
@@ -613,6 +617,13 @@ def main() -> None:
             release(eng)
             with Engine(model, **stream_opts) as eng:
                 profile_ttft(eng, doc + questions[1])
+        if args.sample_ttft:  # and under the stack sampler
+            from stack_sampler import sampled
+
+            release(eng)
+            with Engine(model, **stream_opts) as eng:
+                t, _ = sampled(lambda: ttft(eng, doc + questions[1]), args.sample_ttft)
+                print(f"stack-sampled streamed TTFT: wall {t * 1e3:.1f} ms", flush=True)
         if args.cprofile_ttft:  # and under cProfile
             release(eng)
             with Engine(model, **stream_opts) as eng:

@@ -328,18 +328,25 @@ def test_summary_packs_read_like_single_summaries(tmp_path):
         served = []  # chunks each read took from packs
         orig = s._pack_rows
 
-        def counted(txn, keys, i):
-            got = orig(txn, keys, i)
+        def counted(txn, keys, i, lead=None):
+            got = orig(txn, keys, i, lead)
             served[-1] += 0 if got is None else len(got[0])
             return got
 
         s._pack_rows = counted
-        for lo, hi, packed in [(0, 40, 32), (3, 40, 16), (0, 20, 20), (5, 29, 13),
-                               (16, 18, 2), (31, 33, 0), (39, 40, 0)]:
+        # (lo, hi, pack_of_first, chunks read from packs): a run starting inside a pack is
+        # read from it when told where it starts; a wrong or impossible row: one by one
+        for lo, hi, lead, packed in [(0, 40, None, 32), (3, 40, None, 16), (0, 20, None, 20),
+                                     (5, 29, None, 13), (16, 18, None, 2), (31, 33, None, 0),
+                                     (39, 40, None, 0), (3, 40, (0, 3), 29),
+                                     (18, 29, (16, 2), 11), (1, 3, (0, 1), 2),
+                                     (3, 40, (0, 4), 16), (3, 20, (0, 40), 4),
+                                     (17, 20, (0, 17), 0)]:
             served.append(0)
-            q, sc = s.get_summaries(ids[lo:hi], dequantize=False)
+            q, sc = s.get_summaries(ids[lo:hi], dequantize=False,
+                                    pack_of_first=lead and (ids[lead[0]], lead[1]))
             assert np.array_equal(q, want_q[lo:hi]) and np.array_equal(sc, want_s[lo:hi])
-            assert served[-1] == packed, (lo, hi)
+            assert served[-1] == packed, (lo, hi, lead)
         s._pack_rows = orig
         assert np.allclose(s.get_summaries(ids), np.stack([r.summary for r in recs]), atol=0.05)
         # chunks in another order than the pack's: read one by one, still right

@@ -212,8 +212,8 @@ def test_streamed_summaries_come_from_summary_packs(tiny_llama, tmp_path, monkey
     served = []
     orig = ChunkStore._pack_rows
 
-    def counted(self, txn, keys, i):
-        got = orig(self, txn, keys, i)
+    def counted(self, txn, keys, i, lead=None):
+        got = orig(self, txn, keys, i, lead)
         served.append(0 if got is None else len(got[0]))
         return got
 
@@ -222,9 +222,10 @@ def test_streamed_summaries_come_from_summary_packs(tiny_llama, tmp_path, monkey
         out = eng.generate(input_ids=DOC + QUESTION, sampling_params=GREEDY)
         assert eng.stats()["stream_summaries_loaded"] == 48
     assert out["output_ids"] == want
-    # the 47 middle chunks start at chunk 1 (after the sink): chunks 8..47 from packs, read
-    # as chunks 1..15, 16..31 and 32..47 (then the chunk spilled while decoding)
-    assert sum(served) == 40
+    # the 47 middle chunks start at chunk 1 (after the sink), inside the first pack: all of
+    # them from packs, read as chunks 1..15, 16..31 and 32..47 (then the chunk spilled
+    # while decoding, alone)
+    assert sum(served) == 47
     assert pieces == [15, 16, 16, 1]
 
 
@@ -757,7 +758,7 @@ class _FakeTier:
     def touch(self, ids) -> None:
         pass
 
-    def get_summaries(self, ids):
+    def get_summaries(self, ids, pack_of_first=None):
         return self.store.get_summaries(ids, dequantize=False)
 
     def hold(self, ids) -> None:

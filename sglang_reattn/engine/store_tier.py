@@ -196,6 +196,11 @@ class StoreTier:
         self._save_chunks(token_ids, pages, first, namespace, ids)
         self._queue_packs(ids[:len(pages)], first)
 
+    @staticmethod
+    def pack_start(i: int) -> int:
+        """Where the summary pack holding a chain's chunk i starts in the chain."""
+        return i - i % SUMMARY_PACK
+
     def pack(self, ids: list[str]) -> None:
         """Summary packs, written behind, for the groups of SUMMARY_PACK chunks of `ids`
         (a stored chain from its root): a context's bulk summary read then takes one value
@@ -468,11 +473,12 @@ class StoreTier:
         finally:
             self.cold = major_faults() > before
 
-    def get_summaries(self, chunk_ids: list[str], out=None):
+    def get_summaries(self, chunk_ids: list[str], out=None, pack_of_first=None):
         """ChunkStore.get_summaries (quantized: int8 and scales, into `out` if given),
         noting whether the store is being read from disk."""
         with self._watch_faults():
-            return self.store.get_summaries(chunk_ids, dequantize=False, out=out)
+            return self.store.get_summaries(chunk_ids, dequantize=False, out=out,
+                                            pack_of_first=pack_of_first)
 
     def get_kv(self, chunk_ids: list[str], layer: int, out: np.ndarray | None = None,
                split: bool | None = None) -> tuple[np.ndarray, np.ndarray]:

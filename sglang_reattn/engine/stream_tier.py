@@ -430,13 +430,16 @@ class StreamTier:
     def is_virtual(self, page: int) -> bool:
         return page >= self.base
 
-    def attach(self, chunk_ids: list[str], first: int = 0) -> list[int]:
+    def attach(self, chunk_ids: list[str], first: int = 0,
+               lead: tuple[str, int] | None = None) -> list[int]:
         """Virtual pages of stored chunks: summaries not attached yet are read from the
         store in bulk. Raises StreamFault (nothing attached) when one cannot be read, and
         StreamFull (nothing attached) when the summary slots cannot take the new ones.
         Attached chunks are held in the store (safe from this process's evictions) until
         their last reference is released. first: chunk_ids[0]'s place in its chain (the
-        summaries are read in pieces that start where the store's summary packs do)."""
+        summaries are read in pieces that start where the store's summary packs do);
+        lead: (id, row) when chunk_ids[0] is row `row` of the summary pack that starts at
+        chunk `id` (a streamed context's middle starts after its sink chunk)."""
         unique = list(dict.fromkeys(chunk_ids))
         new = [c for c in unique if c not in self._slot_of]
         revived = sum(1 for c in unique if c in self._slot_of
@@ -454,7 +457,7 @@ class StreamTier:
             if new:  # int8 [n, L, 2, Hkv, D] and float32 scales [n, L, 2, Hkv]
                 # (on the calling thread: split over reader threads, the parts contended
                 # and took longer in all on the H200)
-                s = self._read_summaries(new, first)
+                s = self._read_summaries(new, first, lead if new[0] == chunk_ids[0] else None)
                 assert s[0].shape[1:] == (self.num_layers, 2) + self._shape[1:], \
                     f"stored summary shape {s[0].shape[1:]} does not match the model"
             # Idle summaries were read earlier, maybe before an eviction: still there?
@@ -495,15 +498,18 @@ class StreamTier:
         self.tier.touch(chunk_ids)
         return [self.base + self._slot_of[c] for c in chunk_ids]
 
-    def _read_summaries(self, chunk_ids: list[str], first: int):
+    def _read_summaries(self, chunk_ids: list[str], first: int,
+                        lead: tuple[str, int] | None = None):
         """The quantized summaries of chunks (int8 [n, L, 2, Hkv, D], float32 scales
         [n, L, 2, Hkv]) as tensors on the device. They are read in pieces of `_piece` chunks
         (aligned to the chain from `first`, as the store's packs are), each on a reader
         thread while the engine thread copies the one before into device memory; on CUDA
         each piece is read into one of two pinned buffers, in turn, and copied from it
         asynchronously. (Read into fresh arrays, then copied from pageable memory, a
-        1M-token context's took 71 and 31 ms one after the other on the H200's host.)"""
+        1M-token context's took 71 and 31 ms one after the other on the H200's host.)
+        lead: `attach`'s (the first piece starts inside that pack)."""
         n = len(chunk_ids)
+        lead_of = {0: lead} if lead is not None and lead[1] else {}
         dev = self.attn.kmin.device
         piece = self._piece
         cuts = list(range(piece - first % piece, n, piece))
@@ -512,13 +518,15 @@ class StreamTier:
         def read(j: int):
             a, b = bounds[j]
             if not self._summary_bufs:
-                return tuple(map(torch.from_numpy, self.tier.get_summaries(chunk_ids[a:b])))
+                return tuple(map(torch.from_numpy, self.tier.get_summaries(
+                    chunk_ids[a:b], pack_of_first=lead_of.get(a))))
             q_buf, s_buf, copied = self._summary_bufs[j % 2]
             copied.synchronize()  # (its last piece is on the device)
             shape = (b - a, self.num_layers, 2) + self._shape[1:]
             q = q_buf[: math.prod(shape)].view(shape)
             s = s_buf[: math.prod(shape[:-1])].view(shape[:-1])
-            self.tier.get_summaries(chunk_ids[a:b], out=(q.numpy(), s.numpy()))
+            self.tier.get_summaries(chunk_ids[a:b], out=(q.numpy(), s.numpy()),
+                                    pack_of_first=lead_of.get(a))
             return q, s
 
         readers = self.tier._reader_pool() if len(bounds) > 1 else None  # (one: inline)

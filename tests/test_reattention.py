@@ -9,6 +9,7 @@ import torch
 from sglang_reattn import Engine
 from sglang_reattn.config import EngineArgs, ReAttnConfig, resolve_reattn
 from sglang_reattn.errors import InvalidArgument
+from sglang_reattn.kernels.store_kv import chunk_summaries_ref
 from sglang_reattn.layers.attention import ForwardBatch, KVPool
 from sglang_reattn.layers.reattention import (
     ReAttention,
@@ -154,3 +155,29 @@ def test_context_beyond_trained_length_keeps_positions_bounded(tiny_llama):
     with Engine(tiny_llama, device="cpu", disable_reattn=True, log_level="warning") as full:
         with pytest.raises(Exception, match="context length"):
             full.generate(input_ids=ids, sampling_params={"max_new_tokens": 8})
+
+
+@pytest.mark.parametrize("summary", ["minmax", "mean"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loaded_pages_are_summarized_like_one_layer_at_a_time(summary, dtype):
+    """`pages_loaded` summarizes every layer of the pages at once, in batches of pages:
+    the same summaries as `chunk_summaries_ref` a layer at a time, other pages untouched."""
+    g = torch.Generator().manual_seed(7)
+    c, hkv, d, layers = 8, 2, 16, 3
+    pool = KVPool(layers, 12, c, hkv, d, dtype, torch.device("cpu"))
+    pool.k.copy_(torch.randn(pool.k.shape, generator=g))
+    rope = RopeTable(d, 10000.0, None, torch.device("cpu"))
+    attn = ReAttention(pool, rope, 4, d, ReAttnConfig(True, c, 2, c, 2 * c), summary=summary)
+    pages = torch.tensor([9, 2, 5, 11, 3])
+    for t in (attn.kmin, attn.kmax, attn.kmean):
+        if t is not None:
+            t.fill_(-7.0)
+    attn.pages_loaded(pages, batch_bytes=2 * layers * c * hkv * d * 4)  # (3 batches)
+    full = torch.full_like(pages, c)
+    for layer in range(layers):
+        want = chunk_summaries_ref(pool.k[layer], pages, full)
+        got = (attn.kmin, attn.kmax) if summary == "minmax" else (attn.kmean,)
+        for w, t in zip(want if summary == "minmax" else want[2:], got):
+            assert torch.equal(t[layer, pages], w.to(t.dtype))
+            others = [p for p in range(12) if p not in pages.tolist()]
+            assert (t[layer, others] == -7.0).all()

@@ -405,6 +405,9 @@ def main() -> None:
     ap.add_argument("--profile-ttft", action="store_true",
                     help="after the variants, one more streamed engine's TTFT under the torch "
                          "profiler: host time by operation (CUDA runtime calls included)")
+    ap.add_argument("--ttft-restarts", type=int, default=1, metavar="N",
+                    help="restarts whose streamed TTFT is taken (median reported; the "
+                         "last one also decodes)")
     ap.add_argument("--sample-ttft", type=int, default=0, metavar="N",
                     help="after the variants, one more streamed engine's TTFT under a stack "
                          "sampler (stack_sampler.py): its N costliest lines and functions "
@@ -523,6 +526,17 @@ def main() -> None:
             decode_rate(eng, doc + ids_of(24, 96, vocab), 4)
             eng.runner.graphs = graphs
         warm_compiles = len(COMPILED)
+        # More restarts that only take the TTFT (one restart's TTFT varied by half from
+        # run to run on the H200's host): their median with the one below is reported.
+        extra = []
+        for i in range(args.ttft_restarts - 1):
+            release(eng)
+            with Engine(model, **stream_opts) as eng:
+                extra.append(ttft(eng, doc + questions[1])[0])
+        if extra:
+            print("# streamed TTFT, restarts before the measured one: "
+                  + ", ".join(f"{t:.3f}" for t in extra) + " s", flush=True)
+        release(eng)
         with Engine(model, **stream_opts) as eng:
             if args.profile:  # bound at start-up, so wrapped on the instance
                 loaded = eng.store_tier.on_loaded
@@ -539,6 +553,8 @@ def main() -> None:
             with timers({}) if args.profile else contextlib.nullcontext() as parts:
                 res["streamed_ttft_s"], res["streamed_cached"] = ttft(eng, doc + questions[1])
             res["streamed_ttft_major_faults"] = major_faults() - faults
+            res["streamed_ttft_all_s"] = extra + [res["streamed_ttft_s"]]
+            res["streamed_ttft_s"] = statistics.median(res["streamed_ttft_all_s"])
             if args.profile:
                 eng.store_tier.on_loaded = loaded  # the TTFT's only
             for key, (sec, calls) in sorted((parts or {}).items(), key=lambda x: -x[1][0]):
@@ -661,7 +677,9 @@ def main() -> None:
         print(f"| TTFT, prefill with the store written behind (first engine: with Triton "
               f"compiles) | {res['prefill_s']:.2f} s ({res['prefill_s'] / base:.2f}x the "
               f"baseline), of which {res['prefill_compile_s']:.1f} s compiling |")
-    print(f"| TTFT after restart, streamed (cached {res['streamed_cached']:,} tokens) | "
+    runs = res["streamed_ttft_all_s"]
+    print(f"| TTFT after restart, streamed (cached {res['streamed_cached']:,} tokens; median "
+          f"of {len(runs)} restarts, {min(runs):.2f}-{max(runs):.2f} s) | "
           f"{res['streamed_ttft_s']:.2f} s ({base / res['streamed_ttft_s']:.1f}x faster) |")
     print(f"| TTFT after restart, whole prefix loaded (cached {res['resident_cached']:,}) | "
           f"{res['resident_ttft_s']:.2f} s ({base / res['resident_ttft_s']:.1f}x faster) |")

@@ -63,6 +63,10 @@ READS_FORMATS = (2, 3)
 _HEADROOM = 64 << 20  # map ceiling = 2 * capacity + this (LMDB page and B-tree overhead)
 
 
+class _EvictLockBusy(Exception):
+    """(put_chunks) its transaction must evict while the eviction lock is held elsewhere."""
+
+
 class ChunkStore:
     """Disk store of KV chunks, their summaries, headers and named contexts.
 
@@ -192,10 +196,29 @@ class ChunkStore:
             prepare_chunk(r, self.num_layers, self.kv_shape, self.np_dtype, self.codec, self.level)
             for r, there in zip(records, present)
         ]
+        # The eviction lock (which `hold` waits for) only while this write evicts: taken in
+        # the transaction once it must evict, held to its commit. A write that evicts
+        # nothing does not make a hold wait for its commit (a streamed decode step that
+        # spilled a chunk waited 41 ms for the write of the next one, with its fsync, on
+        # the H200's host). Taken without waiting there (the lock is taken before a
+        # write transaction elsewhere): when busy, the transaction is dropped and the
+        # write runs again with the lock held around it.
+        state: list[str] = []
+        try:
+            return self._write(lambda txn: self._put_txn(txn, prepared, state))
+        except _EvictLockBusy:
+            pass  # (nothing was written)
+        finally:
+            if state == ["taken"]:
+                self._evict_lock.release()
         with self._evict_lock:
-            return self._write(lambda txn: self._put_txn(txn, prepared))
+            state[:] = ["around"]
+            return self._write(lambda txn: self._put_txn(txn, prepared, state))
 
-    def _put_txn(self, txn, prepared: list[PreparedChunk | bytes]) -> list[str]:
+    def _put_txn(self, txn, prepared: list[PreparedChunk | bytes], state: list[str]
+                 ) -> list[str]:
+        """put_chunks' transaction. state: [] until it takes the eviction lock to evict
+        (then ["taken"]); ["around"] when the caller holds it."""
         dbs, now, now_ns = self.dbs, time.time(), time.time_ns()
         batch: dict[bytes, PreparedChunk] = {}
         existing: list[bytes] = []
@@ -211,6 +234,10 @@ class ChunkStore:
         need = sum(p.stored_bytes for p in batch.values())
         over = ix.get_counter(txn, dbs, b"bytes_used") + need - self.capacity
         if over > 0:
+            if not state:
+                if not self._evict_lock.acquire(blocking=False):
+                    raise _EvictLockBusy
+                state.append("taken")
             protected = {p.parent for p in batch.values() if p.parent} | set(existing)
             protected |= self._held_ids()
             freed = ix.evict(txn, dbs, over, protected, self.num_layers, self.chunk_size)

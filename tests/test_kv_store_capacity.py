@@ -222,3 +222,28 @@ def test_hold_waits_for_an_evicting_write_in_flight_not_for_other_writes(tmp_pat
         # an eviction in flight is waited for
         assert hold_during(s, "evict", lambda: s.evict_to(0), ids[2], 0.5)
         assert s.held() == {ids[1], ids[2]}
+        # a put that evicts nothing is not waited for; one that evicts is
+        more = make_chain(fp, 3, seed=2)
+        assert not hold_during(s, "add_counter", lambda: s.put_chunks(more[:1]), ids[3], 10)
+        s.release(list(s.held()))
+    per = chunk_bytes(tmp_path, fp)
+    with ChunkStore(tmp_path / "t", fp, 4 * per) as s:
+        s.put_chunks(a)
+        assert hold_during(s, "add_counter", lambda: s.put_chunks(more), ids[0], 0.5)
+        assert s.held() == {ids[0]} and s.has(ids[0])  # (kept: held before the eviction)
+        assert not s.has(ids[3])
+        assert s.has(more[2].chunk_id) and s.stats()["bytes"] <= 4 * per
+        # the lock taken elsewhere (an evict_to about to write): the put that must evict
+        # waits for it, and then writes
+        other = make_chain(fp, 2, seed=3)
+        done = threading.Event()
+        s._evict_lock.acquire()
+        try:
+            t = threading.Thread(target=lambda: (s.put_chunks(other), done.set()))
+            t.start()
+            assert not done.wait(0.3)
+        finally:
+            s._evict_lock.release()
+        t.join(20)
+        assert done.is_set() and s.has(other[1].chunk_id) and s.has(ids[0])
+        assert s.stats()["bytes"] <= 4 * per

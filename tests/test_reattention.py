@@ -181,3 +181,60 @@ def test_loaded_pages_are_summarized_like_one_layer_at_a_time(summary, dtype):
             assert torch.equal(t[layer, pages], w.to(t.dtype))
             others = [p for p in range(12) if p not in pages.tolist()]
             assert (t[layer, others] == -7.0).all()
+
+
+@pytest.mark.parametrize("combine", ["max", "sum"])
+@pytest.mark.parametrize("summary", ["minmax", "mean"])
+def test_a_completing_streamed_piece_selects_for_its_last_token_in_the_same_call(
+        summary, combine):
+    """A streamed prefill piece that completes its prompt selects, in each layer, for the
+    piece (its last R queries) and for its last token alone (what the next decode step
+    scores, for `StreamTier.expect`) in one call: both equal separate selections."""
+    from sglang_reattn import kernels as kn
+
+    torch.manual_seed(11)
+    c, hq, hkv, d, topk, spare = 8, 4, 2, 16, 3, 2
+    cfg = ReAttnConfig(True, c, c, topk, 2 * c)
+    pool = KVPool(1, 80, c, hkv, d, torch.float32, torch.device("cpu"))
+    pool.k.copy_(torch.randn(pool.k.shape))
+    rope = RopeTable(d, 10000.0, None, torch.device("cpu"))
+    attn = ReAttention(pool, rope, hq, d, cfg, summary=summary, combine=combine,
+                       num_virtual=4, spare=spare)  # (runners-up: a streaming tier's)
+    attn.pages_loaded(torch.arange(80))
+    got = {}
+
+    class Stream:
+        expect_next = True
+
+        def resolve(self, layer, sel, nsel, runners):
+            got["piece"] = (sel.clone(), nsel.clone(), runners.clone())
+            return sel
+
+        def expect(self, layer, rows, sel, nsel, runners):
+            got["last"] = (rows, sel.clone(), nsel.clone(), runners.clone())
+
+    attn.stream = Stream()
+    pages = [list(range(1, 40)), list(range(40, 80))]
+    cached, q_lens = [250, 280], [20, 24]
+    plan = build_scope_plan(cfg, pages, cached, q_lens, torch.device("cpu"), next_rows=[1])
+    q = torch.randn(sum(q_lens), hq, d)
+    attn.select(0, q, plan, streamed=True)
+    args = (kn.select_scope_ref, attn.kmin[0] if summary == "minmax" else None,
+            attn.kmax[0] if summary == "minmax" else None,
+            attn.kmean[0] if summary == "mean" else None)
+
+    def alone(qr, rows, reps):
+        f, kmin, kmax, kmean = args
+        _, _, sel, nsel, runners = f(
+            qr, plan.cand_pages[rows], plan.num_cands[rows], plan.head_table[rows],
+            plan.head_pages[rows], plan.local_table[rows], plan.local_tokens[rows], topk, c,
+            kmin, kmax, kmean, combine, reps, None, pool.num_pages, spare)
+        return sel, nsel, runners
+
+    want = alone(q.index_select(0, plan.rep_index), [0, 1], plan.reps)
+    for w, g in zip(want, got["piece"]):
+        assert torch.equal(w, g)
+    want = alone(q[[q_lens[0] + q_lens[1] - 1]], [1], 1)
+    assert got["last"][0] == [1]
+    for w, g in zip(want, got["last"][1:]):
+        assert torch.equal(w, g)

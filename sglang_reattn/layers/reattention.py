@@ -51,6 +51,10 @@ class ScopePlan:
     next_rows: torch.Tensor | None = None
     next_rows_host: list[int] | None = None
     next_index: torch.Tensor | None = None
+    # (ReAttention.select) the selection inputs of the B rows followed by those of
+    # next_rows, each of those scoring its last token (repeated R times): one selection
+    # per layer for both, made once per step
+    merged: tuple[torch.Tensor, ...] | None = None
 
 
 def plan_geometry(cfg: ReAttnConfig, cached: int, new: int) -> tuple[int, int, int]:
@@ -221,8 +225,17 @@ class ReAttention(PagedAttention):
         are mapped to the chunk-cache pages their K/V are (eager) or were (`in_graph`)
         fetched into."""
         kn, c, topk = self._kernels, self.cfg.chunk_size, self.cfg.topk
+        # A streamed prefill piece that completes its prompt also selects for its last
+        # token alone (`StreamTier.expect`): as rows after the batch's, in the same call.
+        # (R copies of that token score as one: the max over a row's R queries.)
+        merge = (streamed and not in_graph and plan.next_rows is not None
+                 and self.stream.expect_next)
+        cand, ncand, htab, hpages, ltab, ltoks, rep_index = (
+            self._merged_inputs(plan) if merge else
+            (plan.cand_pages, plan.num_cands, plan.head_table, plan.head_pages,
+             plan.local_table, plan.local_tokens, plan.rep_index))
         # [B*R, Hq, D] un-rotated; decode (one query per sequence, R = 1) scores q itself
-        qr = q if plan.reps == 1 else q.index_select(0, plan.rep_index)
+        qr = q if plan.reps == 1 and not merge else q.index_select(0, rep_index)
         kmin, kmax, kmean = self._summaries(layer_id)
         # Virtual candidates (streamed) have summaries like any page. Scoring, top-k and the
         # table are one fused op (5 launches on GPU). In a CUDA graph the table maps virtual
@@ -232,18 +245,21 @@ class ReAttention(PagedAttention):
         on_device = streamed and in_graph
         spare = self.spare if streamed else 0
         table, lens, sel_pages, nsel, *runners = kn.select_scope(
-            qr, plan.cand_pages, plan.num_cands, plan.head_table, plan.head_pages,
-            plan.local_table, plan.local_tokens, topk, c, kmin, kmax, kmean, self.combine,
-            plan.reps, self.page_map[layer_id] if on_device else None, self.pool.num_pages,
-            spare)
+            qr, cand, ncand, htab, hpages, ltab, ltoks, topk, c, kmin, kmax, kmean,
+            self.combine, plan.reps, self.page_map[layer_id] if on_device else None,
+            self.pool.num_pages, spare)
         runners = runners[0] if runners else None
+        nxt = None
+        if merge:
+            b = plan.cand_pages.shape[0]
+            nxt = (sel_pages[b:], nsel[b:], None if runners is None else runners[b:])
+            sel_pages, nsel = sel_pages[:b], nsel[:b]
+            runners = None if runners is None else runners[:b]
         if runners is not None:
             self.last_runners[layer_id] = runners
         if not streamed or in_graph:
             self.last_selection[layer_id] = sel_pages  # candidates' own pages
             return table, lens
-        nxt = (self._select_last(layer_id, q, plan)  # launched before resolve's sync
-               if plan.next_rows is not None and self.stream.expect_next else None)
         sel_pages = self.stream.resolve(layer_id, sel_pages, nsel, runners)
         if nxt is not None:
             self.stream.expect(layer_id, plan.next_rows_host, *nxt)
@@ -251,19 +267,21 @@ class ReAttention(PagedAttention):
         return kn.assemble_scope_ref(plan.head_table, plan.head_pages, sel_pages, nsel,
                                      plan.local_table, plan.local_tokens, c)
 
-    def _select_last(self, layer_id: int, q: torch.Tensor, plan: ScopePlan
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """A streamed prefill piece completing its prompt: this layer's selection for its
-        last token alone (one query, as the next decode step scores) -> (selected pages,
-        their count, runners-up), for the streaming tier to load before that step
-        (`StreamTier.expect`). The piece's own selection votes with its last REP_QUERIES
-        queries and often differs, so without this the first decode step missed in most
-        layers (replays, then an eager pass)."""
-        r = plan.next_rows
-        kmin, kmax, kmean = self._summaries(layer_id)
-        _, _, sel, nsel, *runners = self._kernels.select_scope(
-            q.index_select(0, plan.next_index), plan.cand_pages[r], plan.num_cands[r],
-            plan.head_table[r], plan.head_pages[r], plan.local_table[r],
-            plan.local_tokens[r], self.cfg.topk, self.cfg.chunk_size, kmin, kmax, kmean,
-            self.combine, 1, None, self.pool.num_pages, self.spare)
-        return sel, nsel, runners[0] if runners else None
+    @staticmethod
+    def _merged_inputs(plan: ScopePlan) -> tuple[torch.Tensor, ...]:
+        """A streamed prefill piece completing its prompt: the selection inputs of the
+        batch's rows, then those of `plan.next_rows` again, whose R query rows are all
+        their last token (as the next decode step scores it): each layer's selection for
+        that token alone comes from the same call, for the streaming tier to load before
+        that step (`StreamTier.expect`). The piece's own selection votes with its last
+        REP_QUERIES queries and often differs, so without this the first decode step
+        missed in most layers (replays, then an eager pass); as a call of its own per
+        layer it took 56 ms (sampled) of a 1M-token TTFT on the H200's host. Made once
+        per step (kept on the plan)."""
+        if plan.merged is None:
+            r = plan.next_rows
+            plan.merged = tuple(torch.cat([t, t[r]]) for t in (
+                plan.cand_pages, plan.num_cands, plan.head_table, plan.head_pages,
+                plan.local_table, plan.local_tokens)) + (
+                torch.cat([plan.rep_index, plan.next_index.repeat_interleave(plan.reps)]),)
+        return plan.merged

@@ -352,3 +352,35 @@ def test_a_load_takes_layers_read_ahead_and_their_errors(synthetic_store_tier):
     assert tier.load(ids, list(range(1, 7)), tier.read_ahead(ids)) == 4
     assert tier.stats["store_corrupt_blocks"] == 1 and not tier.store.has(ids[4])
     tier.close()
+
+
+@pytest.mark.parametrize("pin_bytes", [1 << 20, 3 * 4 * 2 * 2 * 4 * 8 * 2])
+def test_reads_ahead_into_the_load_buffer_load_like_plain_reads(synthetic_store_tier,
+                                                                monkeypatch, pin_bytes):
+    """With the tier's load buffer (pinned on CUDA; here unpinned, on the CPU), loads read
+    ahead into it fill the pages as plain loads do: one after another, after a read ahead
+    that no load took (an admission that failed later), and one too large for the buffer
+    (read into fresh arrays). The second size holds exactly 4 chunks of 3 layers."""
+    from sglang_reattn.engine import store_tier
+
+    monkeypatch.setattr(store_tier, "LOAD_BUFFER_OFF_CUDA", True)
+    monkeypatch.setattr(store_tier, "LOAD_PIN_BYTES", pin_bytes)
+    tier, ids = synthetic_store_tier(3, 24, 8, 9)
+    pool = tier.pool
+    assert tier._load_pin is not None and tier._load_pin.numel() * 2 == pin_bytes
+    assert tier.load(ids, list(range(1, 9))) == 8
+    want_k, want_v = pool.k[:, 1:9].clone(), pool.v[:, 1:9].clone()
+    used = []
+    for lo, hi in ((0, 4), (4, 8), (2, 6), (0, 8)):
+        pool.k.zero_()
+        pool.v.zero_()
+        tier.read_ahead(ids[hi - 1:hi])  # (taken by no load: overwritten after it ends)
+        ahead = tier.read_ahead(ids[lo:hi])
+        pinned = ahead.result()[0]
+        used.append(pinned is not None)
+        if pinned is not None:
+            assert pinned.data_ptr() == tier._load_pin.data_ptr()
+        assert tier.load(ids[lo:hi], list(range(10, 10 + hi - lo)), ahead) == hi - lo
+        assert torch.equal(pool.k[:, 10:10 + hi - lo], want_k[:, lo:hi])
+        assert torch.equal(pool.v[:, 10:10 + hi - lo], want_v[:, lo:hi])
+    assert used == [True, True, True, pin_bytes > 3 * 8 * 2 * 2 * 4 * 8 * 2]

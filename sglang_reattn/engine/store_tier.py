@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import queue
 import re
@@ -27,6 +28,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -113,6 +115,12 @@ TOUCH_REFRESH_S = 30.0  # a chunk's last-used mark is not rewritten sooner than 
 TOUCHED_MAX = 1 << 18  # chunks whose last mark time is remembered (about 50 MB at most)
 AHEAD_READERS = 2  # reader threads of a `read_ahead` (beside the engine thread's work)
 SPLIT_MIN = 4  # chunks per reader thread at least, when one layer's read is split
+# (CUDA) a pinned buffer, made with the tier, that a streamed admission's sink and
+# local-window blocks are read ahead into (every layer): copied from it asynchronously.
+# Read into fresh pageable arrays, their copies to the device took 21 ms (sampled) of a
+# 1M-token TTFT on the H200's host; the default model's 33 pages are 47 MB.
+LOAD_PIN_BYTES = 64 << 20
+LOAD_BUFFER_OFF_CUDA = False  # (tests) that buffer, unpinned, on other devices too
 
 
 def major_faults() -> int:
@@ -157,6 +165,14 @@ class StoreTier:
         self._touched: dict[str, float] = {}  # (writer) chunk -> when last marked
         self._touch_buf: list[str] = []  # marks held back while the engine is busy
         self._readers: ThreadPoolExecutor | None = None  # read_layers' threads
+        # `read_ahead`'s pinned buffer, the event of its last copies to the device, and the
+        # last read ahead into it (the next one waits for both before writing into it)
+        self._load_pin = self._load_done = self._ahead_prev = None
+        cuda = pool.k.device.type == "cuda"
+        if cuda or LOAD_BUFFER_OFF_CUDA:
+            self._load_pin = torch.empty(LOAD_PIN_BYTES // pool.k.element_size(),
+                                         dtype=pool.k.dtype, pin_memory=cuda)
+            self._load_done = torch.cuda.Event() if cuda else None
         # Whether the last bulk read took major page faults (blocks read from disk): then
         # reads go over the reader threads, else on the calling thread (from the page
         # cache the threads only add overhead). Assumed cold until a read says otherwise.
@@ -423,8 +439,30 @@ class StoreTier:
         # took 135 ms, not 66, on the H200's host). And at most AHEAD_READERS layers at
         # once: with 16, the engine thread's own Python work (holding and looking up 16K
         # chunks) waited for the interpreter lock (47 ms, not 8, to hold them).
-        return self._reader_pool().submit(
-            lambda: list(self.read_layers(chunk_ids, 1, AHEAD_READERS)))
+        out = self._load_buffer(len(chunk_ids))
+        prev = self._ahead_prev
+
+        def run():
+            if out is not None:  # the buffer's last use is over: its reads, its copies
+                if prev is not None:
+                    futures.wait([prev])
+                if self._load_done is not None:
+                    self._load_done.synchronize()
+            return out, list(self.read_layers(chunk_ids, 1, AHEAD_READERS, out))
+
+        fut = self._reader_pool().submit(run)
+        if out is not None:
+            self._ahead_prev = fut
+        return fut
+
+    def _load_buffer(self, n: int) -> torch.Tensor | None:
+        """The pinned buffer as [L, n, 2, C, Hkv, D] (None: not CUDA, or too small)."""
+        if self._load_pin is None:
+            return None
+        shape = (self.pool.k.shape[0], n, 2) + tuple(self.pool.k.shape[2:])
+        if math.prod(shape) > self._load_pin.numel():
+            return None
+        return self._load_pin[: math.prod(shape)].view(shape)
 
     def load(self, chunk_ids: list[str], pages: list[int], ahead: Future | None = None
              ) -> int:
@@ -434,14 +472,20 @@ class StoreTier:
         n = len(chunk_ids)
         try:
             idx = torch.tensor(pages[:n], device=self.pool.k.device)
-            for layer, kv in (ahead.result() if ahead is not None
-                              else self.read_layers(chunk_ids[:n])):
+            pinned, layers = (ahead.result() if ahead is not None
+                              else (None, self.read_layers(chunk_ids[:n])))
+            for layer, kv in layers:
                 # K and V of a layer in one copy (as separate views, each went as a
-                # contiguous host copy and then a copy of its own)
-                kv_dev = _from_numpy(kv, self.pool.k.dtype).to(self.pool.k.device)
+                # contiguous host copy and then a copy of its own); from the pinned
+                # buffer it was read into, queued
+                kv_dev = (pinned[layer].to(self.pool.k.device, non_blocking=True)
+                          if pinned is not None else
+                          _from_numpy(kv, self.pool.k.dtype).to(self.pool.k.device))
                 self.pool.k[layer, idx] = kv_dev[:, 0]
                 self.pool.v[layer, idx] = kv_dev[:, 1]
                 self.stats["store_bytes_loaded"] += kv.nbytes
+            if pinned is not None and self._load_done is not None:
+                self._load_done.record()
         except CorruptBlock as e:
             self.stats["store_corrupt_blocks"] += 1
             logger.error("kv store: %s; dropping it, it will be recomputed", e)
@@ -503,21 +547,23 @@ class StoreTier:
             return out[:, 0], out[:, 1]
 
     def read_layers(self, chunk_ids: list[str], parts: int | None = None,
-                    readers: int = READERS):
+                    readers: int = READERS, out: torch.Tensor | None = None):
         """(layer, kv) of every layer of these chunks, in layer order, kv [n, 2, C, H, D]
         (K then V of each chunk). Layers are read ahead on a pool of reader threads (a
         window bounded by READ_AHEAD_BYTES): blocks not in the page cache come from disk
         several at a time, as page faults and checksums run outside the interpreter lock.
         Errors surface in layer order. parts: get_kv_many's, per layer; readers: the most
-        reader threads used."""
+        reader threads used. out: [L, n, 2, C, H, D] to read into (each layer's kv a view
+        of it), else fresh arrays."""
         num_layers = self.pool.k.shape[0]
         per_layer = 2 * len(chunk_ids) * self.pool.k[0, 0].numel() * self.pool.k.element_size()
         window = max(1, min(readers, READ_AHEAD_BYTES // max(per_layer, 1)))
 
         def read(layer: int) -> np.ndarray:
-            out = np.empty((len(chunk_ids), 2) + self.store.kv_shape, self.store.np_dtype)
-            self.store.get_kv_many(chunk_ids, layer, out, parts)
-            return out
+            buf = (_to_numpy(out[layer]) if out is not None else
+                   np.empty((len(chunk_ids), 2) + self.store.kv_shape, self.store.np_dtype))
+            self.store.get_kv_many(chunk_ids, layer, buf, parts)
+            return buf
 
         if window == 1 or num_layers == 1 or not self.cold:
             with self._watch_faults():

@@ -317,7 +317,7 @@ def timers(out: dict):
                (store.ChunkStore, ("get_summaries", "get_kv_many", "has_many", "hold", "_write")),
                (codecs, ("decode_block",)),
                (engine.Engine, ("_build", "_make_request")),
-               (reattention.ReAttention, ("select", "_merged_inputs")),
+               (reattention.ReAttention, ("select",)),
                (radix_cache.RadixCache, ("match_prefix",)),
                (scheduler.Scheduler, ("_admit", "_run_prefill", "_run_decode", "_spill",
                                       "_sample_and_emit", "_store_ids", "_release",

@@ -363,7 +363,12 @@ def test_summary_packs_read_like_single_summaries(tmp_path):
         # framing), and a damaged count of chunks (read before any checksum)
         for first, at in ((16, -3), (0, -3), (16, codecs.FRAME_SIZE + 2)):
             s._write(lambda txn: flip(txn, bytes.fromhex(ids[first]), at))
-            assert np.array_equal(s.get_summaries(ids, dequantize=False)[0], want_q)
+            seen = {}  # the packs met, and whether each was intact
+            assert np.array_equal(s.get_summaries(ids, dequantize=False, packs_seen=seen)[0],
+                                  want_q)
+            other = bytes.fromhex(ids[16 - first])
+            assert seen == ({bytes.fromhex(ids[first]): False, other: True} if at < 0 else
+                            {other: True})  # (a damaged count: no pack found there)
             assert s.pack_summaries(ids[first:first + 16])
             assert not s.pack_summaries(ids[first:first + 16])
         # removing a chunk removes its pack and its charge; the other pack stays

@@ -218,10 +218,18 @@ def test_streamed_summaries_come_from_summary_packs(tiny_llama, tmp_path, monkey
         return got
 
     monkeypatch.setattr(ChunkStore, "_pack_rows", counted)
+    packing = []  # the groups the writer was asked to pack (by their first chunk)
+    pack = ChunkStore.pack_summaries
+    monkeypatch.setattr(ChunkStore, "pack_summaries",
+                        lambda self, ids: packing.append(ids[0]) or pack(self, ids))
     with Engine(tiny_llama, kv_store_path=store, **SMALL, **OPTS) as eng:
         out = eng.generate(input_ids=DOC + QUESTION, sampling_params=GREEDY)
         assert eng.stats()["stream_summaries_loaded"] == 48
+        eng.store_tier.flush()
     assert out["output_ids"] == want
+    # of the document's 7 groups of 8 chunks, the 6 whose packs the admission read are not
+    # packed again; the last (chunks 48..55, the local window's) is
+    assert len(packing) == 1
     # the 47 middle chunks start at chunk 1 (after the sink), inside the first pack: all of
     # them from packs, read as chunks 1..15, 16..31 and 32..47 (then the chunk spilled
     # while decoding, alone)

@@ -519,10 +519,20 @@ class StoreTier:
 
     def get_summaries(self, chunk_ids: list[str], out=None, pack_of_first=None):
         """ChunkStore.get_summaries (quantized: int8 and scales, into `out` if given),
-        noting whether the store is being read from disk."""
+        noting whether the store is being read from disk. The packs it read intact count
+        as packed (`pack` queues no job for them): after a streamed admission, a 1M-token
+        context's 64 jobs, each a write transaction finding its pack there, ran on the
+        writer thread beside the question's forward."""
+        seen: dict[bytes, bool] = {}
+        self._forget_if_removed()  # (a removal from here on forgets what this read adds)
         with self._watch_faults():
-            return self.store.get_summaries(chunk_ids, dequantize=False, out=out,
-                                            pack_of_first=pack_of_first)
+            got = self.store.get_summaries(chunk_ids, dequantize=False, out=out,
+                                           pack_of_first=pack_of_first, packs_seen=seen)
+        if seen and not self.readonly:
+            with self._lock:  # (a damaged pack is queued again, and rewritten)
+                self._packed.update(k.hex() for k, ok in seen.items() if ok)
+                self._packed.difference_update(k.hex() for k, ok in seen.items() if not ok)
+        return got
 
     def get_kv(self, chunk_ids: list[str], layer: int, out: np.ndarray | None = None,
                split: bool | None = None) -> tuple[np.ndarray, np.ndarray]:

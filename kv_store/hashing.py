@@ -104,19 +104,9 @@ def chunk_hashes(
     sha256 = hashlib.sha256
     digests: list[bytes] = []
     keep = digests.append
-    if not wide:  # (the usual case: the loop with the least Python per page)
-        at = 0
-        if prior is None:
-            prior = sha256(narrow[:step]).digest()
-            keep(prior)
-            at = step
-        for at in range(at, n_full * step, step):
-            prior = sha256(prior + narrow[at:at + step]).digest()
-            keep(prior)
-    else:
-        for i, at in enumerate(range(0, n_full * step, step)):
-            page = _page_bytes(pages[i]) if i in wide else narrow[at:at + step]
-            prior = sha256(prior + page if prior is not None else page).digest()
-            keep(prior)
+    for i, at in enumerate(range(0, n_full * step, step)):
+        page = _page_bytes(pages[i]) if i in wide else narrow[at:at + step]
+        prior = sha256(prior + page if prior is not None else page).digest()
+        keep(prior)
     hexed = b"".join(digests).hex()
     return [hexed[j:j + 64] for j in range(0, len(hexed), 64)]

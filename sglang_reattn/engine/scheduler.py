@@ -363,10 +363,9 @@ class Scheduler:
         ahead = self.store.read_ahead(real_ids)  # while the summaries are read
         try:
             start = self.store.pack_start(middle.start)  # (where its summary pack starts)
-            lead = stored[start - have] if start >= have else \
-                self._store_ids(r, start + 1)[start]
             virtual = self.stream.attach([stored[i - have] for i in middle], middle.start,
-                                         (lead, middle.start - start))
+                                         (self._store_ids(r, start + 1)[start],
+                                          middle.start - start))
         except StreamFault as e:
             self._report_fault(e)
             return None, matched

@@ -460,9 +460,8 @@ class StoreTier:
         if self._load_pin is None:
             return None
         shape = (self.pool.k.shape[0], n, 2) + tuple(self.pool.k.shape[2:])
-        if math.prod(shape) > self._load_pin.numel():
-            return None
-        return self._load_pin[: math.prod(shape)].view(shape)
+        size = math.prod(shape)
+        return self._load_pin[:size].view(shape) if size <= self._load_pin.numel() else None
 
     def load(self, chunk_ids: list[str], pages: list[int], ahead: Future | None = None
              ) -> int:
@@ -478,9 +477,8 @@ class StoreTier:
                 # K and V of a layer in one copy (as separate views, each went as a
                 # contiguous host copy and then a copy of its own); from the pinned
                 # buffer it was read into, queued
-                kv_dev = (pinned[layer].to(self.pool.k.device, non_blocking=True)
-                          if pinned is not None else
-                          _from_numpy(kv, self.pool.k.dtype).to(self.pool.k.device))
+                src = pinned[layer] if pinned is not None else _from_numpy(kv, self.pool.k.dtype)
+                kv_dev = src.to(self.pool.k.device, non_blocking=pinned is not None)
                 self.pool.k[layer, idx] = kv_dev[:, 0]
                 self.pool.v[layer, idx] = kv_dev[:, 1]
                 self.stats["store_bytes_loaded"] += kv.nbytes

@@ -509,7 +509,6 @@ class StreamTier:
         1M-token context's took 71 and 31 ms one after the other on the H200's host.)
         lead: `attach`'s (the first piece starts inside that pack)."""
         n = len(chunk_ids)
-        lead_of = {0: lead} if lead is not None and lead[1] else {}
         dev = self.attn.kmin.device
         piece = self._piece
         cuts = list(range(piece - first % piece, n, piece))
@@ -519,14 +518,14 @@ class StreamTier:
             a, b = bounds[j]
             if not self._summary_bufs:
                 return tuple(map(torch.from_numpy, self.tier.get_summaries(
-                    chunk_ids[a:b], pack_of_first=lead_of.get(a))))
+                    chunk_ids[a:b], pack_of_first=lead if a == 0 else None)))
             q_buf, s_buf, copied = self._summary_bufs[j % 2]
             copied.synchronize()  # (its last piece is on the device)
             shape = (b - a, self.num_layers, 2) + self._shape[1:]
             q = q_buf[: math.prod(shape)].view(shape)
             s = s_buf[: math.prod(shape[:-1])].view(shape[:-1])
             self.tier.get_summaries(chunk_ids[a:b], out=(q.numpy(), s.numpy()),
-                                    pack_of_first=lead_of.get(a))
+                                    pack_of_first=lead if a == 0 else None)
             return q, s
 
         readers = self.tier._reader_pool() if len(bounds) > 1 else None  # (one: inline)

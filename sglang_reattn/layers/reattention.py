@@ -162,35 +162,27 @@ class ReAttention(PagedAttention):
         return tuple(None if t is None else t[layer_id]
                      for t in (self.kmin, self.kmax, self.kmean))
 
-    def _summarize_pages(self, layer_id: int, pages: torch.Tensor) -> None:
-        """Recompute one layer's summaries of whole pages from their keys."""
-        full = torch.full_like(pages, self.pool.page_size)
-        kmin, kmax, kmean = self._kernels.chunk_summaries_ref(self.pool.k[layer_id], pages, full)
-        smin, smax, smean = self._summaries(layer_id)
-        if smin is not None:
-            smin[pages] = kmin.to(smin.dtype)
-            smax[pages] = kmax.to(smax.dtype)
-        if smean is not None:
-            smean[pages] = kmean.to(smean.dtype)
+    def _summarize_pages(self, layers: int | slice, pages: torch.Tensor) -> None:
+        """Recompute the summaries of whole pages from their keys, as `chunk_summaries_ref`
+        does: in one layer (an int) or in a slice of layers at once."""
+        pages = pages.long()
+        keys = self.pool.k[layers, pages].float()  # [(L,) n, C, Hkv, D]
+        if self.kmin is not None:
+            self.kmin[layers, pages] = keys.amin(-3).to(self.kmin.dtype)
+            self.kmax[layers, pages] = keys.amax(-3).to(self.kmax.dtype)
+        if self.kmean is not None:
+            self.kmean[layers, pages] = (keys.sum(-3) / keys.shape[-3]).to(self.kmean.dtype)
 
     def pages_loaded(self, pages: torch.Tensor, batch_bytes: int = 256 << 20) -> None:
         """Summaries of whole pages, every layer (chunks loaded from the disk tier): all
-        layers of a batch of pages at once, as `chunk_summaries_ref` computes them (a
-        streamed admission's 33 sink and local-window pages, one layer at a time, took
-        25-38 ms of launches in a 1M-token TTFT on the H200's host)."""
+        layers of a batch of pages at once (a streamed admission's 33 sink and
+        local-window pages, one layer at a time, took 25-38 ms of launches in a 1M-token
+        TTFT on the H200's host)."""
         super().pages_loaded(pages)
         k = self.pool.k  # [L, P, C, Hkv, D]
-        per_page = k.shape[0] * k[0, 0].numel() * 4  # (float32 keys of a page, all layers)
-        step = max(1, batch_bytes // per_page)
-        pages = pages.long()
+        step = max(1, batch_bytes // (k.shape[0] * k[0, 0].numel() * 4))  # (float32 keys)
         for lo in range(0, len(pages), step):
-            idx = pages[lo:lo + step]
-            keys = k[:, idx].float()  # [L, n, C, Hkv, D]
-            if self.kmin is not None:
-                self.kmin[:, idx] = keys.amin(2).to(self.kmin.dtype)
-                self.kmax[:, idx] = keys.amax(2).to(self.kmax.dtype)
-            if self.kmean is not None:
-                self.kmean[:, idx] = (keys.sum(2) / k.shape[2]).to(self.kmean.dtype)
+            self._summarize_pages(slice(None), pages[lo:lo + step])
 
     def store(self, layer_id: int, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> None:
         if self.use_triton:

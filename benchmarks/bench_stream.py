@@ -290,10 +290,13 @@ def release(eng) -> None:
 
 
 @contextlib.contextmanager
-def timers(out: dict):
+def timers(out: dict, trace: list | None = None):
     """Wall time spent in the streamed engine's main parts: the methods below, wrapped for
     the duration, accumulate seconds and calls into `out`, keyed `Class.method`, with
-    `@thread` appended off the engine thread (the prefetch and writer threads)."""
+    `@thread` appended off the engine thread (the prefetch and writer threads). `trace`:
+    every call is also appended to it as (key, thread, start, end, depth), depth counting
+    the wrapped calls it is inside on its thread (`print_timeline`)."""
+    depth = threading.local()
     from sglang_reattn.engine import (
         model_runner,
         radix_cache,
@@ -310,7 +313,8 @@ def timers(out: dict):
                                          "_write_pages", "_prefetch_one", "_stage",
                                          "_fill_many", "_read_rows", "expect",
                                          "_put_summaries", "release", "_load",
-                                         "run_deferred", "_cache_in", "_cache_in_many")),
+                                         "run_deferred", "_cache_in", "_cache_in_many",
+                                         "_read_summaries", "_wait_ahead")),
                (stream_tier.ChunkCache, ("acquire",)), (stream_tier.HostCache, ("put",)),
                (store_tier.StoreTier, ("lookup", "load", "save", "_write_one", "hold",
                                        "get_kv", "read_ahead", "pack")),
@@ -335,15 +339,20 @@ def timers(out: dict):
             saved.append((cls, name, f))
 
             def wrapped(*a, _f=f, _key=f"{cls.__name__}.{name}", **k):
+                d = depth.n = getattr(depth, "n", 0) + 1
                 t = time.perf_counter()
                 try:
                     return _f(*a, **k)
                 finally:
-                    th = threading.current_thread().name
-                    th = th.rstrip("0123456789").rstrip("_")  # a pool's threads as one
+                    end = time.perf_counter()
+                    depth.n = d - 1
+                    name_ = threading.current_thread().name
+                    th = name_.rstrip("0123456789").rstrip("_")  # a pool's threads as one
                     key = _key if th in ("engine", "MainThread") else f"{_key}@{th}"
                     s, n = out.get(key, (0.0, 0))
-                    out[key] = (s + time.perf_counter() - t, n + 1)
+                    out[key] = (s + end - t, n + 1)
+                    if trace is not None:
+                        trace.append((_key, name_, t, end, d - 1))
 
             setattr(cls, name, wrapped)
     try:
@@ -351,6 +360,32 @@ def timers(out: dict):
     finally:
         for cls, name, f in saved:
             setattr(cls, name, f)
+
+
+def print_timeline(trace: list, t0: float, depth: int = 2) -> None:
+    """A traced TTFT (`timers(trace=)`) in time order from t0: the engine thread's calls
+    up to `depth` wrapped calls deep (a run of calls of one method at one depth as one
+    line: count, first start, last end, time inside), then each other thread's outermost
+    calls, merged likewise."""
+    def runs(events):
+        out = []
+        for key, _, a, b, d in sorted(events, key=lambda e: e[2]):
+            if out and out[-1][0] == (key, d):
+                r = out[-1]
+                r[1] += 1
+                r[3] = max(r[3], b)
+                r[4] += b - a
+            else:
+                out.append([(key, d), 1, a, b, b - a])
+        return out
+
+    print("timeline of a streamed TTFT (ms from the request; calls, inside ms):")
+    threads = sorted({e[1] for e in trace}, key=lambda th: (th != "engine", th))
+    for th in threads:
+        ev = [e for e in trace if e[1] == th and e[4] <= (depth if th == "engine" else 0)]
+        for (key, d), n, a, b, inside in runs(ev):
+            print(f"  {th:22s} {(a - t0) * 1e3:8.1f} -> {(b - t0) * 1e3:8.1f}  "
+                  f"{'  ' * d}{key} x{n} ({inside * 1e3:.1f})")
 
 
 def main() -> None:
@@ -415,6 +450,9 @@ def main() -> None:
     ap.add_argument("--cprofile-ttft", type=int, default=0, metavar="N",
                     help="after the variants, one more streamed engine's TTFT under cProfile "
                          "(the calling and engine threads): its N costliest functions")
+    ap.add_argument("--timeline-ttft", action="store_true",
+                    help="after the variants, one more streamed engine's TTFT with the "
+                         "engine's parts traced: their calls in time order, per thread")
     ap.add_argument("--step-timers", action="store_true",
                     help="time the engine's parts during the timed decode too, to show what "
                          "the slowest steps spent their time in (adds a little to each step)")
@@ -640,6 +678,17 @@ def main() -> None:
             with Engine(model, **stream_opts) as eng:
                 t, _ = sampled(lambda: ttft(eng, doc + questions[1]), args.sample_ttft)
                 print(f"stack-sampled streamed TTFT: wall {t * 1e3:.1f} ms", flush=True)
+        if args.timeline_ttft:  # and traced
+            release(eng)
+            with Engine(model, **stream_opts) as eng:
+                trace: list = []
+                with timers({}, trace) as parts:
+                    t0 = time.perf_counter()
+                    t, _ = ttft(eng, doc + questions[1])
+                print_timeline(trace, t0)
+                for key, (sec, calls) in sorted(parts.items(), key=lambda x: -x[1][0])[:30]:
+                    print(f"  traced TTFT: {sec * 1e3:9.1f} ms in {calls:5d} calls of {key}")
+                print(f"traced streamed TTFT: wall {t * 1e3:.1f} ms", flush=True)
         if args.cprofile_ttft:  # and under cProfile
             release(eng)
             with Engine(model, **stream_opts) as eng:

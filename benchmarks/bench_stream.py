@@ -307,6 +307,7 @@ def timers(out: dict, trace: list | None = None):
     from sglang_reattn.engine import engine
     from sglang_reattn.kv_store import codecs, store
     from sglang_reattn.layers import reattention
+    from sglang_reattn import kernels as kernels_mod
 
     targets = [(stream_tier.StreamTier, ("attach", "fetch", "resolve", "settle",
                                          "sync_map", "prefetch", "end_step", "_to_device",
@@ -321,7 +322,8 @@ def timers(out: dict, trace: list | None = None):
                (store.ChunkStore, ("get_summaries", "get_kv_many", "has_many", "hold", "_write")),
                (codecs, ("decode_block",)),
                (engine.Engine, ("_build", "_make_request")),
-               (reattention.ReAttention, ("select",)),
+               (reattention.ReAttention, ("select", "forward", "attend_scope")),
+               (kernels_mod, ("select_scope", "assemble_scope_ref")),
                (radix_cache.RadixCache, ("match_prefix",)),
                (scheduler.Scheduler, ("_admit", "_run_prefill", "_run_decode", "_spill",
                                       "_sample_and_emit", "_store_ids", "_release",
@@ -450,6 +452,9 @@ def main() -> None:
     ap.add_argument("--cprofile-ttft", type=int, default=0, metavar="N",
                     help="after the variants, one more streamed engine's TTFT under cProfile "
                          "(the calling and engine threads): its N costliest functions")
+    ap.add_argument("--ttft-without-layer-ahead", type=int, default=0, metavar="N",
+                    help="N more restarts' streamed TTFTs with the streaming tier's "
+                         "layer-ahead reads off (StreamTier.layer_ahead), beside the measure")
     ap.add_argument("--timeline-ttft", action="store_true",
                     help="after the variants, one more streamed engine's TTFT with the "
                          "engine's parts traced: their calls in time order, per thread")
@@ -678,13 +683,29 @@ def main() -> None:
             with Engine(model, **stream_opts) as eng:
                 t, _ = sampled(lambda: ttft(eng, doc + questions[1]), args.sample_ttft)
                 print(f"stack-sampled streamed TTFT: wall {t * 1e3:.1f} ms", flush=True)
+        if args.ttft_without_layer_ahead:  # the same restarts, without layer-ahead reads
+            off = []
+            for _ in range(args.ttft_without_layer_ahead):
+                release(eng)
+                with Engine(model, **stream_opts) as eng:
+                    eng.attn.stream.layer_ahead = False
+                    off.append(ttft(eng, doc + questions[1])[0])
+            res["streamed_ttft_no_layer_ahead_s"] = off
+            print("# streamed TTFT without layer-ahead reads, each restart: "
+                  + ", ".join(f"{t:.3f}" for t in off) + f" s (median {statistics.median(off):.3f};"
+                  f" with them {res['streamed_ttft_s']:.3f})", flush=True)
         if args.timeline_ttft:  # and traced
             release(eng)
             with Engine(model, **stream_opts) as eng:
                 trace: list = []
+                before = eng.stats()
                 with timers({}, trace) as parts:
                     t0 = time.perf_counter()
                     t, _ = ttft(eng, doc + questions[1])
+                d = moved(before, eng.stats())
+                print(f"# traced TTFT: {d.get('stream_store_reads', 0)} blocks read, "
+                      f"{d.get('stream_layer_ahead_reads', 0)} read a layer ahead, of which "
+                      f"{d.get('stream_layer_ahead_hits', 0)} taken by the next layer")
                 print_timeline(trace, t0)
                 for key, (sec, calls) in sorted(parts.items(), key=lambda x: -x[1][0])[:30]:
                     print(f"  traced TTFT: {sec * 1e3:9.1f} ms in {calls:5d} calls of {key}")

@@ -486,7 +486,8 @@ def test_mix_check_catches_damage(codec):
 
 def test_bulk_checked_reads_name_the_first_damaged_chunk(tmp_path, monkeypatch):
     """get_kv_many over blocks of both check kinds (runs of `mix` blocks checked in one
-    pass, CRC-32 blocks one at a time) returns the stored arrays; with damaged blocks it
+    pass, CRC-32 blocks one at a time; a read of `mix` blocks only parsed, copied and
+    checked in bulk) returns the stored arrays; with damaged blocks it
     raises CorruptBlock naming the first one in the order asked, whichever kinds are
     damaged, with its reads split over threads or not."""
     from sglang_reattn.kv_store import CorruptBlock
@@ -520,9 +521,25 @@ def test_bulk_checked_reads_name_the_first_damaged_chunk(tmp_path, monkeypatch):
         damage(20)  # a mix block (chunks 18-23)
         damage(3)   # a CRC-32 block
         damage(8)   # a mix block
+
+        def damage_frame(i, at):  # a byte of the frame's head, which the check covers
+            key = bytes.fromhex(ids[i]) + (1).to_bytes(2, "big")
+            s._write(lambda txn: txn.put(key, bytes(
+                b ^ (8 if j == at else 0)
+                for j, b in enumerate(txn.get(key, db=s.dbs.kv))), db=s.dbs.kv))
+
+        damage_frame(22, 5)  # its itemsize byte: still a raw frame with a mix check
+        # reads of mix blocks only (parsed, copied and checked in bulk) among the others
+        mixed = ids[9:12] + ids[18:20]
+        k, v = s.get_kv_many(mixed, 1)
+        for j, cid in enumerate(mixed):
+            want_k, want_v = kv_for(cid, fp)
+            assert np.array_equal(k[j], want_k[1]) and np.array_equal(v[j], want_v[1])
         for parts in (1, 3):
             monkeypatch.setattr(store_mod, "KV_PARTS", parts)
-            for asked, first in ((ids, 3), (ids[::-1], 20), (ids[6:], 8), (ids[4:8], None)):
+            for asked, first in ((ids, 3), (ids[::-1], 22), (ids[6:], 8), (ids[4:8], None),
+                                 (ids[6:12][::-1], 8), (ids[18:], 20), (ids[21:], 22),
+                                 (mixed, None)):
                 if first is None:
                     s.get_kv_many(asked, 1)
                     continue

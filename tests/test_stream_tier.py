@@ -180,9 +180,12 @@ def test_streamed_context_equals_resident(stored, tiny_llama):
             assert s["stream_summaries_loaded"] == 47 + s["stream_spilled_chunks"] == 48
             assert s["chunk_cache_misses"] > 0 and s["chunk_cache_hits"] > 0
             assert s["chunk_cache_evictions"] > 0
-            # each block fetched once: on a miss, or before the first decode step (due)
-            assert s["stream_store_reads"] + s["host_cache_hits"] == (
-                s["chunk_cache_misses"] + s["stream_due_loads"])
+            # each block fetched once: on a miss, or before the first decode step (due);
+            # read on a miss, or a layer ahead of it (each eager step's layers read the
+            # next layer's blocks of their own picks: some are taken, some are not)
+            assert s["stream_store_reads"] + s["host_cache_hits"] + s[
+                "stream_layer_ahead_hits"] == s["chunk_cache_misses"] + s["stream_due_loads"]
+            assert 0 < s["stream_layer_ahead_hits"] <= s["stream_layer_ahead_reads"]
             assert s["stream_due_loads"] == 0  # eager decode loads nothing ahead of it
             assert s["host_cache_bytes"] <= 64 << 10
             assert s["kv_pages_free"] == pool_pages - 24  # all but the cache given back
@@ -353,6 +356,7 @@ def test_the_last_tokens_chunks_are_loaded_before_the_first_decode_step(stored, 
         with Engine(tiny_llama, kv_store_path=store, **DUE_OPTS, **OPTS) as eng:
             tier = eng.attn.stream
             tier.expect_next = expect
+            tier.layer_ahead = False  # (its reads run on reader threads, by design)
             misses = []
             run = eng.scheduler._run_decode
 
@@ -762,6 +766,14 @@ class _FakeStore:
 class _FakeTier:
     def __init__(self, store) -> None:
         self.store, self.held = store, {}
+        self._readers = None
+
+    def _reader_pool(self):  # (the layer-ahead reads run on it)
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self._readers is None:
+            self._readers = ThreadPoolExecutor(2)
+        return self._readers
 
     def touch(self, ids) -> None:
         pass
@@ -801,39 +813,30 @@ def _tier_for_test(slots: int = 8):
                        prefetch=False), store)
 
 
-def test_a_failed_summary_read_ends_the_read_in_flight_first(monkeypatch):
-    """Summaries read in pieces, the next piece on a reader thread while this one is
-    checked: when a piece fails after the next read started, `attach` raises only once that
-    read has ended (on CUDA it writes into a buffer the next attach reuses); nothing is
-    attached and the tier serves the next request."""
-    import time
-    from concurrent.futures import ThreadPoolExecutor
-
+def test_a_failed_summary_piece_stops_the_read(monkeypatch):
+    """Summaries read in pieces, one after the other: when a piece fails, `attach` raises
+    without reading the pieces after it; nothing is attached or held, and the tier serves
+    the next request."""
     from sglang_reattn.engine import stream_tier
     from sglang_reattn.kv_store import StoreError
 
     monkeypatch.setattr(stream_tier, "SUMMARY_PIECE", 2)
     tier, store = _tier_for_test()
-    pool = ThreadPoolExecutor(1)
-    tier.tier._reader_pool = lambda: pool
-    ended, plain = [], store.get_summaries
+    asked, plain = [], store.get_summaries
 
     def get(ids, dequantize=True):
+        asked.append(list(ids))
         q, s = plain(ids, dequantize)
         if ids[0] == "c3":  # the second piece: another shape
             return q[:, :, :1], s[:, :, :1]
-        if ids[0] == "c5":  # the third: slow
-            time.sleep(0.3)
-            ended.append(list(ids))
         return q, s
 
     store.get_summaries = get
     with pytest.raises(StoreError, match="shape differs"):
         tier.attach([f"c{i}" for i in range(1, 7)])
-    assert ended == [["c5", "c6"]] and not tier.tier.held
+    assert asked == [["c1", "c2"], ["c3", "c4"]] and not tier.tier.held
     store.get_summaries = plain
     assert len(tier.attach([f"c{i}" for i in range(1, 7)])) == 6
-    pool.shutdown()
 
 
 def test_summary_slots_are_shared_and_kept_while_idle():
@@ -1175,6 +1178,7 @@ def test_reads_ahead_wait_while_the_engine_thread_fills_the_cache(monkeypatch):
     from sglang_reattn.engine import stream_tier
 
     tier, _ = _tier_for_test(slots=4)
+    tier.layer_ahead = False  # (reads of the next layer run beside the fill, by design)
     v = tier.attach(["c1", "c2"])
     kv, seen = {}, []
     real = _fake_reads(kv, lambda c, layer: float(int(c[1:])))
@@ -1231,3 +1235,43 @@ def test_a_load_of_several_layers_leaves_out_a_layer_whose_read_fails():
     with pytest.raises(StreamFault):
         tier._cache_in_many({0: ["c5"], 1: ["c3"]})
     assert tier.cache.page_of(0, "c5") is None and tier.cache.page_of(1, "c3") is None
+
+
+@pytest.mark.parametrize("ahead", [True, False])
+def test_layer_ahead_reads_feed_the_next_layers_fill(ahead):
+    """With `layer_ahead`, resolving a layer starts reading the next layer's blocks of the
+    same chunks on a reader thread; the next layer's fill takes those it selected from
+    there and reads only the others. The pages hold the stored blocks either way."""
+    from sglang_reattn.layers.attention import KVPool
+
+    pool = KVPool(3, 10, 4, 2, 8, torch.float32, torch.device("cpu"))
+    store = _FakeStore((3, 2, 8))
+    tier = StreamTier(_FakeTier(store), pool, _attn_stub(pool, 8), [6, 7, 8, 9], 0,
+                      prefetch=False)
+    tier.layer_ahead = ahead
+    kv, reads = {}, []
+    fake = _fake_reads(kv, lambda c, layer: 10.0 * layer + int(c[1:]))
+
+    def get_kv(ids, layer, out, split=None):
+        reads.append((layer, list(ids)))
+        return fake(ids, layer, out, split)
+
+    tier.tier.get_kv = get_kv
+    v = tier.attach(["c1", "c2", "c3", "c4"])
+    sel = lambda *js: torch.tensor([[v[j] for j in js]], dtype=torch.int32)  # noqa: E731
+    out0 = tier.resolve(0, sel(0, 1), torch.tensor([2]))
+    out1 = tier.resolve(1, sel(1, 2), torch.tensor([2]))
+    tier.end_step(1)
+    for layer, out, chunks in ((0, out0, (1, 2)), (1, out1, (2, 3))):
+        for page, c in zip(out[0].tolist(), chunks):
+            assert torch.equal(pool.k[layer, page], torch.full((4, 2, 8), 10.0 * layer + c))
+            assert torch.equal(pool.v[layer, page], torch.zeros(4, 2, 8))
+    stats = tier.counters()
+    if ahead:  # layer 1 read c1, c2 ahead and took c2; layer 2 read c2, c3 ahead (unused)
+        assert sorted(reads) == [(0, ["c1", "c2"]), (1, ["c1", "c2"]), (1, ["c3"]),
+                                 (2, ["c2", "c3"])]
+        assert stats["stream_layer_ahead_reads"] == 4
+        assert stats["stream_layer_ahead_hits"] == 1
+    else:
+        assert reads == [(0, ["c1", "c2"]), (1, ["c2", "c3"])]
+        assert stats["stream_layer_ahead_reads"] == stats["stream_layer_ahead_hits"] == 0

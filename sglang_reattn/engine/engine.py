@@ -587,9 +587,11 @@ def _int_array(ids: list, skip: int = 0) -> np.ndarray | None:
     those and for a bool (only ids of 0 or 1 can have been one: those few are looked at).
     None when one is out of int64 range (the caller's range check refuses it). Integers
     of other types (numpy's) are taken as their value. A 1M-token prompt took 42-46 ms
-    as a type check then np.fromiter, 22-27 ms this way (2-core CI machine)."""
+    as a type check then np.fromiter, 22-27 ms this way through an iterator, 15 ms from
+    the list itself (2-core CI machine; 44 ms through the iterator on the H200's host)."""
     try:
-        arr = np.frombuffer(array.array("q", itertools.islice(ids, skip, None)), np.int64)
+        arr = np.frombuffer(array.array("q", itertools.islice(ids, skip, None) if skip
+                                        else ids), np.int64)
     except TypeError:
         raise InvalidRequest("input_ids must be a list of ints or a list of lists") from None
     except OverflowError:

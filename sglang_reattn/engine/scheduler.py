@@ -214,7 +214,8 @@ class Scheduler:
         return res.pages
 
     def _try_admit(self, r: Request) -> bool:
-        ids = r.all_ids
+        # (read only here: a new request's prompt list itself, not a copy of 1M ids)
+        ids = r.all_ids if r.output_ids else r.prompt_ids
         matched: list[int] = []
         if self.cache is not None:
             limit = len(ids) - 1  # always compute at least the last token

@@ -52,9 +52,9 @@ import logging
 import math
 import queue
 import threading
-from concurrent import futures
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
+from concurrent import futures
 
 import numpy as np
 import torch
@@ -355,7 +355,11 @@ class StreamTier:
                       "stream_due_loads": 0,
                       # chunks a graph step selected that its loads ahead, run while it
                       # replayed (`run_deferred`), put in the cache too late for it
-                      "stream_ahead_late": 0}
+                      "stream_ahead_late": 0,
+                      # blocks of the next layer read while a layer of an eager streamed
+                      # step was selected (`layer_ahead`; their bytes count in
+                      # stream_store_bytes), and those the next layer took
+                      "stream_layer_ahead_reads": 0, "stream_layer_ahead_hits": 0}
         # how many of each layer's runners-up (best first) are loaded ahead (None: all
         # that ReAttention reports)
         self.ahead_runners: int | None = None
@@ -418,6 +422,17 @@ class StreamTier:
                 (self._pinned(self._piece * num_layers * 2 * hkv * d, torch.int8),
                  self._pinned(self._piece * num_layers * 2 * hkv, torch.float32),
                  torch.cuda.Event()) for _ in range(2)]
+        # Layer-ahead reads (eager streamed steps: a question's prefill): when a layer's
+        # selection is known, the next layer's blocks of the same chunks are read from the
+        # store on a reader thread while this layer fills, attends and the next layer runs
+        # up to its own selection (adjacent layers pick many of the same chunks); that
+        # layer's fill then copies those it picked from here instead of reading them.
+        # _next: {layer: (its chunk ids, the future of the rows they were read into, or
+        # of None when the read failed: the fill then reads them itself and reports it)},
+        # read into the buffer of the layer's parity.
+        self.layer_ahead = True
+        self._next: dict[int, tuple[list[str], futures.Future]] = {}
+        self._next_bufs: list[np.ndarray | None] = [None, None]
         self._q: queue.Queue | None = None
         if prefetch:
             self._q = queue.Queue()
@@ -471,17 +486,23 @@ class StreamTier:
             if isinstance(e, (CorruptBlock, ChunkNotFound)):
                 raise StreamFault(e.chunk_id, e) from e
             raise
-        for cid in chunk_ids:  # referenced first: allocating below never evicts these
-            slot = self._slot_of.get(cid)
-            if slot is not None:
-                self._refs[slot] += 1
-                self._idle.pop(slot, None)
+        # (all new and each once, as a context's first attach after a restart: its 16K
+        # chunks' bookkeeping without a dictionary lookup per chunk and reference)
+        simple = len(new) == len(chunk_ids)
+        if not simple:
+            for cid in chunk_ids:  # referenced first: allocating below never evicts these
+                slot = self._slot_of.get(cid)
+                if slot is not None:
+                    self._refs[slot] += 1
+                    self._idle.pop(slot, None)
+        slots = []
         if new:
             slots = self._alloc_slots(len(new))
             self._put_summaries(slots, *s)
+            slot_ids = self._slot_ids
             for slot, cid in zip(slots, new):
-                self._slot_ids[slot] = cid
-                self._slot_of[cid] = slot
+                slot_ids[slot] = cid
+            self._slot_of.update(zip(new, slots))
             self.vmap[:, slots] = -1
             fresh = set(new)
             for layer in range(self.num_layers):  # maybe cached under an earlier slot
@@ -489,67 +510,61 @@ class StreamTier:
                     if cid in fresh:
                         self.vmap[layer, self._slot_of[cid]] = page
             self._stale.update(range(self.num_layers))
-        fresh = set(new)
-        for cid in chunk_ids:
-            if cid in fresh:
-                self._refs[self._slot_of[cid]] += 1
+        refs = self._refs
+        if simple:
+            for slot in slots:
+                refs[slot] += 1
+        else:
+            fresh = set(new)
+            for cid in chunk_ids:
+                if cid in fresh:
+                    refs[self._slot_of[cid]] += 1
         self.stats["stream_summaries_loaded"] += len(new)
         self.stats["stream_summaries_reused"] += len(chunk_ids) - len(new)
         self.tier.touch(chunk_ids)
-        return [self.base + self._slot_of[c] for c in chunk_ids]
+        base = self.base
+        if simple:
+            return [base + slot for slot in slots]
+        return [base + self._slot_of[c] for c in chunk_ids]
 
     def _read_summaries(self, chunk_ids: list[str], first: int,
                         lead: tuple[str, int] | None = None):
         """The quantized summaries of chunks (int8 [n, L, 2, Hkv, D], float32 scales
         [n, L, 2, Hkv]) as tensors on the device. They are read in pieces of `_piece` chunks
-        (aligned to the chain from `first`, as the store's packs are), each on a reader
-        thread while the engine thread copies the one before into device memory; on CUDA
-        each piece is read into one of two pinned buffers, in turn, and copied from it
-        asynchronously. (Read into fresh arrays, then copied from pageable memory, a
-        1M-token context's took 71 and 31 ms one after the other on the H200's host.)
+        (aligned to the chain from `first`, as the store's packs are), one after the other
+        on this thread (the store spreads a piece's packs over its worker threads); on
+        CUDA each piece is read into one of two pinned buffers, in turn, and copied from it
+        asynchronously while the next is read. (Read into fresh arrays, then copied from
+        pageable memory, a 1M-token context's took 71 and 31 ms one after the other on the
+        H200's host; each piece read on a reader thread while this one waited, the first
+        started 33 ms after the read began, beside a streamed admission's reads ahead.)
         lead: `attach`'s (the first piece starts inside that pack)."""
         n = len(chunk_ids)
         dev = self.attn.kmin.device
         piece = self._piece
         cuts = list(range(piece - first % piece, n, piece))
-        bounds = list(zip([0] + cuts, cuts + [n]))
-
-        def read(j: int):
-            a, b = bounds[j]
-            if not self._summary_bufs:
-                return tuple(map(torch.from_numpy, self.tier.get_summaries(
-                    chunk_ids[a:b], pack_of_first=lead if a == 0 else None)))
-            q_buf, s_buf, copied = self._summary_bufs[j % 2]
-            copied.synchronize()  # (its last piece is on the device)
-            shape = (b - a, self.num_layers, 2) + self._shape[1:]
-            q = q_buf[: math.prod(shape)].view(shape)
-            s = s_buf[: math.prod(shape[:-1])].view(shape[:-1])
-            self.tier.get_summaries(chunk_ids[a:b], out=(q.numpy(), s.numpy()),
-                                    pack_of_first=lead if a == 0 else None)
-            return q, s
-
-        readers = self.tier._reader_pool() if len(bounds) > 1 else None  # (one: inline)
-        pending = readers.submit(read, 0) if readers else None
         q_dev = s_dev = None
-        try:
-            for j, (a, b) in enumerate(bounds):
-                q, sc = pending.result() if readers else read(0)
-                if j + 1 < len(bounds):  # (at most one read in flight)
-                    pending = readers.submit(read, j + 1)
-                if q_dev is None:
-                    q_dev = torch.empty((n,) + q.shape[1:], dtype=torch.int8, device=dev)
-                    s_dev = torch.empty((n,) + sc.shape[1:], dtype=torch.float32, device=dev)
-                if q.shape[1:] != q_dev.shape[1:]:
-                    raise StoreError(f"summaries of {chunk_ids[a]}: their shape differs "
-                                     "from the first chunk's (one model per store)")
-                q_dev[a:b].copy_(q, non_blocking=True)
-                s_dev[a:b].copy_(sc, non_blocking=True)
-                if self._summary_bufs:
-                    self._summary_bufs[j % 2][2].record()
-        except BaseException:
-            if pending is not None:  # a read in flight ends before its buffer is reused
-                futures.wait([pending])
-            raise
+        for j, (a, b) in enumerate(zip([0] + cuts, cuts + [n])):
+            ids, pack = chunk_ids[a:b], lead if a == 0 else None
+            if not self._summary_bufs:
+                q, sc = map(torch.from_numpy, self.tier.get_summaries(ids, pack_of_first=pack))
+            else:
+                q_buf, s_buf, copied = self._summary_bufs[j % 2]
+                copied.synchronize()  # (its last piece is on the device)
+                shape = (b - a, self.num_layers, 2) + self._shape[1:]
+                q = q_buf[: math.prod(shape)].view(shape)
+                sc = s_buf[: math.prod(shape[:-1])].view(shape[:-1])
+                self.tier.get_summaries(ids, out=(q.numpy(), sc.numpy()), pack_of_first=pack)
+            if q_dev is None:
+                q_dev = torch.empty((n,) + q.shape[1:], dtype=torch.int8, device=dev)
+                s_dev = torch.empty((n,) + sc.shape[1:], dtype=torch.float32, device=dev)
+            if q.shape[1:] != q_dev.shape[1:]:
+                raise StoreError(f"summaries of {chunk_ids[a]}: their shape differs "
+                                 "from the first chunk's (one model per store)")
+            q_dev[a:b].copy_(q, non_blocking=True)
+            s_dev[a:b].copy_(sc, non_blocking=True)
+            if self._summary_bufs:
+                self._summary_bufs[j % 2][2].record()
         return q_dev, s_dev
 
     def _put_summaries(self, slots: list[int], q: torch.Tensor, scales: torch.Tensor,
@@ -594,6 +609,7 @@ class StreamTier:
         """After chunks were dropped from the store (a corrupt block and its subtree): a
         chunk recomputed under the same id must be read and scored as recomputed, so
         every cached block and idle summary goes."""
+        self._drop_ahead_reads()
         self.cache.clear()
         self.host.clear()
         self._deferred = None
@@ -763,6 +779,8 @@ class StreamTier:
             runners = runners[:, : self.ahead_runners]
             self._selected[layer] += list(zip(*self._picks(runners.cpu().numpy())))
         self._wait_ahead()
+        if self.layer_ahead:
+            self._read_next_layer(layer + 1, keys)
         if not keys:
             return sel_pages
         pages = self._cache_in(layer, keys)
@@ -793,6 +811,52 @@ class StreamTier:
         self._due[layer] = due
         self._selected[layer] = [(row, key) for row, key in self._selected.get(layer, ())
                                  if row not in rows] + due + rest
+
+    def _read_next_layer(self, layer: int, keys: list[str]) -> None:
+        """Start reading `layer`'s blocks of these chunks (those not in its chunk cache or
+        host tier) on a reader thread, for `_ahead_rows` (see `layer_ahead`)."""
+        if layer >= self.num_layers:
+            return
+        for other in [x for x in self._next if x % 2 == layer % 2]:  # (unused: its buffer)
+            self._next.pop(other)[1].result()
+        keys = [k for k in dict.fromkeys(keys) if self.cache.page_of(layer, k) is None
+                and (k, layer) not in self.host]
+        if not keys:
+            return
+        buf = self._next_bufs[layer % 2]
+        if buf is None or buf.shape[0] < len(keys):  # rows as `_read_rows` reads into
+            buf = self._next_bufs[layer % 2] = np.empty(
+                (max(len(keys), 2 * getattr(getattr(self.attn, "cfg", None), "topk", 0)), 2)
+                + tuple(self.pool.k.shape[2:]),
+                _to_numpy(torch.empty(0, dtype=self.pool.k.dtype)).dtype)
+        out = buf[: len(keys)]
+
+        def read():
+            try:
+                self.tier.get_kv(keys, layer, out, split=False)
+            except (CorruptBlock, ChunkNotFound):
+                return None  # (read again by the fill, which reports it)
+            return out
+
+        self._next[layer] = (keys, self.tier._reader_pool().submit(read))
+        with self._stats_lock:  # (the prefetch thread counts its reads too)
+            self.stats["stream_layer_ahead_reads"] += len(keys)
+            self.stats["stream_store_bytes"] += out.nbytes  # (read, taken or not)
+
+    def _ahead_rows(self, layer: int) -> dict[str, np.ndarray] | None:
+        """The blocks read ahead for `layer` (`_read_next_layer`), {chunk id: its bytes},
+        once their read has ended; None when none were."""
+        entry = self._next.pop(layer, None)
+        if entry is None:
+            return None
+        buf = entry[1].result()
+        return None if buf is None else dict(zip(entry[0], buf))
+
+    def _drop_ahead_reads(self) -> None:
+        """Reads ahead not taken (the step ended, or cached blocks were forgotten): each
+        ends before its buffer is reused."""
+        while self._next:
+            self._next.popitem()[1][1].result()
 
     def _cache_in(self, layer: int, keys: list[str]) -> list[int]:
         """One layer's selected chunks into the chunk cache (fetching those not cached)
@@ -832,18 +896,24 @@ class StreamTier:
         self._go.clear()
         try:
             reads, hits = [], []  # (layer, [(chunk, page)]) to read; (layer, page, (k, v))
+            ahead = []  # (row of `rows`, block read ahead): rows read by `_read_next_layer`
             for layer in layers:
-                todo = []
+                todo, early = [], self._ahead_rows(layer)
                 for key, page in fills[layer]:
                     kv = self.host.get((key, layer))
-                    if kv is None:
-                        todo.append((key, page))
-                    else:
+                    if kv is not None:
                         hits.append((layer, page, kv))
+                    elif early is not None and key in early:
+                        ahead.append((layer, page, early[key]))
+                    else:
+                        todo.append((key, page))
                 if todo:
                     reads.append((layer, todo))
+            if ahead:
+                with self._stats_lock:
+                    self.stats["stream_layer_ahead_hits"] += len(ahead)
             m = sum(len(t) for _, t in reads)
-            rows = self._stage((m + len(hits), 2) + tuple(self.pool.k.shape[2:]),
+            rows = self._stage((m + len(ahead) + len(hits), 2) + tuple(self.pool.k.shape[2:]),
                                self.pool.k.dtype)
             bounds = np.cumsum([0] + [len(t) for _, t in reads]).tolist()
             failed = self._read_rows(reads, rows, bounds)
@@ -860,6 +930,11 @@ class StreamTier:
                             + list(range(m, len(rows)))]
             page_layers = [reads[j][0] for j in keep for _ in reads[j][1]]
             pages = [p for j in keep for _, p in reads[j][1]]
+            if ahead:  # (after the rows read now: a failed read dropped some of those)
+                r = len(pages)
+                np.stack([b for _, _, b in ahead], out=_to_numpy(rows[r:r + len(ahead)]))
+                page_layers += [layer for layer, _, _ in ahead]
+                pages += [p for _, p, _ in ahead]
             if hits:
                 r = len(pages)
                 torch.stack([kv[0] for _, _, kv in hits], out=rows[r:, 0])
@@ -999,6 +1074,7 @@ class StreamTier:
         ids]}: the hint is the row's selection and runners-up, or for a row whose next step
         decodes (`expect`) what its last token selected and the runners-up of that; due
         chunks are that selection and its first `due_runners` (empty for other rows)."""
+        self._drop_ahead_reads()
         hints: list[dict[int, list[str]]] = [{} for _ in range(num_rows)]
         dues: list[dict[int, list[str]]] = [{} for _ in range(num_rows)]
         for out, picks_of in ((hints, self._selected), (dues, self._due)):

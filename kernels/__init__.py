@@ -46,6 +46,7 @@ from .score_chunks import (
     select_topk,
 )
 from .select_scope import (
+    assemble_scope_host,
     assemble_scope_ref,
     scope_scores_ref,
     map_pages,
@@ -63,7 +64,8 @@ __all__ = [
     "score_chunks", "score_chunks_ref", "score_chunks_triton",
     "chunk_scores", "chunk_scores_ref", "chunk_scores_triton",
     "combine_head_scores", "select_topk",
-    "select_scope", "select_scope_ref", "select_scope_triton", "assemble_scope_ref", "map_pages",
+    "select_scope", "select_scope_ref", "select_scope_triton", "assemble_scope_ref",
+    "assemble_scope_host", "map_pages",
     "scope_scores_ref",
     "apply_rope_ref", "rope_tables", "gather_scope_ref", "rms_norm_ref", "rms_norm_triton",
     "silu_mul_ref", "silu_mul_triton",

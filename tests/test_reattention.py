@@ -3,6 +3,7 @@ exact equality with full attention when the context fits, bounded positions beyo
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -206,12 +207,12 @@ def test_a_completing_streamed_piece_selects_for_its_last_token_in_the_same_call
     class Stream:
         expect_next = True
 
-        def resolve(self, layer, sel, nsel, runners):
-            got["piece"] = (sel.clone(), nsel.clone(), runners.clone())
+        def resolve_host(self, layer, sel, nsel, runners):  # (host arrays, one copy back)
+            got["piece"] = (sel.copy(), nsel.copy(), runners.copy())
             return sel
 
         def expect(self, layer, rows, sel, nsel, runners):
-            got["last"] = (rows, sel.clone(), nsel.clone(), runners.clone())
+            got["last"] = (rows, sel.copy(), nsel.copy(), runners.copy())
 
     attn.stream = Stream()
     pages = [list(range(1, 40)), list(range(40, 80))]
@@ -233,8 +234,34 @@ def test_a_completing_streamed_piece_selects_for_its_last_token_in_the_same_call
 
     want = alone(q.index_select(0, plan.rep_index), [0, 1], plan.reps)
     for w, g in zip(want, got["piece"]):
-        assert torch.equal(w, g)
+        assert np.array_equal(w.numpy(), g)
     want = alone(q[[q_lens[0] + q_lens[1] - 1]], [1], 1)
     assert got["last"][0] == [1]
     for w, g in zip(want, got["last"][1:]):
-        assert torch.equal(w, g)
+        assert np.array_equal(w.numpy(), g)
+
+
+def test_scope_assembled_on_the_host_equals_the_device_assembly():
+    """assemble_scope_host (a streamed eager step's scope, built from its selection read
+    back to the host) equals assemble_scope_ref on fresh random tables: rows of several
+    sink, selection and local-window lengths, padded entries included."""
+    import numpy as np
+
+    from sglang_reattn.kernels import assemble_scope_host, assemble_scope_ref
+
+    gen = torch.Generator().manual_seed(7)
+    for trial in range(20):
+        b = int(torch.randint(1, 5, (1,), generator=gen))
+        s_w, k, l_w = (int(x) for x in torch.randint(1, 6, (3,), generator=gen))
+        head = torch.randint(0, 100, (b, s_w), generator=gen, dtype=torch.int32)
+        head_pages = torch.randint(0, s_w + 1, (b,), generator=gen, dtype=torch.int32)
+        sel = torch.randint(0, 100, (b, k), generator=gen, dtype=torch.int32)
+        nsel = torch.randint(0, k + 1, (b,), generator=gen, dtype=torch.int32)
+        local = torch.randint(0, 100, (b, l_w), generator=gen, dtype=torch.int32)
+        ltoks = torch.randint(1, 64 * l_w + 1, (b,), generator=gen, dtype=torch.int32)
+        want_t, want_l = assemble_scope_ref(head, head_pages, sel, nsel, local, ltoks, 64)
+        got_t, got_l = assemble_scope_host(head.numpy(), head_pages.numpy(), sel.numpy(),
+                                           nsel.numpy(), local.numpy(), ltoks.numpy(), 64)
+        assert got_t.dtype == np.int32 and got_l.dtype == np.int32
+        assert np.array_equal(got_t, want_t.numpy()), trial
+        assert np.array_equal(got_l, want_l.numpy()), trial

@@ -766,7 +766,16 @@ class StreamTier:
                 runners: torch.Tensor | None = None) -> torch.Tensor:
         """Selected pages [B, K] (the first nsel[b] of row b valid) with every virtual
         page replaced by the chunk-cache page now holding that chunk's layer K/V. Host
-        sync: streamed steps run eagerly. `runners` [B, R]: the runners-up (hints)."""
+        sync: streamed steps run eagerly. `runners` [B, R]: the runners-up (hints).
+        (`resolve_host` on host arrays.)"""
+        out = self.resolve_host(layer, sel_pages.cpu().numpy(), nsel.cpu().numpy(),
+                                None if runners is None else runners.cpu().numpy())
+        return torch.from_numpy(out).to(sel_pages.device)
+
+    def resolve_host(self, layer: int, sel_pages: np.ndarray, nsel: np.ndarray,
+                     runners: np.ndarray | None = None) -> np.ndarray:
+        """`resolve` on the host: numpy in, numpy out (a new array, or `sel_pages` itself
+        when nothing in it is virtual)."""
         rows, cols, keys = [], [], []
         for b, (row, n) in enumerate(zip(sel_pages.tolist(), nsel.tolist())):
             for j in range(n):
@@ -776,34 +785,34 @@ class StreamTier:
                     keys.append(self.chunk_of(row[j]))
         self._selected[layer] = list(zip(rows, keys))
         if runners is not None:
-            runners = runners[:, : self.ahead_runners]
-            self._selected[layer] += list(zip(*self._picks(runners.cpu().numpy())))
+            self._selected[layer] += list(zip(*self._picks(runners[:, : self.ahead_runners])))
         self._wait_ahead()
         if self.layer_ahead:
             self._read_next_layer(layer + 1, keys)
         if not keys:
             return sel_pages
         pages = self._cache_in(layer, keys)
-        out = sel_pages.clone()
-        at = torch.tensor([rows, cols, pages]).to(sel_pages.device)  # (one small copy)
-        out[at[0], at[1]] = at[2].to(out.dtype)
+        out = sel_pages.copy()
+        out[rows, cols] = pages
         return out
 
-    def expect(self, layer: int, rows: list[int], sel_pages: torch.Tensor,
-               nsel: torch.Tensor, runners: torch.Tensor | None = None) -> None:
+    def expect(self, layer: int, rows: list[int], sel_pages, nsel, runners=None) -> None:
         """A prefill piece's rows `rows` complete their prompts, so their next step
         decodes: `sel_pages` [B', K] (the first nsel[i] valid) is what each row's last token
         alone selects in `layer`, as that decode step will score, and `runners` [B', R] its
         runners-up. Those selected chunks and the first `due_runners` runners-up become the
         rows' due chunks (`end_step`), loaded before that step (`prefetch`); with the other
         runners-up they replace the rows' prefetch hint in this layer (called after
-        `resolve`, which set the piece's own)."""
+        `resolve`, which set the piece's own). Tensors or host arrays."""
+        host = [None if t is None else t.cpu().numpy() if isinstance(t, torch.Tensor) else t
+                for t in (sel_pages, nsel, runners)]
+        sel_pages, nsel, runners = host
         due = []
         for row, pages, n in zip(rows, sel_pages.tolist(), nsel.tolist()):
             due += [(row, self.chunk_of(p)) for p in pages[:n] if p >= self.base]
         rest = []
         if runners is not None:
-            runners = runners[:, : self.ahead_runners].cpu().numpy()
+            runners = runners[:, : self.ahead_runners]
             for part, out in ((runners[:, : self.due_runners], due),
                               (runners[:, self.due_runners:], rest)):
                 r, keys = self._picks(part)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from sglang_reattn.config import ReAttnConfig
@@ -55,6 +56,9 @@ class ScopePlan:
     # next_rows, each of those scoring its last token (repeated R times): one selection
     # per layer for both, made once per step
     merged: tuple[torch.Tensor, ...] | None = None
+    # (build_scope_plan) head_table, head_pages, local_table and local_tokens as host
+    # arrays, for a streamed eager step's scope assembled on the host
+    host: tuple | None = None
 
 
 def plan_geometry(cfg: ReAttnConfig, cached: int, new: int) -> tuple[int, int, int]:
@@ -103,13 +107,16 @@ def build_scope_plan(cfg: ReAttnConfig, page_lists: list[list[int]], cached: lis
     def dev(x) -> torch.Tensor:
         return torch.as_tensor(x).to(device, non_blocking=True)
 
+    host = (pad(heads, min_widths[0]), torch.tensor([len(h) for h in heads], dtype=torch.int32),
+            pad(locals_, min_widths[2]), torch.tensor(ltoks, dtype=torch.int32))
     return ScopePlan(
-        head_table=dev(pad(heads, min_widths[0])),
-        head_pages=dev(torch.tensor([len(h) for h in heads], dtype=torch.int32)),
+        head_table=dev(host[0]),
+        head_pages=dev(host[1]),
         cand_pages=dev(pad(cands, min_widths[1])),
         num_cands=dev(torch.tensor([len(x) for x in cands], dtype=torch.int32)),
-        local_table=dev(pad(locals_, min_widths[2])),
-        local_tokens=dev(torch.tensor(ltoks, dtype=torch.int32)),
+        local_table=dev(host[2]),
+        local_tokens=dev(host[3]),
+        host=tuple(t.numpy() for t in host),
         rep_index=dev(torch.tensor(rep_index, dtype=torch.int64)),
         reps=reps,
         needs_select=any(len(x) > cfg.topk for x in cands),
@@ -157,6 +164,9 @@ class ReAttention(PagedAttention):
         self.last_selection: dict[int, torch.Tensor] = {}  # layer -> selected pages (debug)
         self.last_runners: dict[int, torch.Tensor] = {}  # layer -> runners-up (streamed)
         self.stream = None  # the StreamTier when contexts may hold virtual pages
+        # (CUDA) two pinned int32 buffers and their last copies' events (`_to_device`)
+        self._pins = ([[None, torch.cuda.Event()] for _ in range(2)]
+                      if pool.k.device.type == "cuda" else [])
 
     def _summaries(self, layer_id: int):
         return tuple(None if t is None else t[layer_id]
@@ -241,6 +251,8 @@ class ReAttention(PagedAttention):
             self.combine, plan.reps, self.page_map[layer_id] if on_device else None,
             self.pool.num_pages, spare)
         runners = runners[0] if runners else None
+        if streamed and not in_graph and plan.host is not None:
+            return self._select_on_host(layer_id, plan, sel_pages, nsel, runners, merge)
         nxt = None
         if merge:
             b = plan.cand_pages.shape[0]
@@ -258,6 +270,58 @@ class ReAttention(PagedAttention):
         self.last_selection[layer_id] = sel_pages
         return kn.assemble_scope_ref(plan.head_table, plan.head_pages, sel_pages, nsel,
                                      plan.local_table, plan.local_tokens, c)
+
+    def _select_on_host(self, layer_id: int, plan: ScopePlan, sel_pages: torch.Tensor,
+                        nsel: torch.Tensor, runners: torch.Tensor | None, merge: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A streamed eager step's selection (the batch's rows, then with `merge` those of
+        `plan.next_rows`) read back in one copy, its virtual pages mapped on the host
+        (`StreamTier.resolve_host`), and the scope table assembled there and sent in one
+        copy (with the step's one sync, the copies' count and about twenty small device
+        operations per layer less than `resolve` and `assemble_scope_ref`)."""
+        bt, k = sel_pages.shape
+        parts = [sel_pages.reshape(-1), nsel.reshape(-1)]
+        if runners is not None:
+            parts.append(runners.reshape(-1))
+        host = torch.cat([t.to(torch.int32) for t in parts]).cpu().numpy()
+        sel_h, nsel_h = host[: bt * k].reshape(bt, k), host[bt * k: bt * k + bt]
+        run_h = host[bt * k + bt:].reshape(bt, -1) if runners is not None else None
+        b = plan.cand_pages.shape[0]
+        if run_h is not None:
+            self.last_runners[layer_id] = runners[:b]
+        mapped = self.stream.resolve_host(layer_id, sel_h[:b], nsel_h[:b],
+                                          None if run_h is None else run_h[:b])
+        if merge:
+            self.stream.expect(layer_id, plan.next_rows_host, sel_h[b:], nsel_h[b:],
+                               None if run_h is None else run_h[b:])
+        head_table, head_pages, local_table, local_tokens = plan.host
+        table, lens = self._kernels.assemble_scope_host(
+            head_table, head_pages, mapped, nsel_h[:b], local_table, local_tokens,
+            self.cfg.chunk_size)
+        out = self._to_device(np.concatenate([table.ravel(), lens, mapped.ravel()]),
+                              sel_pages.device)
+        n = table.size
+        self.last_selection[layer_id] = out[n + b:].view(b, k)
+        return out[:n].view(table.shape), out[n: n + b]
+
+    def _to_device(self, a: np.ndarray, device: torch.device) -> torch.Tensor:
+        """A small int32 host array on the device. On CUDA through one of two pinned
+        buffers, in turn (each reused after its last copy's event), so the copy is queued
+        behind the step's fills instead of waiting for them (a copy from pageable memory
+        waits for the stream)."""
+        if device.type != "cuda":
+            return torch.from_numpy(a).to(device)
+        self._pins.append(self._pins.pop(0))
+        buf, done = self._pins[-1]
+        done.synchronize()
+        if buf is None or buf.numel() < a.size:
+            buf = self._pins[-1][0] = torch.empty(max(a.size, 4096), dtype=torch.int32,
+                                                  pin_memory=True)
+        view = buf[: a.size]
+        view.numpy()[:] = a
+        out = view.to(device, non_blocking=True)
+        done.record()
+        return out
 
     @staticmethod
     def _merged_inputs(plan: ScopePlan) -> tuple[torch.Tensor, ...]:

@@ -397,44 +397,16 @@ class ChunkStore:
                         raise ChunkNotFound(chunk_id)
                     raise CorruptBlock(chunk_id, layer, "kv", "block missing")
                 blocks.append(block)
-            split = min(KV_PARTS if parts is None else parts, n // KV_PART_MIN)
-            split = max(split, 1) if want >= KV_PART_BYTES else 1
-            failed = self._raw_mix_bulk(blocks, flat, want) if bulk and split == 1 and n else None
-            if failed is not None:
-                bad = np.flatnonzero(failed)
-                if len(bad):
-                    raise CorruptBlock(chunk_ids[int(bad[0])], layer, "kv", "checksum mismatch")
-                return
             # Checksums, decompression and copies in parts on threads (zlib, zstd and numpy
             # release the interpreter lock on blocks this size); errors in chunk order.
+            split = min(KV_PARTS if parts is None else parts, n // KV_PART_MIN)
+            split = max(split, 1) if want >= KV_PART_BYTES else 1
             bounds = [n * j // split for j in range(split + 1)]
             self._in_parallel(lambda ab: decode(range(*ab), blocks[ab[0]:ab[1]]),
                               list(zip(bounds, bounds[1:])))
 
         self._read(read)
         return out[:, 0], out[:, 1]
-
-    @staticmethod
-    def _raw_mix_bulk(blocks: list, flat: np.ndarray, want: int) -> np.ndarray | None:
-        """Blocks that are all ``raw`` frames with a ``mix`` check and `want` payload bytes
-        each, into the rows of `flat` [n, want] (uint8, n >= 1) in a few numpy calls: their
-        frames parsed together, their payloads copied by one call, their checks in one
-        pass (block by block, the parse, the copy and the bookkeeping took about 5 us of
-        Python a block, under the interpreter lock that a streamed TTFT's reader threads
-        share). -> bool [n], the blocks whose check failed; None (nothing done) when one
-        block is another kind: the caller reads them block by block."""
-        arrs = [np.frombuffer(b, np.uint8) for b in blocks]
-        size = FRAME_SIZE + want
-        if any(len(a) != size for a in arrs):
-            return None
-        frames = np.stack([a[:FRAME_SIZE] for a in arrs])  # [n, 12]: check, then the head
-        field = lambda lo, hi, t: np.ascontiguousarray(frames[:, lo:hi]).view(t)[:, 0]  # noqa: E731
-        if not ((frames[:, 4] == codecs.CODEC_IDS["raw"])
-                & (field(6, 8, "<u2") == codecs.CHECK_MIX)
-                & (field(8, 12, "<u4") == want)).all():
-            return None
-        np.stack([a[FRAME_SIZE:] for a in arrs], out=flat)
-        return codecs.mix_checks(flat, field(4, 12, "<u8")) != field(0, 4, "<u4")
 
     def get_summaries(self, chunk_ids: Sequence[str], dequantize: bool = True,
                       out: tuple[np.ndarray, np.ndarray] | None = None,

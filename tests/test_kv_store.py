@@ -486,8 +486,8 @@ def test_mix_check_catches_damage(codec):
 
 def test_bulk_checked_reads_name_the_first_damaged_chunk(tmp_path, monkeypatch):
     """get_kv_many over blocks of both check kinds (runs of `mix` blocks checked in one
-    pass, CRC-32 blocks one at a time; a read of `mix` blocks only parsed, copied and
-    checked in bulk) returns the stored arrays; with damaged blocks it
+    pass, CRC-32 blocks one at a time; a read of `mix` blocks only) returns the stored
+    arrays; with damaged blocks it
     raises CorruptBlock naming the first one in the order asked, whichever kinds are
     damaged, with its reads split over threads or not."""
     from sglang_reattn.kv_store import CorruptBlock
@@ -529,7 +529,7 @@ def test_bulk_checked_reads_name_the_first_damaged_chunk(tmp_path, monkeypatch):
                 for j, b in enumerate(txn.get(key, db=s.dbs.kv))), db=s.dbs.kv))
 
         damage_frame(22, 5)  # its itemsize byte: still a raw frame with a mix check
-        # reads of mix blocks only (parsed, copied and checked in bulk) among the others
+        # reads of mix blocks only (one run: one check pass) among the others
         mixed = ids[9:12] + ids[18:20]
         k, v = s.get_kv_many(mixed, 1)
         for j, cid in enumerate(mixed):

@@ -323,7 +323,7 @@ def timers(out: dict, trace: list | None = None):
                (codecs, ("decode_block",)),
                (engine.Engine, ("_build", "_make_request")),
                (reattention.ReAttention, ("select", "forward", "attend_scope")),
-               (kernels_mod, ("select_scope", "assemble_scope_ref")),
+               (kernels_mod, ("select_scope", "assemble_scope_host")),
                (radix_cache.RadixCache, ("match_prefix",)),
                (scheduler.Scheduler, ("_admit", "_run_prefill", "_run_decode", "_spill",
                                       "_sample_and_emit", "_store_ids", "_release",
@@ -362,6 +362,12 @@ def timers(out: dict, trace: list | None = None):
     finally:
         for cls, name, f in saved:
             setattr(cls, name, f)
+
+
+def print_parts(parts: dict, label: str, top: int | None = None) -> None:
+    """`timers`' totals, the costliest first (the first `top`)."""
+    for key, (sec, calls) in sorted(parts.items(), key=lambda x: -x[1][0])[:top]:
+        print(f"  {label}: {sec * 1e3:9.1f} ms in {calls:5d} calls of {key}")
 
 
 def print_timeline(trace: list, t0: float, depth: int = 2) -> None:
@@ -608,8 +614,7 @@ def main() -> None:
             res["streamed_ttft_s"] = statistics.median(res["streamed_ttft_all_s"])
             if args.profile:
                 eng.store_tier.on_loaded = loaded  # the TTFT's only
-            for key, (sec, calls) in sorted((parts or {}).items(), key=lambda x: -x[1][0]):
-                print(f"  streamed TTFT: {sec * 1e3:9.1f} ms in {calls:5d} calls of {key}")
+            print_parts(parts or {}, "streamed TTFT")
             print(f"# streamed after restart: TTFT {res['streamed_ttft_s']:.2f} s, cached "
                   f"{res['streamed_cached']:,}", flush=True)
             res["summaries_checked"], res["summaries_wrong"] = summaries_match_store(eng)
@@ -715,8 +720,7 @@ def main() -> None:
                       f"{d.get('stream_layer_ahead_reads', 0)} read a layer ahead, of which "
                       f"{d.get('stream_layer_ahead_hits', 0)} taken by the next layer")
                 print_timeline(trace, t0)
-                for key, (sec, calls) in sorted(parts.items(), key=lambda x: -x[1][0])[:30]:
-                    print(f"  traced TTFT: {sec * 1e3:9.1f} ms in {calls:5d} calls of {key}")
+                print_parts(parts, "traced TTFT", 30)
                 print(f"traced streamed TTFT: wall {t * 1e3:.1f} ms", flush=True)
         if args.cprofile_ttft:  # and under cProfile
             release(eng)

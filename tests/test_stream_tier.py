@@ -388,8 +388,8 @@ def test_expected_chunks_become_the_rows_hints_and_due_loads():
     v = tier.attach([f"c{i}" for i in range(1, 8)])
     tier._selected = {0: [(0, "c1"), (1, "c2")]}
     tier.due_runners, tier.ahead_runners = 1, 3
-    sel, nsel = torch.tensor([[v[2], v[3], -1]]), torch.tensor([2])
-    tier.expect(0, [1], sel, nsel, torch.tensor([[v[4], v[5], v[6], v[0]]]))
+    sel, nsel = np.array([[v[2], v[3], -1]]), np.array([2])
+    tier.expect(0, [1], sel, nsel, np.array([[v[4], v[5], v[6], v[0]]]))
     hints, dues = tier.end_step(2)
     assert hints == [{0: ["c1"]}, {0: ["c3", "c4", "c5", "c6", "c7"]}]
     assert dues == [{}, {0: ["c3", "c4", "c5"]}]
@@ -912,14 +912,14 @@ def test_page_map_follows_the_chunk_cache():
     v = tier.attach(["c1", "c2", "c3"])
     slot = [p - tier.base for p in v]
     assert (tier.vmap == -1).all()
-    tier.resolve(1, torch.tensor([[v[0], 5, v[1]]], dtype=torch.int32), torch.tensor([3]))
+    tier.resolve(1, np.array([[v[0], 5, v[1]]], dtype=np.int32), np.array([3]))
     p1, p2 = tier.cache.page_of(1, "c1"), tier.cache.page_of(1, "c2")
     assert tier.vmap[1, slot[0]] == p1 and tier.vmap[1, slot[1]] == p2
     assert (tier.vmap[0] == -1).all() and tier.vmap[1, slot[2]] == -1
     tier.sync_map()
     assert torch.equal(tier.attn.page_map, torch.from_numpy(tier.vmap))
     # c3 evicts the least recently used of layer 1 (c1), which now maps to nothing
-    tier.resolve(1, torch.tensor([[v[2], v[1]]], dtype=torch.int32), torch.tensor([2]))
+    tier.resolve(1, np.array([[v[2], v[1]]], dtype=np.int32), np.array([2]))
     assert tier.vmap[1, slot[0]] == -1 and tier.vmap[1, slot[2]] == p1
     assert torch.equal(tier.pool.k[1, p1], torch.full((4, 2, 8), 3.0))
     # settle: layer 1's selection is cached, layer 0's is not: fetched, then it passes
@@ -1094,7 +1094,7 @@ def test_a_failed_fill_leaves_no_page_mapped():
     with pytest.raises(RuntimeError, match="copy failed"):
         tier._to_device({0: ["c1", "c2"]})
     with pytest.raises(RuntimeError, match="copy failed"):
-        tier.resolve(0, torch.tensor([[v[0], v[1]]], dtype=torch.int32), torch.tensor([2]))
+        tier.resolve(0, np.array([[v[0], v[1]]], dtype=np.int32), np.array([2]))
     assert [tier.cache.page_of(0, c) for c in ("c1", "c2")] == [None, None]
     assert (tier.vmap == -1).all() and not tier._loaded_ahead.any()
     del tier._write_pages  # working again: both pages can be taken and filled
@@ -1188,7 +1188,7 @@ def test_reads_ahead_wait_while_the_engine_thread_fills_the_cache(monkeypatch):
         return real(ids, layer, out, split)
 
     tier.tier.get_kv = get_kv
-    tier.resolve(0, torch.tensor([[v[0], v[1]]], dtype=torch.int32), torch.tensor([2]))
+    tier.resolve(0, np.array([[v[0], v[1]]], dtype=np.int32), np.array([2]))
     assert seen == [False] and tier._go.is_set()  # cleared during the fill only
     fetched = []
     tier.fetch = lambda layer, keys: fetched.append((layer, keys))
@@ -1258,9 +1258,9 @@ def test_layer_ahead_reads_feed_the_next_layers_fill(ahead):
 
     tier.tier.get_kv = get_kv
     v = tier.attach(["c1", "c2", "c3", "c4"])
-    sel = lambda *js: torch.tensor([[v[j] for j in js]], dtype=torch.int32)  # noqa: E731
-    out0 = tier.resolve(0, sel(0, 1), torch.tensor([2]))
-    out1 = tier.resolve(1, sel(1, 2), torch.tensor([2]))
+    sel = lambda *js: np.array([[v[j] for j in js]], dtype=np.int32)  # noqa: E731
+    out0 = tier.resolve(0, sel(0, 1), np.array([2]))
+    out1 = tier.resolve(1, sel(1, 2), np.array([2]))
     tier.end_step(1)
     for layer, out, chunks in ((0, out0, (1, 2)), (1, out1, (2, 3))):
         for page, c in zip(out[0].tolist(), chunks):

@@ -763,20 +763,12 @@ class StreamTier:
                 np.unique(layers[used] * self._loaded_ahead.shape[1] + slots[used])))
             self._loaded_ahead[layers[used], slots[used]] = False
 
-    def resolve(self, layer: int, sel_pages: torch.Tensor, nsel: torch.Tensor,
-                runners: torch.Tensor | None = None) -> torch.Tensor:
-        """Selected pages [B, K] (the first nsel[b] of row b valid) with every virtual
-        page replaced by the chunk-cache page now holding that chunk's layer K/V. Host
-        sync: streamed steps run eagerly. `runners` [B, R]: the runners-up (hints).
-        (`resolve_host` on host arrays.)"""
-        out = self.resolve_host(layer, sel_pages.cpu().numpy(), nsel.cpu().numpy(),
-                                None if runners is None else runners.cpu().numpy())
-        return torch.from_numpy(out).to(sel_pages.device)
-
-    def resolve_host(self, layer: int, sel_pages: np.ndarray, nsel: np.ndarray,
-                     runners: np.ndarray | None = None) -> np.ndarray:
-        """`resolve` on the host: numpy in, numpy out (a new array, or `sel_pages` itself
-        when nothing in it is virtual)."""
+    def resolve(self, layer: int, sel_pages: np.ndarray, nsel: np.ndarray,
+                runners: np.ndarray | None = None) -> np.ndarray:
+        """Selected pages [B, K] (host arrays; the first nsel[b] of row b valid) with every
+        virtual page replaced by the chunk-cache page now holding that chunk's layer K/V
+        (a new array, or `sel_pages` itself when none is virtual): streamed steps run
+        eagerly (`ReAttention._select_on_host`). `runners` [B, R]: the runners-up (hints)."""
         rows, cols, keys = [], [], []
         for b, (row, n) in enumerate(zip(sel_pages.tolist(), nsel.tolist())):
             for j in range(n):
@@ -802,17 +794,15 @@ class StreamTier:
         out[rows, cols] = pages
         return out
 
-    def expect(self, layer: int, rows: list[int], sel_pages, nsel, runners=None) -> None:
+    def expect(self, layer: int, rows: list[int], sel_pages: np.ndarray, nsel: np.ndarray,
+               runners: np.ndarray | None = None) -> None:
         """A prefill piece's rows `rows` complete their prompts, so their next step
         decodes: `sel_pages` [B', K] (the first nsel[i] valid) is what each row's last token
         alone selects in `layer`, as that decode step will score, and `runners` [B', R] its
         runners-up. Those selected chunks and the first `due_runners` runners-up become the
         rows' due chunks (`end_step`), loaded before that step (`prefetch`); with the other
         runners-up they replace the rows' prefetch hint in this layer (called after
-        `resolve`, which set the piece's own). Tensors or host arrays."""
-        host = [None if t is None else t.cpu().numpy() if isinstance(t, torch.Tensor) else t
-                for t in (sel_pages, nsel, runners)]
-        sel_pages, nsel, runners = host
+        `resolve`, which set the piece's own). Host arrays."""
         due = []
         for row, pages, n in zip(rows, sel_pages.tolist(), nsel.tolist()):
             due += [(row, self.chunk_of(p)) for p in pages[:n] if p >= self.base]

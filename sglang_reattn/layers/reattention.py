@@ -251,34 +251,22 @@ class ReAttention(PagedAttention):
             self.combine, plan.reps, self.page_map[layer_id] if on_device else None,
             self.pool.num_pages, spare)
         runners = runners[0] if runners else None
-        if streamed and not in_graph and plan.host is not None:
+        if streamed and not in_graph:
             return self._select_on_host(layer_id, plan, sel_pages, nsel, runners, merge)
-        nxt = None
-        if merge:
-            b = plan.cand_pages.shape[0]
-            nxt = (sel_pages[b:], nsel[b:], None if runners is None else runners[b:])
-            sel_pages, nsel = sel_pages[:b], nsel[:b]
-            runners = None if runners is None else runners[:b]
         if runners is not None:
             self.last_runners[layer_id] = runners
-        if not streamed or in_graph:
-            self.last_selection[layer_id] = sel_pages  # candidates' own pages
-            return table, lens
-        sel_pages = self.stream.resolve(layer_id, sel_pages, nsel, runners)
-        if nxt is not None:
-            self.stream.expect(layer_id, plan.next_rows_host, *nxt)
-        self.last_selection[layer_id] = sel_pages
-        return kn.assemble_scope_ref(plan.head_table, plan.head_pages, sel_pages, nsel,
-                                     plan.local_table, plan.local_tokens, c)
+        self.last_selection[layer_id] = sel_pages  # candidates' own pages
+        return table, lens
 
     def _select_on_host(self, layer_id: int, plan: ScopePlan, sel_pages: torch.Tensor,
                         nsel: torch.Tensor, runners: torch.Tensor | None, merge: bool
                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """A streamed eager step's selection (the batch's rows, then with `merge` those of
         `plan.next_rows`) read back in one copy, its virtual pages mapped on the host
-        (`StreamTier.resolve_host`), and the scope table assembled there and sent in one
-        copy (with the step's one sync, the copies' count and about twenty small device
-        operations per layer less than `resolve` and `assemble_scope_ref`)."""
+        (`StreamTier.resolve`), and the scope table assembled there (`assemble_scope_host`,
+        as `assemble_scope_ref` on the device) and sent in one copy: the step's one sync,
+        in place of about twenty small device operations and seven small copies per layer.
+        A plan without host tables (not `build_scope_plan`'s) has them copied here."""
         bt, k = sel_pages.shape
         parts = [sel_pages.reshape(-1), nsel.reshape(-1)]
         if runners is not None:
@@ -289,12 +277,14 @@ class ReAttention(PagedAttention):
         b = plan.cand_pages.shape[0]
         if run_h is not None:
             self.last_runners[layer_id] = runners[:b]
-        mapped = self.stream.resolve_host(layer_id, sel_h[:b], nsel_h[:b],
-                                          None if run_h is None else run_h[:b])
+        mapped = self.stream.resolve(layer_id, sel_h[:b], nsel_h[:b],
+                                     None if run_h is None else run_h[:b])
         if merge:
             self.stream.expect(layer_id, plan.next_rows_host, sel_h[b:], nsel_h[b:],
                                None if run_h is None else run_h[b:])
-        head_table, head_pages, local_table, local_tokens = plan.host
+        head_table, head_pages, local_table, local_tokens = plan.host or tuple(
+            t.cpu().numpy() for t in (plan.head_table, plan.head_pages, plan.local_table,
+                                      plan.local_tokens))
         table, lens = self._kernels.assemble_scope_host(
             head_table, head_pages, mapped, nsel_h[:b], local_table, local_tokens,
             self.cfg.chunk_size)

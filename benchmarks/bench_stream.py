@@ -313,9 +313,9 @@ def timers(out: dict, trace: list | None = None):
                                          "sync_map", "prefetch", "end_step", "_to_device",
                                          "_write_pages", "_prefetch_one", "_stage",
                                          "_fill_many", "_read_rows", "expect",
-                                         "_put_summaries", "release", "_load",
+                                         "_put_layers", "release", "_load",
                                          "run_deferred", "_cache_in", "_cache_in_many",
-                                         "_read_summaries", "_wait_ahead")),
+                                         "_load_summaries", "wait_summaries", "_wait_ahead")),
                (stream_tier.ChunkCache, ("acquire",)), (stream_tier.HostCache, ("put",)),
                (store_tier.StoreTier, ("lookup", "load", "save", "_write_one", "hold",
                                        "get_kv", "read_ahead", "pack")),
@@ -462,9 +462,15 @@ def main() -> None:
                     help="each of --ttft-restarts' restarts also decodes (as the measure "
                          "does): every restart's streamed tok/s against resident, and their "
                          "median")
-    ap.add_argument("--ttft-without-layer-ahead", type=int, default=0, metavar="N",
+    ap.add_argument("--ttft-with-layer-ahead", type=int, default=0, metavar="N",
                     help="N more restarts' streamed TTFTs with the streaming tier's "
-                         "layer-ahead reads off (StreamTier.layer_ahead), beside the measure")
+                         "layer-ahead reads on (StreamTier.layer_ahead; off by default), "
+                         "beside the measure")
+    ap.add_argument("--ttft-summaries-first", type=int, default=0, metavar="N",
+                    help="N more restarts' streamed TTFTs with the admission waiting for "
+                         "every layer's summaries before its forward (StreamTier."
+                         "summaries_ahead off), each after one more with it on; both sets "
+                         "and their medians, beside the measure")
     ap.add_argument("--timeline-ttft", action="store_true",
                     help="after the variants, one more streamed engine's TTFT with the "
                          "engine's parts traced: their calls in time order, per thread")
@@ -696,17 +702,32 @@ def main() -> None:
             with Engine(model, **stream_opts) as eng:
                 t, _ = sampled(lambda: ttft(eng, doc + questions[1]), args.sample_ttft)
                 print(f"stack-sampled streamed TTFT: wall {t * 1e3:.1f} ms", flush=True)
-        if args.ttft_without_layer_ahead:  # the same restarts, without layer-ahead reads
-            off = []
-            for _ in range(args.ttft_without_layer_ahead):
+        if args.ttft_with_layer_ahead:  # the same restarts, with layer-ahead reads
+            on = []
+            for _ in range(args.ttft_with_layer_ahead):
                 release(eng)
                 with Engine(model, **stream_opts) as eng:
-                    eng.attn.stream.layer_ahead = False
-                    off.append(ttft(eng, doc + questions[1])[0])
-            res["streamed_ttft_no_layer_ahead_s"] = off
-            print("# streamed TTFT without layer-ahead reads, each restart: "
-                  + ", ".join(f"{t:.3f}" for t in off) + f" s (median {statistics.median(off):.3f};"
-                  f" with them {res['streamed_ttft_s']:.3f})", flush=True)
+                    eng.attn.stream.layer_ahead = True
+                    on.append(ttft(eng, doc + questions[1])[0])
+            res["streamed_ttft_layer_ahead_s"] = on
+            print("# streamed TTFT with layer-ahead reads, each restart: "
+                  + ", ".join(f"{t:.3f}" for t in on) + f" s (median {statistics.median(on):.3f};"
+                  f" without them {res['streamed_ttft_s']:.3f})", flush=True)
+        if args.ttft_summaries_first:  # A/B, interleaved: summaries ahead (on), first (off)
+            ab: dict[bool, list[float]] = {True: [], False: []}
+            for _ in range(args.ttft_summaries_first):
+                for ahead in (True, False):
+                    release(eng)
+                    with Engine(model, **stream_opts) as eng:
+                        eng.attn.stream.summaries_ahead = ahead
+                        ab[ahead].append(ttft(eng, doc + questions[1])[0])
+            res["streamed_ttft_summaries_ahead_s"] = ab[True]
+            res["streamed_ttft_summaries_first_s"] = ab[False]
+            for ahead, label in ((True, "read beside the forward"),
+                                 (False, "read before the forward")):
+                print(f"# streamed TTFT, summaries {label}, restarts interleaved: "
+                      + ", ".join(f"{t:.3f}" for t in ab[ahead])
+                      + f" s (median {statistics.median(ab[ahead]):.3f})", flush=True)
         if args.timeline_ttft:  # and traced
             release(eng)
             with Engine(model, **stream_opts) as eng:

@@ -313,9 +313,9 @@ def timers(out: dict, trace: list | None = None):
                                          "sync_map", "prefetch", "end_step", "_to_device",
                                          "_write_pages", "_prefetch_one", "_stage",
                                          "_fill_many", "_read_rows", "expect",
-                                         "_put_layers", "release", "_load",
+                                         "_put_summaries", "release", "_load",
                                          "run_deferred", "_cache_in", "_cache_in_many",
-                                         "_load_summaries", "wait_summaries", "_wait_ahead")),
+                                         "_read_summaries", "_wait_ahead")),
                (stream_tier.ChunkCache, ("acquire",)), (stream_tier.HostCache, ("put",)),
                (store_tier.StoreTier, ("lookup", "load", "save", "_write_one", "hold",
                                        "get_kv", "read_ahead", "pack")),
@@ -466,11 +466,6 @@ def main() -> None:
                     help="N more restarts' streamed TTFTs with the streaming tier's "
                          "layer-ahead reads on (StreamTier.layer_ahead; off by default), "
                          "beside the measure")
-    ap.add_argument("--ttft-summaries-first", type=int, default=0, metavar="N",
-                    help="N more restarts' streamed TTFTs with the admission waiting for "
-                         "every layer's summaries before its forward (StreamTier."
-                         "summaries_ahead off), each after one more with it on; both sets "
-                         "and their medians, beside the measure")
     ap.add_argument("--timeline-ttft", action="store_true",
                     help="after the variants, one more streamed engine's TTFT with the "
                          "engine's parts traced: their calls in time order, per thread")
@@ -713,21 +708,6 @@ def main() -> None:
             print("# streamed TTFT with layer-ahead reads, each restart: "
                   + ", ".join(f"{t:.3f}" for t in on) + f" s (median {statistics.median(on):.3f};"
                   f" without them {res['streamed_ttft_s']:.3f})", flush=True)
-        if args.ttft_summaries_first:  # A/B, interleaved: summaries ahead (on), first (off)
-            ab: dict[bool, list[float]] = {True: [], False: []}
-            for _ in range(args.ttft_summaries_first):
-                for ahead in (True, False):
-                    release(eng)
-                    with Engine(model, **stream_opts) as eng:
-                        eng.attn.stream.summaries_ahead = ahead
-                        ab[ahead].append(ttft(eng, doc + questions[1])[0])
-            res["streamed_ttft_summaries_ahead_s"] = ab[True]
-            res["streamed_ttft_summaries_first_s"] = ab[False]
-            for ahead, label in ((True, "read beside the forward"),
-                                 (False, "read before the forward")):
-                print(f"# streamed TTFT, summaries {label}, restarts interleaved: "
-                      + ", ".join(f"{t:.3f}" for t in ab[ahead])
-                      + f" s (median {statistics.median(ab[ahead]):.3f})", flush=True)
         if args.timeline_ttft:  # and traced
             release(eng)
             with Engine(model, **stream_opts) as eng:

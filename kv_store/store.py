@@ -101,9 +101,6 @@ class ChunkStore:
         self._evict_lock = threading.Lock()
         self._workers: ThreadPoolExecutor | None = None  # `_in_parallel`, made on first use
         self._packs_ok: set[tuple[bytes, bytes]] = set()  # `_pack_ok`'s: (key, stored crc)
-        self._check_workers: ThreadPoolExecutor | None = None  # `_checker`
-        # packs `read_summary_layers` found damaged (key, stored crc): never used again
-        self._packs_bad: set[tuple[bytes, bytes]] = set()
         self._env = Env(self.path, readonly, initial_map_size)
         try:
             self.dbs = ix.Dbs(*self._env.dbs)
@@ -515,132 +512,6 @@ class ChunkStore:
         q, s = out
         return q.astype(np.float32) * s[..., None] if dequantize else (q, s)
 
-    def read_summary_layers(self, chunk_ids: Sequence[str], fn: Callable[[Any], Any],
-                            pack_of_first: tuple[str, int] | None = None,
-                            packs_seen: dict[bytes, bool] | None = None) -> Any:
-        """Quantized summaries of many chunks, one layer at a time, for a caller that uses
-        each layer as soon as it is read (a streamed admission's forward runs layer 0
-        while the later layers are read). In one read transaction: the packs and single
-        chunks holding them are found (single chunks verified, ChunkNotFound /
-        CorruptBlock now), the packs' checks start on the worker threads, and fn(reader)
-        runs and its result is returned. The reader has:
-
-        - ``shape``: a chunk's (L, n_desc, H, D);
-        - ``fill(layer, q, s)``: that layer of every chunk into q int8 [n, n_desc, H, D]
-          and s float32 [n, n_desc, H] (C-contiguous, e.g. views of pinned buffers);
-          ``fill_rows(layer, a, b, q, s)``: of chunks [a, b) only;
-        - ``verify()``: waits for the packs' checks. A pack that fails has its chunks read
-          one by one: CorruptBlock / ChunkNotFound for the first that fails, else
-          StoreError (what `fill` gave from that pack was wrong; the pack is not used
-          again by this object, and `packs_seen` records it as damaged, for rewriting).
-
-        What `fill` gives before `verify` returns is unchecked: use it only for work whose
-        result waits for `verify`. pack_of_first, packs_seen: as `get_summaries`."""
-        n = len(chunk_ids)
-        keys = [bytes.fromhex(c) for c in chunk_ids]
-        store = self
-
-        class Reader:
-            def __init__(self, txn) -> None:
-                self.segments: list[tuple[int, np.ndarray]] = []  # (first row, rows [m, size])
-                self.packs: list[tuple[int, int, Any, bytes]] = []  # (first, m, block, key)
-                i = 0
-                while i < n:
-                    got = (store._pack_rows(txn, keys, i, pack_of_first if i == 0 else None)
-                           if n - i > 1 else None)
-                    if got is not None and (got[2], bytes(got[1][:4])) not in store._packs_bad:
-                        self.segments.append((i, got[0]))
-                        self.packs.append((i, len(got[0]), got[1], got[2]))
-                        i += len(got[0])
-                        continue
-                    block = txn.get(keys[i], db=store.dbs.summaries)
-                    if block is None:
-                        if txn.get(keys[i], db=store.dbs.headers) is None:
-                            raise ChunkNotFound(chunk_ids[i])
-                        raise CorruptBlock(chunk_ids[i], None, "summary", "block missing")
-                    raw = codecs.decode_block(block, chunk_ids[i], None, "summary", copy=False)
-                    self.segments.append((i, np.frombuffer(raw, np.uint8)[None]))
-                    i += 1
-                if not self.segments:
-                    raise StoreError("no chunks to read summaries of")
-                row0 = self.segments[0][1][0]
-                q0, s0 = split_summary(row0.tobytes())
-                self.shape = q0.shape
-                self._size = row0.size
-                self._cut = row0.size - q0.nbytes  # where the quantized part starts
-                self._head = row0[: self._cut - s0.nbytes].tobytes()
-                self._qrow = q0[0].nbytes  # bytes of one layer of a chunk
-                self._srow = s0[0].nbytes
-                for a, rows in self.segments:
-                    if rows.shape[1] != self._size or (
-                            rows[:, : len(self._head)] != np.frombuffer(self._head, np.uint8)
-                    ).any():
-                        raise StoreError(f"summary of {chunk_ids[a]}: its shape differs "
-                                         "from the first chunk's (one model per store)")
-                self._checks = [store._checker().submit(store._pack_ok, block, key)
-                                for _, _, block, key in self.packs]
-
-            def fill(self, layer: int, q: np.ndarray, s: np.ndarray) -> None:
-                self.fill_rows(layer, 0, n, q, s)
-
-            def fill_rows(self, layer: int, a: int, b: int, q: np.ndarray, s: np.ndarray
-                          ) -> None:
-                """Chunks [a, b) only, into q [b - a, ...] and s [b - a, ...]."""
-                if not 0 <= layer < self.shape[0]:
-                    raise IndexError(f"layer {layer} out of range [0, {self.shape[0]})")
-                qb, sb = q.reshape(b - a, -1).view(np.uint8), s.reshape(b - a, -1).view(np.uint8)
-                if qb.shape[1] != self._qrow or sb.shape[1] != self._srow:
-                    raise ValueError(f"one layer of a chunk's summary is {self._qrow} and "
-                                     f"{self._srow} bytes")
-                qa = self._cut + layer * self._qrow
-                sa = len(self._head) + layer * self._srow
-                for first, rows in self.segments:
-                    lo, hi = max(a, first), min(b, first + len(rows))
-                    if lo >= hi:
-                        continue
-                    part = rows[lo - first: hi - first]
-                    qb[lo - a: hi - a] = part[:, qa:qa + self._qrow]
-                    sb[lo - a: hi - a] = part[:, sa:sa + self._srow]
-
-            def verify(self) -> None:
-                for (a, m, block, key), check in zip(self.packs, self._checks):
-                    ok = check.result()
-                    if packs_seen is not None:
-                        packs_seen[key] = ok
-                    if ok:
-                        continue
-                    store._packs_bad.add((key, bytes(block[:4])))
-                    txn = self._txn
-                    for i in range(a, a + m):  # the first chunk that fails is the error
-                        block = txn.get(keys[i], db=store.dbs.summaries)
-                        if block is None:
-                            raise ChunkNotFound(chunk_ids[i])
-                        codecs.decode_block(block, chunk_ids[i], None, "summary", copy=False)
-                    raise StoreError(f"summary pack of {chunk_ids[a]} (and the {m - 1} "
-                                     "chunks after it) is damaged; its chunks are intact")
-
-        def read(txn):
-            reader = Reader(txn)
-            reader._txn = txn
-            try:
-                return fn(reader)
-            finally:
-                for check in reader._checks:  # (none outlives the transaction)
-                    check.cancel() or check.exception()
-
-        if not n:
-            raise StoreError("no chunks to read summaries of")
-        return self._read(read)
-
-    def _checker(self) -> ThreadPoolExecutor:
-        """Threads of `read_summary_layers`'s pack checks, made on first use (apart from
-        `_in_parallel`'s: the reads of a forward it overlaps do not queue behind them)."""
-        with self._held_lock:
-            if self._check_workers is None:
-                self._check_workers = ThreadPoolExecutor(
-                    min(4, os.cpu_count() or 1), thread_name_prefix="kv-store-check")
-        return self._check_workers
-
     def _pack_rows(self, txn, keys: list[bytes], i: int, lead: tuple[str, int] | None = None
                    ) -> tuple[np.ndarray, Any, bytes] | None:
         """(decoded summaries [m, size] uint8, the pack's block, its key), views valid in
@@ -961,10 +832,9 @@ class ChunkStore:
 
     def close(self) -> None:
         """Close the environment (idempotent)."""
-        for name in ("_workers", "_check_workers"):
-            workers = getattr(self, name, None)
-            if workers is not None:
-                workers.shutdown()
+        workers = getattr(self, "_workers", None)
+        if workers is not None:
+            workers.shutdown()
         env = getattr(self, "_env", None)
         if env is not None:
             env.close()

@@ -9,7 +9,6 @@ import pytest
 from sglang_reattn.kv_store import (
     CODECS,
     ChunkNotFound,
-    CorruptBlock,
     ChunkRecord,
     ChunkStore,
     ModelMismatch,
@@ -387,75 +386,6 @@ def test_summary_packs_read_like_single_summaries(tmp_path):
         used = s.stats()["bytes"]
     with ChunkStore(tmp_path / "t", fp, used + 100) as s:
         assert not s.pack_summaries(ids[0:16]) and s.stats()["chunks"] == 40
-
-
-def _layers_read(s, ids, lead=None, seen=None, parts=3):
-    """read_summary_layers' result as get_summaries(dequantize=False) gives it: every
-    layer, in `parts` row ranges (the first range through `fill`)."""
-    def fn(r):
-        n, (num_layers, desc, h, d) = len(ids), r.shape
-        q = np.zeros((n, num_layers, desc, h, d), np.int8)
-        sc = np.zeros((n, num_layers, desc, h), np.float32)
-        for layer in range(num_layers):
-            cuts = [n * j // parts for j in range(parts + 1)]
-            for a, b in zip(cuts, cuts[1:]):
-                lq, ls = np.empty((b - a, desc, h, d), np.int8), np.empty((b - a, desc, h), np.float32)
-                if (a, b) == (0, n):
-                    r.fill(layer, lq, ls)
-                else:
-                    r.fill_rows(layer, a, b, lq, ls)
-                q[a:b, layer], sc[a:b, layer] = lq, ls
-        r.verify()
-        return q, sc
-
-    return s.read_summary_layers(ids, fn, lead, seen)
-
-
-def test_summaries_read_layer_by_layer_equal_the_bulk_read(tmp_path):
-    """read_summary_layers gives every layer of every chunk as get_summaries does, through
-    packs (with or without pack_of_first) and single chunks alike; a damaged pack fails
-    `verify` (StoreError: its chunks are intact), is recorded as damaged, and the next
-    read takes its chunks one by one; a damaged single chunk fails at once, naming it."""
-    fp = tiny_fingerprint(num_layers=3, num_kv_heads=2, head_dim=16, chunk_size=8)
-    recs = make_chain(fp, 40, seed=5)
-    ids = [r.chunk_id for r in recs]
-    rng = np.random.default_rng(0)
-    with ChunkStore(tmp_path / "s", fp, GB) as s:
-        s.put_chunks(recs)
-        want_q, want_s = s.get_summaries(ids, dequantize=False)
-        assert s.pack_summaries(ids[0:16]) and s.pack_summaries(ids[16:32])
-        served = []
-        orig = s._pack_rows
-        s._pack_rows = lambda *a: (lambda got: served.append(0 if got is None else len(got[0]))
-                                   or got)(orig(*a))
-        for lo, hi, lead, packed in [(0, 40, None, 32), (3, 40, (0, 3), 29), (5, 29, None, 13),
-                                     (39, 40, None, 0), (31, 34, None, 0)]:
-            served.clear()
-            q, sc = _layers_read(s, ids[lo:hi], lead and (ids[lead[0]], lead[1]),
-                                 parts=int(rng.integers(1, 4)))
-            assert np.array_equal(q, want_q[lo:hi]) and np.array_equal(sc, want_s[lo:hi])
-            assert sum(served) == packed, (lo, hi)
-        s._pack_rows = orig
-        # a damaged pack row: the layers read from it are wrong, `verify` says so
-        def flip(txn, db, key, at):
-            v = bytearray(txn.get(key, db=db))
-            v[at] ^= 0xFF
-            txn.put(key, bytes(v), db=db)
-
-        s._write(lambda txn: flip(txn, s.dbs.packs, bytes.fromhex(ids[16]), -3))
-        seen = {}
-        with pytest.raises(StoreError, match="damaged; its chunks are intact"):
-            _layers_read(s, ids, seen=seen)
-        assert seen == {bytes.fromhex(ids[0]): True, bytes.fromhex(ids[16]): False}
-        q, sc = _layers_read(s, ids)  # (that pack no more: its chunks one by one)
-        assert np.array_equal(q, want_q) and np.array_equal(sc, want_s)
-        # a damaged single chunk's summary: named before any layer is read
-        s._write(lambda txn: flip(txn, s.dbs.summaries, bytes.fromhex(ids[35]), -1))
-        with pytest.raises(CorruptBlock) as e:
-            _layers_read(s, ids)
-        assert e.value.chunk_id == ids[35]
-        with pytest.raises(ChunkNotFound):
-            _layers_read(s, ids[:2] + ["ab" * 32])
 
 
 def test_kv_reads_split_over_threads_equal_plain_reads(tmp_path, monkeypatch):

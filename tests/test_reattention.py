@@ -207,9 +207,6 @@ def test_a_completing_streamed_piece_selects_for_its_last_token_in_the_same_call
     class Stream:
         expect_next = True
 
-        def wait_summaries(self, layer):  # (none being read)
-            pass
-
         def resolve(self, layer, sel, nsel, runners):  # (host arrays, one copy back)
             got["piece"] = (sel.copy(), nsel.copy(), runners.copy())
             return sel

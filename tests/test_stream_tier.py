@@ -197,16 +197,17 @@ def test_streamed_context_equals_resident(stored, tiny_llama):
 def test_streamed_summaries_come_from_summary_packs(tiny_llama, tmp_path, monkeypatch):
     """A document prefilled into the store gets a summary pack per group of chunks from
     its root (8 here); a streamed request over it reads its middle chunks' summaries from
-    those packs, layer by layer in one read, and answers as the resident engine did."""
-    from sglang_reattn.engine import store_tier
+    those packs, in pieces (16 chunks here) that start where packs start, and answers as
+    the resident engine did."""
+    from sglang_reattn.engine import store_tier, stream_tier
     from sglang_reattn.kv_store import ChunkStore
 
     monkeypatch.setattr(store_tier, "SUMMARY_PACK", 8)
+    monkeypatch.setattr(stream_tier, "SUMMARY_PIECE", 16)
     pieces = []
-    read = store_tier.StoreTier.read_summary_layers
-    monkeypatch.setattr(store_tier.StoreTier, "read_summary_layers",
-                        lambda self, ids, *a, **kw: pieces.append(len(ids))
-                        or read(self, ids, *a, **kw))
+    read = store_tier.StoreTier.get_summaries
+    monkeypatch.setattr(store_tier.StoreTier, "get_summaries",
+                        lambda self, ids, **kw: pieces.append(len(ids)) or read(self, ids, **kw))
     store = str(tmp_path / "store")
     with Engine(tiny_llama, kv_store_path=store, **OPTS) as eng:
         want = eng.generate(input_ids=DOC + QUESTION, sampling_params=GREEDY)["output_ids"]
@@ -234,10 +235,10 @@ def test_streamed_summaries_come_from_summary_packs(tiny_llama, tmp_path, monkey
     # packed again; the last (chunks 48..55, the local window's) is
     assert len(packing) == 1
     # the 47 middle chunks start at chunk 1 (after the sink), inside the first pack: all of
-    # them from packs (7 rows of the first, then 5 whole ones), in one read; then the
-    # chunk spilled while decoding, alone
-    assert served == [7, 8, 8, 8, 8, 8]
-    assert pieces == [47, 1]
+    # them from packs, read as chunks 1..15, 16..31 and 32..47 (then the chunk spilled
+    # while decoding, alone)
+    assert sum(served) == 47
+    assert pieces == [15, 16, 16, 1]
 
 
 def test_a_context_stored_without_packs_gets_them_when_streamed(stored, tiny_llama,
@@ -746,23 +747,10 @@ def test_prompt_longer_than_the_pool_spills_to_the_store(tmp_path, tiny_llama, l
 
 class _FakeStore:
     """get_summaries like ChunkStore's: int8 [n, L, 2, Hkv, D] and scales [n, L, 2, Hkv]
-    (dequantize=False), dequantized value = chunk number; read_summary_layers as
-    ChunkStore's, from those."""
+    (dequantize=False), dequantized value = chunk number."""
 
     def __init__(self, shape) -> None:
         self.shape, self.reads, self.gone = shape, [], set()
-
-    def read_summary_layers(self, ids, fn, pack_of_first=None):
-        from types import SimpleNamespace
-
-        q_all, s_all = self.get_summaries(ids, dequantize=False)
-
-        def fill_rows(layer, a, b, q, s):
-            q[...] = q_all[a:b, layer]
-            s[...] = s_all[a:b, layer]
-
-        return fn(SimpleNamespace(shape=q_all.shape[1:], packs=[], fill_rows=fill_rows,
-                                  verify=lambda: None))
 
     def has_many(self, ids):
         return [c not in self.gone for c in ids]
@@ -791,8 +779,8 @@ class _FakeTier:
     def touch(self, ids) -> None:
         pass
 
-    def read_summary_layers(self, ids, fn, pack_of_first=None):
-        return self.store.read_summary_layers(ids, fn, pack_of_first)
+    def get_summaries(self, ids, pack_of_first=None):
+        return self.store.get_summaries(ids, dequantize=False)
 
     def hold(self, ids) -> None:
         for c in ids:
@@ -826,32 +814,30 @@ def _tier_for_test(slots: int = 8):
                        prefetch=False), store)
 
 
-def test_a_failed_summary_load_attaches_nothing():
-    """A summary load that fails (here: a stored shape that is not the model's) raises
-    StreamFault from `attach` (waiting) or from the first layer waited for (not waiting);
-    nothing stays attached or held, the failed slots are free again (not idle), and the
-    tier serves the next request, reading those chunks again."""
+def test_a_failed_summary_piece_stops_the_read(monkeypatch):
+    """Summaries read in pieces, one after the other: when a piece fails, `attach` raises
+    without reading the pieces after it; nothing is attached or held, and the tier serves
+    the next request."""
+    from sglang_reattn.engine import stream_tier
+    from sglang_reattn.kv_store import StoreError
+
+    monkeypatch.setattr(stream_tier, "SUMMARY_PIECE", 2)
     tier, store = _tier_for_test()
-    plain = store.get_summaries
+    asked, plain = [], store.get_summaries
 
     def get(ids, dequantize=True):
+        asked.append(list(ids))
         q, s = plain(ids, dequantize)
-        return q[:, :, :1], s[:, :, :1]
+        if ids[0] == "c3":  # the second piece: another shape
+            return q[:, :, :1], s[:, :, :1]
+        return q, s
 
     store.get_summaries = get
-    with pytest.raises(StreamFault, match="does not match"):
+    with pytest.raises(StoreError, match="shape differs"):
         tier.attach([f"c{i}" for i in range(1, 7)])
-    assert not tier.tier.held and tier.counters()["stream_attached_chunks"] == 0
-    pages = tier.attach([f"c{i}" for i in range(1, 4)], wait=False)
-    with pytest.raises(StreamFault, match="does not match"):
-        tier.wait_summaries(0)
-    assert tier.tier.held  # (the request holding them is released by the scheduler)
-    tier.release(pages)
-    assert not tier.tier.held and not tier._idle and len(tier._free_slots) == 8
+    assert asked == [["c1", "c2"], ["c3", "c4"]] and not tier.tier.held
     store.get_summaries = plain
-    v = tier.attach([f"c{i}" for i in range(1, 7)])
-    assert len(v) == 6 and store.reads[-1] == [f"c{i}" for i in range(1, 7)]
-    assert tier.attn.kmin[1, v[2]].unique().tolist() == [3.0]
+    assert len(tier.attach([f"c{i}" for i in range(1, 7)])) == 6
 
 
 def test_summary_slots_are_shared_and_kept_while_idle():

@@ -364,13 +364,9 @@ class Scheduler:
         ahead = self.store.read_ahead(real_ids)  # while the summaries are read
         try:
             start = self.store.pack_start(middle.start)  # (where its summary pack starts)
-            # Its summaries are read while its prefill runs (each layer waits for its own);
-            # then a context stored before summary packs existed gets them, for next time.
-            chain = self._store_ids(r, total)
-            virtual = self.stream.attach([stored[i - have] for i in middle],
-                                         (chain[start], middle.start - start),
-                                         wait=not self.stream.summaries_ahead,
-                                         then=lambda: self.store.pack(chain))
+            virtual = self.stream.attach([stored[i - have] for i in middle], middle.start,
+                                         (self._store_ids(r, start + 1)[start],
+                                          middle.start - start))
         except StreamFault as e:
             self._report_fault(e)
             return None, matched
@@ -393,6 +389,8 @@ class Scheduler:
         r.num_computed = total * c
         r.num_saved = total
         r.streamed = True
+        # a context stored before summary packs existed gets them now, for the next time
+        self.store.pack(self._store_ids(r, total))
         self._admitted(r)
         return True, matched
 

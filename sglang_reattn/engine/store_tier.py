@@ -532,27 +532,6 @@ class StoreTier:
                 self._packed.difference_update(k.hex() for k, ok in seen.items() if not ok)
         return got
 
-    def read_summary_layers(self, chunk_ids: list[str], fn, pack_of_first=None):
-        """ChunkStore.read_summary_layers. The packs it reads count as packed from the
-        start (`pack` queues no job for them while the read goes on: the admission asks
-        for its context's packs right after starting it), those found damaged no more."""
-        seen: dict[bytes, bool] = {}
-        self._forget_if_removed()
-
-        def marked(reader):
-            if not self.readonly:
-                with self._lock:
-                    self._packed.update(key.hex() for *_, key in reader.packs)
-            return fn(reader)
-
-        try:
-            return self.store.read_summary_layers(chunk_ids, marked, pack_of_first, seen)
-        finally:
-            if seen and not self.readonly:
-                with self._lock:
-                    self._packed.difference_update(k.hex() for k, ok in seen.items()
-                                                   if not ok)
-
     def get_kv(self, chunk_ids: list[str], layer: int, out: np.ndarray | None = None,
                split: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
         """ChunkStore.get_kv_many (into `out` [n, 2, C, H, D] if given). Many chunks are

@@ -48,7 +48,6 @@ written as they leave the local window.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import queue
@@ -60,12 +59,13 @@ from concurrent import futures
 import numpy as np
 import torch
 
-from sglang_reattn.engine.store_tier import _to_numpy, serve_queue
+from sglang_reattn.engine.store_tier import SUMMARY_PACK, _to_numpy, serve_queue
 from sglang_reattn.kernels._triton_compat import next_pow2
 from sglang_reattn.kv_store import ChunkNotFound, CorruptBlock, StoreError
 
 logger = logging.getLogger(__name__)
 
+SUMMARY_PIECE = 8 * SUMMARY_PACK  # chunks per piece of a pipelined summary read
 # (CUDA) pinned memory taken when the tier is made, not on a request's path: fresh pinned
 # memory cost 0.6-0.9 ms per MiB on the H200's host (bench_pinned_alloc.py). Each of the two
 # staging buffers starts with room for every layer's selection and due runners-up, up to
@@ -92,20 +92,6 @@ class StreamFault(Exception):
 
 class StreamFull(RuntimeError):
     """Every summary slot of the streaming tier is referenced."""
-
-
-class _SummaryLoad:
-    """The summaries of chunks being read into their slots on the loader thread: `done`
-    layers are there (on CUDA: once the compute stream waited for `events[layer]`), or
-    `error` says why they never will be."""
-
-    def __init__(self, ids: list[str], slots: list[int], lead: tuple[str, int] | None,
-                 then=None) -> None:
-        self.ids, self.slots, self.lead, self.then = ids, slots, lead, then
-        self.done = 0
-        self.events: list = []
-        self.error: StreamFault | None = None
-        self.cond = threading.Condition()
 
 
 class HostCache:
@@ -421,24 +407,20 @@ class StreamTier:
         # that it does not take the interpreter from a fill that step waits for.
         self._go = threading.Event()
         self._go.set()
-        # Summary loads (`attach`, `_load_summaries`): those not yet waited for to the
-        # last layer, in order; slots whose load failed (freed, not kept idle, once
-        # released); the loader thread; (CUDA) its stream and the two pinned buffers a
-        # layer's summaries are read into in turn, each [rows, 2, Hkv, D] int8 and
-        # [rows, 2, Hkv] float32 scales (SUMMARY_BUFFER_BYTES in all), and the event of
-        # its last copy to the device.
-        self._loads: list[_SummaryLoad] = []
-        self._bad: set[int] = set()
-        self._loader_pool: futures.ThreadPoolExecutor | None = None
-        self._load_stream = torch.cuda.Stream(pool.k.device) if self._pin else None
+        # chunks per piece of a summary read, and (CUDA) the two pinned buffers the pieces
+        # are read into in turn, each [piece, L, 2, Hkv, D] int8, [piece, L, 2, Hkv] float32
+        # scales, and the event of its last copy to the device
+        self._piece = SUMMARY_PIECE  # (halved, packs staying whole, to fit a buffer)
+        while (self._piece > SUMMARY_PACK and self._piece % 2 == 0
+               and self._piece * num_layers * 2 * hkv * (d + 4) > SUMMARY_BUFFER_BYTES):
+            self._piece //= 2
         self._summary_bufs = []
         if self._pin:
             topk = getattr(getattr(attn, "cfg", None), "topk", 0)
             self._prestage(num_layers * (topk + self.due_runners))
-            rows = max(1, SUMMARY_BUFFER_BYTES // (2 * hkv * (d + 4)))
             self._summary_bufs = [
-                (self._pinned(rows * 2 * hkv * d, torch.int8),
-                 self._pinned(rows * 2 * hkv, torch.float32),
+                (self._pinned(self._piece * num_layers * 2 * hkv * d, torch.int8),
+                 self._pinned(self._piece * num_layers * 2 * hkv, torch.float32),
                  torch.cuda.Event()) for _ in range(2)]
         # Layer-ahead reads (eager streamed steps: a question's prefill): when a layer's
         # selection is known and mostly not cached, the next layer's blocks of the same
@@ -449,14 +431,11 @@ class StreamTier:
         # _next: {layer: (its chunk ids, the future of the rows they were read into, or
         # of None when the read failed: the fill then reads them itself and reports it)},
         # read into the buffer of the layer's parity.
-        # Off by default: on the H200 at 1M tokens (page cache) three restarts' TTFTs were
-        # 0.27-0.31 s with them and 0.25-0.27 s without (bench_stream.py, 2026-12-02, on
-        # 3dbf979: the reader threads' reads took the interpreter from the engine thread).
+        # Off by default: on the H200 at 1M tokens (page cache), on 3dbf979, the median
+        # TTFT of three restarts was 0.261 s without them and 0.304 s with them in one run,
+        # 0.297 and 0.379 s in another (bench_stream.py, 2026-12-02): the reader threads'
+        # reads took the interpreter from the engine thread's fills.
         self.layer_ahead = False
-        # Whether a streamed admission returns before its summaries are read (its forward
-        # then waits for each layer's in that layer: `attach`'s wait=False) or waits for
-        # all of them first (the scheduler reads this; benchmarks compare both).
-        self.summaries_ahead = True
         self._next: dict[int, tuple[list[str], futures.Future]] = {}
         self._next_bufs: list[np.ndarray | None] = [None, None]
         self._q: queue.Queue | None = None
@@ -471,21 +450,16 @@ class StreamTier:
     def is_virtual(self, page: int) -> bool:
         return page >= self.base
 
-    def attach(self, chunk_ids: list[str], lead: tuple[str, int] | None = None,
-               wait: bool = True, then=None) -> list[int]:
-        """Virtual pages of stored chunks; the summaries of those not attached yet are read
-        from the store layer by layer on the loader thread (`_load_summaries`). wait:
-        return once they are all on the device (a StreamFault, then, attaches nothing).
-        Else return at once: a forward over these pages waits for each layer's summaries
-        in that layer (`wait_summaries`; a streamed admission's layer 0 runs while the
-        later layers are read) and gets their StreamFault there. Raises StreamFault
-        (nothing attached) when an idle summary's chunk left the store, and StreamFull
-        (nothing attached) when the summary slots cannot take the new ones. Attached
-        chunks are held in the store (safe from this process's evictions) until their
-        last reference is released. lead: (id, row) when chunk_ids[0] is row `row` of the
-        summary pack that starts at chunk `id` (a streamed context's middle starts after
-        its sink chunk). then: called on the loader thread once the summaries are read
-        (or at once when none is new)."""
+    def attach(self, chunk_ids: list[str], first: int = 0,
+               lead: tuple[str, int] | None = None) -> list[int]:
+        """Virtual pages of stored chunks: summaries not attached yet are read from the
+        store in bulk. Raises StreamFault (nothing attached) when one cannot be read, and
+        StreamFull (nothing attached) when the summary slots cannot take the new ones.
+        Attached chunks are held in the store (safe from this process's evictions) until
+        their last reference is released. first: chunk_ids[0]'s place in its chain (the
+        summaries are read in pieces that start where the store's summary packs do);
+        lead: (id, row) when chunk_ids[0] is row `row` of the summary pack that starts at
+        chunk `id` (a streamed context's middle starts after its sink chunk)."""
         unique = list(dict.fromkeys(chunk_ids))
         new = [c for c in unique if c not in self._slot_of]
         revived = sum(1 for c in unique if c in self._slot_of
@@ -498,14 +472,24 @@ class StreamTier:
         # Held before being read: what is read now stays readable while attached.
         hold = [c for c in unique if c not in self._slot_of or not self._refs[self._slot_of[c]]]
         self.tier.hold(hold)
-        try:  # idle summaries were read earlier, maybe before an eviction: still there?
+        s = None
+        try:
+            if new:  # int8 [n, L, 2, Hkv, D] and float32 scales [n, L, 2, Hkv]
+                # (on the calling thread: split over reader threads, the parts contended
+                # and took longer in all on the H200)
+                s = self._read_summaries(new, first, lead if new[0] == chunk_ids[0] else None)
+                assert s[0].shape[1:] == (self.num_layers, 2) + self._shape[1:], \
+                    f"stored summary shape {s[0].shape[1:]} does not match the model"
+            # Idle summaries were read earlier, maybe before an eviction: still there?
             idle = [c for c in hold if c in self._slot_of]
             gone = [c for c, there in zip(idle, self.store.has_many(idle) if idle else [])
                     if not there]
             if gone:
-                raise StreamFault(gone[0], ChunkNotFound(gone[0], "streamed chunk (evicted)"))
-        except BaseException:
+                raise ChunkNotFound(gone[0], "streamed chunk (evicted)")
+        except BaseException as e:
             self.tier.release(hold)
+            if isinstance(e, (CorruptBlock, ChunkNotFound)):
+                raise StreamFault(e.chunk_id, e) from e
             raise
         # (all new and each once, as a context's first attach after a restart: its 16K
         # chunks' bookkeeping without a dictionary lookup per chunk and reference)
@@ -519,6 +503,7 @@ class StreamTier:
         slots = []
         if new:
             slots = self._alloc_slots(len(new))
+            self._put_summaries(slots, *s)
             slot_ids = self._slot_ids
             for slot, cid in zip(slots, new):
                 slot_ids[slot] = cid
@@ -530,11 +515,6 @@ class StreamTier:
                     if cid in fresh:
                         self.vmap[layer, self._slot_of[cid]] = page
             self._stale.update(range(self.num_layers))
-            load = _SummaryLoad(new, slots, lead if new[0] == chunk_ids[0] else None, then)
-            self._loads.append(load)
-            self._loader().submit(self._load_summaries, load)
-        elif then is not None:
-            then()
         refs = self._refs
         if simple:
             for slot in slots:
@@ -548,140 +528,64 @@ class StreamTier:
         self.stats["stream_summaries_reused"] += len(chunk_ids) - len(new)
         self.tier.touch(chunk_ids)
         base = self.base
-        pages = ([base + slot for slot in slots] if simple
-                 else [base + self._slot_of[c] for c in chunk_ids])
-        if wait:
-            try:
-                self.wait_summaries(self.num_layers - 1)
-            except StreamFault:
-                self.release(pages)  # (the failed load's slots become free, not idle)
-                raise
-        return pages
+        if simple:
+            return [base + slot for slot in slots]
+        return [base + self._slot_of[c] for c in chunk_ids]
 
-    def _loader(self) -> futures.ThreadPoolExecutor:
-        if self._loader_pool is None:
-            self._loader_pool = futures.ThreadPoolExecutor(1, "kv-summary-loader")
-        return self._loader_pool
+    def _read_summaries(self, chunk_ids: list[str], first: int,
+                        lead: tuple[str, int] | None = None):
+        """The quantized summaries of chunks (int8 [n, L, 2, Hkv, D], float32 scales
+        [n, L, 2, Hkv]) as tensors on the device. They are read in pieces of `_piece` chunks
+        (aligned to the chain from `first`, as the store's packs are), one after the other
+        on this thread (the store spreads a piece's packs over its worker threads); on
+        CUDA each piece is read into one of two pinned buffers, in turn, and copied from it
+        asynchronously while the next is read. (Read into fresh arrays, then copied from
+        pageable memory, a 1M-token context's took 71 and 31 ms one after the other on the
+        H200's host; each piece read on a reader thread while this one waited, the first
+        started 33 ms after the read began, beside a streamed admission's reads ahead.)
+        lead: `attach`'s (the first piece starts inside that pack)."""
+        n = len(chunk_ids)
+        dev = self.attn.kmin.device
+        piece = self._piece
+        cuts = list(range(piece - first % piece, n, piece))
+        q_dev = s_dev = None
+        for j, (a, b) in enumerate(zip([0] + cuts, cuts + [n])):
+            ids, pack = chunk_ids[a:b], lead if a == 0 else None
+            if not self._summary_bufs:
+                q, sc = map(torch.from_numpy, self.tier.get_summaries(ids, pack_of_first=pack))
+            else:
+                q_buf, s_buf, copied = self._summary_bufs[j % 2]
+                copied.synchronize()  # (its last piece is on the device)
+                shape = (b - a, self.num_layers, 2) + self._shape[1:]
+                q = q_buf[: math.prod(shape)].view(shape)
+                sc = s_buf[: math.prod(shape[:-1])].view(shape[:-1])
+                self.tier.get_summaries(ids, out=(q.numpy(), sc.numpy()), pack_of_first=pack)
+            if q_dev is None:
+                q_dev = torch.empty((n,) + q.shape[1:], dtype=torch.int8, device=dev)
+                s_dev = torch.empty((n,) + sc.shape[1:], dtype=torch.float32, device=dev)
+            if q.shape[1:] != q_dev.shape[1:]:
+                raise StoreError(f"summaries of {chunk_ids[a]}: their shape differs "
+                                 "from the first chunk's (one model per store)")
+            q_dev[a:b].copy_(q, non_blocking=True)
+            s_dev[a:b].copy_(sc, non_blocking=True)
+            if self._summary_bufs:
+                self._summary_bufs[j % 2][2].record()
+        return q_dev, s_dev
 
-    def _load_summaries(self, load: _SummaryLoad) -> None:
-        """The loader thread: `load`'s summaries read layer by layer
-        (`StoreTier.read_summary_layers`) and dequantized into their slots' summary rows,
-        each layer announced as soon as it is there (on CUDA: copied and dequantized on the
-        loader's stream, through two pinned buffers used in turn, and announced with the
-        event the compute stream waits for). The last layer is announced only once the
-        store verified every pack read (what the step computes from unchecked summaries
-        is never used before then). A failure is announced instead, as a StreamFault."""
-        try:
-            self.tier.read_summary_layers(load.ids, lambda r: self._put_layers(load, r),
-                                          pack_of_first=load.lead)
-            if load.then is not None:
-                load.then()
-        except BaseException as e:  # noqa: BLE001 - the engine thread meets it in `wait`
-            cid = getattr(e, "chunk_id", None) or load.ids[0]
-            fault = StreamFault(cid, e if isinstance(e, StoreError) else StoreError(repr(e)))
-            if not isinstance(e, StoreError):
-                logger.exception("summary load failed")
-            with load.cond:
-                load.error = fault
-                load.cond.notify_all()
-
-    def _put_layers(self, load: _SummaryLoad, reader) -> None:
-        num_layers, desc, hkv, d = reader.shape
-        if (num_layers, desc, hkv, d) != (self.num_layers, 2) + self._shape[1:]:
-            raise StoreError(f"stored summary shape {tuple(reader.shape)} does not match "
-                             f"the model's {(self.num_layers, 2) + self._shape[1:]}")
+    def _put_summaries(self, slots: list[int], q: torch.Tensor, scales: torch.Tensor,
+                       batch: int = 4096) -> None:
+        """Quantized summaries on the device (int8 [n, L, 2, Hkv, D], scales [n, L, 2,
+        Hkv], `_read_summaries`: copied as int8, a quarter of the float32 bytes) into the
+        summary rows of `slots`, dequantized in batches of chunks."""
         kmin, kmax = self.attn.kmin, self.attn.kmax
         dev = kmin.device
-        n = len(load.slots)
-        cuda = dev.type == "cuda"
-        if cuda:
-            cap = self._summary_bufs[0][0].numel() // (desc * hkv * d)
-            stream = self._load_stream
-        else:  # (one buffer of the whole layer, used and freed on this thread)
-            cap, stream = n, None
-            q_all = np.empty((n, desc, hkv, d), np.int8)
-            s_all = np.empty((n, desc, hkv), np.float32)
-        with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
-            idx = torch.tensor(load.slots, device=dev) + self.base
-            turn = 0
-            for layer in range(num_layers):
-                for a in range(0, n, cap):
-                    b = min(n, a + cap)
-                    if cuda:  # (filled only after that buffer's last copy left it)
-                        q_buf, s_buf, copied = self._summary_bufs[turn % 2]
-                        turn += 1
-                        copied.synchronize()
-                        q = q_buf[: (b - a) * desc * hkv * d].view(b - a, desc, hkv, d)
-                        sc = s_buf[: (b - a) * desc * hkv].view(b - a, desc, hkv)
-                        reader.fill_rows(layer, a, b, q.numpy(), sc.numpy())
-                        q = q.to(dev, non_blocking=True)
-                        sc = sc.to(dev, non_blocking=True)
-                        copied.record()
-                    else:
-                        reader.fill_rows(layer, a, b, q_all[a:b], s_all[a:b])
-                        q, sc = torch.from_numpy(q_all[a:b]), torch.from_numpy(s_all[a:b])
-                    t = q.float() * sc[..., None]  # [m, 2, Hkv, D]
-                    kmin[layer, idx[a:b]] = t[:, 0].to(kmin.dtype)
-                    kmax[layer, idx[a:b]] = t[:, 1].to(kmax.dtype)
-                if layer == num_layers - 1:
-                    reader.verify()
-                event = None
-                if cuda:
-                    event = torch.cuda.Event()
-                    event.record()
-                with load.cond:
-                    load.events.append(event)
-                    load.done = layer + 1
-                    load.cond.notify_all()
-
-    def wait_summaries(self, layer: int) -> None:
-        """Before a step reads the summary rows of `layer`: every summary load in flight
-        has put that layer there (the compute stream waits for it on CUDA); a load's
-        StreamFault is raised here (its slots are then never reused for their chunks: a
-        later attach of them reads them again). A load done with every layer is dropped
-        from the list when its last layer is waited for."""
-        if not self._loads:
-            return
-        for load in list(self._loads):
-            with load.cond:
-                while load.done <= layer and load.error is None:
-                    load.cond.wait()
-            if load.error is not None:
-                self._failed(load)
-                raise load.error
-            if load.events[layer] is not None:
-                torch.cuda.current_stream().wait_event(load.events[layer])
-            if layer == self.num_layers - 1:
-                self._loads.remove(load)
-
-    def _failed(self, load: _SummaryLoad) -> None:
-        """A failed load's slots: their chunks no longer map to them (a later attach reads
-        them again); released by their last reference, they become free, not idle."""
-        if load in self._loads:
-            self._loads.remove(load)
-        for cid, slot in zip(load.ids, load.slots):
-            if self._slot_of.get(cid) == slot:
-                del self._slot_of[cid]
-            self._bad.add(slot)
-            if not self._refs[slot]:  # (released before the fault was met)
-                self._idle.pop(slot, None)
-                self._free_bad(slot)
-
-    def _free_bad(self, slot: int) -> None:
-        self._bad.discard(slot)
-        self._slot_ids[slot] = None
-        self._free_slots.append(slot)
-        self.vmap[:, slot] = -1
-        self._loaded_ahead[:, slot] = False
-        self._stale.update(range(self.num_layers))
-
-    def _join_loads(self) -> None:
-        """Wait for every summary load in flight (before slots may be reused); failed
-        ones are handled as `wait_summaries` would, without raising."""
-        try:
-            self.wait_summaries(self.num_layers - 1)
-        except StreamFault:
-            self._join_loads()
+        for lo in range(0, len(slots), batch):
+            hi = min(lo + batch, len(slots))
+            tq, ts = q[lo:hi], scales[lo:hi]
+            t = (tq.float() * ts[..., None]).transpose(0, 1)  # [L, n, 2, Hkv, D]
+            idx = torch.tensor(slots[lo:hi], device=dev) + self.base
+            kmin[:, idx] = t[:, :, 0].to(kmin.dtype)
+            kmax[:, idx] = t[:, :, 1].to(kmax.dtype)
 
     def _alloc_slots(self, n: int) -> list[int]:
         """n slots (`attach` checked that they exist): never used ones, then idle ones
@@ -695,22 +599,15 @@ class StreamTier:
     def release(self, pages: list[int]) -> None:
         """Drop a request's references to its virtual pages (real pages are ignored); a
         chunk nobody references any more is no longer held in the store."""
-        unused: list[int] = []
+        gone: list[str] = []
         for p in pages:
             if p >= self.base:
                 slot = p - self.base
                 assert self._refs[slot] > 0, f"virtual page {p} released twice"
                 self._refs[slot] -= 1
                 if self._refs[slot] == 0:
-                    unused.append(slot)
-        gone = [self._slot_ids[slot] for slot in unused]
-        if unused and self._loads:  # (no load still writes into a slot that may be reused)
-            self._join_loads()
-        for slot in unused:
-            if slot in self._bad:
-                self._free_bad(slot)
-            elif self._slot_ids[slot] is not None:  # (else freed by `_failed` just now)
-                self._idle[slot] = None
+                    self._idle[slot] = None
+                    gone.append(self._slot_ids[slot])
         self.tier.release(gone)
 
     def forget_cached(self) -> None:
@@ -1311,9 +1208,6 @@ class StreamTier:
             self._q.join()
 
     def close(self) -> None:
-        self._join_loads()
-        if self._loader_pool is not None:
-            self._loader_pool.shutdown()
         if self._q is not None:
             self._q.put(None)
             self._thread.join(timeout=30)

@@ -238,8 +238,6 @@ class ReAttention(PagedAttention):
              plan.local_table, plan.local_tokens, plan.rep_index))
         # [B*R, Hq, D] un-rotated; decode (one query per sequence, R = 1) scores q itself
         qr = q if plan.reps == 1 and not merge else q.index_select(0, rep_index)
-        if streamed and not in_graph:  # (a streamed admission's summaries, read meanwhile)
-            self.stream.wait_summaries(layer_id)
         kmin, kmax, kmean = self._summaries(layer_id)
         # Virtual candidates (streamed) have summaries like any page. Scoring, top-k and the
         # table are one fused op (5 launches on GPU). In a CUDA graph the table maps virtual

@@ -433,8 +433,9 @@ class StreamTier:
         # read into the buffer of the layer's parity.
         # Off by default: on the H200 at 1M tokens (page cache), on 3dbf979, the median
         # TTFT of three restarts was 0.261 s without them and 0.304 s with them in one run,
-        # 0.297 and 0.379 s in another (bench_stream.py, 2026-12-02): the reader threads'
-        # reads took the interpreter from the engine thread's fills.
+        # 0.297 and 0.379 s in another (bench_stream.py, 2026-12-02). Not traced apart;
+        # likely the reader threads' reads taking the interpreter from the engine
+        # thread's fills.
         self.layer_ahead = False
         self._next: dict[int, tuple[list[str], futures.Future]] = {}
         self._next_bufs: list[np.ndarray | None] = [None, None]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import random
 import traceback
 
@@ -96,6 +97,26 @@ def test_threads_share_one_store_while_the_map_grows(tmp_path):
         assert s.stats()["map_size"] >= 16 * map_before  # it grew several times
     assert not errors, repr(errors[0])
     assert min(verified) > 0
+
+
+def test_a_reopened_writer_maps_twice_its_file(tmp_path):
+    """Reopened as the writer, a store maps twice its data file (address space only: the
+    file keeps its size), so its first writes after a restart need no map growth (which
+    waits for every transaction in flight); a reader maps the file as it is."""
+    path = str(tmp_path / "s")
+    with ChunkStore(path, FP, 1 << 30, codec="raw", initial_map_size=1 << 20) as s:
+        for n in range(6):  # grown past the initial map
+            s.put_chunks(make_chain(FP, 8, seed=700 + n))
+    size = os.path.getsize(os.path.join(path, "data.mdb"))
+    assert size > 1 << 20
+    with ChunkStore(path, FP, readonly=True) as r:
+        assert r.stats()["map_size"] == size
+    with ChunkStore(path, FP, 1 << 30, codec="raw", initial_map_size=1 << 20) as s:
+        assert s.stats()["map_size"] == 2 * size
+        assert os.path.getsize(os.path.join(path, "data.mdb")) == size
+        s.put_chunks(make_chain(FP, 8, seed=800))  # new pages past the old end
+        assert s.stats()["map_size"] == 2 * size
+        assert size < os.path.getsize(os.path.join(path, "data.mdb")) < 2 * size
 
 
 def writer(path: str, seed: int, n: int, out) -> None:

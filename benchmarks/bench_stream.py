@@ -466,6 +466,12 @@ def main() -> None:
                     help="N more restarts' streamed TTFTs with the streaming tier's "
                          "layer-ahead reads on (StreamTier.layer_ahead; off by default), "
                          "beside the measure")
+    ap.add_argument("--map-ab", type=int, default=0, metavar="N",
+                    help="N more pairs of restarts that each take the TTFT and decode: one "
+                         "with the store writer's map set back to its file's size (as it "
+                         "was opened before 5815804: its first write grows the map), one as "
+                         "opened (twice the file); each one's decode tok/s, slowest step "
+                         "and whether the map grew, and their medians")
     ap.add_argument("--timeline-ttft", action="store_true",
                     help="after the variants, one more streamed engine's TTFT with the "
                          "engine's parts traced: their calls in time order, per thread")
@@ -708,6 +714,30 @@ def main() -> None:
             print("# streamed TTFT with layer-ahead reads, each restart: "
                   + ", ".join(f"{t:.3f}" for t in on) + f" s (median {statistics.median(on):.3f};"
                   f" without them {res['streamed_ttft_s']:.3f})", flush=True)
+        if args.map_ab:  # A/B, interleaved: the writer's map at the file's size, or twice
+            ab: dict[bool, list[tuple[float, float, bool]]] = {True: [], False: []}
+            for i in range(args.map_ab):
+                for at_file in (True, False):
+                    release(eng)
+                    with Engine(model, **stream_opts) as eng:
+                        env = eng.store_tier.store._env
+                        if at_file:
+                            env._set_mapsize(os.path.getsize(os.path.join(env.path,
+                                                                          "data.mdb")))
+                        mapped = env.map_size()
+                        ttft(eng, doc + questions[1])
+                        label = f"map {'at the file' if at_file else 'twice the file'} {i + 1}"
+                        rate = rates_of(eng, doc, questions[2:], args.decode, label)
+                        ab[at_file].append((rate, max(GAPS_ALL), env.map_size() > mapped))
+            res["map_ab"] = {str(k): v for k, v in ab.items()}
+            for at_file, label in ((True, "at the file's size"), (False, "twice the file")):
+                got = ab[at_file]
+                print(f"# writer's map {label}: decode "
+                      + ", ".join(f"{r:.1f}" for r, _, _ in got)
+                      + f" tok/s (median {statistics.median(r for r, _, _ in got):.1f}); "
+                      "slowest step " + ", ".join(f"{g * 1e3:.1f}" for _, g, _ in got)
+                      + f" ms; the map grew in {sum(grew for *_, grew in got)} of {len(got)}",
+                      flush=True)
         if args.timeline_ttft:  # and traced
             release(eng)
             with Engine(model, **stream_opts) as eng:

@@ -55,8 +55,8 @@ def once(src: str, work: str, ids: list[str], at_file_size: bool, seed: int):
     shutil.copytree(src, work)
     st = ChunkStore(work, FP, 64 << 30, codec="raw")
     size = os.path.getsize(os.path.join(work, "data.mdb"))
-    if at_file_size:  # (no transaction is open yet)
-        st._env.env.set_mapsize(size)
+    if at_file_size:  # (the Env's resize: it waits for transactions in flight)
+        st._env._set_mapsize(size)
     mapped = st._env.map_size()
     out = np.ones((PICK, 2, 64, 3, 64), np.uint16)
     for a in range(0, len(ids), PICK):

@@ -63,7 +63,6 @@ import bench_e2e as E2E  # noqa: E402
 
 from sglang_reattn.engine import model_runner  # noqa: E402
 from sglang_reattn.kv_store import store as kv_store_mod  # noqa: E402
-from sglang_reattn.engine import store_tier as store_tier_mod  # noqa: E402
 from sglang_reattn.engine.store_tier import major_faults  # noqa: E402
 
 
@@ -473,11 +472,6 @@ def main() -> None:
                          "was opened before 5815804: its first write grows the map), one as "
                          "opened (twice the file); each one's decode tok/s, slowest step "
                          "and whether the map grew, and their medians")
-    ap.add_argument("--populate-ab", type=int, default=0, metavar="N",
-                    help="N more pairs of restarts that take the TTFT: one without the "
-                         "store's page-cached pages mapped at start-up (StoreTier."
-                         "POPULATE_MAP off: the reads fault them in), one with (the "
-                         "default); each TTFT and the start-up's populate time")
     ap.add_argument("--timeline-ttft", action="store_true",
                     help="after the variants, one more streamed engine's TTFT with the "
                          "engine's parts traced: their calls in time order, per thread")
@@ -619,10 +613,6 @@ def main() -> None:
 
                 eng.store_tier.on_loaded = on_loaded
             res["page_cache_before_streamed_gib"] = page_cache_gib()
-            res["populate_s"] = eng.store_tier.populate_s
-            res["populated_gib"] = eng.store_tier.populated_bytes / 2**30
-            print(f"# restarted engine: {res['populated_gib']:.2f} GiB of the store's cached "
-                  f"pages mapped at start-up in {res['populate_s']:.2f} s", flush=True)
             faults = major_faults()
             with timers({}) if args.profile else contextlib.nullcontext() as parts:
                 res["streamed_ttft_s"], res["streamed_cached"] = ttft(eng, doc + questions[1])
@@ -724,25 +714,6 @@ def main() -> None:
             print("# streamed TTFT with layer-ahead reads, each restart: "
                   + ", ".join(f"{t:.3f}" for t in on) + f" s (median {statistics.median(on):.3f};"
                   f" without them {res['streamed_ttft_s']:.3f})", flush=True)
-        if args.populate_ab:  # A/B, interleaved: the store's cached pages mapped at start-up
-            pab: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
-            for _ in range(args.populate_ab):
-                for on in (False, True):
-                    store_tier_mod.POPULATE_MAP = on
-                    release(eng)
-                    try:
-                        with Engine(model, **stream_opts) as eng:
-                            pab[on].append((ttft(eng, doc + questions[1])[0],
-                                            eng.store_tier.populate_s))
-                    finally:
-                        store_tier_mod.POPULATE_MAP = True
-            res["populate_ab"] = {str(k): v for k, v in pab.items()}
-            for on in (False, True):
-                got = pab[on]
-                print(f"# store map {'populated' if on else 'not populated'} at start-up: "
-                      "streamed TTFT " + ", ".join(f"{t:.3f}" for t, _ in got)
-                      + f" s (median {statistics.median(t for t, _ in got):.3f}); populate "
-                      + ", ".join(f"{p:.2f}" for _, p in got) + " s", flush=True)
         if args.map_ab:  # A/B, interleaved: the writer's map at the file's size, or twice
             ab: dict[bool, list[tuple[float, float, bool]]] = {True: [], False: []}
             for i in range(args.map_ab):
@@ -823,14 +794,6 @@ def main() -> None:
     print(f"| TTFT after restart, streamed (cached {res['streamed_cached']:,} tokens; median "
           f"of {len(runs)} restarts, {min(runs):.2f}-{max(runs):.2f} s) | "
           f"{res['streamed_ttft_s']:.2f} s ({base / res['streamed_ttft_s']:.1f}x faster) |")
-    print(f"| a restart's start-up: the store's cached pages mapped (not in the TTFT) | "
-          f"{res['populated_gib']:.2f} GiB in {res['populate_s']:.2f} s |")
-    if res.get("populate_ab"):
-        pab = {k: statistics.median(t for t, _ in v) for k, v in res["populate_ab"].items()}
-        print(f"| TTFT after restart, streamed, store pages not mapped at start-up / mapped "
-              f"(median of {len(res['populate_ab']['True'])} interleaved pairs) | "
-              f"{pab['False']:.3f} / {pab['True']:.3f} s ({base / pab['False']:.1f}x / "
-              f"{base / pab['True']:.1f}x) |")
     print(f"| TTFT after restart, whole prefix loaded (cached {res['resident_cached']:,}) | "
           f"{res['resident_ttft_s']:.2f} s ({base / res['resident_ttft_s']:.1f}x faster) |")
     print(f"| decode tok/s, streamed / resident | {res['streamed_tok_s']:.1f} / "

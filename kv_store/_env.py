@@ -15,7 +15,6 @@ while the scheduler writes).
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import threading
@@ -23,7 +22,6 @@ from collections.abc import Callable
 from typing import Any
 
 import lmdb
-import numpy as np
 
 from .errors import StoreError, StoreFull
 
@@ -32,8 +30,6 @@ logger = logging.getLogger(__name__)
 DB_NAMES = ("meta", "headers", "kv", "summaries", "lru", "children", "contexts", "used",
             "packs", "pack_of")
 _MIN_MAP = 1 << 20
-_MADV_POPULATE_READ = 22  # Linux 5.14+
-_POPULATE_PIECE = 256 << 20  # bytes of the map populated per step (resizes wait for one)
 
 
 class Env:
@@ -172,43 +168,6 @@ class Env:
         logger.info("growing LMDB map of %s from %d to %d bytes", self.path, cur, new)
         self._set_mapsize(new)
 
-    def populate(self) -> int:
-        """Map the data file's pages that are already in the page cache into this
-        process's page tables (Linux: `mincore` says which pages are cached, then
-        MADV_POPULATE_READ on each run of them); pages not cached are left alone, as
-        populating those would read them from disk. -> bytes populated (0 where the
-        platform cannot). A fresh map (a restarted server's) otherwise takes a page fault
-        on each first touch: 2,850 blocks of 48 KiB read at random from a 3 GiB store in
-        63-175 ms in a new process, 34-47 ms after this call, which took 85 ms (CI
-        machine). A resize waits for at most one piece of the call."""
-        libc = _libc()
-        if libc is None:
-            return 0
-        data = os.path.realpath(os.path.join(self.path, "data.mdb"))
-        page = os.sysconf("SC_PAGE_SIZE")
-        done = at = 0
-        while True:
-            with self._cv:
-                while self._resizing:
-                    self._cv.wait()
-                if getattr(self, "env", None) is None:
-                    return done
-                self._active += 1  # (the map stays where it is until this piece is done)
-            try:
-                span = _mapping_of(data, os.path.getsize(data), page)
-                if span is None or at >= span[1]:
-                    return done
-                n = min(_POPULATE_PIECE, span[1] - at)
-                done += _populate_cached(libc, span[0] + at, n, page)
-                at += n
-            except OSError as e:  # (an old kernel without the advice: nothing populated)
-                logger.debug("store map not populated: %s", e)
-                return done
-            finally:
-                with self._cv:
-                    self._active -= 1
-                    self._cv.notify_all()
-
     def map_size(self) -> int:
         return self.env.info()["map_size"]
 
@@ -217,47 +176,3 @@ class Env:
         if env is not None and os.getpid() == self._pid:
             env.close()
         self.env = None
-
-
-def _libc():
-    """libc with madvise and mincore (Linux), else None."""
-    if not os.path.exists("/proc/self/maps"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    except (OSError, AttributeError):
-        return None
-    return libc
-
-
-def _mapping_of(path: str, file_size: int, page: int) -> tuple[int, int] | None:
-    """(address, bytes) of this process's mapping of `path` from offset 0 (the part
-    backed by the file, whole pages), or None."""
-    with open("/proc/self/maps") as f:
-        for line in f:
-            fields = line.split(maxsplit=5)
-            if len(fields) == 6 and fields[5].rstrip("\n") == path and int(fields[2], 16) == 0:
-                lo, hi = (int(x, 16) for x in fields[0].split("-"))
-                n = min(hi - lo, file_size)
-                return lo, n - n % page
-    return None
-
-
-def _populate_cached(libc, addr: int, n: int, page: int) -> int:
-    """MADV_POPULATE_READ on the runs of pages in [addr, addr + n) that the page cache
-    holds -> their bytes. OSError when the kernel refuses."""
-    vec = np.zeros(n // page, np.uint8)
-    if libc.mincore(addr, n, vec.ctypes.data) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, f"mincore: {os.strerror(e)}")
-    cached = np.concatenate(([0], vec & 1, [0])).astype(np.int8)
-    edges = np.flatnonzero(np.diff(cached))
-    done = 0
-    for start, stop in zip(edges[0::2].tolist(), edges[1::2].tolist()):
-        if libc.madvise(addr + start * page, (stop - start) * page, _MADV_POPULATE_READ) != 0:
-            e = ctypes.get_errno()
-            raise OSError(e, f"madvise(MADV_POPULATE_READ): {os.strerror(e)}")
-        done += (stop - start) * page
-    return done

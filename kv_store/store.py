@@ -806,13 +806,6 @@ class ChunkStore:
 
     # ----- stats and lifetime ------------------------------------------------------------
 
-    def populate_map(self) -> int:
-        """Map the store's pages that the page cache holds into this process's page
-        tables, so that its first reads of them take no page faults (a restarted server,
-        before it serves; Linux, else nothing) -> bytes populated. See `Env.populate`."""
-        self._env.check(write=False)
-        return self._env.populate()
-
     def stats(self) -> dict[str, Any]:
         """Chunks, charged bytes, capacity, map and file sizes, per-db entries/bytes (reads)."""
         def read(txn):

@@ -5,12 +5,10 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import random
-import sys
 import traceback
 
 import numpy as np
-import pytest
-from sglang_reattn.kv_store import ChunkNotFound, ChunkStore, StoreError
+from sglang_reattn.kv_store import ChunkNotFound, ChunkStore
 from sglang_reattn.kv_store.synthetic import kv_for, make_chain, summary_for, tiny_fingerprint
 
 FP = tiny_fingerprint(num_layers=2, num_kv_heads=4, head_dim=64, chunk_size=64)
@@ -204,51 +202,3 @@ def test_open_adopts_a_map_grown_since_the_environment_was_opened(tmp_path):
         assert len(dbs) == len(DB_NAMES) and env.map_size() > small
     finally:
         env.close()
-
-
-def _rss_of(path: str) -> int:
-    """Bytes of this process's mapping of `path` in its page tables (/proc/self/smaps)."""
-    real, rss, inside = os.path.realpath(path), 0, False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            first = line.split(maxsplit=1)[0]
-            if "-" in first and not first.endswith(":"):  # a mapping's first line
-                inside = line.rstrip("\n").endswith(real)
-            elif inside and first == "Rss:":
-                rss += int(line.split()[1]) * 1024
-    return rss
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise/mincore: Linux")
-def test_populate_map_maps_the_cached_pages_and_reads_stay_right(tmp_path):
-    """A reopened store's map starts without page-table entries (each first read faults
-    its pages in); `populate_map` maps the page-cached pages of the data file (here all:
-    just written), after which reads return what was written, and writes that grow the
-    map still work."""
-    path = str(tmp_path / "s")
-    chains = [make_chain(FP, 8, seed=900 + n) for n in range(8)]
-    with ChunkStore(path, FP, 1 << 30, codec="raw", initial_map_size=1 << 20) as s:
-        for chain in chains:
-            s.put_chunks(chain)
-    data = os.path.join(path, "data.mdb")
-    size = os.path.getsize(data)
-    for readonly in (True, False):
-        kw = {} if readonly else dict(capacity_bytes=1 << 30, codec="raw")
-        with ChunkStore(path, FP, readonly=readonly, **kw) as s:
-            before = _rss_of(data)
-            got = s.populate_map()
-            after = _rss_of(data)
-            assert size // 2 < got <= size
-            assert before < got // 4 and after >= 0.9 * got, (before, got, after)
-            for chain in chains:
-                for rec in chain[::3]:
-                    for layer in range(FP["num_layers"]):
-                        k, v = s.get_kv(rec.chunk_id, layer)
-                        ek, ev = kv_for(rec.chunk_id, FP)
-                        assert np.array_equal(k, ek[layer]) and np.array_equal(v, ev[layer])
-            if not readonly:  # past twice the file: the map grows (and moves)
-                for n in range(8):
-                    s.put_chunks(make_chain(FP, 8, seed=990 + n))
-                assert s.populate_map() > size
-    with pytest.raises(StoreError):
-        s.populate_map()  # (closed)

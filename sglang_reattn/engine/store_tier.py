@@ -120,9 +120,6 @@ SPLIT_MIN = 4  # chunks per reader thread at least, when one layer's read is spl
 # Read into fresh pageable arrays, their copies to the device took 21 ms (sampled) of a
 # 1M-token TTFT on the H200's host; the default model's 33 pages are 47 MB.
 LOAD_PIN_BYTES = 64 << 20
-# A restarted server maps the store's page-cached pages before it serves (`ChunkStore.
-# populate_map`): its first reads then take no page faults.
-POPULATE_MAP = True
 LOAD_BUFFER_OFF_CUDA = False  # (tests) that buffer, unpinned, on other devices too
 
 
@@ -162,12 +159,6 @@ class StoreTier:
         self.path = path
         self.pool = pool
         self.c = pool.page_size
-        t = time.perf_counter()
-        self.populated_bytes = self.store.populate_map() if POPULATE_MAP else 0
-        self.populate_s = time.perf_counter() - t
-        if self.populated_bytes:
-            logger.info("kv store %s: %.2f GiB of cached pages mapped in %.2f s", path,
-                        self.populated_bytes / 2**30, self.populate_s)
         self.on_loaded = on_loaded  # (pages tensor) -> None: refresh summaries
         self._lock = threading.Lock()
         self._pending: set[str] = set()  # queued for the writer, not yet committed

@@ -472,12 +472,6 @@ def main() -> None:
                          "was opened before 5815804: its first write grows the map), one as "
                          "opened (twice the file); each one's decode tok/s, slowest step "
                          "and whether the map grew, and their medians")
-    ap.add_argument("--pause-ab", type=int, default=0, metavar="N",
-                    help="N more pairs of restarts that each take the TTFT and decode: one "
-                         "with the prefetch thread's reads running beside a graph decode "
-                         "step's host work (StreamTier.pause_during_steps off), one with "
-                         "them held back until the step waits for the device (the default); "
-                         "each one's decode tok/s and slowest step, and their medians")
     ap.add_argument("--timeline-ttft", action="store_true",
                     help="after the variants, one more streamed engine's TTFT with the "
                          "engine's parts traced: their calls in time order, per thread")
@@ -720,28 +714,6 @@ def main() -> None:
             print("# streamed TTFT with layer-ahead reads, each restart: "
                   + ", ".join(f"{t:.3f}" for t in on) + f" s (median {statistics.median(on):.3f};"
                   f" without them {res['streamed_ttft_s']:.3f})", flush=True)
-        if args.pause_ab:  # A/B, interleaved: background reads beside a step's host work
-            pab: dict[bool, list[tuple[float, float, int]]] = {False: [], True: []}
-            for i in range(args.pause_ab):
-                for on in (False, True):
-                    release(eng)
-                    with Engine(model, **stream_opts) as eng:
-                        eng.attn.stream.pause_during_steps = on
-                        ttft(eng, doc + questions[1])
-                        before = eng.stats()
-                        rate = rates_of(eng, doc, questions[2:], args.decode,
-                                        f"reads ahead {'paused' if on else 'beside'} {i + 1}")
-                        replays = moved(before, eng.stats()).get("stream_graph_replays", 0)
-                        pab[on].append((rate, max(GAPS_ALL), replays))
-            res["pause_ab"] = {str(k): v for k, v in pab.items()}
-            for on in (False, True):
-                got = pab[on]
-                print(f"# reads ahead {'paused during' if on else 'beside'} a step's host work: "
-                      "decode " + ", ".join(f"{r:.1f}" for r, _, _ in got)
-                      + f" tok/s (median {statistics.median(r for r, _, _ in got):.1f}); "
-                      "slowest step "
-                      + ", ".join(f"{g * 1e3:.1f}" for _, g, _ in got) + " ms; replays "
-                      + ", ".join(str(n) for *_, n in got), flush=True)
         if args.map_ab:  # A/B, interleaved: the writer's map at the file's size, or twice
             ab: dict[bool, list[tuple[float, float, bool]]] = {True: [], False: []}
             for i in range(args.map_ab):
@@ -832,12 +804,6 @@ def main() -> None:
               + ", ".join(f"{r:.1f} ({r / res['resident_tok_s']:.0%})" for r in every)
               + f" / {res['resident_tok_s']:.1f}; median "
               f"{statistics.median(every) / res['resident_tok_s']:.0%} |")
-    if res.get("pause_ab"):
-        med = {k: statistics.median(r for r, _, _ in v) for k, v in res["pause_ab"].items()}
-        print(f"| decode tok/s, streamed, reads ahead beside a step's host work / paused "
-              f"during it (median of {len(res['pause_ab']['True'])} interleaved restarts each) "
-              f"| {med['False']:.1f} ({med['False'] / res['resident_tok_s']:.0%}) / "
-              f"{med['True']:.1f} ({med['True'] / res['resident_tok_s']:.0%}) |")
     print(f"| chunk-cache hit rate while decoding | {res['chunk_cache_hit_rate']:.1%} |")
     c = res["streamed_counters"]
     print(f"| streamed decode steps from the CUDA graph / replays after a miss / run eagerly "

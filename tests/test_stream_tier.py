@@ -293,44 +293,6 @@ def test_streamed_decode_in_the_graph_path_equals_resident(stored, tiny_llama):
         assert s["stream_attached_chunks"] == 0
 
 
-def test_reads_ahead_wait_while_a_step_holds_them_back(stored, tiny_llama):
-    """The prefetch thread's next read waits while the engine thread holds reads back (a
-    graph decode step's host work, or a fill inside it), runs while the step lets them
-    (it waits for the device), and runs once the hold ends; pauses nest; with
-    pause_during_steps off a step holds nothing back."""
-    import time
-
-    store, _ = stored
-    with Engine(tiny_llama, kv_store_path=store, **SMALL, **OPTS) as eng:
-        tier, go = eng.attn.stream, eng.attn.stream._go
-        calls = []
-        tier.fetch = lambda layer, keys: calls.append((layer, list(keys)))
-        assert go.is_set()
-        with tier.prefetch_paused():
-            tier._q.put((0, ["a"]))
-            time.sleep(0.2)
-            assert calls == [] and not go.is_set()
-            tier._pause()  # a fill inside the step
-            tier._resume()
-            assert not go.is_set()
-            with tier.prefetch_paused(False):  # the step waits for the device
-                assert go.is_set()
-                tier.drain()
-                assert calls == [(0, ["a"])]
-            assert not go.is_set()
-            tier._q.put((1, ["b"]))
-            time.sleep(0.2)
-            assert calls == [(0, ["a"])]
-        tier.drain()
-        assert calls == [(0, ["a"]), (1, ["b"])] and go.is_set()
-        with tier.prefetch_paused(False):  # outside any hold: the gate stays open
-            assert go.is_set()
-        assert go.is_set()
-        tier.pause_during_steps = False
-        with tier.prefetch_paused():
-            assert go.is_set()
-
-
 def test_a_graph_step_still_missing_after_the_replay_cap_runs_eagerly(stored, tiny_llama,
                                                                        monkeypatch):
     """With no replays allowed, every streamed graph step that missed runs eagerly: the

@@ -478,25 +478,21 @@ class ModelRunner:
         graph = self.graphs[gbs, "stream"]
         settled = False
         try:
-            # (background reads ahead wait while this host work runs, not while the
-            # device does: `StreamTier.pause_during_steps`)
-            with tier.prefetch_paused():
-                for attempt in range(min(num_layers, MAX_STREAM_REPLAYS) + 1):
-                    if attempt:
-                        kmin[:, written], kmax[:, written] = saved
-                    tier.sync_map()
-                    graph.replay()
-                    if not attempt:  # the loads ahead left by the last step, while it runs
-                        tier.run_deferred(in_flight=True)
-                    # one read-back of every layer's selection (and runners-up)
-                    with tier.prefetch_paused(False):
-                        back = self._read_selection(gbs, bs)
-                    settled = tier.settle(back[..., :topk],
-                                          back[..., topk:] if self.attn.spare else None)
-                    if settled:
-                        tier.stats["stream_graph_steps"] += 1
-                        tier.stats["stream_graph_replays"] += attempt
-                        return self._logits[gbs, "stream"][:bs]
+            for attempt in range(min(num_layers, MAX_STREAM_REPLAYS) + 1):
+                if attempt:
+                    kmin[:, written], kmax[:, written] = saved
+                tier.sync_map()
+                graph.replay()
+                if not attempt:  # the loads ahead left by the last step, while it runs
+                    tier.run_deferred(in_flight=True)
+                # one read-back of every layer's selection (and runners-up)
+                back = self._read_selection(gbs, bs)
+                settled = tier.settle(back[..., :topk],
+                                      back[..., topk:] if self.attn.spare else None)
+                if settled:
+                    tier.stats["stream_graph_steps"] += 1
+                    tier.stats["stream_graph_replays"] += attempt
+                    return self._logits[gbs, "stream"][:bs]
         finally:
             if not settled:  # a fault, or no replay settled: nothing of the step stays
                 kmin[:, written], kmax[:, written] = saved

@@ -48,7 +48,6 @@ written as they leave the local window.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import queue
@@ -404,18 +403,10 @@ class StreamTier:
         self._flying = False
         self._in_flight: set[tuple[int, int]] = set()
         # Cleared while the engine thread fills the chunk cache for the step it is about
-        # to run (`_fill_many`), and (`pause_during_steps`) through a graph decode step's
-        # host work except while it waits for the device (`prefetch_paused`): the
-        # prefetch thread then waits before its next read, so that it does not take the
-        # interpreter from work that step waits for.
+        # to run (`_fill_many`): the prefetch thread then waits before its next read, so
+        # that it does not take the interpreter from a fill that step waits for.
         self._go = threading.Event()
         self._go.set()
-        self._pauses = 0  # (engine thread) open pauses: the gate opens when none is left
-        # On the H200 at 1M tokens, a decode step that replayed after a miss took 23 ms
-        # (3 ms most steps) while the prefetch thread read 170 blocks beside it: its reads
-        # took 16-18 ms in that step, and the engine thread's host parts (settling, loads
-        # ahead) 2-3x their usual time (bench_stream.py --step-timers, 2026-12-02).
-        self.pause_during_steps = True
         # chunks per piece of a summary read, and (CUDA) the two pinned buffers the pieces
         # are read into in turn, each [piece, L, 2, Hkv, D] int8, [piece, L, 2, Hkv] float32
         # scales, and the event of its last copy to the device
@@ -912,7 +903,7 @@ class StreamTier:
             return []
         self._wait_ahead()  # (a page taken may have just been filled on the side stream)
         layers = list(fills)
-        self._pause()
+        self._go.clear()
         try:
             reads, hits = [], []  # (layer, [(chunk, page)]) to read; (layer, page, (k, v))
             ahead = []  # (row of `rows`, block read ahead): rows read by `_read_next_layer`
@@ -967,7 +958,7 @@ class StreamTier:
                 self.cache.forget(layer, [k for k, _ in fills[layer]])
             raise
         finally:
-            self._resume()
+            self._go.set()
         return [layer for layer in layers if layer not in bad]
 
     def _read_rows(self, reads: list[tuple[int, list[tuple[str, int]]]], rows: torch.Tensor,
@@ -1196,40 +1187,6 @@ class StreamTier:
         if ahead:
             self._loaded_ahead[tuple(np.array(ahead).T)] = True
         self.stats["stream_device_prefetches"] += len(kvs)
-
-    def _pause(self) -> None:
-        """The prefetch thread waits before its next read until `_resume` (nestable)."""
-        self._pauses += 1
-        self._go.clear()
-
-    def _resume(self) -> None:
-        self._pauses -= 1
-        if self._pauses <= 0:
-            self._pauses = 0
-            self._go.set()
-
-    @contextlib.contextmanager
-    def prefetch_paused(self, paused: bool = True):
-        """(engine thread) With paused=True, the prefetch thread's next reads wait for the
-        block to end (a graph decode step's host work, with `pause_during_steps`); with
-        False, they may run inside it (while that step waits for the device)."""
-        if not self.pause_during_steps:
-            yield
-        elif paused:
-            self._pause()
-            try:
-                yield
-            finally:
-                self._resume()
-        else:
-            saved, self._pauses = self._pauses, 0
-            self._go.set()
-            try:
-                yield
-            finally:
-                self._pauses = saved
-                if saved:
-                    self._go.clear()
 
     def _prefetch_loop(self) -> None:
         serve_queue(self._q, self._prefetch_one)

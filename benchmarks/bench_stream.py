@@ -252,18 +252,31 @@ def summaries_match_store(eng) -> tuple[int, int]:
     return len(slots), int(bad.sum())
 
 
+PREFIX = 0  # --decode-prefix: rates_of also rates each answer's first PREFIX tokens
+PREFIX_RATES: dict[str, float] = {}  # label -> the median of those
+
+
 def rates_of(eng, doc: list[int], questions: list[list[int]], n: int, label: str) -> float:
-    """Median decode tok/s over the questions; prints the step-time spread."""
-    rates, gaps, steps = [], [], []
+    """Median decode tok/s over the questions; prints the step-time spread. With PREFIX,
+    also the median rate of each answer's first PREFIX tokens (as an answer of that
+    length would have decoded: the steps after them change none before), in
+    PREFIX_RATES[label]."""
+    rates, gaps, steps, firsts = [], [], [], []
     for q in questions:
         with timers(LIVE) if STEP_TIMERS else contextlib.nullcontext():
             rates.append(decode_rate(eng, doc + q, n))
         LIVE.clear()
+        if 1 < PREFIX < n:  # (gaps between tokens 1..PREFIX: PREFIX - 1 of them)
+            firsts.append((PREFIX - 1) / sum(GAPS[: PREFIX - 1]))
         gaps.extend(GAPS)
         steps.extend(STEPS)
     GAPS_ALL[:] = gaps
     g = sorted(gaps)
-    print(f"# {label} decode: {statistics.median(rates):.1f} tok/s; per token median "
+    first = ""
+    if firsts:
+        PREFIX_RATES[label] = statistics.median(firsts)
+        first = f" (its first {PREFIX} tokens: {PREFIX_RATES[label]:.1f} tok/s)"
+    print(f"# {label} decode: {statistics.median(rates):.1f} tok/s{first}; per token median "
           f"{g[len(g) // 2] * 1e3:.2f} ms, p90 {g[int(len(g) * 0.9)] * 1e3:.2f} ms, max "
           f"{g[-1] * 1e3:.1f} ms", flush=True)
     # Approximate: a token's counters are read when the client gets it, a little after
@@ -415,6 +428,9 @@ def main() -> None:
     ap.add_argument("--cache-pages", type=int, default=256, help="chunk-cache pages (streamed)")
     ap.add_argument("--host-cache", default="1GiB")
     ap.add_argument("--decode", type=int, default=32, help="tokens decoded per repeat")
+    ap.add_argument("--decode-prefix", type=int, default=0, metavar="K",
+                    help="also rate the first K tokens of each answer (K < --decode): a "
+                         "K-token answer's decode, beside the --decode-token one's")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--chunked-prefill-size", type=int, default=2048)
     ap.add_argument("--reattn-chunk-size", type=int, default=64)
@@ -480,8 +496,9 @@ def main() -> None:
                          "the slowest steps spent their time in (adds a little to each step)")
     args = ap.parse_args()
     watch_stalls()
-    global STEP_TIMERS
+    global STEP_TIMERS, PREFIX
     STEP_TIMERS = args.step_timers
+    PREFIX = args.decode_prefix
     with timers({}):  # (every method it wraps exists: fail now, not after the prefill)
         pass
 
@@ -763,6 +780,7 @@ def main() -> None:
             res["resident_ttft_s"], res["resident_cached"] = ttft(eng, doc + questions[1])
             print(f"# resident after restart: TTFT {res['resident_ttft_s']:.2f} s", flush=True)
             res["resident_tok_s"] = rates_of(eng, doc, questions[2:], args.decode, "resident")
+            res["prefix_tok_s"] = dict(PREFIX_RATES, tokens=PREFIX)
             profiled(eng, "resident decode")
     finally:
         if not args.keep_store:
@@ -796,8 +814,13 @@ def main() -> None:
           f"{res['streamed_ttft_s']:.2f} s ({base / res['streamed_ttft_s']:.1f}x faster) |")
     print(f"| TTFT after restart, whole prefix loaded (cached {res['resident_cached']:,}) | "
           f"{res['resident_ttft_s']:.2f} s ({base / res['resident_ttft_s']:.1f}x faster) |")
-    print(f"| decode tok/s, streamed / resident | {res['streamed_tok_s']:.1f} / "
+    print(f"| decode tok/s, streamed / resident{f' ({args.decode}-token answers)' if PREFIX_RATES else ''} "
+          f"| {res['streamed_tok_s']:.1f} / "
           f"{res['resident_tok_s']:.1f} ({res['streamed_tok_s'] / res['resident_tok_s']:.0%}) |")
+    if "streamed" in PREFIX_RATES and "resident" in PREFIX_RATES:
+        a, b = PREFIX_RATES["streamed"], PREFIX_RATES["resident"]
+        print(f"| decode tok/s, streamed / resident, the same answers' first {PREFIX} tokens "
+              f"| {a:.1f} / {b:.1f} ({a / b:.0%}) |")
     if res.get("streamed_tok_s_restarts"):
         every = res["streamed_tok_s_restarts"] + [res["streamed_tok_s"]]
         print("| decode tok/s, streamed, each restart (the measure last) / resident | "
